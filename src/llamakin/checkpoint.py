@@ -1,0 +1,147 @@
+"""Load checkpoints into the one model and save it back (``llamakin.load``, ``save_pretrained``).
+
+Loading: read the checkpoint's config, let its family adapter build a :class:`ModelConfig`,
+build the model on the ``meta`` device (no memory), allocate it on the target device, check every
+source tensor's name and shape against the adapter's rules from file headers alone, then copy
+tensors in one at a time. Peak memory is the model plus the largest single tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .families import Family, TensorRule, detect_family, family_for_export
+from .io.tensors import TensorSource, open_weights, write_json, write_safetensors
+from .model import Transformer
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16.")
+    return _DTYPES[dtype]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist; a checkpoint directory needs its config file.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint directory for a path to it or to a file inside it."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist; give the path of a checkpoint directory.")
+    return p if p.is_dir() else p.parent
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> Transformer:
+    """A model with allocated but uninitialised parameters (built on ``meta``, then placed)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.init_buffers()
+    return model
+
+
+def check_tensors(rules: list[TensorRule], params: dict[str, torch.Tensor], source: TensorSource,
+                  family: Family, where: str, tied: bool) -> None:
+    """Refuse missing, unexpected and misshaped tensors before reading any data."""
+    available = set(source.names())
+    needed = [s for r in rules for s in r.sources]
+    missing = [n for n in needed if n not in available]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"{where} lacks tensor {missing[0]!r}{more}, which a {family.name} model with this config needs; "
+            "the checkpoint is incomplete or its config does not match its weights."
+        )
+    extra = sorted(n for n in available - set(needed) if not family.is_ignored(n, tied))
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise CheckpointError(
+            f"{where} has tensor {extra[0]!r}{more} that a {family.name} model with this config does not use; "
+            "check that the config matches the weights."
+        )
+    for rule in rules:
+        expected = rule.from_canonical(torch.empty_like(params[rule.canonical], device="meta"))
+        for name, want in zip(rule.sources, expected):
+            got = source.shape(name)
+            if got != tuple(want.shape):
+                raise CheckpointError(
+                    f"{where}: tensor {name!r} has shape {list(got)} but the config implies {list(want.shape)}; "
+                    "the config does not match the weights."
+                )
+
+
+def load_weights(model: Transformer, rules: list[TensorRule], source: TensorSource, family: Family,
+                 where: str, progress: bool | None = None) -> None:
+    params = dict(model.named_parameters())
+    covered = {r.canonical for r in rules}
+    if covered != set(params):  # an adapter bug, not a user error
+        raise AssertionError(f"{family.name} rules do not cover {sorted(set(params) ^ covered)}")
+    check_tensors(rules, params, source, family, where, model.config.tie_word_embeddings)
+    total = sum(p.numel() for p in params.values())
+    show = total > 50_000_000 if progress is None else progress
+    with torch.no_grad():
+        for rule in tqdm(rules, desc="loading", unit="tensor", disable=not show, leave=False):
+            value = rule.to_canonical([source.get(n) for n in rule.sources])
+            params[rule.canonical].copy_(value)
+
+
+def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
+         device: torch.device | str = "cpu") -> Transformer:
+    """Load a checkpoint directory (config.json + safetensors or pytorch_model.bin)."""
+    dtype = parse_dtype(dtype)
+    directory = checkpoint_dir(path)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory} has no config.json; llamakin needs the checkpoint's config to build the model.")
+    raw = read_json(config_path)
+    family = detect_family(raw, str(config_path))
+    config = family.config_from_checkpoint(raw)
+    model = empty_model(config, dtype, device)
+    with open_weights(directory) as source:
+        load_weights(model, family.tensor_rules(config), source, family, str(directory))
+    return model.eval()
+
+
+def export_tensors(model: Transformer, family: Family) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of ``family`` for the model's parameters (views where possible)."""
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for rule in family.tensor_rules(model.config):
+        out.update(zip(rule.sources, rule.from_canonical(state[rule.canonical].detach())))
+    return out
+
+
+def save_pretrained(model: Transformer, directory: str | Path, family: str | None = None,
+                    max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
+    """Save as ``config.json`` + safetensors in ``family``'s layout (see ``Transformer.save_pretrained``)."""
+    directory = Path(directory).expanduser()
+    fam = family_for_export(model.config, family)
+    tensors = export_tensors(model, fam)
+    config = fam.config_to_checkpoint(model.config)
+    dtype_name = str(model.dtype).removeprefix("torch.")
+    config.update({"dtype": dtype_name, "torch_dtype": dtype_name})
+    write_safetensors(tensors, directory, max_shard_bytes)
+    write_json(config, directory / "config.json")
+    return directory

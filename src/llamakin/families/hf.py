@@ -1,0 +1,233 @@
+"""Shared machinery of the Hugging Face decoder families (spec §3.2, §3.3, §2.4).
+
+Every native transformers class llamakin targets (Llama, Mistral, Granite, Qwen2, Qwen3,
+DiffLlama, GLM, GLM-4) uses the same tensor naming under ``model.layers.{i}``; they differ only
+in config keys and in which optional tensors exist. :class:`HFDecoderFamily` implements the
+common part; each family module overrides :meth:`family_knobs` (config.json -> knobs) and
+:meth:`family_keys` (knobs -> config.json).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..config import ModelConfig, RopeScaling
+from ..errors import ConfigError, UnsupportedError
+from .base import Family, TensorRule, fused_rows, fused_rows_partial, rename, require
+
+# rope_parameters keys -> RopeScaling fields (transformers' names, spec §2.4).
+_ROPE_KEYS = {f.name for f in fields(RopeScaling)} - {"type"}
+
+
+def read_rope(hf: dict[str, Any], where: str, default_partial: float = 1.0) -> tuple[float, float, RopeScaling]:
+    """(theta, partial_rotary_factor, scaling) from a transformers config dict.
+
+    Accepts the v5 ``rope_parameters`` dict and the legacy ``rope_theta`` / ``rope_scaling``
+    (with ``type`` or ``rope_type``) / ``partial_rotary_factor`` keys; like transformers, a
+    legacy ``rope_scaling`` takes precedence.
+    """
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: rope_parameters must be a JSON object, got {params!r}.")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise UnsupportedError(f"{where}: per-layer-type RoPE parameters are not supported yet.")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", default_partial))
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in ("default", "linear", "dynamic", "llama3", "yarn"):
+        raise UnsupportedError(
+            f"{where}: RoPE scaling type {rope_type!r} is not supported; llamakin implements "
+            "default, linear, dynamic, llama3 and yarn."
+        )
+    if rope_type == "default":
+        return float(theta), float(partial), RopeScaling()
+    scaling = {k: v for k, v in params.items() if k in _ROPE_KEYS and v is not None}
+    if rope_type == "yarn" and "factor" not in scaling:
+        orig = require(params, "original_max_position_embeddings", f"{where} rope_parameters")
+        scaling["factor"] = require(hf, "max_position_embeddings", where) / orig
+    else:
+        require(params, "factor", f"{where} rope_parameters")
+    if rope_type == "llama3":
+        require(params, "original_max_position_embeddings", f"{where} rope_parameters")
+    return float(theta), float(partial), RopeScaling(type=rope_type, **scaling)
+
+
+def write_rope(config: ModelConfig, always_partial: bool = False) -> dict[str, Any]:
+    """config.json keys for RoPE: v5 ``rope_parameters`` plus the legacy keys older readers use."""
+    partial = config.rotary_dim / config.head_dim
+    params: dict[str, Any] = {"rope_type": config.rope_scaling.type, "rope_theta": config.rope_theta}
+    if partial != 1.0 or always_partial:
+        params["partial_rotary_factor"] = partial
+    scaling = None
+    s = config.rope_scaling
+    if s.type != "default":
+        scaling = {"rope_type": s.type, "factor": s.factor}
+        if s.type == "llama3":
+            scaling.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+        if s.type == "yarn":
+            scaling.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow)
+            if not s.truncate:
+                scaling["truncate"] = False
+        for key in ("original_max_position_embeddings", "mscale", "mscale_all_dim", "attention_factor"):
+            if getattr(s, key) is not None:
+                scaling[key] = getattr(s, key)
+        if s.type in ("llama3", "yarn") and s.original_max_position_embeddings is None:
+            scaling["original_max_position_embeddings"] = config.max_position_embeddings
+        params.update(scaling)
+    out = {"rope_parameters": params, "rope_theta": config.rope_theta, "rope_scaling": scaling}
+    if "partial_rotary_factor" in params:
+        out["partial_rotary_factor"] = partial
+    return out
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+@dataclass
+class HFDecoderFamily(Family):
+    """A transformers ``*ForCausalLM`` whose tensors follow Llama's naming (spec §3.2)."""
+
+    fused_gate_up: bool = False  # GLM stores ``mlp.gate_up_proj`` (gate rows first, §6.3)
+    default_max_positions: int = 2048
+    default_eps: float = 1e-6
+    default_partial_rotary: float = 1.0
+
+    # -- config.json -> knobs -----------------------------------------------------------------
+    def config_from_checkpoint(self, hf: dict[str, Any]) -> ModelConfig:
+        where = f"{self.name} config.json"
+        act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
+        if act != "silu":
+            raise UnsupportedError(f"{where}: hidden_act {act!r} is not supported (llamakin's SwiGLU uses silu).")
+        theta, partial, scaling = read_rope(hf, where, self.default_partial_rotary)
+        hidden, heads = require(hf, "hidden_size", where), require(hf, "num_attention_heads", where)
+        head_dim = hf.get("head_dim") or (hidden // heads if heads else None)
+        knobs: dict[str, Any] = dict(
+            vocab_size=require(hf, "vocab_size", where),
+            hidden_size=hidden,
+            intermediate_size=require(hf, "intermediate_size", where),
+            num_layers=require(hf, "num_hidden_layers", where),
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            max_position_embeddings=hf.get("max_position_embeddings") or self.default_max_positions,
+            norm_eps=hf.get("rms_norm_eps", self.default_eps),
+            rope_theta=theta,
+            rotary_dim=int(head_dim * partial),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=_eos_ids(hf.get("eos_token_id")),
+            pad_token_id=hf.get("pad_token_id"),
+            family=self.name,
+        )
+        knobs.update(self.family_knobs(hf))
+        try:
+            return ModelConfig(**knobs)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def family_knobs(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """Knobs specific to this family (biases, multipliers, windows, ...)."""
+        return {}
+
+    # -- knobs -> config.json -----------------------------------------------------------------
+    def config_to_checkpoint(self, config: ModelConfig) -> dict[str, Any]:
+        eos = list(config.eos_token_ids)
+        out: dict[str, Any] = {
+            "architectures": [self.architectures[0]],
+            "model_type": self.name,
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": config.max_position_embeddings,
+            "rms_norm_eps": config.norm_eps,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+            "pad_token_id": config.pad_token_id,
+            "attention_dropout": 0.0,
+        }
+        out.update(write_rope(config, always_partial=self.default_partial_rotary != 1.0))
+        out.update(self.family_keys(config))
+        return out
+
+    def family_keys(self, config: ModelConfig) -> dict[str, Any]:
+        return {}
+
+    # -- tensors -----------------------------------------------------------------------------
+    def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
+        rules = [rename("embed.weight", "model.embed_tokens.weight"),
+                 rename("final_norm.weight", "model.norm.weight")]
+        if not config.tie_word_embeddings:
+            rules.append(rename("lm_head.weight", "lm_head.weight"))
+        H, Hkv, hd, inter = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+        qkv_sizes = (H * hd, Hkv * hd, Hkv * hd)
+        for i in range(config.num_layers):
+            c, p = f"layers.{i}.", f"model.layers.{i}."
+            a = p + "self_attn."
+            rules += [
+                rename(c + "attn_norm.weight", p + "input_layernorm.weight"),
+                rename(c + "mlp_norm.weight", p + "post_attention_layernorm.weight"),
+                fused_rows(c + "attn.qkv.weight", (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+                           qkv_sizes),
+                rename(c + "attn.o_proj.weight", a + "o_proj.weight"),
+                rename(c + "mlp.down.weight", p + "mlp.down_proj.weight"),
+            ]
+            flags = (config.q_bias, config.k_bias, config.v_bias)
+            if any(flags):
+                names = (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
+                rules.append(fused_rows_partial(
+                    c + "attn.qkv.bias", tuple((n if f else None, s) for n, f, s in zip(names, flags, qkv_sizes))))
+            if config.o_bias:
+                rules.append(rename(c + "attn.o_proj.bias", a + "o_proj.bias"))
+            if config.qk_norm:
+                rules += [rename(c + "attn.q_norm.weight", a + "q_norm.weight"),
+                          rename(c + "attn.k_norm.weight", a + "k_norm.weight")]
+            if config.attention_kind == "differential":
+                rules += [rename(c + f"attn.{n}", a + n) for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")]
+            if config.post_sublayer_norms:
+                rules += [rename(c + "attn_out_norm.weight", p + "post_self_attn_layernorm.weight"),
+                          rename(c + "mlp_out_norm.weight", p + "post_mlp_layernorm.weight")]
+            suffixes = ("weight", "bias") if config.mlp_bias else ("weight",)
+            for s in suffixes:
+                if self.fused_gate_up:
+                    rules.append(rename(c + f"mlp.gate_up.{s}", p + f"mlp.gate_up_proj.{s}"))
+                else:
+                    rules.append(fused_rows(c + f"mlp.gate_up.{s}",
+                                            (p + f"mlp.gate_proj.{s}", p + f"mlp.up_proj.{s}"), (inter, inter)))
+            if config.mlp_bias:
+                rules.append(rename(c + "mlp.down.bias", p + "mlp.down_proj.bias"))
+        return rules
+
+
+def sliding_layers_from_types(hf: dict[str, Any], num_layers: int, default_start: int) -> tuple[int, ...]:
+    """Layer indices using the sliding window, from ``layer_types`` or ``max_window_layers``."""
+    types = hf.get("layer_types")
+    if types:
+        return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    start = hf.get("max_window_layers", default_start)
+    return tuple(range(start, num_layers))
+
+
+def layer_types_keys(config: ModelConfig) -> dict[str, Any]:
+    """Qwen2/Qwen3-style sliding-window keys for a config."""
+    sliding = set(range(config.num_layers)) if config.sliding_window_layers is None else set(config.sliding_window_layers)
+    if config.sliding_window is None:
+        sliding = set()
+    types = ["sliding_attention" if i in sliding else "full_attention" for i in range(config.num_layers)]
+    first = min(sliding) if sliding else config.num_layers
+    return {
+        "use_sliding_window": config.sliding_window is not None,
+        "sliding_window": config.sliding_window,
+        "max_window_layers": first,
+        "layer_types": types,
+    }

@@ -1,0 +1,1 @@
+"""Checkpoint file readers and writers (safetensors, torch .bin with weights_only, config json)."""

@@ -1,0 +1,143 @@
+"""Self-attention: standard MHA/GQA/MQA and differential attention (spec §1.2, §5.3, §7, §8)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import AttentionMask, KVCache
+from .norm import RMSNorm
+from .rope import apply_rotary
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, through ``scaled_dot_product_attention``.
+
+    q, k and v come from one fused projection ``qkv`` whose rows are ``[q | k | v]`` (the
+    layout of Qwen v1's ``c_attn`` and ChatGLM2's ``query_key_value``, §5.1, §6.2). Biases are
+    independent per part (Qwen2/GLM: q, k, v; InternLM v1 and Granite Code: all four, §4, §5):
+    when only some parts have one, ``qkv.bias`` is masked so the others stay exactly zero.
+    Query head h uses KV head ``h // kv_groups`` (§8.1).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        H, Hkv, hd, d = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
+        self.split_sizes = (H * hd, Hkv * hd, Hkv * hd)
+        part_bias = (config.q_bias, config.k_bias, config.v_bias)
+        self.qkv = nn.Linear(d, sum(self.split_sizes), bias=any(part_bias))
+        self.partial_bias = any(part_bias) and not all(part_bias)
+        self.register_buffer("qkv_bias_zeroed", None, persistent=False)
+        self.init_buffers()
+        self.o_proj = nn.Linear(H * hd, d, bias=config.o_bias)
+        if config.qk_norm:  # Qwen3: one weight shared by all heads, before RoPE (§5.3)
+            self.q_norm = RMSNorm(hd, config.norm_eps, config.rmsnorm_order)
+            self.k_norm = RMSNorm(hd, config.norm_eps, config.rmsnorm_order)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def init_buffers(self) -> None:
+        """(Re)build the non-persistent buffers (also after ``to_empty`` on a meta-built model)."""
+        if self.partial_bias:
+            c = self.config
+            flags = (c.q_bias, c.k_bias, c.v_bias)
+            zeroed = torch.cat([torch.full((n,), not f) for n, f in zip(self.split_sizes, flags)])
+            self.qkv_bias_zeroed = zeroed.to(self.qkv.weight.device)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, T, d]`` -> q ``[B, H, T, hd]``, k and v ``[B, Hkv, T, hd]`` (before RoPE)."""
+        if self.qkv_bias_zeroed is None:
+            qkv = self.qkv(x)
+        else:
+            qkv = F.linear(x, self.qkv.weight, self.qkv.bias.masked_fill(self.qkv_bias_zeroed, 0.0))
+        B, T, _ = x.shape
+        hd = self.config.head_dim
+        q, k, v = (t.view(B, T, -1, hd) for t in qkv.split(self.split_sizes, dim=-1))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask,
+                cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = self.project(x)
+        q = apply_rotary(q, cos, sin, self.config.rope_layout)
+        k = apply_rotary(k, cos, sin, self.config.rope_layout)
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, k, v)
+        out = self.attend(q, k, v, mask)  # [B, T, H * hd]
+        return self.o_proj(out)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, scale=self.config.scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+        B, _, T, _ = q.shape
+        return out.transpose(1, 2).reshape(B, T, -1)
+
+
+def lambda_init_for(layer_idx: int) -> float:
+    """``0.8 - 0.6 * exp(-0.3 * layer)`` with a 0-based layer index (spec §7.1, §7.2, §7.4 item 4)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+
+
+class DifferentialAttention(Attention):
+    """Differential attention in HF DiffLlama's layout (spec §7.2).
+
+    The ``H`` heads of size ``hd`` form ``H/2`` pairs: head j with head ``j + H/2``. Both heads of a
+    pair attend over the same keys with their own softmax; their outputs over the concatenated
+    value halves (``2 * hd`` wide) are subtracted *after* the softmax,
+    ``o = A_j V - lambda * A_{j+H/2} V`` with one scalar per layer
+    ``lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init``, then each pair is RMS-normalised
+    over its ``2 * hd`` features and scaled by ``1 - lambda_init``.
+
+    Value heads: the KV heads split in two halves; the value of KV head g is
+    ``[v_{g mod Hkv/2} | v_{Hkv/2 + g mod Hkv/2}]`` (HF's ``chunk(v, 2).repeat``), computed in one
+    SDPA call with a ``2 * hd``-wide value instead of two calls.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        hd = config.head_dim
+        self.lambda_init = lambda_init_for(layer_idx)
+        self.lambda_q1 = nn.Parameter(torch.zeros(hd))
+        self.lambda_k1 = nn.Parameter(torch.zeros(hd))
+        self.lambda_q2 = nn.Parameter(torch.zeros(hd))
+        self.lambda_k2 = nn.Parameter(torch.zeros(hd))
+        self.pair_norm = RMSNorm(2 * hd, config.norm_eps, affine=False)
+
+    def reset_lambdas(self, std: float = 0.1) -> None:
+        """``N(0, std)`` for the four lambda vectors (HF ``lambda_std_dev``, unilm 0.1)."""
+        for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
+            nn.init.normal_(p, 0.0, std)
+
+    def lambda_full(self, dtype: torch.dtype) -> torch.Tensor:
+        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1, dim=-1, dtype=torch.float32)).to(dtype)
+        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2, dim=-1, dtype=torch.float32)).to(dtype)
+        return lambda_1 - lambda_2 + self.lambda_init
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        B, Hkv, S, hd = v.shape
+        halves = v.view(B, 2, Hkv // 2, S, hd)
+        wide_v = torch.cat((halves[:, 0], halves[:, 1]), dim=-1).repeat(1, 2, 1, 1)  # [B, Hkv, S, 2hd]
+        out = F.scaled_dot_product_attention(
+            q, k, wide_v, attn_mask=mask.mask, is_causal=mask.is_causal, scale=self.config.scale,
+            enable_gqa=Hkv != q.shape[1],
+        )  # [B, H, T, 2hd]
+        first, second = out.chunk(2, dim=1)  # pairs (j, j + H/2)
+        diff = first - self.lambda_full(q.dtype) * second
+        out = (1 - self.lambda_init) * self.pair_norm(diff)  # [B, H/2, T, 2hd]
+        T = q.shape[2]
+        return out.transpose(1, 2).reshape(B, T, -1)
+
+
+def make_attention(config: ModelConfig, layer_idx: int) -> Attention:
+    if config.attention_kind == "differential":
+        return DifferentialAttention(config, layer_idx)
+    return Attention(config, layer_idx)

@@ -1,0 +1,104 @@
+"""Static key/value cache and attention masks (spec §8.2, §8.3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import LlamakinError
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, ``[layers, batch, kv_heads, max_len, head_dim]``.
+
+    Keys are stored after RoPE and before the KV heads are repeated for their query group (the
+    HF/torchchat convention, spec §8.3). All rows advance together: a batch of prompts of
+    different lengths is left-padded, and ``valid`` marks which slots hold real tokens so padding
+    is never attended to and positions count only real tokens.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if max_len <= 0 or batch_size <= 0:
+            raise LlamakinError(f"a KV cache needs a positive batch size and length, got {batch_size} and {max_len}.")
+        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0  # slots filled so far (the same for every row)
+        self.padded = False  # True once any slot holds padding
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def reset(self) -> None:
+        """Forget everything (the buffers are reused)."""
+        self.length = 0
+        self.padded = False
+        self.valid.fill_(True)
+
+    def reserve(self, new_tokens: int, attention_mask: torch.Tensor | None) -> None:
+        """Check room for ``new_tokens`` more slots and record which of them are padding."""
+        if self.length + new_tokens > self.max_len:
+            raise LlamakinError(
+                f"the KV cache holds {self.max_len} tokens but {self.length + new_tokens} are needed; "
+                "create a larger cache or shorten the input."
+            )
+        if attention_mask is not None:
+            new = attention_mask[:, -new_tokens:].to(torch.bool)
+            self.valid[:, self.length:self.length + new_tokens] = new
+            if not self.padded and not bool(new.all()):
+                self.padded = True
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's keys/values of one layer; return all keys/values so far (views)."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens
+
+
+@dataclass
+class AttentionMask:
+    """What SDPA needs: an explicit boolean mask (True = attend) or the ``is_causal`` fast path."""
+
+    mask: torch.Tensor | None
+    is_causal: bool
+
+
+def build_mask(key_valid: torch.Tensor | None, past: int, new: int, window: int | None,
+               device: torch.device) -> AttentionMask:
+    """Mask for ``new`` queries at slots ``past .. past+new-1`` over keys at slots ``0 .. past+new-1``.
+
+    A key is visible when it is not in the future, inside the sliding window if any
+    (``q - window < k``, HF's ``sliding_window_overlay``) and not padding. Each query always sees
+    itself, so a padding token's row is never empty (an all-masked row would make NaNs that
+    then leak into later layers through that token's keys and values).
+    """
+    if key_valid is None and window is None:
+        if new == 1:
+            return AttentionMask(None, False)
+        if past == 0:
+            return AttentionMask(None, True)
+    total = past + new
+    q_pos = torch.arange(past, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)
+    if key_valid is not None:
+        allowed = (allowed[None] & key_valid[:, None, :]) | (k_pos == q_pos)[None]
+        return AttentionMask(allowed[:, None], False)
+    return AttentionMask(allowed[None, None], False)
+
+
+def positions_from_valid(key_valid: torch.Tensor, past: int) -> torch.Tensor:
+    """Position ids ``[B, new]`` counting only real tokens (HF's ``cumsum(mask) - 1``; pads get 0)."""
+    return (key_valid.long().cumsum(-1) - 1).clamp_(min=0)[:, past:]

@@ -1,0 +1,49 @@
+"""Normalisation layers (spec §1.1, §6.1, §6.2, §10)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, normalising in float32 whatever the activation dtype.
+
+    ``order`` picks where the weight multiply happens, the one rounding difference between
+    implementations (spec §1.1 vs §6.2):
+
+    * ``cast_then_mul`` (HF Llama, Meta): ``weight * normalize(x.float()).to(x.dtype)``
+    * ``mul_then_cast`` (ChatGLM2/3): ``(weight * normalize(x.float())).to(x.dtype)``
+
+    With ``affine=False`` there is no weight (HF DiffLlama's per-head group norm, §7.2).
+    """
+
+    def __init__(self, dim: int, eps: float, order: str = "cast_then_mul", affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.order = order
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is None:
+            return xf.to(dtype)
+        if self.order == "cast_then_mul":
+            return self.weight * xf.to(dtype)
+        return (self.weight * xf).to(dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """Standard LayerNorm with weight and bias (ChatGLM-6B v1, §6.1)."""
+
+
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The model-wide norm kind over ``dim`` features (default: hidden size)."""
+    dim = config.hidden_size if dim is None else dim
+    if config.norm_type == "layernorm":
+        return LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, config.norm_eps, config.rmsnorm_order)

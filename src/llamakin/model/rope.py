@@ -1,0 +1,138 @@
+"""Rotary position embedding: frequencies, scaling types and the two pair layouts (spec §2).
+
+Frequencies are computed in float32 exactly as transformers does (``modeling_rope_utils``);
+cos/sin are cast to the activation dtype and the rotation runs in that dtype (spec §2.1, §10).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, RopeScaling
+
+
+def default_inv_freq(rotary_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """``1 / theta ** (2i / rd)`` for ``i < rd/2`` (spec §2.1)."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
+    return 1.0 / (theta ** exponents)
+
+
+def _llama3(inv_freq: torch.Tensor, s: RopeScaling, original_context: int) -> torch.Tensor:
+    """Llama 3.1 piecewise rule on wavelengths (spec §2.4)."""
+    low_wavelen = original_context / s.low_freq_factor
+    high_wavelen = original_context / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (original_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(inv_freq: torch.Tensor, s: RopeScaling, rotary_dim: int, theta: float,
+          original_context: int) -> tuple[torch.Tensor, float]:
+    """YaRN: ramp between interpolated and extrapolated frequencies (spec §2.4)."""
+    if s.attention_factor is not None:
+        attention_factor = s.attention_factor
+    elif s.mscale and s.mscale_all_dim:
+        attention_factor = _yarn_mscale(s.factor, s.mscale) / _yarn_mscale(s.factor, s.mscale_all_dim)
+    else:
+        attention_factor = _yarn_mscale(s.factor)
+
+    def correction_dim(rotations: float) -> float:
+        return rotary_dim * math.log(original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32, device=inv_freq.device) - low)
+            / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    powers = theta ** (torch.arange(0, rotary_dim, 2, device=inv_freq.device).float() / rotary_dim)
+    interpolated = 1.0 / (s.factor * powers)
+    return interpolated * (1 - extrapolation_weight) + inv_freq * extrapolation_weight, attention_factor
+
+
+def inv_freq_for(config: ModelConfig, seq_len: int | None = None,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin attention factor for ``config.rope_scaling``.
+
+    ``seq_len`` (max position + 1 of the current call) only matters for ``dynamic`` scaling,
+    which grows the base once the sequence is longer than ``max_position_embeddings``:
+    ``base' = base * (factor * L / max_pos - (factor - 1)) ** (rd / (rd - 2))``. transformers
+    keeps the grown frequencies while a later call is shorter but still past ``max_pos``; llamakin
+    is stateless and always uses the current call's length (identical for growing sequences).
+    """
+    s, rd, theta = config.rope_scaling, config.rotary_dim, config.rope_theta
+    original_context = s.original_max_position_embeddings or config.max_position_embeddings
+    if s.type == "dynamic":
+        length = max(seq_len or 0, config.max_position_embeddings)
+        theta = theta * ((s.factor * length / config.max_position_embeddings) - (s.factor - 1)) ** (rd / (rd - 2))
+    inv_freq = default_inv_freq(rd, theta, device)
+    if s.type == "linear":
+        return inv_freq / s.factor, 1.0
+    if s.type == "llama3":
+        return _llama3(inv_freq, s, original_context), 1.0
+    if s.type == "yarn":
+        return _yarn(inv_freq, s, rd, theta, original_context)
+    return inv_freq, 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    """Maps position ids ``[B, T]`` to ``(cos, sin)`` of shape ``[B, 1, T, rotary_dim / 2]``.
+
+    The frequencies are not a buffer: they are derived from the config (cached per device), so
+    ``module.to(bfloat16)`` can never round them.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self._static: dict[torch.device, tuple[torch.Tensor, float]] = {}
+
+    def frequencies(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        device = positions.device
+        if self.config.rope_scaling.type == "dynamic":
+            return inv_freq_for(self.config, int(positions.max()) + 1, device)
+        if device not in self._static:
+            self._static[device] = inv_freq_for(self.config, None, device)
+        return self._static[device]
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, attention_factor = self.frequencies(positions)
+        angles = positions.float()[..., None] * inv_freq  # [B, T, rd/2], float32
+        cos, sin = angles.cos(), angles.sin()
+        if attention_factor != 1.0:
+            cos, sin = cos * attention_factor, sin * attention_factor
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """Rotate the first ``2 * cos.shape[-1]`` features of every head of ``x`` ``[B, H, T, hd]``.
+
+    ``half`` rotates pairs ``(i, i + rd/2)`` (HF rotate_half, spec §2.1); ``interleaved`` rotates
+    pairs ``(2i, 2i + 1)`` (Meta's complex form, ChatGLM2/3, HF GLM, spec §2.2, §6.2, §6.3).
+    Features past the rotary dim pass through unchanged (partial rotary).
+    """
+    half = cos.shape[-1]
+    rotary, passthrough = x[..., : 2 * half], x[..., 2 * half:]
+    if layout == "half":
+        a, b = rotary[..., :half], rotary[..., half:]
+        rotated = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+    else:
+        pairs = rotary.unflatten(-1, (half, 2))
+        a, b = pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+    if passthrough.shape[-1] == 0:
+        return rotated
+    return torch.cat((rotated, passthrough), dim=-1)

@@ -1,0 +1,173 @@
+"""The one configurable decoder-only transformer (spec §1, with the knobs of §11)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import LlamakinError
+from .attention import DifferentialAttention, make_attention
+from .cache import AttentionMask, KVCache, build_mask, positions_from_valid
+from .mlp import make_mlp
+from .norm import make_norm
+from .rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + r * f(norm(x))`` for attention then MLP (spec §1).
+
+    ``r`` is Granite's ``residual_multiplier`` (§4). With ``post_sublayer_norms`` each branch
+    output is normalised again before the residual add (GLM-4's sandwich norms, §6.3).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.residual_multiplier = config.residual_multiplier
+        self.window = config.window_for_layer(layer_idx)
+        self.attn_norm = make_norm(config)
+        self.attn = make_attention(config, layer_idx)
+        self.mlp_norm = make_norm(config)
+        self.mlp = make_mlp(config)
+        if config.post_sublayer_norms:
+            self.attn_out_norm = make_norm(config)
+            self.mlp_out_norm = make_norm(config)
+        else:
+            self.attn_out_norm = self.mlp_out_norm = None
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor, out_norm: nn.Module | None) -> torch.Tensor:
+        if out_norm is not None:
+            branch = out_norm(branch)
+        if self.residual_multiplier != 1.0:
+            branch = branch * self.residual_multiplier
+        return x + branch
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                masks: dict[int | None, AttentionMask], cache: KVCache | None) -> torch.Tensor:
+        x = self._residual(x, self.attn(self.attn_norm(x), cos, sin, masks[self.window], cache), self.attn_out_norm)
+        return self._residual(x, self.mlp(self.mlp_norm(x)), self.mlp_out_norm)
+
+
+class Transformer(nn.Module):
+    """Embeddings, ``num_layers`` blocks, final norm and output head, driven by a :class:`ModelConfig`.
+
+    ``model(input_ids)`` returns logits ``[B, T, vocab]`` in the model's dtype. For incremental
+    decoding pass a :class:`KVCache` from :meth:`new_cache`; for a batch of prompts of different
+    lengths, left-pad them and pass ``attention_mask`` (1 = real token, 0 = padding) covering the
+    cached and the new tokens, as in transformers.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.final_norm = make_norm(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config)
+        self.init_weights()
+
+    # -- weights ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Training initialisation: N(0, std) matrices and embeddings, zero biases, unit norms,
+        N(0, 0.1) differential lambdas (spec §7.1), output projections scaled by 1/sqrt(2 * layers)."""
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_output = name.endswith(("o_proj", "down"))
+                nn.init.normal_(module.weight, 0.0, residual_std if is_output else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, DifferentialAttention):
+                module.reset_lambdas()
+            elif getattr(module, "weight", None) is not None and module.weight.dim() == 1:  # norms
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def init_buffers(self) -> None:
+        """Rebuild non-persistent buffers, e.g. after ``to_empty()`` on a model built on ``meta``."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "init_buffers"):
+                module.init_buffers()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- inference ----------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A static KV cache for ``batch_size`` rows of up to ``max_len`` tokens (default: the context)."""
+        max_len = self.config.max_position_embeddings if max_len is None else max_len
+        return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` (``[B, 1, vocab]`` with ``last_only``).
+
+        ``attention_mask`` ``[B, past + T]`` (or ``[B, T]``) marks real tokens with 1 and padding
+        with 0. Without ``position_ids``, positions count real tokens only, continuing the cache.
+        """
+        if input_ids.dim() != 2:
+            raise LlamakinError(f"input_ids must have shape [batch, tokens], got {tuple(input_ids.shape)}.")
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            if cache.batch_size != B:
+                raise LlamakinError(f"the KV cache was made for batch size {cache.batch_size}, not {B}.")
+            cache.reserve(T, attention_mask)
+            key_valid = cache.valid[:, :past + T] if cache.padded else None
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            key_valid = attention_mask[:, -T:].to(torch.bool)
+        else:
+            key_valid = None
+
+        if position_ids is None:
+            if key_valid is not None:
+                position_ids = positions_from_valid(key_valid, past)
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+        cos, sin = self.rope(position_ids, self.dtype)
+        windows = {block.window for block in self.layers}
+        masks = {w: build_mask(key_valid, past, T, w, input_ids.device) for w in windows}
+
+        x = self.embed(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
+        for block in self.layers:
+            x = block(x, cos, sin, masks, cache)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        logits = nn.functional.linear(self.final_norm(x), self.output_weight)
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        return logits
+
+    # -- export -------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, family: str | None = None, **options) -> Path:
+        """Write ``config.json`` + safetensors in the layout of ``family`` (default: the family the
+        model was loaded from, else the first Hugging Face family that expresses its config exactly)."""
+        from ..checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, family=family, **options)
