@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .families import Family, TensorRule, detect_family, family_for_export
-from .io.tensors import TensorSource, open_weights, write_json, write_safetensors
+from .families import Family, TensorRule, detect_family, family_for_export, get_family
+from .io.tensors import TensorSource, open_weights, write_json, write_safetensors, write_torch
 from .model import Transformer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -107,17 +107,40 @@ def load_weights(model: Transformer, rules: list[TensorRule], source: TensorSour
             params[rule.canonical].copy_(value)
 
 
+def read_checkpoint_config(directory: Path) -> tuple[Family, ModelConfig]:
+    """The family and knobs of a checkpoint directory (``config.json``, else Meta's ``params.json``)."""
+    config_path = directory / "config.json"
+    if config_path.is_file():
+        raw = read_json(config_path)
+        family = detect_family(raw, str(config_path))
+    elif (directory / "params.json").is_file():
+        raw = read_json(directory / "params.json")
+        family = get_family("meta")
+    else:
+        raise CheckpointError(
+            f"{directory} has no config.json (or Meta params.json); llamakin needs the checkpoint's config "
+            "to build the model."
+        )
+    return family, family.config_from_checkpoint(raw)
+
+
+def stored_dtype(path: str | Path) -> str:
+    """The dtype a checkpoint stores its weights in (that of the first floating tensor)."""
+    with open_weights(checkpoint_dir(path)) as source:
+        for tensor in source.names():
+            name = source.dtype(tensor)
+            if name in ("float32", "float16", "bfloat16"):
+                return name
+    return "float32"
+
+
 def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
          device: torch.device | str = "cpu") -> Transformer:
-    """Load a checkpoint directory (config.json + safetensors or pytorch_model.bin)."""
+    """Load a checkpoint directory: Hugging Face (config.json + safetensors or pytorch_model.bin),
+    Meta/Mistral native (params.json + consolidated.*) or llamakin's own format."""
     dtype = parse_dtype(dtype)
     directory = checkpoint_dir(path)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{directory} has no config.json; llamakin needs the checkpoint's config to build the model.")
-    raw = read_json(config_path)
-    family = detect_family(raw, str(config_path))
-    config = family.config_from_checkpoint(raw)
+    family, config = read_checkpoint_config(directory)
     model = empty_model(config, dtype, device)
     with open_weights(directory) as source:
         load_weights(model, family.tensor_rules(config), source, family, str(directory))
@@ -140,8 +163,28 @@ def save_pretrained(model: Transformer, directory: str | Path, family: str | Non
     fam = family_for_export(model.config, family)
     tensors = export_tensors(model, fam)
     config = fam.config_to_checkpoint(model.config)
-    dtype_name = str(model.dtype).removeprefix("torch.")
-    config.update({"dtype": dtype_name, "torch_dtype": dtype_name})
-    write_safetensors(tensors, directory, max_shard_bytes)
-    write_json(config, directory / "config.json")
+    if fam.weights_format == "torch":
+        written = [directory / "consolidated.00.pth"]
+        write_torch(tensors, written[0])
+    else:
+        dtype_name = str(model.dtype).removeprefix("torch.")
+        config.update({"dtype": dtype_name, "torch_dtype": dtype_name})
+        written = write_safetensors(tensors, directory, max_shard_bytes)
+    written.append(directory / fam.config_file)
+    write_json(config, written[-1])
+    remove_stale_checkpoint_files(directory, keep=written)
     return directory
+
+
+_CHECKPOINT_FILES = ("config.json", "params.json", "model*.safetensors", "model.safetensors.index.json",
+                     "pytorch_model*.bin", "pytorch_model.bin.index.json", "consolidated.*")
+
+
+def remove_stale_checkpoint_files(directory: Path, keep: list[Path]) -> None:
+    """Saving into a directory replaces the checkpoint there: weight and config files of another
+    layout or shard count left behind would be read instead of (or mixed with) the new ones."""
+    keep_names = {p.name for p in keep}
+    for pattern in _CHECKPOINT_FILES:
+        for stale in directory.glob(pattern):
+            if stale.name not in keep_names and stale.is_file():
+                stale.unlink()

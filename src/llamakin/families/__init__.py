@@ -10,15 +10,18 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import UnsupportedError
-from . import diffllama, glm, granite, llama, mistral, qwen
+from . import diffllama, glm, granite, llama, meta, mistral, native, qwen
 from .base import Family, TensorRule
 
-# Order matters for export of a config with no family: the first family that expresses it exactly.
+# Order matters for export of a config with no family: the first family that expresses it
+# exactly. Hugging Face formats come first (what the ecosystem loads), then Meta's (the usual home
+# of interleaved RoPE), llamakin's own format last (it expresses everything).
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (llama.FAMILY, diffllama.FAMILY, qwen.QWEN2, qwen.QWEN3, mistral.FAMILY, granite.FAMILY,
-              glm.GLM, glm.GLM4)
+              meta.FAMILY, glm.GLM, glm.GLM4, native.FAMILY)
 }
+HF_FAMILIES = ("llama", "mistral", "granite", "qwen2", "qwen3", "diffllama", "glm", "glm4")
 
 
 def get_family(name: str) -> Family:
@@ -59,4 +62,4 @@ def family_for_export(config: ModelConfig, name: str | None = None) -> Family:
     raise UnsupportedError("no known checkpoint format expresses this model's configuration exactly.")
 
 
-__all__ = ["FAMILIES", "Family", "TensorRule", "detect_family", "family_for_export", "get_family"]
+__all__ = ["FAMILIES", "HF_FAMILIES", "Family", "TensorRule", "detect_family", "family_for_export", "get_family"]

@@ -79,6 +79,9 @@ class Family:
     ignored: tuple[str, ...] = field(default=(r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)rotary_pos_emb\.inv_freq$"))
     # The output matrix's name, which tied checkpoints sometimes store anyway (a copy of the embedding).
     tied_output: str = "lm_head.weight"
+    # Where the config lives and how weights are written on export.
+    config_file: str = "config.json"
+    weights_format: str = "safetensors"  # or "torch" (consolidated.00.pth, Meta's own loader)
 
     def config_from_checkpoint(self, config: dict[str, Any]) -> ModelConfig:
         raise NotImplementedError

@@ -30,6 +30,10 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype's name (``float32``, ``bfloat16``, ...), read from headers where possible."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -91,6 +95,12 @@ class SafetensorsSource(TensorSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
+    _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+    def dtype(self, name: str) -> str:
+        code = self._handles[self._where[name]].get_slice(name).get_dtype()
+        return self._SAFETENSORS_DTYPES.get(code, code.lower())
+
     def get(self, name: str) -> torch.Tensor:
         f = self._where[name]
         try:
@@ -137,6 +147,9 @@ class TorchBinSource(TensorSource):
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
+    def dtype(self, name: str) -> str:
+        return str(self._tensors[name].dtype).removeprefix("torch.")
+
 
 def open_weights(directory: Path) -> TensorSource:
     """The weights of a Hugging Face-style directory: safetensors (single or sharded) first,
@@ -149,12 +162,22 @@ def open_weights(directory: Path) -> TensorSource:
             return cls.from_index(directory / index_name)
         if (directory / single).is_file():
             return cls([directory / single])
+    if (directory / "consolidated.safetensors").is_file():  # Mistral's native format
+        return SafetensorsSource([directory / "consolidated.safetensors"])
+    meta_shards = sorted(directory.glob("consolidated.*.pth"))
+    if len(meta_shards) > 1:
+        raise CheckpointError(
+            f"{directory} holds {len(meta_shards)} model-parallel shards (consolidated.*.pth); llamakin reads "
+            "single-file Meta checkpoints, so merge the shards first."
+        )
+    if meta_shards:
+        return TorchBinSource(meta_shards)
     loose = sorted(directory.glob("*.safetensors"))
     if loose:
         return SafetensorsSource(loose)
     raise CheckpointError(
-        f"{directory} has no model.safetensors, sharded safetensors index or pytorch_model.bin; "
-        "point llamakin at a directory that holds the weights."
+        f"{directory} has no model.safetensors, sharded safetensors index, pytorch_model.bin or "
+        "consolidated.00.pth; point llamakin at a directory that holds the weights."
     )
 
 
@@ -195,6 +218,13 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
         write_json(index, directory / "model.safetensors.index.json")
         written.append(directory / "model.safetensors.index.json")
     return written
+
+
+def write_torch(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A plain state dict of tensors with ``torch.save`` (Meta's ``consolidated.00.pth``), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+    _atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def write_json(obj, path: Path) -> None:

@@ -1,0 +1,139 @@
+"""Architecture cards and side-by-side architecture differences (``llamakin inspect`` / ``arch-diff``).
+
+Everything here works from configs and file headers: no weights are read, so inspecting a
+70B checkpoint takes as long as a 135M one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .checkpoint import checkpoint_dir, read_checkpoint_config, stored_dtype
+from .config import ModelConfig
+from .model import Transformer
+
+SIZE_FIELDS = {"vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+               "max_position_embeddings", "bos_token_id", "eos_token_ids", "pad_token_id", "family"}
+
+
+def plain_llama(config: ModelConfig) -> ModelConfig:
+    """A plain LLaMA (MHA, RMSNorm, SwiGLU, rotate_half RoPE, no biases) of the same sizes."""
+    return ModelConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_layers,
+                       num_heads=config.num_heads, intermediate_size=config.intermediate_size,
+                       max_position_embeddings=config.max_position_embeddings, head_dim=config.head_dim,
+                       norm_eps=config.norm_eps)
+
+
+def knobs_differing_from_llama(config: ModelConfig) -> dict[str, object]:
+    base = plain_llama(config)
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.name not in SIZE_FIELDS and getattr(config, f.name) != getattr(base, f.name)}
+
+
+def parameter_breakdown(config: ModelConfig) -> dict[str, int]:
+    """Parameters per component, counted on a ``meta`` model (no memory)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    groups = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "output head": 0}
+    for name, p in model.named_parameters():
+        if name.startswith("embed."):
+            key = "embedding"
+        elif name.startswith("lm_head."):
+            key = "output head"
+        elif "norm" in name:
+            key = "norms"
+        elif ".attn." in name:
+            key = "attention"
+        else:
+            key = "mlp"
+        groups[key] += p.numel()
+    groups["total"] = sum(groups.values())
+    return groups
+
+
+def _bias_text(config: ModelConfig) -> str:
+    parts = [n for n, on in (("q", config.q_bias), ("k", config.k_bias), ("v", config.v_bias), ("o", config.o_bias)) if on]
+    return " ".join(parts) if parts else "none"
+
+
+def _heads_text(config: ModelConfig) -> str:
+    kind = "MHA" if config.num_kv_heads == config.num_heads else ("MQA" if config.num_kv_heads == 1 else "GQA")
+    return f"{config.num_heads} / {config.num_kv_heads} ({kind})"
+
+
+def _rope_text(config: ModelConfig) -> str:
+    s = config.rope_scaling
+    text = f"{config.rope_layout}, {config.rotary_dim}/{config.head_dim} dims, theta {config.rope_theta:g}"
+    if s.type != "default":
+        text += f", {s.type} x{s.factor:g}"
+    return text
+
+
+def _residual_text(config: ModelConfig) -> str:
+    text = "x + f(norm(x))" if config.residual_multiplier == 1 else f"x + {config.residual_multiplier:g} * f(norm(x))"
+    return text + (", branch outputs normed" if config.post_sublayer_norms else "")
+
+
+def describe(config: ModelConfig) -> dict[str, str]:
+    """The architectural rows shown by ``arch-diff``, in a fixed order."""
+    norm = "RMSNorm" if config.norm_type == "rmsnorm" else "LayerNorm"
+    if config.norm_type == "rmsnorm":
+        norm += " (x w after cast)" if config.rmsnorm_order == "cast_then_mul" else " (x w in fp32, then cast)"
+    norm_position = "pre-norm + post-branch (sandwich)" if config.post_sublayer_norms else "pre-norm"
+    multipliers = []
+    if config.embedding_multiplier != 1:
+        multipliers.append(f"embedding x{config.embedding_multiplier:g}")
+    if config.logits_scaling != 1:
+        multipliers.append(f"logits /{config.logits_scaling:g}")
+    return {
+        "family": config.family or "-",
+        "layers x hidden": f"{config.num_layers} x {config.hidden_size}",
+        "vocab": str(config.vocab_size),
+        "context": str(config.max_position_embeddings),
+        "norm": f"{norm}, eps {config.norm_eps:g}",
+        "norm position": norm_position,
+        "attention": ("differential (pairs j, j+H/2)" if config.attention_kind == "differential" else "standard"),
+        "heads q / kv": _heads_text(config),
+        "head dim": str(config.head_dim),
+        "attention bias": _bias_text(config),
+        "attention scale": ("1/sqrt(head_dim)" if config.attention_scale is None else f"{config.attention_scale:g}"),
+        "qk norm": "per-head RMSNorm" if config.qk_norm else "none",
+        "sliding window": ("none" if config.sliding_window is None else
+                           f"{config.sliding_window}" + ("" if config.sliding_window_layers is None else
+                                                          f" on {len(config.sliding_window_layers)} layers")),
+        "mlp": f"{'SwiGLU' if config.mlp_type == 'swiglu' else 'GELU-tanh'} {config.intermediate_size}",
+        "mlp bias": "yes" if config.mlp_bias else "no",
+        "rope": _rope_text(config),
+        "residual": _residual_text(config),
+        "multipliers": ", ".join(multipliers) or "none",
+        "tied embeddings": "yes" if config.tie_word_embeddings else "no",
+    }
+
+
+def kv_bytes_per_token(config: ModelConfig, bytes_per_value: int) -> int:
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * bytes_per_value
+
+
+def card(path: str | Path) -> tuple[ModelConfig, list[tuple[str, str]]]:
+    """The rows of ``llamakin inspect``: what the checkpoint is and what it costs."""
+    directory = checkpoint_dir(path)
+    family, config = read_checkpoint_config(directory)
+    dtype = stored_dtype(directory)
+    counts = parameter_breakdown(config)
+    rows = [("path", str(directory)), ("family", f"{family.name} - {family.description}"),
+            ("stored dtype", dtype), ("context length", str(config.max_position_embeddings))]
+    rows += [(f"parameters: {k}", f"{v:,}") for k, v in counts.items()]
+    differing = knobs_differing_from_llama(config)
+    rows.append(("differs from plain LLaMA", "nothing" if not differing else ""))
+    rows += [(f"  {k}", str(v)) for k, v in differing.items()]
+    total = counts["total"]
+    rows += [
+        ("memory: weights", f"{total * 4 / 2**20:,.1f} MiB float32, {total * 2 / 2**20:,.1f} MiB bfloat16"),
+        ("memory: KV cache", f"{kv_bytes_per_token(config, 2) / 2**10:,.1f} KiB/token bf16; "
+                             f"{kv_bytes_per_token(config, 2) * config.max_position_embeddings / 2**20:,.1f} MiB "
+                             "for the full context"),
+    ]
+    return config, rows
