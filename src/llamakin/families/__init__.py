@@ -41,7 +41,8 @@ def detect_family(config: dict[str, Any], where: str) -> Family:
                 return family
     described = f"model_type {model_type!r}" if model_type else "no model_type"
     raise UnsupportedError(
-        f"{where} has {described}, which llamakin does not know; supported model types: {', '.join(FAMILIES)}."
+        f"{where} has {described}, which llamakin does not know; supported model types: "
+        f"{', '.join(n for n in FAMILIES if n != 'meta')}."
     )
 
 

@@ -1,0 +1,80 @@
+"""Model-level behaviour beyond parity: chunked prefill, caches, padding, init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llamakin
+from llamakin.model.attention import lambda_init_for
+
+BASE = dict(vocab_size=101, hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2, intermediate_size=64)
+
+
+def randomized(config):
+    torch.manual_seed(0)
+    model = llamakin.Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("knobs", [{}, dict(sliding_window=3), dict(attention_kind="differential"),
+                                   dict(rope_layout="interleaved", rotary_dim=4, qk_norm=True)])
+@torch.no_grad()
+def test_chunked_prefill_and_decode_equal_full_forward(knobs):
+    model = randomized(llamakin.ModelConfig(**BASE, **knobs))
+    ids = torch.randint(0, 101, (2, 17))
+    full = model(ids)
+    cache = model.new_cache(2, 32)
+    pieces = [model(ids[:, :5], cache=cache), model(ids[:, 5:9], cache=cache)]
+    pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(9, 17)]
+    assert (torch.cat(pieces, 1) - full).abs().max() < 1e-5
+    cache.reset()
+    assert (model(ids, cache=cache) - full).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_padding_never_leaks_into_real_tokens():
+    model = randomized(llamakin.ModelConfig(**BASE))
+    ids = torch.randint(0, 101, (1, 6))
+    alone = model(ids)
+    padded = torch.cat([torch.full((1, 4), 7), ids], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1)
+    got = model(padded, attention_mask=mask)
+    assert torch.isfinite(got).all()
+    assert (got[:, 4:] - alone).abs().max() < 1e-5
+    # with a cache, decoding after a padded prompt matches the unpadded run
+    cache = model.new_cache(1, 16)
+    model(padded, attention_mask=mask, cache=cache)
+    nxt = torch.tensor([[5]])
+    step = model(nxt, attention_mask=torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1), cache=cache)
+    assert (step[0, -1] - model(torch.cat([ids, nxt], 1))[0, -1]).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_last_only_returns_the_last_position():
+    model = randomized(llamakin.ModelConfig(**BASE))
+    ids = torch.randint(0, 101, (2, 7))
+    assert (model(ids, last_only=True) - model(ids)[:, -1:]).abs().max() < 1e-6
+
+
+def test_lambda_init_uses_a_zero_based_layer_index():
+    assert lambda_init_for(0) == pytest.approx(0.2)
+    assert lambda_init_for(1) == pytest.approx(0.3555, abs=1e-4)
+    assert lambda_init_for(7) == pytest.approx(0.7265, abs=1e-4)
+    model = llamakin.Transformer(llamakin.ModelConfig(**BASE, attention_kind="differential"))
+    assert [b.attn.lambda_init for b in model.layers] == [lambda_init_for(i) for i in range(3)]
+    assert 0.05 < model.layers[0].attn.lambda_q1.std() < 0.2
+
+
+def test_training_init_and_gradients_flow():
+    model = llamakin.Transformer(llamakin.ModelConfig(**BASE, q_bias=True, k_bias=True))
+    ids = torch.randint(0, 101, (2, 8))
+    loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    assert abs(loss.item() - torch.log(torch.tensor(101.0)).item()) < 0.3
+    bias_grad = model.layers[0].attn.qkv.bias.grad
+    q, k = 6 * 8, 2 * 8
+    assert bias_grad[:q + k].abs().sum() > 0 and bias_grad[q + k:].abs().sum() == 0  # no v bias: stays zero
