@@ -78,3 +78,42 @@ def test_training_init_and_gradients_flow():
     bias_grad = model.layers[0].attn.qkv.bias.grad
     q, k = 6 * 8, 2 * 8
     assert bias_grad[:q + k].abs().sum() > 0 and bias_grad[q + k:].abs().sum() == 0  # no v bias: stays zero
+
+
+def test_rmsnorm_rounding_orders_match_their_references():
+    from llamakin.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    w = (1 + 0.3 * torch.randn(64)).to(torch.bfloat16)
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+    hf = RMSNorm(64, 1e-5, "cast_then_mul")
+    glm2 = RMSNorm(64, 1e-5, "mul_then_cast")
+    with torch.no_grad():
+        hf.weight.copy_(w)
+        glm2.weight.copy_(w)
+        hf, glm2 = hf.to(torch.bfloat16), glm2.to(torch.bfloat16)
+        assert torch.equal(hf(x), w * normed.to(torch.bfloat16))  # spec §1.1
+        assert torch.equal(glm2(x), (w * normed).to(torch.bfloat16))  # spec §6.2
+        assert not torch.equal(hf(x), glm2(x))  # the orders really round differently
+
+
+def test_layernorm_gelu_model_matches_a_plain_reference():
+    """ChatGLM-6B-style knobs (LayerNorm with bias, GELU-tanh MLP with biases) vs explicit math."""
+    config = llamakin.ModelConfig(**{**BASE, "num_layers": 1}, norm_type="layernorm", mlp_type="gelu_tanh",
+                                  mlp_bias=True, norm_eps=1e-5)
+    model = randomized(config)
+    block = model.layers[0]
+    x = torch.randn(2, 5, 48)
+
+    def ln(m, t):
+        mu, var = t.mean(-1, keepdim=True), t.var(-1, unbiased=False, keepdim=True)
+        return (t - mu) / torch.sqrt(var + 1e-5) * m.weight + m.bias
+
+    def gelu_tanh(t):
+        return 0.5 * t * (1 + torch.tanh(0.7978845608028654 * (t + 0.044715 * t ** 3)))
+
+    with torch.no_grad():
+        y = ln(block.mlp_norm, x)
+        expected = block.mlp.down(gelu_tanh(block.mlp.up(y)))
+        assert (block.mlp(block.mlp_norm(x)) - expected).abs().max() < 1e-5
