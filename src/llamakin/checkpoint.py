@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 from .config import ModelConfig
 from .errors import CheckpointError
 from .families import Family, TensorRule, detect_family, family_for_export, get_family
+from .families.gguf import TENSOR_NAMES, gguf_family
+from .io.gguf import GGUFFile
 from .io.tensors import TensorSource, open_weights, write_json, write_safetensors, write_torch
 from .model import Transformer
 
@@ -126,6 +128,9 @@ def read_checkpoint_config(directory: Path) -> tuple[Family, ModelConfig]:
 
 def stored_dtype(path: str | Path) -> str:
     """The dtype a checkpoint stores its weights in (that of the first floating tensor)."""
+    if is_gguf(path):
+        with GGUFFile(path) as source:
+            return source.dtype(source.names()[-1])
     with open_weights(checkpoint_dir(path)) as source:
         for tensor in source.names():
             name = source.dtype(tensor)
@@ -134,11 +139,31 @@ def stored_dtype(path: str | Path) -> str:
     return "float32"
 
 
+def is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def read_gguf_config(gguf: GGUFFile) -> tuple[Family, ModelConfig]:
+    meta = {**gguf.metadata, TENSOR_NAMES: gguf.names()}
+    family = gguf_family(meta, str(gguf.path))
+    return family, family.config_from_checkpoint(meta)
+
+
 def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
          device: torch.device | str = "cpu") -> Transformer:
-    """Load a checkpoint directory: Hugging Face (config.json + safetensors or pytorch_model.bin),
-    Meta/Mistral native (params.json + consolidated.*) or llamakin's own format."""
+    """Load a checkpoint: a ``.gguf`` file, a Hugging Face directory (config.json + safetensors or
+    pytorch_model.bin), a Meta/Mistral native directory (params.json + consolidated.*), llamakin's
+    own format, or the name of a catalog model (pulled on first use)."""
+    from .catalog import resolve
+
     dtype = parse_dtype(dtype)
+    path = resolve(path)
+    if is_gguf(path):
+        with GGUFFile(path) as source:
+            family, config = read_gguf_config(source)
+            model = empty_model(config, dtype, device)
+            load_weights(model, family.tensor_rules(config), source, family, str(path))
+        return model.eval()
     directory = checkpoint_dir(path)
     family, config = read_checkpoint_config(directory)
     model = empty_model(config, dtype, device)
