@@ -163,12 +163,14 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
             family, config = read_gguf_config(source)
             model = empty_model(config, dtype, device)
             load_weights(model, family.tensor_rules(config), source, family, str(path))
-        return model.eval()
-    directory = checkpoint_dir(path)
-    family, config = read_checkpoint_config(directory)
-    model = empty_model(config, dtype, device)
-    with open_weights(directory) as source:
-        load_weights(model, family.tensor_rules(config), source, family, str(directory))
+    else:
+        directory = checkpoint_dir(path)
+        family, config = read_checkpoint_config(directory)
+        model = empty_model(config, dtype, device)
+        with open_weights(directory) as source:
+            load_weights(model, family.tensor_rules(config), source, family, str(directory))
+    if model.device.type == "cpu":
+        model.use_decode_layout()
     return model.eval()
 
 

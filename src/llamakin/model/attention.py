@@ -50,24 +50,29 @@ class Attention(nn.Module):
             zeroed = torch.cat([torch.full((n,), not f) for n, f in zip(self.split_sizes, flags)])
             self.qkv_bias_zeroed = zeroed.to(self.qkv.weight.device)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x [B, T, d]`` -> q ``[B, H, T, hd]``, k and v ``[B, Hkv, T, hd]`` (before RoPE)."""
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, T, d]`` -> the q and k heads together ``[B, H + Hkv, T, hd]`` and v ``[B, Hkv, T, hd]``.
+
+        q and k stay side by side (as the fused projection produced them) so RoPE rotates both in
+        one call: they share positions, and it halves the kernels per layer.
+        """
         if self.qkv_bias_zeroed is None:
             qkv = self.qkv(x)
         else:
             qkv = F.linear(x, self.qkv.weight, self.qkv.bias.masked_fill(self.qkv_bias_zeroed, 0.0))
         B, T, _ = x.shape
-        hd = self.config.head_dim
-        q, k, v = (t.view(B, T, -1, hd) for t in qkv.split(self.split_sizes, dim=-1))
+        c = self.config
+        qk, v = qkv.split((self.split_sizes[0] + self.split_sizes[1], self.split_sizes[2]), dim=-1)
+        qk = qk.view(B, T, c.num_heads + c.num_kv_heads, c.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            qk = torch.cat((self.q_norm(qk[:, :, :c.num_heads]), self.k_norm(qk[:, :, c.num_heads:])), dim=2)
+        return qk.transpose(1, 2), v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask,
                 cache: KVCache | None = None) -> torch.Tensor:
-        q, k, v = self.project(x)
-        q = apply_rotary(q, cos, sin, self.config.rope_layout)
-        k = apply_rotary(k, cos, sin, self.config.rope_layout)
+        qk, v = self.project(x)
+        qk = apply_rotary(qk, cos, sin, self.config.rope_layout)
+        q, k = qk.split((self.config.num_heads, self.config.num_kv_heads), dim=1)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
         out = self.attend(q, k, v, mask)  # [B, T, H * hd]

@@ -65,6 +65,23 @@ class KVCache:
         self.length += new_tokens
 
 
+class SlotWriter:
+    """A view of a :class:`KVCache` for one decode step at a slot given as a tensor.
+
+    It writes with ``index_copy_`` and returns the *whole* preallocated buffers, so every shape
+    is the same at every step: what ``torch.compile`` needs to compile the decode step once.
+    """
+
+    def __init__(self, cache: KVCache, slot: torch.Tensor):
+        self.cache, self.slot = cache, slot
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys.index_copy_(2, self.slot, k)
+        values.index_copy_(2, self.slot, v)
+        return keys, values
+
+
 @dataclass
 class AttentionMask:
     """What SDPA needs: an explicit boolean mask (True = attend) or the ``is_causal`` fast path."""
@@ -97,6 +114,17 @@ def build_mask(key_valid: torch.Tensor | None, past: int, new: int, window: int 
         allowed = (allowed[None] & key_valid[:, None, :]) | (k_pos == q_pos)[None]
         return AttentionMask(allowed[:, None], False)
     return AttentionMask(allowed[None, None], False)
+
+
+def decode_masks(key_valid: torch.Tensor, slot: torch.Tensor, windows: set[int | None]) -> dict[int | None, AttentionMask]:
+    """Masks for one new token at cache slot ``slot`` over every slot of the cache (static shapes)."""
+    k_pos = torch.arange(key_valid.shape[1], device=key_valid.device)
+    visible = (k_pos <= slot) & key_valid  # [B, S]
+    masks = {}
+    for window in windows:
+        allowed = visible if window is None else visible & (k_pos > slot - window)
+        masks[window] = AttentionMask(allowed[:, None, None, :], False)
+    return masks
 
 
 def positions_from_valid(key_valid: torch.Tensor, past: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import LlamakinError
 from .attention import DifferentialAttention, make_attention
-from .cache import AttentionMask, KVCache, build_mask, positions_from_valid
+from .cache import AttentionMask, KVCache, SlotWriter, build_mask, decode_masks, positions_from_valid
 from .mlp import make_mlp
 from .norm import make_norm
 from .rope import RotaryEmbedding
@@ -98,6 +98,20 @@ class Transformer(nn.Module):
             if module is not self and hasattr(module, "init_buffers"):
                 module.init_buffers()
 
+    @torch.no_grad()
+    def use_decode_layout(self) -> "Transformer":
+        """Store every projection matrix and the embedding column-major (``[in, out]`` in memory).
+
+        Values, shapes, names and the state dict are unchanged; only strides differ. On CPU, MKL's
+        matrix-vector product streams a ``[in, out]`` matrix about 1.7x faster than ``[out, in]``
+        (SmolLM2's 49152x576 output head: 7.8 ms instead of 13.1 ms per token), and decoding is
+        bound by exactly these products. Prefill (matrix-matrix) speed is unaffected.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.is_contiguous():
+                module.weight.data = module.weight.data.t().contiguous().t()
+        return self
+
     @property
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -160,6 +174,27 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         logits = nn.functional.linear(self.final_norm(x), self.output_weight)
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        return logits
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                    key_valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step with static shapes, for ``torch.compile``: logits ``[B, vocab]``.
+
+        ``tokens``/``positions`` ``[B, 1]``; ``slot`` ``[1]`` the cache slot to write; ``key_valid``
+        ``[B, max_len]`` which slots hold real tokens. Attention covers every cache slot through a
+        mask, so nothing depends on how full the cache is. The caller advances ``cache.length``.
+        """
+        x = self.embed(tokens)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
+        cos, sin = self.rope(positions, self.dtype)
+        masks = decode_masks(key_valid, slot, {block.window for block in self.layers})
+        writer = SlotWriter(cache, slot)
+        for block in self.layers:
+            x = block(x, cos, sin, masks, writer)
+        logits = nn.functional.linear(self.final_norm(x[:, -1]), self.output_weight)
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits
