@@ -12,23 +12,46 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import CheckpointError, LlamakinError
 
-# Pre-tokenizer split patterns by llama.cpp ``tokenizer.ggml.pre`` name (and for tiktoken files).
+# Pre-tokenizer split patterns (as llama.cpp's llama-vocab.cpp applies them, in sequence).
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# llama.cpp applies these in sequence; "\p{N}" first means every digit is its own piece.
-GGUF_SPLITS: dict[str, tuple[str, ...]] = {
-    "default": (GPT2_SPLIT,), "gpt-2": (GPT2_SPLIT,), "gpt2": (GPT2_SPLIT,),
-    "smollm": (r"\p{N}", GPT2_SPLIT), "codeshell": (r"\p{N}", GPT2_SPLIT),
-    "llama3": (LLAMA3_SPLIT,), "llama-v3": (LLAMA3_SPLIT,), "llama-bpe": (LLAMA3_SPLIT,), "smaug-bpe": (LLAMA3_SPLIT,),
-    "qwen2": (QWEN2_SPLIT,), "deepseek-r1-qwen": (QWEN2_SPLIT,),
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """How a byte-level BPE vocabulary splits text before merging (llama.cpp's pre-tokenizer types).
+
+    ``ignore_merges``: a piece that is itself a vocabulary entry is taken whole (Llama 3, and
+    every tiktoken vocabulary); ``add_bos``: llama.cpp forces BOS on for this type.
+    """
+
+    splits: tuple[str, ...]
+    ignore_merges: bool = False
+    add_bos: bool | None = None
+
+
+_GPT2 = PreTokenizer((GPT2_SPLIT,))
+_DIGITS_GPT2 = PreTokenizer((r"\p{N}", GPT2_SPLIT))  # every digit its own piece
+_LLAMA3 = PreTokenizer((LLAMA3_SPLIT,), ignore_merges=True, add_bos=True)
+_QWEN2 = PreTokenizer((QWEN2_SPLIT,))
+GGUF_PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    **dict.fromkeys(("default", "gpt-2", "gpt2", "mpt", "olmo", "jais"), _GPT2),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), _DIGITS_GPT2),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), _LLAMA3),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), PreTokenizer((LLAMA3_SPLIT,))),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2"), _QWEN2),
+    "chatglm-bpe": PreTokenizer((LLAMA3_SPLIT,)),
+    "glm4": PreTokenizer((LLAMA3_SPLIT,), ignore_merges=True),
+    "falcon": PreTokenizer((r"[\p{P}\$\+<=>\^~\|`]+", GPT2_SPLIT, r"[0-9][0-9][0-9]")),
 }
 
 SPIECE_UNDERLINE = "\u2581"
@@ -153,16 +176,13 @@ class _SentencePiece:
 
 
 # -- building `tokenizers` backends ------------------------------------------------------------
-def _byte_level_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], splits: tuple[str, ...] | None):
+def _byte_level_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], pre: PreTokenizer):
     from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    if splits is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in splits]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre.ignore_merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in pre.splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     return tok
 
@@ -237,14 +257,15 @@ def from_gguf_metadata(meta: dict[str, Any], source: str = "") -> Tokenizer:
     user = [t for t, k in zip(tokens, types) if k == TOKEN_USER_DEFINED]
     if kind == "gpt2":
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in GGUF_SPLITS:
-            raise LlamakinError(f"{source} uses the pre-tokenizer {pre!r}, which llamakin does not know; "
-                                f"known: {', '.join(sorted(GGUF_SPLITS))}.")
-        backend = _byte_level_tokenizer({t: i for i, t in enumerate(tokens)}, merges, GGUF_SPLITS[pre])
+        name = meta.get("tokenizer.ggml.pre", "default")
+        if name not in GGUF_PRE_TOKENIZERS:
+            raise LlamakinError(f"{source} uses the pre-tokenizer {name!r}, which llamakin does not know; "
+                                f"known: {', '.join(sorted(GGUF_PRE_TOKENIZERS))}.")
+        pre = GGUF_PRE_TOKENIZERS[name]
+        backend = _byte_level_tokenizer({t: i for i, t in enumerate(tokens)}, merges, pre)
         byte_alphabet = set(_bytes_to_unicode().values())
         control = [t for t in control if set(t) <= byte_alphabet]  # llama.cpp mislabels some; keep whole ones
-        add_bos_default = False
+        add_bos_default = bool(pre.add_bos)
     elif kind == "llama":
         backend = _spm_tokenizer(tokens, meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
                                  bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
@@ -259,8 +280,11 @@ def from_gguf_metadata(meta: dict[str, Any], source: str = "") -> Tokenizer:
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     eos = [t for t in (token("tokenizer.ggml.eos_token_id"), token("tokenizer.ggml.eot_token_id")) if t]
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", add_bos_default)
+    if kind == "gpt2" and pre.add_bos is not None:
+        add_bos = pre.add_bos
     return Tokenizer(backend, bos_token=token("tokenizer.ggml.bos_token_id"), eos_tokens=eos,
-                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+                     add_bos=bool(add_bos),
                      add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
                      chat_template=meta.get("tokenizer.chat_template"), source=source)
 
@@ -311,7 +335,7 @@ def from_tiktoken(path: Path, source: str = "") -> Tokenizer:
             if left in ranks and right in ranks:
                 merges.append((rank, ranks[left], ranks[right], spell[left], spell[right]))
     merges.sort()
-    backend = _byte_level_tokenizer(vocab, [(a, b) for *_, a, b in merges], (split,))
+    backend = _byte_level_tokenizer(vocab, [(a, b) for *_, a, b in merges], PreTokenizer((split,), ignore_merges=True))
     _add_specials(backend, specials)
     return Tokenizer(backend, bos_token=bos, eos_tokens=eos, add_bos=bos is not None, source=source or str(path))
 
