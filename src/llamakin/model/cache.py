@@ -11,7 +11,7 @@ from ..errors import LlamakinError
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, ``[layers, batch, kv_heads, max_len, head_dim]``.
+    """Preallocated keys and values, per layer ``[batch, kv_heads, max_len, head_dim]``.
 
     Keys are stored after RoPE and before the KV heads are repeated for their query group (the
     HF/torchchat convention, spec §8.3). All rows advance together: a batch of prompts of
@@ -23,9 +23,10 @@ class KVCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if max_len <= 0 or batch_size <= 0:
             raise LlamakinError(f"a KV cache needs a positive batch size and length, got {batch_size} and {max_len}.")
-        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+        # one tensor per layer: indexing a layer is then free, not a select on every step
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.length = 0  # slots filled so far (the same for every row)
@@ -33,7 +34,7 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.keys.shape[1]
+        return self.keys[0].shape[0]
 
     def reset(self) -> None:
         """Forget everything (the buffers are reused)."""
@@ -57,9 +58,10 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's keys/values of one layer; return all keys/values so far (views)."""
         end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens

@@ -28,8 +28,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
+            # In float32 both orders are the same arithmetic; torch's rms_norm is that arithmetic in
+            # fewer dispatches (bit-identical to the explicit form below).
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # sum / n is how torch computes the mean (bit-identical); the in-place tail saves allocations
+        xf = xf * xf.pow(2).sum(-1, keepdim=True).div_(xf.shape[-1]).add_(self.eps).rsqrt_()
         if self.weight is None:
             return xf.to(dtype)
         if self.order == "cast_then_mul":

@@ -89,7 +89,8 @@ def inv_freq_for(config: ModelConfig, seq_len: int | None = None,
 
 
 class RotaryEmbedding(nn.Module):
-    """Maps position ids ``[B, T]`` to ``(cos, sin)`` of shape ``[B, 1, T, rotary_dim / 2]``.
+    """Maps position ids ``[B, T]`` to the tables ``(cos, signed_sin)``, each ``[B, 1, T, rotary_dim]``,
+    laid out for the configured pair layout so that :func:`apply_rotary` is four kernels.
 
     The frequencies are not a buffer: they are derived from the config (cached per device), so
     ``module.to(bfloat16)`` can never round them.
@@ -110,29 +111,37 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, attention_factor = self.frequencies(positions)
-        angles = positions.float()[..., None] * inv_freq  # [B, T, rd/2], float32
+        angles = positions.float()[..., None] * inv_freq  # [B, T, rd/2], float32 (spec §2.1)
         cos, sin = angles.cos(), angles.sin()
         if attention_factor != 1.0:
             cos, sin = cos * attention_factor, sin * attention_factor
-        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+        cos, sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+        if self.config.rope_layout == "half":  # pairs (i, i + rd/2): [c | c], [-s | s]
+            return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+        # pairs (2i, 2i + 1): [c0 c0 c1 c1 ...], [-s0 s0 -s1 s1 ...]
+        return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
-    """Rotate the first ``2 * cos.shape[-1]`` features of every head of ``x`` ``[B, H, T, hd]``.
+def rotary_partner(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The feature each feature is rotated with: ``[b | a]`` for ``half``, ``[x1 x0 x3 x2 ...]`` for
+    ``interleaved``."""
+    if layout == "half":
+        return x.roll(x.shape[-1] // 2, dims=-1)
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` features of every head of ``x`` ``[B, H, T, hd]``.
 
     ``half`` rotates pairs ``(i, i + rd/2)`` (HF rotate_half, spec §2.1); ``interleaved`` rotates
-    pairs ``(2i, 2i + 1)`` (Meta's complex form, ChatGLM2/3, HF GLM, spec §2.2, §6.2, §6.3).
+    pairs ``(2i, 2i + 1)`` (Meta's complex form, ChatGLM2/3, HF GLM, spec §2.2, §6.2, §6.3). With
+    the partner feature p and its signed sine, every output is ``x * cos + p * signed_sin`` — the
+    same products and sums, rounded the same way, as transformers' ``q * cos + rotate_half(q) * sin``.
     Features past the rotary dim pass through unchanged (partial rotary).
     """
-    half = cos.shape[-1]
-    rotary, passthrough = x[..., : 2 * half], x[..., 2 * half:]
-    if layout == "half":
-        a, b = rotary[..., :half], rotary[..., half:]
-        rotated = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
-    else:
-        pairs = rotary.unflatten(-1, (half, 2))
-        a, b = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
-    if passthrough.shape[-1] == 0:
-        return rotated
-    return torch.cat((rotated, passthrough), dim=-1)
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + rotary_partner(x, layout) * signed_sin
+    rotary = x[..., :rd]
+    rotated = rotary * cos + rotary_partner(rotary, layout) * signed_sin
+    return torch.cat((rotated, x[..., rd:]), dim=-1)
