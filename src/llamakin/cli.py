@@ -65,7 +65,7 @@ def cmd_convert(args) -> None:
     from .convert import convert_checkpoint
 
     destination, family = convert_checkpoint(args.source, args.destination, to=args.to,
-                                             rope_layout=args.rope_layout, dtype=args.dtype)
+                                             rope_layout=args.rope_layout, dtype=args.dtype, gguf_type=args.gguf_type)
     print(f"wrote {family} checkpoint to {destination}")
 
 
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reorder q/k rows (weights and biases) for this RoPE layout: half = HF rotate_half, "
                         "interleaved = Meta/GPT-J pairs")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
+    p.add_argument("--gguf-type", default="F16", choices=["F32", "F16", "Q8_0"],
+                   help="matrix type when DESTINATION ends in .gguf (vectors are always F32)")
     p.set_defaults(func=cmd_convert)
     return parser
 

@@ -48,10 +48,20 @@ def convert_rope_layout(model: Transformer, target: str) -> Transformer:
 
 
 def convert_checkpoint(source: str | Path, destination: str | Path, to: str | None = None,
-                       rope_layout: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[Path, str]:
+                       rope_layout: str | None = None, dtype: str | torch.dtype | None = None,
+                       gguf_type: str = "F16") -> tuple[Path, str]:
     """Load ``source``, optionally change RoPE layout and dtype, save as ``to`` (default: the
-    source's format if it can express the result, else the first format that can).
-    Returns the destination and the format written."""
+    source's format if it can express the result, else the first format that can). A
+    destination ending in ``.gguf`` writes GGUF (matrices in ``gguf_type``) with the source's
+    tokenizer. Returns the destination and the format written."""
+    if str(destination).lower().endswith(".gguf"):
+        from .gguf_export import save_gguf
+
+        model = load(source)
+        if rope_layout not in (None, "half"):
+            raise ConfigError("GGUF files store q/k in llama.cpp's own order; drop --rope-layout for .gguf output.")
+        save_gguf(model, destination, quant=gguf_type, tokenizer_source=source)
+        return Path(destination), f"GGUF ({gguf_type})"
     if dtype is None:
         dtype = stored_dtype(source)  # keep the source's precision (and size)
     model = load(source, dtype=parse_dtype(dtype))

@@ -1,0 +1,162 @@
+"""Export to GGUF, so llama.cpp (and everything built on it) can run what llamakin loads or trains.
+
+Tensor names, q/k row order (interleaved for the llama architecture) and metadata keys follow
+llama.cpp's converter; matrices are written as F32, F16 or Q8_0, vectors always as F32. The
+tokenizer goes along when the source has one (GGUF metadata copied as is; a ``tokenizer.json``
+byte-level BPE or a SentencePiece model translated to llama.cpp's vocabulary keys).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UnsupportedError
+from .families.gguf import GGUF_FAMILIES, TENSOR_NAMES, GGUFFamily
+from .io.gguf import GGUFFile, write_gguf
+from .model import Transformer
+
+GGUF_TYPES = ("F32", "F16", "Q8_0")
+# llama.cpp's general.file_type values (LLAMA_FTYPE_*)
+_FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7}
+
+
+def gguf_family_for(model: Transformer) -> GGUFFamily:
+    reasons = []
+    for family in GGUF_FAMILIES.values():
+        reason = family.unsupported(model.config)
+        if reason is None:
+            return family
+        reasons.append(f"{family.arch}: {reason}")
+    raise UnsupportedError("no GGUF architecture llamakin writes expresses this model (" + "; ".join(reasons) + ").")
+
+
+def tokenizer_metadata(source: str | Path | None) -> dict[str, Any]:
+    """llama.cpp tokenizer keys for the tokenizer stored with ``source`` (empty if there is none)."""
+    if source is None:
+        return {}
+    source = Path(source)
+    if source.suffix.lower() == ".gguf":
+        return {k: v for k, v in GGUFFile(source).metadata.items() if k.startswith("tokenizer.")}
+    directory = source if source.is_dir() else source.parent
+    if (directory / "tokenizer.json").is_file():
+        return _from_tokenizer_json(directory)
+    if (directory / "tokenizer.model").is_file():
+        return _from_sentencepiece(directory / "tokenizer.model")
+    return {}
+
+
+def _from_tokenizer_json(directory: Path) -> dict[str, Any]:
+    from .tokenizer import load_tokenizer
+
+    spec = json.loads((directory / "tokenizer.json").read_text())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        return {}  # only byte-level BPE vocabularies translate directly
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    for content, token in added.items():
+        vocab.setdefault(content, token["id"])
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    for token, i in vocab.items():
+        tokens[i] = token
+    types = [1] * size
+    for content, token in added.items():
+        types[token["id"]] = 3 if token.get("special") else 4
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    tok = load_tokenizer(directory)
+    meta: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer_name(spec),
+                            "tokenizer.ggml.tokens": tokens,
+                            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+    if tok.bos_token_id is not None:
+        meta["tokenizer.ggml.bos_token_id"] = tok.bos_token_id
+    if tok.eos_token_ids:
+        meta["tokenizer.ggml.eos_token_id"] = tok.eos_token_ids[0]
+    if tok.chat_template:
+        meta["tokenizer.chat_template"] = tok.chat_template
+    return meta
+
+
+def _split_patterns(node: Any) -> list[str]:
+    """Every Split regex in a tokenizer.json pre-tokenizer, in order."""
+    if isinstance(node, dict):
+        found = [node["pattern"]["Regex"]] if node.get("type") == "Split" and "Regex" in node.get("pattern", {}) else []
+        return found + [p for child in node.get("pretokenizers", []) for p in _split_patterns(child)]
+    return []
+
+
+def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
+    """llama.cpp's name for a tokenizer.json pre-tokenizer (``default`` is GPT-2's regex)."""
+    from .tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
+
+    splits = _split_patterns(spec.get("pre_tokenizer"))
+    if splits == [LLAMA3_SPLIT]:
+        return "llama-bpe"
+    if splits == [QWEN2_SPLIT]:
+        return "qwen2"
+    if "individual_digits" in json.dumps(spec.get("pre_tokenizer")):
+        return "smollm"
+    return "default"
+
+
+def _from_sentencepiece(path: Path) -> dict[str, Any]:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    n = sp.GetPieceSize()
+    types = [3 if sp.IsControl(i) else 2 if sp.IsUnknown(i) else 6 if sp.IsByte(i) else 1 for i in range(n)]
+    meta: dict[str, Any] = {"tokenizer.ggml.model": "llama",
+                            "tokenizer.ggml.tokens": [sp.IdToPiece(i) for i in range(n)],
+                            "tokenizer.ggml.scores": [sp.GetScore(i) for i in range(n)],
+                            "tokenizer.ggml.token_type": types}
+    for key, value in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unknown", sp.unk_id())):
+        if value >= 0:
+            meta[f"tokenizer.ggml.{key}_token_id"] = value
+    return meta
+
+
+def save_gguf(model: Transformer, path: str | Path, quant: str = "F16", tokenizer_source: str | Path | None = None,
+              name: str = "llamakin export") -> Path:
+    """Write ``model`` as a GGUF file llama.cpp loads; matrices in ``quant`` (F32, F16 or Q8_0)."""
+    if quant not in GGUF_TYPES:
+        raise UnsupportedError(f"GGUF type {quant!r} is not written by llamakin; use one of {', '.join(GGUF_TYPES)}.")
+    family = gguf_family_for(model)
+    meta = family.config_to_checkpoint(model.config)
+    meta.pop(TENSOR_NAMES)
+    arch = meta.pop("general.architecture")
+    tok_meta = tokenizer_metadata(tokenizer_source)
+    meta = {**tok_meta, **meta}  # the model's own special ids win
+    meta.setdefault(f"{arch}.vocab_size", model.config.vocab_size)
+    meta["general.name"] = name
+    meta["general.file_type"] = _FILE_TYPE[quant]
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for rule in family.tensor_rules(model.config):
+        tensors.update(zip(rule.sources, rule.from_canonical(state[rule.canonical].detach())))
+    types = {}
+    for tensor_name, t in tensors.items():
+        kind = quant if t.dim() == 2 else "F32"
+        if kind == "Q8_0" and t.shape[-1] % 32:
+            kind = "F16"  # Q8_0 packs rows in blocks of 32
+        types[tensor_name] = kind
+    write_gguf(Path(path), arch, [(k, v, _kind(v)) for k, v in meta.items()], tensors, types)
+    return Path(path)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "u32"
+    if isinstance(value, float):
+        return "f32"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (list, tuple)):
+        first = value[0] if value else ""
+        return "str_array" if isinstance(first, str) else ("f32_array" if isinstance(first, float) else "i32_array")
+    raise TypeError(f"cannot store {type(value).__name__} in GGUF metadata")

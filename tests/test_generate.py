@@ -1,0 +1,185 @@
+"""Generation: sampling processors against plain references, stopping, batching, streaming."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import llamakin
+from llamakin import LlamakinError
+from llamakin.generate import (SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
+                               generate, generate_batch)
+from assets import smollm2_gguf
+
+
+# -- processors ---------------------------------------------------------------------------------
+def reference_top_k(logits, k):
+    out = logits.clone()
+    for row in range(out.shape[0]):
+        kth = sorted(out[row].tolist(), reverse=True)[k - 1]
+        out[row][out[row] < kth] = float("-inf")
+    return out
+
+
+def reference_top_p(logits, p):
+    out = logits.clone()
+    for row in range(out.shape[0]):
+        probs = logits[row].softmax(-1).tolist()
+        order = sorted(range(len(probs)), key=lambda i: -probs[i])
+        kept, total = set(), 0.0
+        for i in order:
+            kept.add(i)
+            total += probs[i]
+            if total >= p:
+                break
+        for i in range(len(probs)):
+            if i not in kept:
+                out[row, i] = float("-inf")
+    return out
+
+
+def reference_min_p(logits, min_p):
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+
+
+def reference_repetition(logits, history, penalty):
+    out = logits.clone()
+    for row, tokens in enumerate(history):
+        for t in set(tokens):
+            out[row, t] = out[row, t] / penalty if out[row, t] > 0 else out[row, t] * penalty
+    return out
+
+
+@pytest.fixture
+def logits():
+    torch.manual_seed(0)
+    return torch.randn(3, 50) * 3
+
+
+@pytest.mark.parametrize("k", [1, 5, 49])
+def test_top_k(logits, k):
+    assert torch.equal(apply_top_k(logits, k), reference_top_k(logits, k))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p(logits, p):
+    assert torch.equal(apply_top_p(logits, p), reference_top_p(logits, p))
+
+
+@pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5])
+def test_min_p(logits, min_p):
+    assert torch.equal(apply_min_p(logits, min_p), reference_min_p(logits, min_p))
+
+
+@pytest.mark.parametrize("penalty", [0.8, 1.3])
+def test_repetition_penalty(logits, penalty):
+    history = [[1, 2, 2, 7], [0], [49, 3]]
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    for row, tokens in enumerate(history):
+        seen[row, tokens] = True
+    assert torch.equal(apply_repetition_penalty(logits, seen, penalty), reference_repetition(logits, history, penalty))
+
+
+def test_processors_agree_with_transformers(logits):
+    transformers = pytest.importorskip("transformers")
+    ids = torch.tensor([[1, 2, 2, 7]] * 3)
+    cases = [
+        (apply_top_k(logits, 7), transformers.TopKLogitsWarper(7)(ids, logits.clone())),
+        (apply_top_p(logits, 0.8), transformers.TopPLogitsWarper(0.8)(ids, logits.clone())),
+        (apply_min_p(logits, 0.1), transformers.MinPLogitsWarper(0.1)(ids, logits.clone())),
+    ]
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen[:, [1, 2, 7]] = True
+    cases.append((apply_repetition_penalty(logits, seen, 1.3),
+                  transformers.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())))
+    for ours, theirs in cases:
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+        finite = torch.isfinite(ours)
+        assert torch.allclose(ours[finite], theirs[finite])
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                 dict(min_p=1.0), dict(repetition_penalty=0), dict(max_new_tokens=0)])
+def test_invalid_sampling_parameters(bad):
+    with pytest.raises(LlamakinError):
+        SamplingParams(**bad)
+
+
+# -- generation on a tiny random model with a real tokenizer --------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    tok = llamakin.load_tokenizer(smollm2_gguf())
+    torch.manual_seed(0)
+    config = llamakin.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                  tie_word_embeddings=True)
+    model = llamakin.Transformer(config).eval()
+    with torch.no_grad():
+        model.embed.weight.normal_(0, 1.0)
+    return model, tok
+
+
+PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3"]
+
+
+def test_greedy_is_deterministic_and_streaming_equals_plain(tiny):
+    model, tok = tiny
+    text = generate(model, tok, PROMPTS[0], max_new_tokens=12, ignore_eos=True)
+    assert text == generate(model, tok, PROMPTS[0], max_new_tokens=12, ignore_eos=True)
+    stream = generate(model, tok, PROMPTS[0], max_new_tokens=12, ignore_eos=True, stream=True)
+    assert "".join(stream) == text
+    assert stream.stats.generated_tokens == 12 and stream.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    model, tok = tiny
+    kwargs = dict(max_new_tokens=16, temperature=5.0, top_p=0.95, ignore_eos=True)  # the tiny model is peaked
+    a = generate(model, tok, PROMPTS[1], seed=7, **kwargs)
+    assert a == generate(model, tok, PROMPTS[1], seed=7, **kwargs)
+    assert any(generate(model, tok, PROMPTS[1], seed=s, **kwargs) != a for s in range(8, 12))
+
+
+def test_batched_equals_unbatched(tiny):
+    model, tok = tiny
+    alone = [generate(model, tok, p, max_new_tokens=10, ignore_eos=True) for p in PROMPTS]
+    assert generate_batch(model, tok, PROMPTS, max_new_tokens=10, ignore_eos=True) == alone
+
+
+def test_stop_strings_end_generation(tiny):
+    model, tok = tiny
+    full = generate(model, tok, PROMPTS[0], max_new_tokens=20, ignore_eos=True)
+    cut = len(full) // 2
+    stop = full[cut:cut + 3]
+    expected = full[:full.index(stop)]
+    stream = generate(model, tok, PROMPTS[0], max_new_tokens=20, ignore_eos=True, stop=[stop], stream=True)
+    assert "".join(stream) == expected and stream.finish_reason == "stop"
+
+
+def test_eos_ends_generation_unless_ignored(tiny):
+    model, tok = tiny
+    first = llamakin.generate(model, tok, PROMPTS[2], max_new_tokens=1, ignore_eos=True)
+    first_id = tok.encode(first, add_special_tokens=False)[0]
+    eos_tok = copy.copy(tok)
+    eos_tok.eos_token_ids = (first_id,)
+    stream = generate(model, eos_tok, PROMPTS[2], max_new_tokens=8, stream=True)
+    assert "".join(stream) == "" and stream.finish_reason == "stop"
+    assert generate(model, eos_tok, PROMPTS[2], max_new_tokens=8, ignore_eos=True) != ""
+
+
+def test_prompt_plus_new_tokens_beyond_context(tiny):
+    model, tok = tiny
+    with pytest.raises(LlamakinError, match="more than the model's context of 64"):
+        generate(model, tok, "word " * 40, max_new_tokens=40)
+    with pytest.raises(LlamakinError, match="at least one token"):
+        generate(model, tok, [], max_new_tokens=4)
+
+
+def test_chat_messages_use_the_template(tiny):
+    model, tok = tiny
+    messages = [{"role": "user", "content": "hi"}]
+    ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+    assert generate(model, tok, messages, max_new_tokens=5, ignore_eos=True) == \
+        generate(model, tok, ids, max_new_tokens=5, ignore_eos=True)
