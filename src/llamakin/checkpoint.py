@@ -169,8 +169,6 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
         model = empty_model(config, dtype, device)
         with open_weights(directory) as source:
             load_weights(model, family.tensor_rules(config), source, family, str(directory))
-    if model.device.type == "cpu":
-        model.use_decode_layout()
     return model.eval()
 
 

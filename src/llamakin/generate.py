@@ -181,11 +181,14 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    rows: int = 1
 
     @property
     def decode_tokens_per_second(self) -> float:
-        steps = max(self.generated_tokens - 1, 0)  # the first token comes from the prefill
-        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+        """Tokens per second over all rows, counting only tokens from decode steps (each row's
+        first token comes from the prefill)."""
+        decoded = max(self.generated_tokens - self.rows, 0)
+        return decoded / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -227,7 +230,7 @@ class GenerationRun:
             )
         self.model, self.tokenizer, self.prompts, self.params = model, tokenizer, prompts, params
         self.results = [RowResult() for _ in prompts]
-        self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
+        self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), rows=len(prompts))
         self._iterator = self._run()
 
     def __iter__(self) -> Iterator[tuple[int, str]]:

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import AttentionMask, KVCache
+from .linear import Linear, linear
 from .norm import RMSNorm
 from .rope import apply_rotary
 
@@ -31,11 +32,11 @@ class Attention(nn.Module):
         H, Hkv, hd, d = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
         self.split_sizes = (H * hd, Hkv * hd, Hkv * hd)
         part_bias = (config.q_bias, config.k_bias, config.v_bias)
-        self.qkv = nn.Linear(d, sum(self.split_sizes), bias=any(part_bias))
+        self.qkv = Linear(d, sum(self.split_sizes), bias=any(part_bias))
         self.partial_bias = any(part_bias) and not all(part_bias)
         self.register_buffer("qkv_bias_zeroed", None, persistent=False)
         self.init_buffers()
-        self.o_proj = nn.Linear(H * hd, d, bias=config.o_bias)
+        self.o_proj = Linear(H * hd, d, bias=config.o_bias)
         if config.qk_norm:  # Qwen3: one weight shared by all heads, before RoPE (§5.3)
             self.q_norm = RMSNorm(hd, config.norm_eps, config.rmsnorm_order)
             self.k_norm = RMSNorm(hd, config.norm_eps, config.rmsnorm_order)
@@ -59,7 +60,7 @@ class Attention(nn.Module):
         if self.qkv_bias_zeroed is None:
             qkv = self.qkv(x)
         else:
-            qkv = F.linear(x, self.qkv.weight, self.qkv.bias.masked_fill(self.qkv_bias_zeroed, 0.0))
+            qkv = linear(x, self.qkv.weight, self.qkv.bias.masked_fill(self.qkv_bias_zeroed, 0.0))
         B, T, _ = x.shape
         c = self.config
         qk, v = qkv.split((self.split_sizes[0] + self.split_sizes[1], self.split_sizes[2]), dim=-1)

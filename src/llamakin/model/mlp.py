@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .linear import Linear
 
 
 class SwiGLU(nn.Module):
@@ -20,8 +21,8 @@ class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, i = config.hidden_size, config.intermediate_size
-        self.gate_up = nn.Linear(d, 2 * i, bias=config.mlp_bias)
-        self.down = nn.Linear(i, d, bias=config.mlp_bias)
+        self.gate_up = Linear(d, 2 * i, bias=config.mlp_bias)
+        self.down = Linear(i, d, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -34,8 +35,8 @@ class GeluMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, i = config.hidden_size, config.intermediate_size
-        self.up = nn.Linear(d, i, bias=config.mlp_bias)
-        self.down = nn.Linear(i, d, bias=config.mlp_bias)
+        self.up = Linear(d, i, bias=config.mlp_bias)
+        self.down = Linear(i, d, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x), approximate="tanh"))

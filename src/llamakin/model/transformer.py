@@ -12,6 +12,7 @@ from ..config import ModelConfig
 from ..errors import LlamakinError
 from .attention import DifferentialAttention, make_attention
 from .cache import AttentionMask, KVCache, SlotWriter, build_mask, decode_masks, positions_from_valid
+from .linear import Linear, linear
 from .mlp import make_mlp
 from .norm import make_norm
 from .rope import RotaryEmbedding
@@ -66,7 +67,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.final_norm = make_norm(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
+        self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config)
         self.init_weights()
@@ -97,25 +98,6 @@ class Transformer(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "init_buffers"):
                 module.init_buffers()
-
-    @torch.no_grad()
-    def use_decode_layout(self) -> "Transformer":
-        """Store the float32 matrices that produce more outputs than they take inputs (q/k/v,
-        gate/up, the output head and the embedding tied to it) column-major (``[in, out]`` in memory).
-
-        Values, shapes, names and the state dict are unchanged; only strides differ. On CPU, MKL's
-        matrix-vector product streams such a matrix 1.3-1.5x faster column-major (SmolLM2's
-        49152x576 output head: 7.2 ms instead of 10.8 ms per token, out of cache), and decoding is
-        bound by these products; narrow matrices (o, down) stream faster row-major and stay so.
-        Prefill (matrix-matrix) speed is unaffected. bfloat16 matrices stay row-major (CPU bf16
-        kernels are only fast that way).
-        """
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                w = module.weight
-                if w.dtype == torch.float32 and w.is_contiguous() and w.shape[0] >= w.shape[1]:
-                    module.weight.data = w.data.t().contiguous().t()
-        return self
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -178,7 +160,7 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        logits = nn.functional.linear(self.final_norm(x), self.output_weight)
+        logits = linear(self.final_norm(x), self.output_weight)
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits
@@ -199,7 +181,7 @@ class Transformer(nn.Module):
         writer = SlotWriter(cache, slot)
         for block in self.layers:
             x = block(x, cos, sin, masks, writer)
-        logits = nn.functional.linear(self.final_norm(x[:, -1]), self.output_weight)
+        logits = linear(self.final_norm(x[:, -1]), self.output_weight)
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits
