@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .errors import LlamakinError
+from .model.decode import Decoder, cache_length_for
 from .tokenizer import Tokenizer
 
 
@@ -266,10 +267,13 @@ class GenerationRun:
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
         streams = [TextStream(self.tokenizer, params.stop) for _ in range(B)]
         active = list(range(B))
-        cache = model.new_cache(B, longest + params.max_new_tokens)
+        context = model.config.max_position_embeddings
+        cache = model.new_cache(B, cache_length_for(longest + params.max_new_tokens, context))
 
+        decoder = Decoder(model, cache)  # traces the decode step on first use of this shape
         start = time.perf_counter()
         logits = model(ids, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
+        positions = mask.sum(1, keepdim=True)  # the next position of each row counts its real tokens
         self.stats.prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
         for step in range(params.max_new_tokens):
@@ -303,11 +307,8 @@ class GenerationRun:
             active = still
             if not active:
                 break
-            step_mask = None
-            if padded:
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
-                step_mask = mask
-            logits = model(chosen[:, None], attention_mask=step_mask, cache=cache)[:, -1]
+            logits = decoder.step(chosen[:, None], positions)
+            positions = positions + 1
         self.stats.decode_seconds = time.perf_counter() - start
         self.stats.generated_tokens = sum(len(r.token_ids) for r in self.results)
 

@@ -82,7 +82,7 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, scale=self.config.scale,
-            enable_gqa=k.shape[1] != q.shape[1],
+            enable_gqa=self.config.kv_groups > 1,
         )
         B, _, T, _ = q.shape
         return out.transpose(1, 2).reshape(B, T, -1)
@@ -134,7 +134,7 @@ class DifferentialAttention(Attention):
         wide_v = torch.cat((halves[:, 0], halves[:, 1]), dim=-1).repeat(1, 2, 1, 1)  # [B, Hkv, S, 2hd]
         out = F.scaled_dot_product_attention(
             q, k, wide_v, attn_mask=mask.mask, is_causal=mask.is_causal, scale=self.config.scale,
-            enable_gqa=Hkv != q.shape[1],
+            enable_gqa=self.config.kv_groups > 1,
         )  # [B, H, T, 2hd]
         first, second = out.chunk(2, dim=1)  # pairs (j, j + H/2)
         diff = first - self.lambda_full(q.dtype) * second

@@ -1,0 +1,85 @@
+"""The decoding step, run as a TorchScript trace when that is possible.
+
+A decode step is ~40 small tensor operations per layer. On a 2-core CPU the Python around them
+costs about as much as the arithmetic, so :class:`Decoder` records
+:meth:`Transformer.decode_step` once per (batch size, cache length, dtype, device) with
+``torch.jit.trace`` and replays it (SmolLM2-135M, float32: 15 -> 20 tok/s, bit-identical logits,
+1.3 s to trace). Every shape in ``decode_step`` is static and its only state is the KV cache,
+mutated in place, so a trace is exact. Models whose RoPE depends on the sequence length
+(dynamic NTK) run the same step eagerly. ``LLAMAKIN_TRACE=0`` turns tracing off.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from .cache import KVCache
+
+CACHE_BUCKET = 256  # cache lengths are rounded up to this, so traces are shared between requests
+
+
+def cache_length_for(needed: int, context: int) -> int:
+    """The KV cache length to allocate for ``needed`` slots (rounded up, capped at the context)."""
+    return min(-(-needed // CACHE_BUCKET) * CACHE_BUCKET, context)
+
+
+class _Step(nn.Module):
+    """``decode_step`` with the cache's tensors as explicit inputs, which tracing requires."""
+
+    def __init__(self, model, cache: KVCache):
+        super().__init__()
+        self.model = model
+        self.cache = cache
+
+    def forward(self, tokens, positions, slot, key_valid, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.cache.keys, self.cache.values = keys, values
+        return self.model.decode_step(tokens, positions, slot, key_valid, self.cache)
+
+
+_TRACES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _traceable(model) -> bool:
+    if os.environ.get("LLAMAKIN_TRACE", "1") == "0":
+        return False
+    return model.config.rope_scaling.type != "dynamic"
+
+
+class Decoder:
+    """Runs decode steps of ``model`` on ``cache``: ``step(tokens [B, 1], positions [B, 1]) -> logits [B, V]``."""
+
+    def __init__(self, model, cache: KVCache):
+        self.model, self.cache = model, cache
+        self._graph = self._trace() if _traceable(model) else None
+
+    def _trace(self):
+        cache = self.cache
+        key = (cache.batch_size, cache.max_len, cache.keys[0].dtype, cache.keys[0].device)
+        graphs = _TRACES.setdefault(self.model, {})
+        if key not in graphs:
+            B = cache.batch_size
+            device = cache.keys[0].device
+            scratch = KVCache(self.model.config, B, cache.max_len, cache.keys[0].dtype, device)
+            example = (torch.zeros(B, 1, dtype=torch.long, device=device), torch.zeros(B, 1, dtype=torch.long, device=device),
+                       torch.zeros(1, dtype=torch.long, device=device), scratch.valid, scratch.keys, scratch.values)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graphs[key] = torch.jit.trace(_Step(self.model, scratch), example, check_trace=False)
+        return graphs[key]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        slot = torch.tensor([cache.length], device=tokens.device)
+        if cache.length >= cache.max_len:
+            raise RuntimeError("decode step past the end of the KV cache")
+        if self._graph is not None:
+            logits = self._graph(tokens, positions, slot, cache.valid, cache.keys, cache.values)
+        else:
+            logits = self.model.decode_step(tokens, positions, slot, cache.valid, cache)
+        cache.advance(1)
+        return logits
