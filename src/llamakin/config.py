@@ -20,8 +20,9 @@ from .errors import ConfigError
 NORM_TYPES = ("rmsnorm", "layernorm")
 RMSNORM_ORDERS = ("cast_then_mul", "mul_then_cast")
 MLP_TYPES = ("swiglu", "gelu_tanh")
-ROPE_LAYOUTS = ("half", "interleaved")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_LAYOUTS = ("half", "interleaved", "glm2d")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "qwen_dynamic")
+TABLE_DTYPES = ("float32", "float16")
 ATTENTION_KINDS = ("standard", "differential")
 
 
@@ -45,8 +46,10 @@ class RopeScaling:
     """RoPE frequency scaling (spec §2.4, transformers' ``rope_parameters``).
 
     ``type``: ``default`` (none), ``linear`` (positions / factor), ``dynamic`` (NTK base growth
-    past ``original_max_position_embeddings``), ``llama3`` (Llama 3.1 piecewise wavelength rule)
-    or ``yarn`` (ramped interpolation plus an attention factor on cos/sin).
+    past ``original_max_position_embeddings``), ``llama3`` (Llama 3.1 piecewise wavelength rule),
+    ``yarn`` (ramped interpolation plus an attention factor on cos/sin) or ``qwen_dynamic`` (Qwen
+    v1's NTK: ``alpha = 2 ** ceil(log2(L / original) + 1) - 1`` fixed at prefill, spec §5.1;
+    inference only, ignored while training).
     ``original_max_position_embeddings`` defaults to the model's ``max_position_embeddings``
     (for yarn, where it matters, adapters pass the checkpoint's value explicitly).
     """
@@ -65,7 +68,7 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         _choice("rope_scaling.type", self.type, ROPE_TYPES)
-        if self.type != "default":
+        if self.type not in ("default", "qwen_dynamic"):
             _positive_float("rope_scaling.factor", self.factor)
         if self.type in ("linear", "dynamic", "llama3") and self.factor < 1:
             raise ConfigError(
@@ -78,6 +81,8 @@ class RopeScaling:
                 "rope_scaling needs 0 < low_freq_factor < high_freq_factor for llama3 scaling, got "
                 f"{self.low_freq_factor} and {self.high_freq_factor}."
             )
+        if self.type == "qwen_dynamic" and self.original_max_position_embeddings is None:
+            raise ConfigError("qwen_dynamic RoPE scaling needs original_max_position_embeddings (Qwen's seq_length).")
         if self.type == "yarn" and not (self.beta_fast > 0 and self.beta_slow > 0):
             raise ConfigError("rope_scaling.beta_fast and beta_slow must be positive for yarn scaling.")
 
@@ -124,16 +129,33 @@ class ModelConfig:
     sliding_window_layers: tuple[int, ...] | None = None  # None: every layer uses the window
 
     # Rotary position embedding (§2).
-    rope_layout: str = "half"  # "half" = rotate_half pairs (i, i+rd/2); "interleaved" = pairs (2i, 2i+1)
+    # "half" = rotate_half pairs (i, i+rd/2); "interleaved" = pairs (2i, 2i+1); "glm2d" = ChatGLM-6B's
+    # 2-D RoPE: each half of a head rotated rotate_half-style by its own position stream (§6.1)
+    rope_layout: str = "half"
     rope_theta: float = 10000.0
     rotary_dim: int | None = None
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    rope_table_dtype: str = "float32"  # ChatGLM-6B builds its cos/sin tables in float16 (§6.1, §10)
 
     # Scalar multipliers (Granite, §4) and the output head (§1.3).
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0  # logits are divided by it
     tie_word_embeddings: bool = False
+
+    # ChatGLM-6B (§6.1): the residual carried forward is the *normalised* input times alpha
+    # (``h = norm(x) * alpha + f(norm(x))``); prefix-LM attention (bidirectional over the prompt up
+    # to the start-of-piece token) with 2-D positions, driven by these token ids.
+    normed_residual_alpha: float | None = None
+    prefix_lm: bool = False
+    mask_token_ids: tuple[int, ...] = ()  # [gMASK], [MASK]: the first present marks the mask position
+    sop_token_id: int | None = None  # <sop>: the first generated piece starts here
+
+    # Qwen v1 (§5.1): scale q by log(p + 1) / log(L) for positions p + 1 > L = this length, when the
+    # keys reach past L; inference only.
+    logn_attention_length: int | None = None
+    # unilm Differential Transformer (§7.1): the per-pair RMSNorm has a learned weight (``subln``).
+    diff_norm_affine: bool = False
 
     # Special token ids carried by the checkpoint config (used by generation, kept on export).
     bos_token_id: int | None = None
@@ -175,6 +197,16 @@ class ModelConfig:
         _choice("rmsnorm_order", self.rmsnorm_order, RMSNORM_ORDERS)
         _choice("mlp_type", self.mlp_type, MLP_TYPES)
         _choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
+        _choice("rope_table_dtype", self.rope_table_dtype, TABLE_DTYPES)
+        if self.rope_layout == "glm2d" and (self.rotary_dim != self.head_dim or self.head_dim % 4):
+            raise ConfigError("glm2d RoPE rotates both halves of every head: rotary_dim must equal head_dim, "
+                              "a multiple of 4.")
+        if self.prefix_lm and (not self.mask_token_ids or self.sop_token_id is None):
+            raise ConfigError("prefix_lm needs mask_token_ids and sop_token_id to find the prompt's end.")
+        if self.normed_residual_alpha is not None:
+            _positive_float("normed_residual_alpha", self.normed_residual_alpha)
+        if self.logn_attention_length is not None:
+            _positive_int("logn_attention_length", self.logn_attention_length)
         _choice("attention_kind", self.attention_kind, ATTENTION_KINDS)
         _positive_float("norm_eps", self.norm_eps)
         _positive_float("rope_theta", self.rope_theta)
@@ -216,6 +248,7 @@ class ModelConfig:
                 object.__setattr__(self, "sliding_window_layers", None)
                 object.__setattr__(self, "sliding_window", None)
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        object.__setattr__(self, "mask_token_ids", tuple(self.mask_token_ids))
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -244,6 +277,7 @@ class ModelConfig:
         """Plain JSON-ready dict (the llamakin-native config format)."""
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["mask_token_ids"] = list(self.mask_token_ids)
         if self.sliding_window_layers is not None:
             d["sliding_window_layers"] = list(self.sliding_window_layers)
         return d
@@ -265,8 +299,9 @@ class ModelConfig:
             d["rope_scaling"] = RopeScaling(**rs)
         if d.get("sliding_window_layers") is not None:
             d["sliding_window_layers"] = tuple(d["sliding_window_layers"])
-        if "eos_token_ids" in d:
-            d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        for key in ("eos_token_ids", "mask_token_ids"):
+            if key in d:
+                d[key] = tuple(d[key])
         try:
             return cls(**d)
         except TypeError as e:  # a required key is missing

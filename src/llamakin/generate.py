@@ -15,6 +15,7 @@ import torch
 
 from .errors import LlamakinError
 from .model.decode import Decoder, cache_length_for
+from .model.positions import position_tracker
 from .tokenizer import Tokenizer
 
 
@@ -271,9 +272,11 @@ class GenerationRun:
         cache = model.new_cache(B, cache_length_for(longest + params.max_new_tokens, context))
 
         decoder = Decoder(model, cache)  # traces the decode step on first use of this shape
+        tracker = position_tracker(model.config)
+        prompt_positions, _ = tracker.prompt(ids, mask.bool() if padded else None)
         start = time.perf_counter()
-        logits = model(ids, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
-        positions = mask.sum(1, keepdim=True)  # the next position of each row counts its real tokens
+        logits = model(ids, attention_mask=mask if padded else None, position_ids=prompt_positions, cache=cache,
+                       last_only=True)[:, -1]
         self.stats.prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
         for step in range(params.max_new_tokens):
@@ -307,8 +310,7 @@ class GenerationRun:
             active = still
             if not active:
                 break
-            logits = decoder.step(chosen[:, None], positions)
-            positions = positions + 1
+            logits = decoder.step(chosen[:, None], tracker.step())
         self.stats.decode_seconds = time.perf_counter() - start
         self.stats.generated_tokens = sum(len(r.token_ids) for r in self.results)
 

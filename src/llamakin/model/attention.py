@@ -12,7 +12,7 @@ from ..config import ModelConfig
 from .cache import AttentionMask, KVCache
 from .linear import Linear, linear
 from .norm import RMSNorm
-from .rope import apply_rotary
+from .rope import Rope, apply_rotary
 
 
 class Attention(nn.Module):
@@ -69,11 +69,12 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(qk[:, :, :c.num_heads]), self.k_norm(qk[:, :, c.num_heads:])), dim=2)
         return qk.transpose(1, 2), v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
         qk, v = self.project(x)
-        qk = apply_rotary(qk, cos, sin, self.config.rope_layout)
+        qk = apply_rotary(qk, rope.cos, rope.sin, self.config.rope_layout)
         q, k = qk.split((self.config.num_heads, self.config.num_kv_heads), dim=1)
+        if rope.q_scale is not None:
+            q = q * rope.q_scale
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
         out = self.attend(q, k, v, mask)  # [B, T, H * hd]
@@ -116,7 +117,8 @@ class DifferentialAttention(Attention):
         self.lambda_k1 = nn.Parameter(torch.zeros(hd))
         self.lambda_q2 = nn.Parameter(torch.zeros(hd))
         self.lambda_k2 = nn.Parameter(torch.zeros(hd))
-        self.pair_norm = RMSNorm(2 * hd, config.norm_eps, affine=False)
+        # HF DiffLlama's group norm has no weight; unilm's ``subln`` has one (§7.1, §7.2)
+        self.pair_norm = RMSNorm(2 * hd, config.norm_eps, config.rmsnorm_order, affine=config.diff_norm_affine)
 
     def reset_lambdas(self, std: float = 0.1) -> None:
         """``N(0, std)`` for the four lambda vectors (HF ``lambda_std_dev``, unilm 0.1)."""

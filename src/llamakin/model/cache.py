@@ -31,6 +31,7 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled so far (the same for every row)
         self.padded = False  # True once any slot holds padding
+        self.prefill_length = 0  # tokens of the first call (what Qwen v1's dynamic NTK measures)
 
     @property
     def batch_size(self) -> int:
@@ -40,6 +41,7 @@ class KVCache:
         """Forget everything (the buffers are reused)."""
         self.length = 0
         self.padded = False
+        self.prefill_length = 0
         self.valid.fill_(True)
 
     def reserve(self, new_tokens: int, attention_mask: torch.Tensor | None) -> None:
@@ -93,15 +95,16 @@ class AttentionMask:
 
 
 def build_mask(key_valid: torch.Tensor | None, past: int, new: int, window: int | None,
-               device: torch.device) -> AttentionMask:
+               device: torch.device, prefix_end: torch.Tensor | None = None) -> AttentionMask:
     """Mask for ``new`` queries at slots ``past .. past+new-1`` over keys at slots ``0 .. past+new-1``.
 
     A key is visible when it is not in the future, inside the sliding window if any
     (``q - window < k``, HF's ``sliding_window_overlay``) and not padding. Each query always sees
     itself, so a padding token's row is never empty (an all-masked row would make NaNs that
-    then leak into later layers through that token's keys and values).
+    then leak into later layers through that token's keys and values). With ``prefix_end`` ``[B]``
+    (a prefix LM, §6.1) the keys before that slot are visible to every query.
     """
-    if key_valid is None and window is None:
+    if key_valid is None and window is None and prefix_end is None:
         if new == 1:
             return AttentionMask(None, False)
         if past == 0:
@@ -112,6 +115,12 @@ def build_mask(key_valid: torch.Tensor | None, past: int, new: int, window: int 
     allowed = k_pos <= q_pos
     if window is not None:
         allowed = allowed & (k_pos > q_pos - window)
+    if prefix_end is not None:
+        allowed = allowed[None] | (k_pos[None] < prefix_end[:, None, None])  # [B, T, S]
+        if key_valid is None:
+            return AttentionMask(allowed[:, None], False)
+        allowed = (allowed & key_valid[:, None, :]) | (k_pos == q_pos)[None]
+        return AttentionMask(allowed[:, None], False)
     if key_valid is not None:
         allowed = (allowed[None] & key_valid[:, None, :]) | (k_pos == q_pos)[None]
         return AttentionMask(allowed[:, None], False)

@@ -7,6 +7,7 @@ cos/sin are cast to the activation dtype and the rotation runs in that dtype (sp
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -63,6 +64,16 @@ def _yarn(inv_freq: torch.Tensor, s: RopeScaling, rotary_dim: int, theta: float,
     return interpolated * (1 - extrapolation_weight) + inv_freq * extrapolation_weight, attention_factor
 
 
+def frequency_dim(config: ModelConfig) -> int:
+    """Features one frequency table covers: the rotary dim, or half of it for 2-D RoPE (§6.1)."""
+    return config.rotary_dim // 2 if config.rope_layout == "glm2d" else config.rotary_dim
+
+
+def qwen_ntk_alpha(length: int, trained_length: int) -> float:
+    """Qwen v1's dynamic-NTK alpha for a sequence of ``length`` (spec §5.1)."""
+    return max(2 ** math.ceil(math.log2(length / trained_length) + 1) - 1, 1)
+
+
 def inv_freq_for(config: ModelConfig, seq_len: int | None = None,
                  device: torch.device | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the cos/sin attention factor for ``config.rope_scaling``.
@@ -73,11 +84,14 @@ def inv_freq_for(config: ModelConfig, seq_len: int | None = None,
     keeps the grown frequencies while a later call is shorter but still past ``max_pos``; llamakin
     is stateless and always uses the current call's length (identical for growing sequences).
     """
-    s, rd, theta = config.rope_scaling, config.rotary_dim, config.rope_theta
+    s, theta = config.rope_scaling, config.rope_theta
+    rd = frequency_dim(config)
     original_context = s.original_max_position_embeddings or config.max_position_embeddings
     if s.type == "dynamic":
         length = max(seq_len or 0, config.max_position_embeddings)
         theta = theta * ((s.factor * length / config.max_position_embeddings) - (s.factor - 1)) ** (rd / (rd - 2))
+    elif s.type == "qwen_dynamic" and seq_len:
+        theta = theta * qwen_ntk_alpha(seq_len, original_context) ** (rd / (rd - 2))
     inv_freq = default_inv_freq(rd, theta, device)
     if s.type == "linear":
         return inv_freq / s.factor, 1.0
@@ -86,6 +100,14 @@ def inv_freq_for(config: ModelConfig, seq_len: int | None = None,
     if s.type == "yarn":
         return _yarn(inv_freq, s, rd, theta, original_context)
     return inv_freq, 1.0
+
+
+class Rope(NamedTuple):
+    """What attention needs from positions: cos/sin tables and an optional per-query scale of q."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_scale: torch.Tensor | None = None
 
 
 class RotaryEmbedding(nn.Module):
@@ -101,32 +123,46 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         self._static: dict[torch.device, tuple[torch.Tensor, float]] = {}
 
-    def frequencies(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def frequencies(self, positions: torch.Tensor, seq_len: int | None) -> tuple[torch.Tensor, float]:
         device = positions.device
-        if self.config.rope_scaling.type == "dynamic":
+        kind = self.config.rope_scaling.type
+        if kind == "dynamic":
             return inv_freq_for(self.config, int(positions.max()) + 1, device)
+        if kind == "qwen_dynamic" and not self.training:  # an inference-time extension only
+            return inv_freq_for(self.config, seq_len, device)
         if device not in self._static:
             self._static[device] = inv_freq_for(self.config, None, device)
         return self._static[device]
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq, attention_factor = self.frequencies(positions)
-        angles = positions.float()[..., None] * inv_freq  # [B, T, rd/2], float32 (spec §2.1)
+    def _tables(self, positions: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype):
+        table_dtype = torch.float16 if self.config.rope_table_dtype == "float16" else torch.float32
+        angles = positions.to(table_dtype)[..., None] * inv_freq.to(table_dtype)  # [B, T, rd/2] (spec §2.1)
         cos, sin = angles.cos(), angles.sin()
-        if attention_factor != 1.0:
-            cos, sin = cos * attention_factor, sin * attention_factor
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
         cos, sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
-        if self.config.rope_layout == "half":  # pairs (i, i + rd/2): [c | c], [-s | s]
-            return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
-        # pairs (2i, 2i + 1): [c0 c0 c1 c1 ...], [-s0 s0 -s1 s1 ...]
-        return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+        if self.config.rope_layout == "interleaved":  # pairs (2i, 2i + 1): [c0 c0 c1 c1 ...], [-s0 s0 -s1 s1 ...]
+            return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+        return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)  # pairs (i, i + rd/2): [c | c], [-s | s]
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions`` ``[B, T]``, or ``[B, 2, T]`` (position and block position) for 2-D RoPE;
+        ``seq_len`` is what length-dependent scalings measure."""
+        inv_freq, factor = self.frequencies(positions, seq_len)
+        if self.config.rope_layout != "glm2d":
+            return self._tables(positions, inv_freq, factor, dtype)
+        (cos1, sin1), (cos2, sin2) = (self._tables(positions[:, i], inv_freq, factor, dtype) for i in (0, 1))
+        return torch.cat((cos1, cos2), -1), torch.cat((sin1, sin2), -1)
 
 
 def rotary_partner(x: torch.Tensor, layout: str) -> torch.Tensor:
     """The feature each feature is rotated with: ``[b | a]`` for ``half``, ``[x1 x0 x3 x2 ...]`` for
-    ``interleaved``."""
+    ``interleaved``, and the ``half`` partner within each half of the head for ``glm2d``."""
     if layout == "half":
         return x.roll(x.shape[-1] // 2, dims=-1)
+    if layout == "glm2d":
+        return x.unflatten(-1, (2, -1)).roll(x.shape[-1] // 4, dims=-1).flatten(-2)
     return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
@@ -134,7 +170,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, l
     """Rotate the first ``cos.shape[-1]`` features of every head of ``x`` ``[B, H, T, hd]``.
 
     ``half`` rotates pairs ``(i, i + rd/2)`` (HF rotate_half, spec §2.1); ``interleaved`` rotates
-    pairs ``(2i, 2i + 1)`` (Meta's complex form, ChatGLM2/3, HF GLM, spec §2.2, §6.2, §6.3). With
+    pairs ``(2i, 2i + 1)`` (Meta's complex form, ChatGLM2/3, HF GLM, spec §2.2, §6.2, §6.3);
+    ``glm2d`` rotates each half of the head rotate_half-style with its own table (§6.1). With
     the partner feature p and its signed sine, every output is ``x * cos + p * signed_sin`` — the
     same products and sums, rounded the same way, as transformers' ``q * cos + rotate_half(q) * sin``.
     Features past the rotary dim pass through unchanged (partial rotary).

@@ -12,6 +12,8 @@ from ..config import ModelConfig
 from ..errors import LlamakinError
 from .attention import DifferentialAttention, make_attention
 from .cache import AttentionMask, KVCache, SlotWriter, build_mask, decode_masks, positions_from_valid
+from .positions import position_tracker
+from .rope import Rope
 from .linear import Linear, linear
 from .mlp import make_mlp
 from .norm import make_norm
@@ -22,12 +24,14 @@ class Block(nn.Module):
     """Pre-norm block: ``x + r * f(norm(x))`` for attention then MLP (spec §1).
 
     ``r`` is Granite's ``residual_multiplier`` (§4). With ``post_sublayer_norms`` each branch
-    output is normalised again before the residual add (GLM-4's sandwich norms, §6.3).
+    output is normalised again before the residual add (GLM-4's sandwich norms, §6.3). With
+    ``normed_residual_alpha`` the residual is ``alpha * norm(x)`` instead of ``x`` (ChatGLM-6B, §6.1).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.residual_multiplier = config.residual_multiplier
+        self.normed_residual_alpha = config.normed_residual_alpha
         self.window = config.window_for_layer(layer_idx)
         self.attn_norm = make_norm(config)
         self.attn = make_attention(config, layer_idx)
@@ -39,17 +43,23 @@ class Block(nn.Module):
         else:
             self.attn_out_norm = self.mlp_out_norm = None
 
-    def _residual(self, x: torch.Tensor, branch: torch.Tensor, out_norm: nn.Module | None) -> torch.Tensor:
+    def _residual(self, base: torch.Tensor, branch: torch.Tensor, out_norm: nn.Module | None) -> torch.Tensor:
         if out_norm is not None:
             branch = out_norm(branch)
         if self.residual_multiplier != 1.0:
             branch = branch * self.residual_multiplier
-        return x + branch
+        return base + branch
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                masks: dict[int | None, AttentionMask], cache: KVCache | None) -> torch.Tensor:
-        x = self._residual(x, self.attn(self.attn_norm(x), cos, sin, masks[self.window], cache), self.attn_out_norm)
-        return self._residual(x, self.mlp(self.mlp_norm(x)), self.mlp_out_norm)
+    def forward(self, x: torch.Tensor, rope: Rope, masks: dict[int | None, AttentionMask],
+                cache: KVCache | None) -> torch.Tensor:
+        h = self.attn_norm(x)
+        x = self._residual(self._base(x, h), self.attn(h, rope, masks[self.window], cache), self.attn_out_norm)
+        h = self.mlp_norm(x)
+        return self._residual(self._base(x, h), self.mlp(h), self.mlp_out_norm)
+
+    def _base(self, x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        """What the residual adds to: the input, or ChatGLM-6B's ``alpha * norm(x)`` (§6.1)."""
+        return x if self.normed_residual_alpha is None else normed * self.normed_residual_alpha
 
 
 class Transformer(nn.Module):
@@ -126,7 +136,8 @@ class Transformer(nn.Module):
         """Logits ``[B, T, vocab]`` (``[B, 1, vocab]`` with ``last_only``).
 
         ``attention_mask`` ``[B, past + T]`` (or ``[B, T]``) marks real tokens with 1 and padding
-        with 0. Without ``position_ids``, positions count real tokens only, continuing the cache.
+        with 0. Without ``position_ids``, positions count real tokens only, continuing the cache
+        (for a prefix LM they follow its 2-D scheme, see :mod:`llamakin.model.positions`).
         """
         if input_ids.dim() != 2:
             raise LlamakinError(f"input_ids must have shape [batch, tokens], got {tuple(input_ids.shape)}.")
@@ -142,46 +153,65 @@ class Transformer(nn.Module):
         else:
             key_valid = None
 
-        if position_ids is None:
+        prefix_end = None
+        if self.config.prefix_lm and past == 0:
+            derived, prefix_end = position_tracker(self.config).prompt(input_ids, key_valid)
+            position_ids = derived if position_ids is None else position_ids
+        elif position_ids is None:
+            if self.config.prefix_lm:
+                raise LlamakinError("a prefix-LM model decoding from a cache needs explicit position_ids "
+                                    "(llamakin.generate computes them).")
             if key_valid is not None:
                 position_ids = positions_from_valid(key_valid, past)
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
-        cos, sin = self.rope(position_ids, self.dtype)
-        windows = {block.window for block in self.layers}
-        masks = {w: build_mask(key_valid, past, T, w, input_ids.device) for w in windows}
+        if cache is not None and past == 0:
+            cache.prefill_length = T
+        scaling_length = cache.prefill_length if cache is not None else T
+        masks = {w: build_mask(key_valid, past, T, w, input_ids.device, prefix_end) for w in self._windows()}
+        return self._logits(input_ids, self._rope(position_ids, scaling_length), masks, cache, last_only)
 
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                    key_valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step with static shapes (traced by :mod:`llamakin.model.decode`): logits ``[B, vocab]``.
+
+        ``tokens`` ``[B, 1]``; ``positions`` ``[B, 1]`` (``[B, 2, 1]`` for 2-D RoPE); ``slot`` ``[1]``
+        the cache slot to write; ``key_valid`` ``[B, max_len]`` which slots hold real tokens.
+        Attention covers every cache slot through a mask, so nothing depends on how full the
+        cache is. The caller advances ``cache.length``.
+        """
+        masks = decode_masks(key_valid, slot, self._windows())
+        rope = self._rope(positions, cache.prefill_length)
+        return self._logits(tokens, rope, masks, SlotWriter(cache, slot), last_only=True)[:, -1]
+
+    def _windows(self) -> set[int | None]:
+        return {block.window for block in self.layers}
+
+    def _rope(self, positions: torch.Tensor, scaling_length: int) -> Rope:
+        """cos/sin tables, and Qwen v1's logn factor on q when it applies (inference only, §5.1)."""
+        if self.config.rope_layout == "glm2d" and positions.dim() == 2:
+            positions = torch.stack((positions, torch.zeros_like(positions)), 1)
+        cos, sin = self.rope(positions, self.dtype, scaling_length)
+        q_scale = None
+        trained = self.config.logn_attention_length
+        if trained is not None and not self.training:
+            p = (positions[:, 0] if positions.dim() == 3 else positions).float() + 1
+            q_scale = torch.where(p > trained, p.log() / math.log(trained), torch.ones_like(p))
+            q_scale = q_scale.to(self.dtype)[:, None, :, None]
+        return Rope(cos, sin, q_scale)
+
+    def _logits(self, input_ids: torch.Tensor, rope: Rope, masks: dict[int | None, AttentionMask],
+                cache: KVCache | SlotWriter | None, last_only: bool) -> torch.Tensor:
         x = self.embed(input_ids)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
         for block in self.layers:
-            x = block(x, cos, sin, masks, cache)
-        if cache is not None:
-            cache.advance(T)
+            x = block(x, rope, masks, cache)
+        if isinstance(cache, KVCache):
+            cache.advance(input_ids.shape[1])
         if last_only:
             x = x[:, -1:]
         logits = linear(self.final_norm(x), self.output_weight)
-        if self.config.logits_scaling != 1.0:
-            logits = logits / self.config.logits_scaling
-        return logits
-
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
-                    key_valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decoding step with static shapes, for ``torch.compile``: logits ``[B, vocab]``.
-
-        ``tokens``/``positions`` ``[B, 1]``; ``slot`` ``[1]`` the cache slot to write; ``key_valid``
-        ``[B, max_len]`` which slots hold real tokens. Attention covers every cache slot through a
-        mask, so nothing depends on how full the cache is. The caller advances ``cache.length``.
-        """
-        x = self.embed(tokens)
-        if self.config.embedding_multiplier != 1.0:
-            x = x * self.config.embedding_multiplier
-        cos, sin = self.rope(positions, self.dtype)
-        masks = decode_masks(key_valid, slot, {block.window for block in self.layers})
-        writer = SlotWriter(cache, slot)
-        for block in self.layers:
-            x = block(x, cos, sin, masks, writer)
-        logits = linear(self.final_norm(x[:, -1]), self.output_weight)
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits
