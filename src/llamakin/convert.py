@@ -8,14 +8,16 @@ per-head q/k norm weights, which live on the same feature axis.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .checkpoint import empty_model, load, parse_dtype, save_pretrained, stored_dtype
-from .config import ROPE_LAYOUTS
-from .errors import ConfigError
-from .families import family_for_export
+from .config import ROPE_LAYOUTS, ModelConfig, RopeScaling
+from .errors import ConfigError, UnsupportedError
+from .families import family_for_export, get_family
 from .model import Transformer
 from .transforms import rope_reorder
 
@@ -42,9 +44,94 @@ def convert_rope_layout(model: Transformer, target: str) -> Transformer:
         for norm in ("q_norm.weight", "k_norm.weight"):
             if a + norm in state:
                 state[a + norm] = reorder(state[a + norm], 1)
-    converted = empty_model(config.replace(rope_layout=target), model.dtype, model.device)
-    converted.load_state_dict(state)
+    return with_config(model, config.replace(rope_layout=target), state)
+
+
+def with_config(model: Transformer, config: ModelConfig, state: dict[str, torch.Tensor] | None = None) -> Transformer:
+    """A new model with ``config`` and ``state`` (default: ``model``'s own parameters)."""
+    converted = empty_model(config, model.dtype, model.device)
+    converted.load_state_dict(model.state_dict() if state is None else state)
     return converted.eval()
+
+
+def fold_pair_norm(model: Transformer) -> Transformer:
+    """unilm -> DiffLlama: fold the differential pair norm's weight into ``o_proj`` (spec §7.3).
+
+    The norm's output, scaled per feature c of each pair by ``w[c]``, feeds ``o_proj`` only, so
+    multiplying ``o_proj``'s column ``pair * 2hd + c`` by ``w[c]`` computes the same function
+    without the weight.
+    """
+    config = model.config
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(config.num_layers):
+        w = state.pop(f"layers.{i}.attn.pair_norm.weight")
+        o = state[f"layers.{i}.attn.o_proj.weight"]
+        state[f"layers.{i}.attn.o_proj.weight"] = (o.view(o.shape[0], -1, w.shape[0]) * w).reshape(o.shape)
+    return with_config(model, config.replace(diff_norm_affine=False), state)
+
+
+def unfold_pair_norm(model: Transformer) -> Transformer:
+    """DiffLlama -> unilm: a pair norm with unit weights computes the same as one without."""
+    state = dict(model.state_dict())
+    for i in range(model.config.num_layers):
+        state[f"layers.{i}.attn.pair_norm.weight"] = torch.ones(2 * model.config.head_dim, dtype=model.dtype)
+    return with_config(model, model.config.replace(diff_norm_affine=True), state)
+
+
+def drop_inference_extensions(model: Transformer) -> Transformer:
+    """Remove Qwen v1's logn attention and dynamic NTK (inference-time only; no weights change)."""
+    scaling = RopeScaling() if model.config.rope_scaling.type == "qwen_dynamic" else model.config.rope_scaling
+    return with_config(model, model.config.replace(logn_attention_length=None, rope_scaling=scaling))
+
+
+# Rewrites a conversion may apply so the target format can store the model, each as
+# (description, applies to config, new config, model transform). All are exact in float32; the
+# norm-order one changes half-precision rounding and the last one behaviour past Qwen's trained
+# length. The converter reports every one it applies.
+REWRITES: list[tuple[str, Callable[[ModelConfig], bool], Callable[[ModelConfig], ModelConfig],
+                     Callable[[Transformer], Transformer]]] = [
+    ("RoPE rows permuted to the rotate_half order", lambda c: c.rope_layout == "interleaved",
+     lambda c: c.replace(rope_layout="half"), lambda m: convert_rope_layout(m, "half")),
+    ("RoPE rows permuted to the interleaved order", lambda c: c.rope_layout == "half",
+     lambda c: c.replace(rope_layout="interleaved"), lambda m: convert_rope_layout(m, "interleaved")),
+    ("differential pair-norm weight folded into o_proj", lambda c: c.diff_norm_affine,
+     lambda c: c.replace(diff_norm_affine=False), fold_pair_norm),
+    ("unit pair-norm weight added", lambda c: c.attention_kind == "differential" and not c.diff_norm_affine,
+     lambda c: c.replace(diff_norm_affine=True), unfold_pair_norm),
+    ("RMSNorm weight multiply moved to the other side of the cast (the same in float32; in half "
+     "precision the two reference implementations round differently, spec §6.2)",
+     lambda c: c.norm_type == "rmsnorm", lambda c: c.replace(
+         rmsnorm_order="cast_then_mul" if c.rmsnorm_order == "mul_then_cast" else "mul_then_cast"),
+     lambda m: with_config(m, m.config.replace(
+         rmsnorm_order="cast_then_mul" if m.config.rmsnorm_order == "mul_then_cast" else "mul_then_cast"))),
+    ("dropped the inference-only logn attention / dynamic NTK (they act only past the trained length)",
+     lambda c: c.logn_attention_length is not None or c.rope_scaling.type == "qwen_dynamic",
+     lambda c: c.replace(logn_attention_length=None,
+                         rope_scaling=RopeScaling() if c.rope_scaling.type == "qwen_dynamic" else c.rope_scaling),
+     drop_inference_extensions),
+]
+
+
+def fit_to_family(model: Transformer, name: str, keep_rope_layout: bool = False) -> tuple[Transformer, list[str]]:
+    """``model`` rewritten (exactly, see :data:`REWRITES`) so family ``name`` can store it, and what
+    was done. ``keep_rope_layout`` rules out the RoPE permutations (the user asked for a layout)."""
+    family = get_family(name)
+    reason = family.unsupported(model.config)
+    if reason is None:
+        return model, []
+    rewrites = [r for r in REWRITES if not (keep_rope_layout and r[0].startswith("RoPE"))]
+    for size in range(1, len(rewrites) + 1):
+        for combo in itertools.combinations(rewrites, size):
+            config = model.config
+            if not all(applies(config) for _, applies, _, _ in combo):
+                continue
+            for _, _, change, _ in combo:
+                config = change(config)
+            if family.unsupported(config) is None:
+                for _, _, _, transform in combo:
+                    model = transform(model)
+                return model, [description for description, *_ in combo]
+    raise UnsupportedError(f"cannot save as {name}: {reason}; pick another --to family.")
 
 
 def convert_checkpoint(source: str | Path, destination: str | Path, to: str | None = None,
@@ -67,6 +154,10 @@ def convert_checkpoint(source: str | Path, destination: str | Path, to: str | No
     model = load(source, dtype=parse_dtype(dtype))
     if rope_layout is not None:
         model = convert_rope_layout(model, rope_layout)
+    notes: list[str] = []
+    if to is not None:
+        model, notes = fit_to_family(model, to, keep_rope_layout=rope_layout is not None)
     family = family_for_export(model.config, to)
     save_pretrained(model, destination, family=family.name)
-    return Path(destination), family.name
+    described = family.name + (f" ({'; '.join(notes)})" if notes else "")
+    return Path(destination), described

@@ -56,3 +56,51 @@ def rope_reorder(w: torch.Tensor, n_heads: int, rotary_dim: int, source: str, ta
     if (source, target) == ("half", "interleaved"):
         return half_to_interleaved(w, n_heads, rotary_dim)
     raise ValueError(f"unknown RoPE layouts {source!r} -> {target!r}")
+
+
+def grouped_qkv_to_fused(w: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """InternLM2's ``wqkv`` (per KV group: its ``n_rep`` query heads, then k, then v) -> ``[q | k | v]``.
+
+    Query head ``g * n_rep + r`` comes from group g's r-th block, which is exactly the grouping
+    ``repeat_kv`` assumes (spec §5.5, ``convert2llama.py``). Weights ``[rows, d]`` or biases ``[rows]``.
+    """
+    n_rep = num_heads // num_kv_heads
+    groups = w.reshape(num_kv_heads, n_rep + 2, -1, *w.shape[1:])  # [Hkv, n_rep + 2, hd, ...]
+    q = groups[:, :n_rep].reshape(-1, *w.shape[1:])
+    return torch.cat((q, groups[:, n_rep].reshape(-1, *w.shape[1:]), groups[:, n_rep + 1].reshape(-1, *w.shape[1:])))
+
+
+def fused_qkv_to_grouped(w: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """Inverse of :func:`grouped_qkv_to_fused`."""
+    n_rep = num_heads // num_kv_heads
+    hd = w.shape[0] // (num_heads + 2 * num_kv_heads)
+    q, k, v = w.split((num_heads * hd, num_kv_heads * hd, num_kv_heads * hd))
+    rest = w.shape[1:]
+    parts = (q.reshape(num_kv_heads, n_rep, hd, *rest), k.reshape(num_kv_heads, 1, hd, *rest),
+             v.reshape(num_kv_heads, 1, hd, *rest))
+    return torch.cat(parts, dim=1).reshape(w.shape)
+
+
+def per_head_qkv_to_fused(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """ChatGLM-6B's ``query_key_value`` (per head: ``[q_h | k_h | v_h]``) -> ``[q | k | v]`` (spec §6.1)."""
+    heads = w.reshape(num_heads, 3, -1, *w.shape[1:])  # [H, 3, hd, ...]
+    return heads.transpose(0, 1).reshape(w.shape)
+
+
+def fused_to_per_head_qkv(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Inverse of :func:`per_head_qkv_to_fused`."""
+    parts = w.reshape(3, num_heads, -1, *w.shape[1:])  # [3, H, hd, ...]
+    return parts.transpose(0, 1).reshape(w.shape)
+
+
+def adjacent_pairs_to_halves(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Reorder ``num_heads`` head blocks of rows from unilm's adjacent pairs (2i, 2i+1) to HF
+    DiffLlama's halves (j, j + H/2): HF head j <- head 2j, HF head j + H/2 <- head 2j + 1 (§7.3)."""
+    heads = w.reshape(num_heads // 2, 2, -1, *w.shape[1:])  # [pairs, 2, hd, ...]
+    return heads.transpose(0, 1).reshape(w.shape)
+
+
+def halves_to_adjacent_pairs(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Inverse of :func:`adjacent_pairs_to_halves`."""
+    heads = w.reshape(2, num_heads // 2, -1, *w.shape[1:])
+    return heads.transpose(0, 1).reshape(w.shape)

@@ -10,16 +10,18 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import UnsupportedError
-from . import diffllama, glm, granite, llama, meta, mistral, native, qwen
+from . import chatglm, diff_unilm, diffllama, glm, granite, internlm, llama, meta, mistral, native, qwen, qwen1
 from .base import Family, TensorRule
 
 # Order matters for export of a config with no family: the first family that expresses it
 # exactly. Hugging Face formats come first (what the ecosystem loads), then Meta's (the usual home
-# of interleaved RoPE), llamakin's own format last (it expresses everything).
+# of interleaved RoPE), then the original remote-code layouts, llamakin's own format last (it
+# expresses everything).
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (llama.FAMILY, diffllama.FAMILY, qwen.QWEN2, qwen.QWEN3, mistral.FAMILY, granite.FAMILY,
-              meta.FAMILY, glm.GLM, glm.GLM4, native.FAMILY)
+              meta.FAMILY, glm.GLM, glm.GLM4, qwen1.FAMILY, internlm.INTERNLM, internlm.INTERNLM2,
+              chatglm.CHATGLM2, chatglm.CHATGLM, diff_unilm.FAMILY, native.FAMILY)
 }
 HF_FAMILIES = ("llama", "mistral", "granite", "qwen2", "qwen3", "diffllama", "glm", "glm4")
 
@@ -33,6 +35,8 @@ def get_family(name: str) -> Family:
 def detect_family(config: dict[str, Any], where: str) -> Family:
     """The adapter for a checkpoint config dict, by ``model_type`` then ``architectures``."""
     model_type = config.get("model_type")
+    if model_type == "chatglm":  # v1 and v2/3 share the model_type
+        return chatglm.chatglm_family(config)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     for arch in config.get("architectures") or ():
@@ -42,7 +46,7 @@ def detect_family(config: dict[str, Any], where: str) -> Family:
     described = f"model_type {model_type!r}" if model_type else "no model_type"
     raise UnsupportedError(
         f"{where} has {described}, which llamakin does not know; supported model types: "
-        f"{', '.join(n for n in FAMILIES if n != 'meta')}."
+        f"{', '.join(n for n in FAMILIES if n not in ('meta', 'chatglm2'))}."
     )
 
 

@@ -1,0 +1,172 @@
+"""ChatGLM-6B (v1) and ChatGLM2/3-6B (and GLM-4-9B-chat) in their original remote-code layouts.
+
+Both say ``model_type: chatglm``; :func:`chatglm_family` tells them apart by their keys.
+
+* ChatGLM2/3 (spec §6.2): ``multi_query_group_num`` KV groups, one contiguous
+  ``query_key_value`` with bias, RoPE on the first half of each head in interleaved pairs with base
+  ``10000 * rope_ratio``, fused SwiGLU (gate first), RMSNorm multiplying in float32 before the cast,
+  ``padded_vocab_size``, ``output_layer``.
+* ChatGLM-6B (spec §6.1): LayerNorm, GELU-tanh MLP with biases, a per-head interleaved
+  ``query_key_value`` with bias, the residual on the normalised input scaled by ``sqrt(2 * layers)``,
+  2-D RoPE with float16 tables and a prefix-LM mask over the prompt up to ``<sop>``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..config import ModelConfig
+from ..errors import ConfigError, UnsupportedError
+from ..transforms import fused_to_per_head_qkv, per_head_qkv_to_fused
+from .base import Family, TensorRule, rename, require
+
+
+def _eos(c: dict[str, Any]) -> tuple[int, ...]:
+    eos = c.get("eos_token_id")
+    return () if eos is None else tuple(eos if isinstance(eos, list) else [eos])
+
+
+class ChatGLM2Family(Family):
+    def config_from_checkpoint(self, c: dict[str, Any]) -> ModelConfig:
+        where = "chatglm config.json"
+        for key, needed in (("rmsnorm", True), ("post_layer_norm", True),
+                            ("apply_residual_connection_post_layernorm", False)):
+            if bool(c.get(key, needed)) != needed:
+                raise UnsupportedError(f"{where}: {key}={c.get(key)} is not supported (released ChatGLM2/3 use {needed}).")
+        heads = require(c, "num_attention_heads", where)
+        head_dim = c.get("kv_channels") or require(c, "hidden_size", where) // heads
+        linear_bias = bool(c.get("add_bias_linear", False))
+        qkv_bias = linear_bias or bool(c.get("add_qkv_bias", False))
+        try:
+            return ModelConfig(
+                vocab_size=c.get("padded_vocab_size") or require(c, "vocab_size", where),
+                hidden_size=require(c, "hidden_size", where), num_layers=require(c, "num_layers", where),
+                num_heads=heads, head_dim=head_dim,
+                num_kv_heads=c.get("multi_query_group_num", heads) if c.get("multi_query_attention") else heads,
+                intermediate_size=require(c, "ffn_hidden_size", where),
+                max_position_embeddings=c.get("seq_length") or 2048, norm_eps=c.get("layernorm_epsilon", 1e-5),
+                rmsnorm_order="mul_then_cast", rope_layout="interleaved", rotary_dim=head_dim // 2,
+                rope_theta=10000.0 * float(c.get("rope_ratio", 1.0)),
+                q_bias=qkv_bias, k_bias=qkv_bias, v_bias=qkv_bias, o_bias=linear_bias, mlp_bias=linear_bias,
+                tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+                eos_token_ids=_eos(c), pad_token_id=c.get("pad_token_id"), family=self.name,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def config_to_checkpoint(self, config: ModelConfig) -> dict[str, Any]:
+        if config.q_bias != config.k_bias or config.k_bias != config.v_bias:
+            raise ConfigError("ChatGLM2 biases q, k and v together.")
+        eos = list(config.eos_token_ids)
+        return {
+            "architectures": ["ChatGLMModel"], "model_type": "chatglm",
+            "padded_vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+            "num_layers": config.num_layers, "num_attention_heads": config.num_heads,
+            "kv_channels": config.head_dim, "multi_query_attention": config.num_kv_heads != config.num_heads,
+            "multi_query_group_num": config.num_kv_heads, "ffn_hidden_size": config.intermediate_size,
+            "seq_length": config.max_position_embeddings, "layernorm_epsilon": config.norm_eps,
+            "rmsnorm": True, "post_layer_norm": True, "apply_residual_connection_post_layernorm": False,
+            "add_bias_linear": config.o_bias, "add_qkv_bias": config.q_bias,
+            "rope_ratio": config.rope_theta / 10000.0, "original_rope": True,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "pad_token_id": config.pad_token_id,
+        }
+
+    def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
+        rules = [rename("embed.weight", "transformer.embedding.word_embeddings.weight"),
+                 rename("final_norm.weight", "transformer.encoder.final_layernorm.weight")]
+        if not config.tie_word_embeddings:
+            rules.append(rename("lm_head.weight", "transformer.output_layer.weight"))
+        for i in range(config.num_layers):
+            c, e = f"layers.{i}.", f"transformer.encoder.layers.{i}."
+            rules += [
+                rename(c + "attn_norm.weight", e + "input_layernorm.weight"),
+                rename(c + "mlp_norm.weight", e + "post_attention_layernorm.weight"),
+                rename(c + "attn.qkv.weight", e + "self_attention.query_key_value.weight"),  # [q | k | v]
+                rename(c + "attn.o_proj.weight", e + "self_attention.dense.weight"),
+                rename(c + "mlp.gate_up.weight", e + "mlp.dense_h_to_4h.weight"),  # gate rows first
+                rename(c + "mlp.down.weight", e + "mlp.dense_4h_to_h.weight"),
+            ]
+            if config.q_bias:
+                rules.append(rename(c + "attn.qkv.bias", e + "self_attention.query_key_value.bias"))
+            if config.o_bias:
+                rules += [rename(c + "attn.o_proj.bias", e + "self_attention.dense.bias"),
+                          rename(c + "mlp.gate_up.bias", e + "mlp.dense_h_to_4h.bias"),
+                          rename(c + "mlp.down.bias", e + "mlp.dense_4h_to_h.bias")]
+        return rules
+
+
+class ChatGLM1Family(Family):
+    def config_from_checkpoint(self, c: dict[str, Any]) -> ModelConfig:
+        where = "chatglm-6b config.json"
+        if not c.get("position_encoding_2d", True):
+            raise UnsupportedError(f"{where}: position_encoding_2d=false is not supported (ChatGLM-6B uses 2-D RoPE).")
+        layers = require(c, "num_layers", where)
+        hidden = require(c, "hidden_size", where)
+        sop = c.get("bos_token_id", 130004)
+        try:
+            return ModelConfig(
+                vocab_size=require(c, "vocab_size", where), hidden_size=hidden, num_layers=layers,
+                num_heads=require(c, "num_attention_heads", where),
+                intermediate_size=c.get("inner_hidden_size") or 4 * hidden,
+                max_position_embeddings=c.get("max_sequence_length") or 2048,
+                norm_type="layernorm", norm_eps=c.get("layernorm_epsilon", 1e-5), mlp_type="gelu_tanh", mlp_bias=True,
+                q_bias=True, k_bias=True, v_bias=True, o_bias=True,
+                rope_layout="glm2d", rope_table_dtype="float16",
+                normed_residual_alpha=math.sqrt(2 * layers),
+                prefix_lm=True, mask_token_ids=(c.get("gmask_token_id", 130001), c.get("mask_token_id", 130000)),
+                sop_token_id=sop, bos_token_id=sop,
+                # no tie_word_embeddings key in the released config: transformers' default (True) ties
+                tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
+                eos_token_ids=_eos(c), pad_token_id=c.get("pad_token_id"), family=self.name,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def config_to_checkpoint(self, config: ModelConfig) -> dict[str, Any]:
+        gmask, mask = (config.mask_token_ids + (None, None))[:2]
+        return {
+            "architectures": ["ChatGLMModel"], "model_type": "chatglm",
+            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "num_layers": config.num_layers,
+            "num_attention_heads": config.num_heads, "inner_hidden_size": config.intermediate_size,
+            "max_sequence_length": config.max_position_embeddings, "layernorm_epsilon": config.norm_eps,
+            "position_encoding_2d": True, "bos_token_id": config.sop_token_id,
+            "eos_token_id": config.eos_token_ids[0] if config.eos_token_ids else None,
+            "gmask_token_id": gmask, "mask_token_id": mask, "pad_token_id": config.pad_token_id,
+            "tie_word_embeddings": config.tie_word_embeddings,
+        }
+
+    def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
+        H = config.num_heads
+        per_head = (lambda p: per_head_qkv_to_fused(p[0], H), lambda t: [fused_to_per_head_qkv(t, H)])
+        rules = [rename("embed.weight", "transformer.word_embeddings.weight")]
+        rules += [rename(f"final_norm.{s}", f"transformer.final_layernorm.{s}") for s in ("weight", "bias")]
+        if not config.tie_word_embeddings:
+            rules.append(rename("lm_head.weight", "lm_head.weight"))
+        for i in range(config.num_layers):
+            c, t = f"layers.{i}.", f"transformer.layers.{i}."
+            for s in ("weight", "bias"):
+                rules += [
+                    rename(c + f"attn_norm.{s}", t + f"input_layernorm.{s}"),
+                    rename(c + f"mlp_norm.{s}", t + f"post_attention_layernorm.{s}"),
+                    TensorRule(c + f"attn.qkv.{s}", (t + f"attention.query_key_value.{s}",), *per_head),
+                    rename(c + f"attn.o_proj.{s}", t + f"attention.dense.{s}"),
+                    rename(c + f"mlp.up.{s}", t + f"mlp.dense_h_to_4h.{s}"),
+                    rename(c + f"mlp.down.{s}", t + f"mlp.dense_4h_to_h.{s}"),
+                ]
+        return rules
+
+
+CHATGLM = ChatGLM1Family(name="chatglm", description="ChatGLM-6B v1 (remote code; 2-D RoPE, prefix LM, alpha residual)",
+                         architectures=("ChatGLMModel", "ChatGLMForConditionalGeneration"),
+                         ignored=(r"(^|\.)rotary_emb\.inv_freq$",))
+CHATGLM2 = ChatGLM2Family(name="chatglm2", description="ChatGLM2/3-6B, GLM-4-9B-chat (remote code; MQA groups, half RoPE)",
+                          architectures=("ChatGLMModel", "ChatGLMForConditionalGeneration"),
+                          ignored=(r"(^|\.)rotary_pos_emb\.inv_freq$",), tied_output="transformer.output_layer.weight")
+
+
+def chatglm_family(config: dict[str, Any]) -> Family:
+    """ChatGLM2/3 configs carry keys v1 never had (``padded_vocab_size``, ``multi_query_attention``, ...)."""
+    v2_keys = ("padded_vocab_size", "multi_query_attention", "multi_query_group_num", "ffn_hidden_size", "kv_channels")
+    return CHATGLM2 if any(k in config for k in v2_keys) else CHATGLM

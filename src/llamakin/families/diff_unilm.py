@@ -1,0 +1,93 @@
+"""The Differential Transformer in microsoft/unilm's module layout (spec §7.1, §7.3).
+
+unilm ships the attention module (``multihead_diffattn.py``), not a whole model, so llamakin
+defines the container: ``config.json`` with ``model_type: diff_transformer`` and unilm's own
+attention parameters (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``lambda_q1..k2``,
+``subln``) inside a LLaMA-style block (RMSNorm, SwiGLU ``w1/w3/w2``). Its conventions, which this
+adapter translates exactly into llamakin's HF-DiffLlama pairing:
+
+* ``num_heads`` counts *pairs* (half the baseline's heads); q and k hold ``2 * num_heads`` heads of
+  ``head_dim = embed_dim / num_heads / 2``, paired *adjacently* (2i, 2i+1); HF pairs (j, j + H/2);
+* v holds ``num_kv_heads`` heads of ``2 * head_dim``: HF's value head g is its first half, g + H/2
+  its second half;
+* RoPE rotates interleaved pairs (kept: llamakin computes that layout natively);
+* ``subln`` is an RMSNorm over ``2 * head_dim`` *with* a weight (HF's has none).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..transforms import adjacent_pairs_to_halves, halves_to_adjacent_pairs
+from .base import Family, TensorRule, fused_rows, rename, require
+
+
+class DiffUnilmFamily(Family):
+    def config_from_checkpoint(self, c: dict[str, Any]) -> ModelConfig:
+        where = "diff_transformer config.json"
+        pairs = require(c, "num_heads", where)
+        embed = require(c, "embed_dim", where)
+        try:
+            return ModelConfig(
+                vocab_size=require(c, "vocab_size", where), hidden_size=embed,
+                num_layers=require(c, "num_layers", where), num_heads=2 * pairs,
+                num_kv_heads=2 * (c.get("num_kv_heads") or pairs), head_dim=embed // pairs // 2,
+                intermediate_size=require(c, "ffn_dim", where), max_position_embeddings=c.get("max_positions", 2048),
+                norm_eps=c.get("norm_eps", 1e-5), rope_theta=float(c.get("rope_theta", 10000.0)),
+                rope_layout="interleaved", attention_kind="differential", diff_norm_affine=True,
+                tie_word_embeddings=bool(c.get("tie_word_embeddings", False)), family=self.name,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def config_to_checkpoint(self, config: ModelConfig) -> dict[str, Any]:
+        if 2 * config.head_dim * (config.num_heads // 2) != config.hidden_size:
+            raise ConfigError("unilm's attention derives head_dim from embed_dim; they disagree here.")
+        return {
+            "architectures": ["DiffTransformer"], "model_type": self.name, "vocab_size": config.vocab_size,
+            "embed_dim": config.hidden_size, "num_layers": config.num_layers, "num_heads": config.num_heads // 2,
+            "num_kv_heads": config.num_kv_heads // 2, "ffn_dim": config.intermediate_size,
+            "max_positions": config.max_position_embeddings, "norm_eps": config.norm_eps,
+            "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_word_embeddings,
+        }
+
+    def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
+        H, Hkv, hd, inter = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+        sizes = (H * hd, Hkv * hd, Hkv * hd)
+
+        def to_canonical(parts: list[torch.Tensor]) -> torch.Tensor:
+            q, k, v = parts  # v: Hkv/2 heads of 2*hd == Hkv heads of hd in adjacent pairs
+            return torch.cat((adjacent_pairs_to_halves(q, H), adjacent_pairs_to_halves(k, Hkv),
+                              adjacent_pairs_to_halves(v, Hkv)))
+
+        def from_canonical(t: torch.Tensor) -> list[torch.Tensor]:
+            q, k, v = t.split(sizes)
+            return [halves_to_adjacent_pairs(q, H), halves_to_adjacent_pairs(k, Hkv), halves_to_adjacent_pairs(v, Hkv)]
+
+        rules = [rename("embed.weight", "tok_embeddings.weight"), rename("final_norm.weight", "norm.weight")]
+        if not config.tie_word_embeddings:
+            rules.append(rename("lm_head.weight", "output.weight"))
+        for i in range(config.num_layers):
+            c, m = f"layers.{i}.", f"layers.{i}."
+            rules += [
+                rename(c + "attn_norm.weight", m + "attention_norm.weight"),
+                rename(c + "mlp_norm.weight", m + "ffn_norm.weight"),
+                TensorRule(c + "attn.qkv.weight", tuple(m + f"attn.{p}_proj.weight" for p in "qkv"),
+                           to_canonical, from_canonical),
+                rename(c + "attn.o_proj.weight", m + "attn.out_proj.weight"),
+                rename(c + "attn.pair_norm.weight", m + "attn.subln.weight"),
+                fused_rows(c + "mlp.gate_up.weight", (m + "feed_forward.w1.weight", m + "feed_forward.w3.weight"),
+                           (inter, inter)),
+                rename(c + "mlp.down.weight", m + "feed_forward.w2.weight"),
+            ]
+            rules += [rename(c + f"attn.{n}", m + f"attn.{n}") for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")]
+        return rules
+
+
+FAMILY = DiffUnilmFamily(name="diff_transformer",
+                         description="Differential Transformer, microsoft/unilm module layout (adjacent pairs, subln)",
+                         tied_output="output.weight")
