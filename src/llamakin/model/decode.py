@@ -65,7 +65,9 @@ class Decoder:
             B = cache.batch_size
             device = cache.keys[0].device
             scratch = KVCache(self.model.config, B, cache.max_len, cache.keys[0].dtype, device)
-            example = (torch.zeros(B, 1, dtype=torch.long, device=device), torch.zeros(B, 1, dtype=torch.long, device=device),
+            position_shape = (B, 2, 1) if self.model.config.rope_layout == "glm2d" else (B, 1)
+            example = (torch.zeros(B, 1, dtype=torch.long, device=device),
+                       torch.zeros(position_shape, dtype=torch.long, device=device),
                        torch.zeros(1, dtype=torch.long, device=device), scratch.valid, scratch.keys, scratch.values)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
