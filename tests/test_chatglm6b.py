@@ -177,3 +177,14 @@ class _NoText:
 
     def decode(self, ids, skip_special_tokens=False):
         return ""
+
+
+def test_inspect_and_arch_diff_cover_it(checkpoint, capsys):
+    from llamakin.cli import main
+
+    assert main(["inspect", str(checkpoint[0])]) == 0
+    out = capsys.readouterr().out
+    assert "chatglm" in out and "normed_residual_alpha" in out and "glm2d" in out
+    assert main(["arch-diff", str(checkpoint[0]), "chatglm2", "qwen", "internlm2", "diff-transformer"]) == 0
+    out = capsys.readouterr().out
+    assert "prefix LM" in out and "2-D (two position streams)" in out and "pair-norm weight" in out

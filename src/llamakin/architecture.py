@@ -66,14 +66,21 @@ def _heads_text(config: ModelConfig) -> str:
 
 def _rope_text(config: ModelConfig) -> str:
     s = config.rope_scaling
-    text = f"{config.rope_layout}, {config.rotary_dim}/{config.head_dim} dims, theta {config.rope_theta:g}"
-    if s.type != "default":
+    layout = "2-D (two position streams)" if config.rope_layout == "glm2d" else config.rope_layout
+    text = f"{layout}, {config.rotary_dim}/{config.head_dim} dims, theta {config.rope_theta:g}"
+    if s.type == "qwen_dynamic":
+        text += f", Qwen dynamic NTK past {s.original_max_position_embeddings}"
+    elif s.type != "default":
         text += f", {s.type} x{s.factor:g}"
+    if config.rope_table_dtype != "float32":
+        text += f", {config.rope_table_dtype} tables"
     return text
 
 
 def _residual_text(config: ModelConfig) -> str:
-    text = "x + f(norm(x))" if config.residual_multiplier == 1 else f"x + {config.residual_multiplier:g} * f(norm(x))"
+    base = "x" if config.normed_residual_alpha is None else f"{config.normed_residual_alpha:.4g} * norm(x)"
+    text = f"{base} + f(norm(x))" if config.residual_multiplier == 1 else \
+        f"{base} + {config.residual_multiplier:g} * f(norm(x))"
     return text + (", branch outputs normed" if config.post_sublayer_norms else "")
 
 
@@ -95,7 +102,10 @@ def describe(config: ModelConfig) -> dict[str, str]:
         "context": str(config.max_position_embeddings),
         "norm": f"{norm}, eps {config.norm_eps:g}",
         "norm position": norm_position,
-        "attention": ("differential (pairs j, j+H/2)" if config.attention_kind == "differential" else "standard"),
+        "attention": (("differential (pairs j, j+H/2)" + (", pair-norm weight" if config.diff_norm_affine else ""))
+                      if config.attention_kind == "differential" else "standard"),
+        "mask": ("prefix LM (bidirectional to <sop>)" if config.prefix_lm else "causal")
+                + ("" if config.logn_attention_length is None else f", logn q-scaling past {config.logn_attention_length}"),
         "heads q / kv": _heads_text(config),
         "head dim": str(config.head_dim),
         "attention bias": _bias_text(config),
