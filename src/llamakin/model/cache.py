@@ -68,21 +68,35 @@ class KVCache:
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
 
+    def view(self, rows: int | slice, length: int | None = None) -> "KVCache":
+        """A cache sharing this one's memory: some rows (an int is one row) and the first ``length``
+        slots. Writes through the view land in this cache."""
+        rows = slice(rows, rows + 1) if isinstance(rows, int) else rows
+        length = self.max_len if length is None else length
+        view = object.__new__(KVCache)
+        view.keys = [k[rows, :, :length] for k in self.keys]
+        view.values = [v[rows, :, :length] for v in self.values]
+        view.valid = self.valid[rows, :length]
+        view.max_len, view.length, view.padded, view.prefill_length = length, 0, False, 0
+        return view
+
 
 class SlotWriter:
-    """A view of a :class:`KVCache` for one decode step at a slot given as a tensor.
+    """A view of a :class:`KVCache` for one decode step: row b writes its new key/value at slot
+    ``slots[b]`` (rows may be at different lengths, as in a server's continuous batch).
 
-    It writes with ``index_copy_`` and returns the *whole* preallocated buffers, so every shape
-    is the same at every step: what ``torch.compile`` needs to compile the decode step once.
+    It returns the *whole* preallocated buffers, so every shape is the same at every step: what a
+    trace of the decode step needs.
     """
 
-    def __init__(self, cache: KVCache, slot: torch.Tensor):
-        self.cache, self.slot = cache, slot
+    def __init__(self, cache: KVCache, slots: torch.Tensor):
+        self.cache, self.slots = cache, slots
+        self.rows = torch.arange(slots.shape[0], device=slots.device)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys.index_copy_(2, self.slot, k)
-        values.index_copy_(2, self.slot, v)
+        keys[self.rows, :, self.slots] = k[:, :, 0]
+        values[self.rows, :, self.slots] = v[:, :, 0]
         return keys, values
 
 
@@ -127,13 +141,14 @@ def build_mask(key_valid: torch.Tensor | None, past: int, new: int, window: int 
     return AttentionMask(allowed[None, None], False)
 
 
-def decode_masks(key_valid: torch.Tensor, slot: torch.Tensor, windows: set[int | None]) -> dict[int | None, AttentionMask]:
-    """Masks for one new token at cache slot ``slot`` over every slot of the cache (static shapes)."""
-    k_pos = torch.arange(key_valid.shape[1], device=key_valid.device)
-    visible = (k_pos <= slot) & key_valid  # [B, S]
+def decode_masks(key_valid: torch.Tensor, slots: torch.Tensor, windows: set[int | None]) -> dict[int | None, AttentionMask]:
+    """Masks for one new token per row, at cache slot ``slots[b]``, over every slot of the cache."""
+    k_pos = torch.arange(key_valid.shape[1], device=key_valid.device)[None]
+    slots = slots[:, None]
+    visible = (k_pos <= slots) & key_valid  # [B, S]
     masks = {}
     for window in windows:
-        allowed = visible if window is None else visible & (k_pos > slot - window)
+        allowed = visible if window is None else visible & (k_pos > slots - window)
         masks[window] = AttentionMask(allowed[:, None, None, :], False)
     return masks
 

@@ -68,20 +68,25 @@ class Decoder:
             position_shape = (B, 2, 1) if self.model.config.rope_layout == "glm2d" else (B, 1)
             example = (torch.zeros(B, 1, dtype=torch.long, device=device),
                        torch.zeros(position_shape, dtype=torch.long, device=device),
-                       torch.zeros(1, dtype=torch.long, device=device), scratch.valid, scratch.keys, scratch.values)
+                       torch.zeros(B, dtype=torch.long, device=device), scratch.valid, scratch.keys, scratch.values)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graphs[key] = torch.jit.trace(_Step(self.model, scratch), example, check_trace=False)
         return graphs[key]
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """All rows at the cache's current length (one generation's batch); advances the cache."""
         cache = self.cache
-        slot = torch.tensor([cache.length], device=tokens.device)
         if cache.length >= cache.max_len:
             raise RuntimeError("decode step past the end of the KV cache")
-        if self._graph is not None:
-            logits = self._graph(tokens, positions, slot, cache.valid, cache.keys, cache.values)
-        else:
-            logits = self.model.decode_step(tokens, positions, slot, cache.valid, cache)
+        slots = torch.full((tokens.shape[0],), cache.length, device=tokens.device)
+        logits = self.step_rows(tokens, positions, slots)
         cache.advance(1)
         return logits
+
+    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Rows at their own lengths: row b writes slot ``slots[b]``; the caller tracks lengths."""
+        cache = self.cache
+        if self._graph is not None:
+            return self._graph(tokens, positions, slots, cache.valid, cache.keys, cache.values)
+        return self.model.decode_step(tokens, positions, slots, cache.valid, cache)

@@ -171,18 +171,18 @@ class Transformer(nn.Module):
         masks = {w: build_mask(key_valid, past, T, w, input_ids.device, prefix_end) for w in self._windows()}
         return self._logits(input_ids, self._rope(position_ids, scaling_length), masks, cache, last_only)
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                     key_valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step with static shapes (traced by :mod:`llamakin.model.decode`): logits ``[B, vocab]``.
 
-        ``tokens`` ``[B, 1]``; ``positions`` ``[B, 1]`` (``[B, 2, 1]`` for 2-D RoPE); ``slot`` ``[1]``
-        the cache slot to write; ``key_valid`` ``[B, max_len]`` which slots hold real tokens.
+        ``tokens`` ``[B, 1]``; ``positions`` ``[B, 1]`` (``[B, 2, 1]`` for 2-D RoPE); ``slots`` ``[B]``
+        the cache slot each row writes; ``key_valid`` ``[B, max_len]`` which slots hold real tokens.
         Attention covers every cache slot through a mask, so nothing depends on how full the
-        cache is. The caller advances ``cache.length``.
+        cache is. The caller advances the cache.
         """
-        masks = decode_masks(key_valid, slot, self._windows())
+        masks = decode_masks(key_valid, slots, self._windows())
         rope = self._rope(positions, cache.prefill_length)
-        return self._logits(tokens, rope, masks, SlotWriter(cache, slot), last_only=True)[:, -1]
+        return self._logits(tokens, rope, masks, SlotWriter(cache, slots), last_only=True)[:, -1]
 
     def _windows(self) -> set[int | None]:
         return {block.window for block in self.layers}
