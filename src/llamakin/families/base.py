@@ -133,3 +133,24 @@ def fused_rows_partial(canonical: str, parts: tuple[tuple[str | None, int], ...]
         return [block for here, block in zip(present, split_rows(t, sizes)) if here]
 
     return TensorRule(canonical, tuple(name for name, _ in parts if name is not None), to_canonical, from_canonical)
+
+
+def meta_style_rules(config: ModelConfig, prefix: str = "") -> list[TensorRule]:
+    """Embedding, norms, SwiGLU MLP and output head under Meta's names (``tok_embeddings``,
+    ``layers.{i}.attention_norm`` / ``ffn_norm`` / ``feed_forward.w1|w3|w2``, ``norm``, ``output``;
+    spec §3.2), shared by the Meta, InternLM2 (under ``model.``) and unilm layouts. The attention
+    tensors are each layout's own."""
+    inter = config.intermediate_size
+    rules = [rename("embed.weight", prefix + "tok_embeddings.weight"), rename("final_norm.weight", prefix + "norm.weight")]
+    if not config.tie_word_embeddings:
+        rules.append(rename("lm_head.weight", "output.weight"))
+    for i in range(config.num_layers):
+        c, m = f"layers.{i}.", f"{prefix}layers.{i}."
+        rules += [
+            rename(c + "attn_norm.weight", m + "attention_norm.weight"),
+            rename(c + "mlp_norm.weight", m + "ffn_norm.weight"),
+            fused_rows(c + "mlp.gate_up.weight", (m + "feed_forward.w1.weight", m + "feed_forward.w3.weight"),
+                       (inter, inter)),
+            rename(c + "mlp.down.weight", m + "feed_forward.w2.weight"),
+        ]
+    return rules

@@ -23,7 +23,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..transforms import adjacent_pairs_to_halves, halves_to_adjacent_pairs
-from .base import Family, TensorRule, fused_rows, rename, require
+from .base import Family, TensorRule, meta_style_rules, rename, require
 
 
 class DiffUnilmFamily(Family):
@@ -56,7 +56,7 @@ class DiffUnilmFamily(Family):
         }
 
     def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
-        H, Hkv, hd, inter = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+        H, Hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
         sizes = (H * hd, Hkv * hd, Hkv * hd)
 
         def to_canonical(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -68,23 +68,15 @@ class DiffUnilmFamily(Family):
             q, k, v = t.split(sizes)
             return [halves_to_adjacent_pairs(q, H), halves_to_adjacent_pairs(k, Hkv), halves_to_adjacent_pairs(v, Hkv)]
 
-        rules = [rename("embed.weight", "tok_embeddings.weight"), rename("final_norm.weight", "norm.weight")]
-        if not config.tie_word_embeddings:
-            rules.append(rename("lm_head.weight", "output.weight"))
+        rules = meta_style_rules(config)
         for i in range(config.num_layers):
-            c, m = f"layers.{i}.", f"layers.{i}."
+            c, m = f"layers.{i}.", f"layers.{i}.attn."
             rules += [
-                rename(c + "attn_norm.weight", m + "attention_norm.weight"),
-                rename(c + "mlp_norm.weight", m + "ffn_norm.weight"),
-                TensorRule(c + "attn.qkv.weight", tuple(m + f"attn.{p}_proj.weight" for p in "qkv"),
-                           to_canonical, from_canonical),
-                rename(c + "attn.o_proj.weight", m + "attn.out_proj.weight"),
-                rename(c + "attn.pair_norm.weight", m + "attn.subln.weight"),
-                fused_rows(c + "mlp.gate_up.weight", (m + "feed_forward.w1.weight", m + "feed_forward.w3.weight"),
-                           (inter, inter)),
-                rename(c + "mlp.down.weight", m + "feed_forward.w2.weight"),
+                TensorRule(c + "attn.qkv.weight", tuple(m + f"{p}_proj.weight" for p in "qkv"), to_canonical, from_canonical),
+                rename(c + "attn.o_proj.weight", m + "out_proj.weight"),
+                rename(c + "attn.pair_norm.weight", m + "subln.weight"),
             ]
-            rules += [rename(c + f"attn.{n}", m + f"attn.{n}") for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")]
+            rules += [rename(c + f"attn.{n}", m + n) for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")]
         return rules
 
 

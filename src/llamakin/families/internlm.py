@@ -13,7 +13,7 @@ from typing import Any
 from ..config import ModelConfig, RopeScaling
 from ..errors import ConfigError, UnsupportedError
 from ..transforms import fused_qkv_to_grouped, grouped_qkv_to_fused
-from .base import Family, TensorRule, fused_rows, rename, require
+from .base import Family, TensorRule, meta_style_rules, rename, require
 from .hf import HFDecoderFamily
 
 
@@ -99,26 +99,16 @@ class InternLM2Family(Family):
                 "rope_scaling": None if s.type == "default" else {"type": s.type, "factor": s.factor}}
 
     def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
-        H, Hkv, inter = config.num_heads, config.num_kv_heads, config.intermediate_size
+        H, Hkv = config.num_heads, config.num_kv_heads
         grouped = (lambda w: grouped_qkv_to_fused(w, H, Hkv), lambda w: [fused_qkv_to_grouped(w, H, Hkv)])
-        rules = [rename("embed.weight", "model.tok_embeddings.weight"), rename("final_norm.weight", "model.norm.weight")]
-        if not config.tie_word_embeddings:
-            rules.append(rename("lm_head.weight", "output.weight"))
+        rules = meta_style_rules(config, prefix="model.")
         for i in range(config.num_layers):
-            c, m = f"layers.{i}.", f"model.layers.{i}."
-            rules += [
-                rename(c + "attn_norm.weight", m + "attention_norm.weight"),
-                rename(c + "mlp_norm.weight", m + "ffn_norm.weight"),
-                TensorRule(c + "attn.qkv.weight", (m + "attention.wqkv.weight",), lambda p: grouped[0](p[0]), grouped[1]),
-                rename(c + "attn.o_proj.weight", m + "attention.wo.weight"),
-                fused_rows(c + "mlp.gate_up.weight", (m + "feed_forward.w1.weight", m + "feed_forward.w3.weight"),
-                           (inter, inter)),
-                rename(c + "mlp.down.weight", m + "feed_forward.w2.weight"),
-            ]
+            c, m = f"layers.{i}.", f"model.layers.{i}.attention."
+            rules += [TensorRule(c + "attn.qkv.weight", (m + "wqkv.weight",), lambda p: grouped[0](p[0]), grouped[1]),
+                      rename(c + "attn.o_proj.weight", m + "wo.weight")]
             if config.q_bias:
-                rules += [TensorRule(c + "attn.qkv.bias", (m + "attention.wqkv.bias",), lambda p: grouped[0](p[0]),
-                                     grouped[1]),
-                          rename(c + "attn.o_proj.bias", m + "attention.wo.bias")]
+                rules += [TensorRule(c + "attn.qkv.bias", (m + "wqkv.bias",), lambda p: grouped[0](p[0]), grouped[1]),
+                          rename(c + "attn.o_proj.bias", m + "wo.bias")]
         return rules
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import ConfigError
-from .base import Family, TensorRule, fused_rows, rename, require
+from .base import Family, TensorRule, fused_rows, meta_style_rules, rename, require
 
 # Llama 3.1's rope scaling, switched on by ``use_scaled_rope`` (spec §2.4).
 LLAMA31_SCALING = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -99,21 +99,14 @@ class MetaFamily(Family):
         return super().unsupported(config)
 
     def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
-        H, Hkv, hd, inter = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
-        rules = [rename("embed.weight", "tok_embeddings.weight"), rename("final_norm.weight", "norm.weight")]
-        if not config.tie_word_embeddings:
-            rules.append(rename("lm_head.weight", "output.weight"))
+        H, Hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+        rules = meta_style_rules(config)
         for i in range(config.num_layers):
-            c, m = f"layers.{i}.", f"layers.{i}."
+            c, m = f"layers.{i}.", f"layers.{i}.attention."
             rules += [
-                rename(c + "attn_norm.weight", m + "attention_norm.weight"),
-                rename(c + "mlp_norm.weight", m + "ffn_norm.weight"),
-                fused_rows(c + "attn.qkv.weight", tuple(m + f"attention.{w}.weight" for w in ("wq", "wk", "wv")),
+                fused_rows(c + "attn.qkv.weight", tuple(m + f"{w}.weight" for w in ("wq", "wk", "wv")),
                            (H * hd, Hkv * hd, Hkv * hd)),
-                rename(c + "attn.o_proj.weight", m + "attention.wo.weight"),
-                fused_rows(c + "mlp.gate_up.weight", (m + "feed_forward.w1.weight", m + "feed_forward.w3.weight"),
-                           (inter, inter)),
-                rename(c + "mlp.down.weight", m + "feed_forward.w2.weight"),
+                rename(c + "attn.o_proj.weight", m + "wo.weight"),
             ]
         return rules
 
