@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fp32 batch-1 decode and prefill only")
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS in subprocesses")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], help="default: both (CUDA: bfloat16)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}", flush=True)
@@ -148,6 +149,8 @@ def main() -> None:
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     if args.device == "cuda":
         dtypes = [torch.bfloat16]
+    if args.dtypes:
+        dtypes = [getattr(torch, name) for name in args.dtypes]
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
         ours, theirs, ours_load, theirs_load = load_pair(dtype, args.device)

@@ -3,10 +3,11 @@
 For ``baseline-paper-small`` (transformers' LlamaForCausalLM) and ``diff-paper-small``
 (DiffLlamaForCausalLM): both models get the same configuration (the same parameter count, checked)
 and the same loop (AdamW, cross-entropy, backward, gradient clipping, step) on the same random
-batches; steps alternate between the two and the medians are compared. Then llamakin's own
-bfloat16 autocast against its float32.
+batches; steps alternate between the two and the medians are compared. On CPU: float32 for
+both, then llamakin's own bfloat16 autocast against its float32. On CUDA (``--device cuda``):
+bfloat16 autocast for both, with each one's MFU against the device's measured bf16 matmul rate.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 6] [--batch 4] [--seq 256]
+    .venv/bin/python benchmarks/bench_train.py [--steps 6] [--batch 4] [--seq 256] [--device cuda]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from llamakin.model import Transformer  # noqa: E402
 from llamakin.train.config import RECIPES  # noqa: E402
+from llamakin.train.loop import flops_per_token, measured_peak_flops  # noqa: E402
 
 VOCAB = 49152  # SmolLM2's tokenizer, as the recipes use
 
@@ -40,19 +42,26 @@ def transformers_twin(config):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
 
 
-def make_step(model, hf: bool, precision: str):
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(model, hf: bool, precision: str, device: str = "cpu"):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
     def step(x, y):
+        x, y = x.to(device), y.to(device)
+        sync(device)
         start = time.perf_counter()
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bfloat16" else torch.autocast("cpu", enabled=False)
-        with ctx:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
             logits = model(x).logits if hf else model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(device)
         return x.numel() / (time.perf_counter() - start)
 
     return step
@@ -64,7 +73,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--recipes", nargs="+", default=["baseline-paper-small", "diff-paper-small"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    precision = "bfloat16" if args.device == "cuda" else "float32"
+    peak = measured_peak_flops(torch.device(args.device), precision)
     torch.manual_seed(0)
     batches = [(torch.randint(0, VOCAB, (args.batch, args.seq)), torch.randint(0, VOCAB, (args.batch, args.seq)))
                for _ in range(args.steps + 1)]
@@ -74,7 +86,9 @@ def main() -> None:
         ours, theirs = Transformer(config).train(), transformers_twin(config).train()
         n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
         assert n_ours == n_theirs, (n_ours, n_theirs)
-        steps = {"llamakin": make_step(ours, False, "float32"), "transformers": make_step(theirs, True, "float32")}
+        ours, theirs = ours.to(args.device), theirs.to(args.device)
+        steps = {"llamakin": make_step(ours, False, precision, args.device),
+                 "transformers": make_step(theirs, True, precision, args.device)}
         speeds = {k: [] for k in steps}
         for i, (x, y) in enumerate(batches):
             for key, step in steps.items():
@@ -82,21 +96,28 @@ def main() -> None:
                 if i:  # the first step warms up allocators and kernels
                     speeds[key].append(speed)
         o, t = statistics.median(speeds["llamakin"]), statistics.median(speeds["transformers"])
+        per_token = flops_per_token(ours, args.seq)
         rows.append({"recipe": name, "parameters": n_ours, "llamakin tok/s": round(o, 1),
-                     "transformers tok/s": round(t, 1), "ratio": round(o / t, 2)})
+                     "transformers tok/s": round(t, 1), "ratio": round(o / t, 2),
+                     "llamakin MFU": round(o * per_token / peak, 3), "transformers MFU": round(t * per_token / peak, 3)})
         print(json.dumps(rows[-1]), flush=True)
+        if args.device == "cuda":
+            continue
         bf16 = make_step(ours, False, "bfloat16")
         bf16_speeds = [bf16(x, y) for x, y in batches[:3]][1:]
         rows[-1]["llamakin bf16 tok/s"] = round(statistics.median(bf16_speeds), 1)
         rows[-1]["bf16 speed-up"] = round(statistics.median(bf16_speeds) / o, 2)
         print(json.dumps(rows[-1]), flush=True)
         del ours, theirs
-    print(f"\nbatch {args.batch} x {args.seq}, float32 unless noted, {torch.get_num_threads()} threads")
-    print("| recipe | parameters | llamakin tok/s | transformers tok/s | ratio | llamakin bf16 tok/s | bf16 vs fp32 |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nbatch {args.batch} x {args.seq}, {args.device}, {precision} unless noted, "
+          f"measured matmul peak {peak / 1e12:.2f} TFLOP/s, {torch.get_num_threads()} CPU threads")
+    print("| recipe | parameters | llamakin tok/s | transformers tok/s | ratio | MFU llamakin / transformers "
+          "| llamakin bf16 tok/s | bf16 vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['recipe']} | {r['parameters']:,} | {r['llamakin tok/s']} | {r['transformers tok/s']} | "
-              f"{r['ratio']}x | {r['llamakin bf16 tok/s']} | {r['bf16 speed-up']}x |")
+              f"{r['ratio']}x | {r['llamakin MFU']} / {r['transformers MFU']} | "
+              f"{r.get('llamakin bf16 tok/s', '-')} | {r.get('bf16 speed-up', '-')}x |")
 
 
 if __name__ == "__main__":

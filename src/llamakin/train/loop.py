@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import LlamakinError
+from ..hardware import cpu_has_native
 from ..model import Transformer
 from .config import TrainConfig
 from .data import TokenData, prepare
@@ -48,14 +49,6 @@ def setup_processes() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def choose_precision(requested: str, device: torch.device) -> str:
     """``auto``: bfloat16 on GPUs that support it and on CPUs with native bf16 instructions, where
     it pays; float32 elsewhere (emulated bf16 on AVX2 CPUs is slower than float32, measured)."""
@@ -63,7 +56,7 @@ def choose_precision(requested: str, device: torch.device) -> str:
         return requested
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return "bfloat16" if cpu_has_native(torch.bfloat16) else "float32"
 
 
 def autocast(precision: str, device: torch.device):

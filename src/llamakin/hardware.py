@@ -1,0 +1,47 @@
+"""What this machine's CPU computes natively, for the choices that depend on it.
+
+Half-precision matrix products run at full speed only on CPUs with instructions for them
+(``avx512_bf16``/``amx_bf16`` for bfloat16, ``avx512_fp16``/``amx_fp16`` for float16 on x86;
+``bf16``/``fphp`` on aarch64). Elsewhere PyTorch emulates them, measured 5-6x slower than float32
+on an AVX2 machine. The answer only steers speed choices (bf16 autocast in training, upcasting
+half-precision weights for matrix products), never results beyond rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+_NATIVE_FLAGS = {
+    torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16"),
+    torch.float16: ("avx512_fp16", "amx_fp16", "fphp"),
+}
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return frozenset(flags)
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU has instructions for matrix products in ``dtype`` (float32: always)."""
+    if dtype == torch.float32:
+        return True
+    return any(flag in _cpu_flags() for flag in _NATIVE_FLAGS.get(dtype, ()))
+
+
+def emulated_half(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a half-precision CPU tensor whose products this CPU can only emulate."""
+    return t.device.type == "cpu" and t.dtype in HALF_DTYPES and not cpu_has_native(t.dtype)
