@@ -2,7 +2,7 @@
 
 For ``baseline-paper-small`` (transformers' LlamaForCausalLM) and ``diff-paper-small``
 (DiffLlamaForCausalLM): both models get the same configuration (the same parameter count, checked)
-and the same loop (AdamW, cross-entropy, backward, gradient clipping, step) on the same random
+and the same loop (fused AdamW, cross-entropy, backward, gradient clipping, step) on the same random
 batches; steps alternate between the two and the medians are compared. On CPU: float32 for
 both, then llamakin's own bfloat16 autocast against its float32. On CUDA (``--device cuda``):
 bfloat16 autocast for both, with each one's MFU against the device's measured bf16 matmul rate.
@@ -48,7 +48,7 @@ def sync(device: str) -> None:
 
 
 def make_step(model, hf: bool, precision: str, device: str = "cpu"):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)  # as `llamakin train`
 
     def step(x, y):
         x, y = x.to(device), y.to(device)

@@ -250,8 +250,11 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         model = self._wrap(self.model)
+        # the fused kernel: one pass over each tensor instead of ~10 (0.25 s -> 0.05 s per step for
+        # 56M parameters on 2 CPU cores, measured); FSDP2's sharded parameters keep the foreach one
+        fused = cfg.parallel != "fsdp" and self.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                      betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+                                      betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
         step, skipped, bad_run = 0, 0, 0
         checkpoint = self.out / "ckpt.pt"
         if self.resume:
