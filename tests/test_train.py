@@ -179,3 +179,19 @@ def test_recipe_errors():
         recipe("shakespeare-tiny", ["model.layers=3"])
     with pytest.raises(ConfigError, match="precision must be"):
         recipe("shakespeare-tiny", ["precision=fp8"])
+
+
+def test_auto_precision_takes_bf16_only_where_it_measures_faster(monkeypatch):
+    from llamakin.train import loop
+
+    cpu = torch.device("cpu")
+    assert loop.choose_precision("float32", cpu) == "float32" and loop.choose_precision("bfloat16", cpu) == "bfloat16"
+    rates = {}
+    monkeypatch.setattr(loop, "measured_peak_flops", lambda device, precision: rates[precision])
+    monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: False)
+    assert loop.choose_precision("auto", cpu) == "float32"  # emulated bf16: not even measured (rates is empty)
+    monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: True)
+    rates.update(float32=1e11, bfloat16=4e11)  # e.g. AMX / avx512_bf16: ~4x
+    assert loop.choose_precision("auto", cpu) == "bfloat16"
+    rates.update(bfloat16=1.1e11)  # the instructions exist but buy little
+    assert loop.choose_precision("auto", cpu) == "float32"

@@ -51,14 +51,29 @@ def setup_processes() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+BF16_MIN_GAIN = 1.3  # bf16 autocast must make matrix products at least this much faster to be chosen
+
+
 def choose_precision(requested: str, device: torch.device) -> str:
-    """``auto``: bfloat16 on GPUs that support it and on CPUs with native bf16 instructions, where
-    it pays; float32 elsewhere (emulated bf16 on AVX2 CPUs is slower than float32, measured)."""
+    """``auto``: bfloat16 autocast where it pays, float32 elsewhere.
+
+    GPUs: bfloat16 where supported. CPUs: only with native bf16 instructions (AVX2 CPUs emulate
+    it: 38x slower end to end, measured), and only when this CPU's measured bf16 matmul rate is
+    at least :data:`BF16_MIN_GAIN` x its float32 rate — training on a CPU is matmul-bound (81% of
+    a step), so that rate is what bf16 buys end to end. Under torch.distributed every process
+    takes bf16 only if all of them measured the gain.
+    """
     if requested != "auto":
         return requested
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if cpu_has_native(torch.bfloat16) else "float32"
+    pays = cpu_has_native(torch.bfloat16) and (
+        measured_peak_flops(device, "bfloat16") >= BF16_MIN_GAIN * measured_peak_flops(device, "float32"))
+    if dist.is_available() and dist.is_initialized():
+        agreed = torch.tensor(int(pays))
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        pays = bool(agreed.item())
+    return "bfloat16" if pays else "float32"
 
 
 def autocast(precision: str, device: torch.device):
