@@ -183,3 +183,29 @@ def test_chat_messages_use_the_template(tiny):
     ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
     assert generate(model, tok, messages, max_new_tokens=5, ignore_eos=True) == \
         generate(model, tok, ids, max_new_tokens=5, ignore_eos=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 4])
+@torch.no_grad()
+def test_traced_decode_step_equals_the_eager_step(monkeypatch, dtype, batch):
+    """The TorchScript replay computes exactly what ``decode_step`` computes (both CPU paths of
+    the projection included: 1 row and 4 rows; in bf16 the widened-weight path)."""
+    from llamakin.model.decode import Decoder
+
+    torch.manual_seed(0)
+    config = llamakin.ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                  intermediate_size=96, max_position_embeddings=64)
+    model = llamakin.Transformer(config).eval().to(dtype)
+    prompt = torch.randint(0, 97, (batch, 5))
+    steps = torch.randint(0, 97, (batch, 6))
+    logits = {}
+    for trace in ("1", "0"):
+        monkeypatch.setenv("LLAMAKIN_TRACE", trace)
+        cache = model.new_cache(batch, 16)
+        model(prompt, cache=cache)
+        decoder = Decoder(model, cache)
+        assert (decoder._graph is not None) == (trace == "1")
+        logits[trace] = torch.stack([decoder.step(steps[:, t:t + 1], torch.full((batch, 1), 5 + t))
+                                     for t in range(steps.shape[1])])
+    assert logits["1"].dtype == dtype and torch.equal(logits["1"], logits["0"])
