@@ -209,3 +209,30 @@ def test_traced_decode_step_equals_the_eager_step(monkeypatch, dtype, batch):
         logits[trace] = torch.stack([decoder.step(steps[:, t:t + 1], torch.full((batch, 1), 5 + t))
                                      for t in range(steps.shape[1])])
     assert logits["1"].dtype == dtype and torch.equal(logits["1"], logits["0"])
+
+
+@torch.no_grad()
+def test_frozen_traces_follow_weight_changes_and_keep_the_training_flag(monkeypatch):
+    """Frozen traces hold the weights as constants: replacing a weight or changing one in place
+    between generations (a training step, a load) must retrace, never replay stale weights."""
+    from llamakin.model.decode import Decoder
+
+    monkeypatch.setenv("LLAMAKIN_TRACE", "1")
+    torch.manual_seed(0)
+    config = llamakin.ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, q_bias=True, k_bias=True)
+    model = llamakin.Transformer(config).train()
+
+    def decode_logits(traced: bool):
+        monkeypatch.setenv("LLAMAKIN_TRACE", "1" if traced else "0")
+        cache = model.new_cache(2, 16)
+        model(torch.arange(10).view(2, 5), cache=cache)
+        return Decoder(model, cache).step(torch.tensor([[7], [8]]), torch.tensor([[5], [5]]))
+
+    first = decode_logits(True)
+    assert model.training  # tracing/freezing left the model's mode alone
+    model.layers[0].attn.qkv.bias.mul_(1.5)  # in place
+    model.embed.weight = torch.nn.Parameter(model.embed.weight * 1.5)  # replaced
+    changed = decode_logits(True)
+    assert not torch.equal(changed, first)
+    assert torch.equal(changed, decode_logits(False))
