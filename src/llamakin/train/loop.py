@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -295,6 +296,11 @@ class Trainer:
                  "world_size": self.world, "trained_parameters": len(self.trained_names)}, indent=2) + "\n")
         peak = measured_peak_flops(self.device, self.precision)
         per_token = flops_per_token(self.model, cfg.seq_len)
+        if self.is_main and self.progress:
+            total = sum(p.numel() for p in self.model.parameters())
+            print(f"training {total:,} parameters ({len(self.trained_names)} tensors trained) on "
+                  f"{self.world} x {self.device.type}, {self.precision} (asked: {cfg.precision}), "
+                  f"{self.tokens_per_step:,} tokens/step, steps {step} -> {self.total_steps}", file=sys.stderr)
         params = [p for p in self.model.parameters() if p.requires_grad]
         bar = tqdm(total=self.total_steps, initial=step, desc="training", unit="step", disable=not self.progress)
         last = {}
