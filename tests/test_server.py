@@ -201,15 +201,32 @@ def test_api_key(tiny):
 
 
 def test_full_queue_answers_429_with_retry_after(tiny):
+    """One request running (max_batch=1), one waiting (max_queue=1): the next ones get 429 with
+    Retry-After, the two admitted ones complete, and the server serves again afterwards. Each
+    decode step is slowed to 10 ms so the states are reached deterministically, not by a race."""
     s = Server(*tiny, max_batch=1, max_queue=1, context=256)
+    step = s.engine._step
+    s.engine._step = lambda: (time.sleep(0.01), step())[1]
+
+    def wait_for(key, value):
+        for _ in range(500):
+            if httpx.get(s.url + "/health").json()[key] == value:
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"the engine never reached {key}={value}")
+
     try:
-        body = {"model": MODEL, "prompt": "Long story:", "max_tokens": 200, "temperature": 0}
-        with ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(lambda _: post(s, "/v1/completions", body, timeout=120), range(6)))
-        codes = sorted(r.status_code for r in responses)
-        assert codes.count(200) >= 2 and 429 in codes
-        busy = next(r for r in responses if r.status_code == 429)
-        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "rate_limit_error"
+        body = {"model": MODEL, "prompt": "Long story:", "max_tokens": 120, "temperature": 0}
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(post, s, "/v1/completions", body, timeout=120)
+            wait_for("running", 1)
+            waiting = pool.submit(post, s, "/v1/completions", body, timeout=120)
+            wait_for("waiting", 1)
+            rejected = [post(s, "/v1/completions", body) for _ in range(3)]
+            assert [r.status_code for r in rejected] == [429] * 3
+            assert rejected[0].headers["retry-after"] == "1"
+            assert rejected[0].json()["error"]["type"] == "rate_limit_error"
+            assert running.result().status_code == 200 and waiting.result().status_code == 200
         assert post(s, "/v1/completions", body | {"max_tokens": 2}).status_code == 200
     finally:
         s.close()
