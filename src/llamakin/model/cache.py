@@ -129,16 +129,12 @@ def build_mask(key_valid: torch.Tensor | None, past: int, new: int, window: int 
     allowed = k_pos <= q_pos
     if window is not None:
         allowed = allowed & (k_pos > q_pos - window)
+    allowed = allowed[None]  # [1 or B, T, S]
     if prefix_end is not None:
-        allowed = allowed[None] | (k_pos[None] < prefix_end[:, None, None])  # [B, T, S]
-        if key_valid is None:
-            return AttentionMask(allowed[:, None], False)
-        allowed = (allowed & key_valid[:, None, :]) | (k_pos == q_pos)[None]
-        return AttentionMask(allowed[:, None], False)
+        allowed = allowed | (k_pos[None] < prefix_end[:, None, None])
     if key_valid is not None:
-        allowed = (allowed[None] & key_valid[:, None, :]) | (k_pos == q_pos)[None]
-        return AttentionMask(allowed[:, None], False)
-    return AttentionMask(allowed[None, None], False)
+        allowed = (allowed & key_valid[:, None, :]) | (k_pos == q_pos)[None]
+    return AttentionMask(allowed[:, None], False)
 
 
 def decode_masks(key_valid: torch.Tensor, slots: torch.Tensor, windows: set[int | None]) -> dict[int | None, AttentionMask]:
