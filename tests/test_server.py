@@ -200,28 +200,36 @@ def test_api_key(tiny):
         s.close()
 
 
-def test_full_queue_answers_429_with_retry_after(tiny):
+def slow_down_steps(engine, seconds: float, monkeypatch) -> None:
+    """Make every decode step of ``engine`` take ``seconds`` longer, so a test reaches engine
+    states (a row running, a request waiting) deterministically instead of by a race."""
+    step = engine._step
+    monkeypatch.setattr(engine, "_step", lambda: (time.sleep(seconds), step())[1])
+
+
+def wait_until(condition, seconds: float = 5.0) -> bool:
+    """Poll ``condition`` every 10 ms for up to ``seconds``; whether it came true."""
+    deadline = time.perf_counter() + seconds
+    while not condition():
+        if time.perf_counter() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_full_queue_answers_429_with_retry_after(tiny, monkeypatch):
     """One request running (max_batch=1), one waiting (max_queue=1): the next ones get 429 with
-    Retry-After, the two admitted ones complete, and the server serves again afterwards. Each
-    decode step is slowed to 10 ms so the states are reached deterministically, not by a race."""
+    Retry-After, the two admitted ones complete, and the server serves again afterwards."""
     s = Server(*tiny, max_batch=1, max_queue=1, context=256)
-    step = s.engine._step
-    s.engine._step = lambda: (time.sleep(0.01), step())[1]
-
-    def wait_for(key, value):
-        for _ in range(500):
-            if httpx.get(s.url + "/health").json()[key] == value:
-                return
-            time.sleep(0.01)
-        raise AssertionError(f"the engine never reached {key}={value}")
-
+    slow_down_steps(s.engine, 0.01, monkeypatch)
+    health = lambda: httpx.get(s.url + "/health").json()  # noqa: E731
     try:
         body = {"model": MODEL, "prompt": "Long story:", "max_tokens": 120, "temperature": 0}
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(post, s, "/v1/completions", body, timeout=120)
-            wait_for("running", 1)
+            assert wait_until(lambda: health()["running"] == 1)
             waiting = pool.submit(post, s, "/v1/completions", body, timeout=120)
-            wait_for("waiting", 1)
+            assert wait_until(lambda: health()["waiting"] == 1)
             rejected = [post(s, "/v1/completions", body) for _ in range(3)]
             assert [r.status_code for r in rejected] == [429] * 3
             assert rejected[0].headers["retry-after"] == "1"
@@ -233,18 +241,14 @@ def test_full_queue_answers_429_with_retry_after(tiny):
 
 
 def test_disconnect_mid_stream_frees_the_row(server, monkeypatch):
-    step = server.engine._step
-    monkeypatch.setattr(server.engine, "_step", lambda: (time.sleep(0.02), step())[1])  # 200 tokens: >= 4 s
+    slow_down_steps(server.engine, 0.02, monkeypatch)  # 200 tokens: >= 4 s
     before = server.engine.status()["generated_tokens"]
     body = {"model": MODEL, "prompt": "A very long tale:", "max_tokens": 200, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 3:
                 break  # leaving the block closes the connection mid-stream
-    left = time.perf_counter()
-    while server.engine.status()["running"] and time.perf_counter() - left < 3:
-        time.sleep(0.02)
-    assert server.engine.status()["running"] == 0
+    assert wait_until(lambda: server.engine.status()["running"] == 0, seconds=3)
     # cancelled, not run to its end: far fewer than the 200 tokens it asked for
     assert server.engine.status()["generated_tokens"] - before < 150
     out = server.client().completions.create(model=MODEL, prompt="Still there?", max_tokens=4, temperature=0)
