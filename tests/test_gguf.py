@@ -150,3 +150,54 @@ def test_bad_gguf_files(tmp_path):
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     with pytest.raises(UnsupportedError, match="GGUF architecture 'falcon'"):
         llamakin.load(tmp_path / "falcon.gguf")
+
+
+# -- the tokenizer that goes into an exported GGUF: llama.cpp must split text the same way ------------
+SAMPLE = ["Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+          "In 2024 it cost $12.50, they're sure; it's 1234567 (or so)!", "a+b=c^d~e|f<g>h", "  two  spaces\n\nend"]
+
+
+def _llama_case_with_tokenizer(directory, pre_tokenizer=None):
+    from llamakin.train.data import train_tokenizer
+
+    save_case(GGUF_CASES["llama"], directory)
+    tok = train_tokenizer(SAMPLE * 20, 300)
+    if pre_tokenizer is not None:
+        tok.backend.pre_tokenizer = pre_tokenizer
+    tok.save(directory)
+    return tok
+
+
+def test_gguf_export_names_the_pre_tokenizer_that_splits_like_the_source(tmp_path):
+    """A plain byte-level BPE is GPT-2's regex: llama.cpp's "gpt-2", not its "default" (which also
+    splits punctuation and digit runs and so gave other ids for "summer's" — checked in llama.cpp)."""
+    source = _llama_case_with_tokenizer(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--gguf-type", "F32"]) == 0
+    meta = GGUFFile(tmp_path / "m.gguf").metadata
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    exported = llamakin.load_tokenizer(tmp_path / "m.gguf")
+    for text in SAMPLE:
+        assert exported.encode(text) == source.encode(text), repr(text)
+
+
+def test_gguf_export_refuses_a_pre_tokenizer_llama_cpp_lacks(tmp_path, capsys):
+    from tokenizers import pre_tokenizers
+
+    _llama_case_with_tokenizer(tmp_path / "hf", pre_tokenizers.Sequence(
+        [pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)]))
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf")]) == 2
+    assert "no llama.cpp equivalent" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_export_without_a_tokenizer_says_so_and_takes_one_from_elsewhere(tmp_path, capsys):
+    save_case(GGUF_CASES["llama"], tmp_path / "bare")
+    _llama_case_with_tokenizer(tmp_path / "with_tokenizer")
+    assert main(["convert", str(tmp_path / "bare"), str(tmp_path / "a.gguf")]) == 0
+    out, err = capsys.readouterr()
+    assert "no tokenizer" in out and "--tokenizer" in err
+    assert "tokenizer.ggml.model" not in GGUFFile(tmp_path / "a.gguf").metadata
+    assert main(["convert", str(tmp_path / "bare"), str(tmp_path / "b.gguf"),
+                 "--tokenizer", str(tmp_path / "with_tokenizer")]) == 0
+    assert "gpt2 tokenizer" in capsys.readouterr().out
+    assert GGUFFile(tmp_path / "b.gguf").metadata["tokenizer.ggml.pre"] == "gpt-2"

@@ -82,3 +82,18 @@ def test_cli_chat_over_piped_stdin():
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert lines[0] == "The capital of France is Paris." and "Berlin" in lines[1]
+
+
+def test_gguf_export_of_the_catalog_model_keeps_its_tokenizer(models, tmp_path):
+    """``convert smollm2-135m-instruct out.gguf``: the catalog name resolves to its file, whose
+    tokenizer and chat template go along (llama.cpp refuses a GGUF without a tokenizer)."""
+    from llamakin.cli import main
+    from llamakin.io.gguf import GGUFFile
+
+    ours, tok, _ = models
+    assert main(["convert", "smollm2-135m-instruct", str(tmp_path / "m.gguf"), "--gguf-type", "Q8_0"]) == 0
+    meta, original = GGUFFile(tmp_path / "m.gguf").metadata, GGUFFile(smollm2_gguf()).metadata
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template"):
+        assert meta[key] == original[key], key
+    exported = llamakin.load_tokenizer(tmp_path / "m.gguf")
+    assert [exported.encode(p) for p in PROMPTS] == [tok.encode(p) for p in PROMPTS]

@@ -142,3 +142,24 @@ def test_stop_strings_are_cut_and_held_back(smollm2):
     assert "".join(out) == "The answer is 42."
     assert stream.stopped
     assert not any(p.endswith("\n") for p in out[:-1])  # the newline was held until the stop was decided
+
+
+@pytest.mark.parametrize("pre", ["default", None])
+def test_gguf_default_pre_tokenizer_is_llama_cpps(pre):
+    """A GGUF BPE vocabulary whose pre-tokenizer is "default" (or missing) splits like llama.cpp's
+    fallback: punctuation runs first, then GPT-2's regex, then digit runs, then digits in threes."""
+    from llamakin.io.gguf import GGUFFile
+    from llamakin.tokenizer import from_gguf_metadata
+
+    meta = dict(GGUFFile(llama_cpp_vocab("gpt-2")[0]).metadata)
+    gpt2 = from_gguf_metadata(meta)
+    if pre is None:
+        del meta["tokenizer.ggml.pre"]
+    else:
+        meta["tokenizer.ggml.pre"] = pre
+    default = from_gguf_metadata(meta)
+    pieces = ["a", " summer", "'", "s", " day", " costs", " ", "202", "4", "!"]
+    assert default.encode("a summer's day costs 2024!", add_special_tokens=False) == [
+        i for piece in pieces for i in gpt2.encode(piece, add_special_tokens=False)]
+    assert gpt2.encode(" summer's", add_special_tokens=False) == gpt2.encode(" summer", add_special_tokens=False) + \
+        gpt2.encode("'s", add_special_tokens=False)

@@ -63,11 +63,15 @@ def cmd_arch_diff(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from .convert import convert_checkpoint
+    from .convert import NO_TOKENIZER, convert_checkpoint
 
     destination, family = convert_checkpoint(args.source, args.destination, to=args.to,
-                                             rope_layout=args.rope_layout, dtype=args.dtype, gguf_type=args.gguf_type)
+                                             rope_layout=args.rope_layout, dtype=args.dtype, gguf_type=args.gguf_type,
+                                             tokenizer=args.tokenizer)
     print(f"wrote {family} checkpoint to {destination}")
+    if NO_TOKENIZER in family:
+        print(f"llamakin: note: no tokenizer was found with {args.source}, and llama.cpp refuses a GGUF without "
+              "one; convert again with --tokenizer PATH.", file=sys.stderr)
 
 
 def _open(args):
@@ -322,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
     p.add_argument("--gguf-type", default="F16", choices=["F32", "F16", "Q8_0"],
                    help="matrix type when DESTINATION ends in .gguf (vectors are always F32)")
+    p.add_argument("--tokenizer", help="for .gguf output: the tokenizer to embed (a path or catalog name; "
+                                       "default: the source's own)")
     p.set_defaults(func=cmd_convert)
     return parser
 

@@ -134,21 +134,29 @@ def fit_to_family(model: Transformer, name: str, keep_rope_layout: bool = False)
     raise UnsupportedError(f"cannot save as {name}: {reason}; pick another --to family.")
 
 
+NO_TOKENIZER = "no tokenizer"  # in the description of a GGUF written without one
+
+
 def convert_checkpoint(source: str | Path, destination: str | Path, to: str | None = None,
                        rope_layout: str | None = None, dtype: str | torch.dtype | None = None,
-                       gguf_type: str = "F16") -> tuple[Path, str]:
+                       gguf_type: str = "F16", tokenizer: str | Path | None = None) -> tuple[Path, str]:
     """Load ``source``, optionally change RoPE layout and dtype, save as ``to`` (default: the
     source's format if it can express the result, else the first format that can). A
     destination ending in ``.gguf`` writes GGUF (matrices in ``gguf_type``) with the source's
-    tokenizer. Returns the destination and the format written."""
+    tokenizer, or ``tokenizer``'s (a path or catalog name). Returns the destination and the format written."""
     if str(destination).lower().endswith(".gguf"):
+        from .catalog import resolve
         from .gguf_export import save_gguf
+        from .io.gguf import GGUFFile
 
-        model = load(source)
         if rope_layout not in (None, "half"):
             raise ConfigError("GGUF files store q/k in llama.cpp's own order; drop --rope-layout for .gguf output.")
-        save_gguf(model, destination, quant=gguf_type, tokenizer_source=source)
-        return Path(destination), f"GGUF ({gguf_type})"
+        source = resolve(source)  # a catalog name: its file, whose tokenizer goes along
+        tokenizer_source = source if tokenizer is None else resolve(tokenizer)
+        save_gguf(load(source), destination, quant=gguf_type, tokenizer_source=tokenizer_source)
+        tokenizer_kind = GGUFFile(destination).metadata.get("tokenizer.ggml.model")
+        tokenizer_note = NO_TOKENIZER if tokenizer_kind is None else f"{tokenizer_kind} tokenizer"
+        return Path(destination), f"GGUF ({gguf_type}, {tokenizer_note})"
     if dtype is None:
         dtype = stored_dtype(source)  # keep the source's precision (and size)
     model = load(source, dtype=parse_dtype(dtype))

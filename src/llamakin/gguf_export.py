@@ -3,7 +3,12 @@
 Tensor names, q/k row order (interleaved for the llama architecture) and metadata keys follow
 llama.cpp's converter; matrices are written as F32, F16 or Q8_0, vectors always as F32. The
 tokenizer goes along when the source has one (GGUF metadata copied as is; a ``tokenizer.json``
-byte-level BPE or a SentencePiece model translated to llama.cpp's vocabulary keys).
+byte-level BPE or a SentencePiece model translated to llama.cpp's vocabulary keys): llama.cpp
+refuses a GGUF without one. A byte-level BPE is written only under a pre-tokenizer name that
+makes llama.cpp split text the way the source tokenizer does (``gpt-2`` for GPT-2's regex,
+not llama.cpp's ``default``, which also splits punctuation and digit runs); one without such a
+name is refused rather than written to tokenize differently. Checked against llama.cpp itself:
+README, "GGUF export".
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ def tokenizer_metadata(source: str | Path | None) -> dict[str, Any]:
         return {k: v for k, v in GGUFFile(source).metadata.items() if k.startswith("tokenizer.")}
     directory = source if source.is_dir() else source.parent
     if (directory / "tokenizer.json").is_file():
-        return _from_tokenizer_json(directory)
-    if (directory / "tokenizer.model").is_file():
+        meta = _from_tokenizer_json(directory)
+        if meta:
+            return meta
+    if (directory / "tokenizer.model").is_file():  # also next to a byte-fallback tokenizer.json
         return _from_sentencepiece(directory / "tokenizer.model")
     return {}
 
@@ -69,7 +76,7 @@ def _from_tokenizer_json(directory: Path) -> dict[str, Any]:
         types[token["id"]] = 3 if token.get("special") else 4
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     tok = load_tokenizer(directory)
-    meta: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer_name(spec),
+    meta: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer_name(spec, directory),
                             "tokenizer.ggml.tokens": tokens,
                             "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
     if tok.bos_token_id is not None:
@@ -89,18 +96,26 @@ def _split_patterns(node: Any) -> list[str]:
     return []
 
 
-def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
-    """llama.cpp's name for a tokenizer.json pre-tokenizer (``default`` is GPT-2's regex)."""
+def _pre_tokenizer_name(spec: dict[str, Any], directory: Path) -> str:
+    """llama.cpp's name for the pre-tokenizer of a byte-level BPE ``tokenizer.json``."""
     from .tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
 
-    splits = _split_patterns(spec.get("pre_tokenizer"))
+    pre = spec.get("pre_tokenizer") or {}
+    splits = _split_patterns(pre)
     if splits == [LLAMA3_SPLIT]:
         return "llama-bpe"
     if splits == [QWEN2_SPLIT]:
         return "qwen2"
-    if "individual_digits" in json.dumps(spec.get("pre_tokenizer")):
-        return "smollm"
-    return "default"
+    steps = pre.get("pretokenizers", [pre])
+    kinds = [(step.get("type"), step.get("individual_digits"), step.get("use_regex")) for step in steps]
+    if kinds == [("ByteLevel", None, True)]:
+        return "gpt-2"
+    if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
+        return "smollm"  # each digit alone, then GPT-2's regex
+    raise UnsupportedError(
+        f"the pre-tokenizer in {directory / 'tokenizer.json'} ({json.dumps(pre)[:120]}) has no llama.cpp "
+        "equivalent that splits text the same way, so llama.cpp would produce other token ids; "
+        "export to a Hugging Face directory instead.")
 
 
 def _from_sentencepiece(path: Path) -> dict[str, Any]:

@@ -40,11 +40,15 @@ class PreTokenizer:
 
 
 _GPT2 = PreTokenizer((GPT2_SPLIT,))
+# llama.cpp's fallback for a missing or "default" tokenizer.ggml.pre: punctuation runs split off
+# first ("summer's" -> "summer", "'", "s"), then GPT-2's regex, then digit runs in threes
+_LLAMA_CPP_DEFAULT = PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"))
 _DIGITS_GPT2 = PreTokenizer((r"\p{N}", GPT2_SPLIT))  # every digit its own piece
 _LLAMA3 = PreTokenizer((LLAMA3_SPLIT,), ignore_merges=True, add_bos=True)
 _QWEN2 = PreTokenizer((QWEN2_SPLIT,))
 GGUF_PRE_TOKENIZERS: dict[str, PreTokenizer] = {
-    **dict.fromkeys(("default", "gpt-2", "gpt2", "mpt", "olmo", "jais"), _GPT2),
+    "default": _LLAMA_CPP_DEFAULT,
+    **dict.fromkeys(("gpt-2", "gpt2", "mpt", "olmo", "jais"), _GPT2),
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), _DIGITS_GPT2),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), _LLAMA3),
     **dict.fromkeys(("dbrx", "smaug-bpe"), PreTokenizer((LLAMA3_SPLIT,))),
