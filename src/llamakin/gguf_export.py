@@ -41,28 +41,33 @@ def gguf_family_for(model: Transformer) -> GGUFFamily:
 
 def tokenizer_metadata(source: str | Path | None) -> dict[str, Any]:
     """llama.cpp tokenizer keys for the tokenizer stored with ``source`` (empty if there is none)."""
+    from .errors import CheckpointError
+    from .tokenizer import _SentencePiece, load_tokenizer
+
     if source is None:
         return {}
     source = Path(source)
     if source.suffix.lower() == ".gguf":
         return {k: v for k, v in GGUFFile(source).metadata.items() if k.startswith("tokenizer.")}
     directory = source if source.is_dir() else source.parent
-    if (directory / "tokenizer.json").is_file():
-        meta = _from_tokenizer_json(directory)
-        if meta:
-            return meta
-    if (directory / "tokenizer.model").is_file():  # also next to a byte-fallback tokenizer.json
-        return _from_sentencepiece(directory / "tokenizer.model")
-    return {}
+    try:
+        tok = load_tokenizer(directory)
+    except CheckpointError:
+        return {}  # no tokenizer there
+    if isinstance(tok.backend, _SentencePiece):
+        return _from_sentencepiece(tok.backend.sp)
+    # a tokenizers backend: the directory's tokenizer.json, or one built from tiktoken ranks
+    spec = json.loads(tok.backend.to_str())
+    if spec.get("model", {}).get("type") != "BPE":
+        return {}
+    if spec["model"].get("byte_fallback"):  # SentencePiece-style BPE: its tokenizer.model translates
+        model_file = directory / "tokenizer.model"
+        return _from_sentencepiece(_SentencePiece(model_file).sp) if model_file.is_file() else {}
+    return _from_byte_level_bpe(spec, tok, directory)
 
 
-def _from_tokenizer_json(directory: Path) -> dict[str, Any]:
-    from .tokenizer import load_tokenizer
-
-    spec = json.loads((directory / "tokenizer.json").read_text())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        return {}  # only byte-level BPE vocabularies translate directly
+def _from_byte_level_bpe(spec: dict[str, Any], tok, directory: Path) -> dict[str, Any]:
+    model = spec["model"]
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
     for content, token in added.items():
@@ -75,7 +80,6 @@ def _from_tokenizer_json(directory: Path) -> dict[str, Any]:
     for content, token in added.items():
         types[token["id"]] = 3 if token.get("special") else 4
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    tok = load_tokenizer(directory)
     meta: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer_name(spec, directory),
                             "tokenizer.ggml.tokens": tokens,
                             "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
@@ -96,32 +100,37 @@ def _split_patterns(node: Any) -> list[str]:
     return []
 
 
+# llama.cpp pre-tokenizer names in the order they are preferred when several split the same way
+_PRE_TOKENIZER_NAMES = ("gpt-2", "smollm", "llama-bpe", "qwen2", "smaug-bpe", "glm4", "falcon", "default")
+
+
 def _pre_tokenizer_name(spec: dict[str, Any], directory: Path) -> str:
-    """llama.cpp's name for the pre-tokenizer of a byte-level BPE ``tokenizer.json``."""
-    from .tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
+    """llama.cpp's name for the pre-tokenizer of a byte-level BPE (a ``tokenizers`` JSON spec)."""
+    from .tokenizer import GGUF_PRE_TOKENIZERS
 
     pre = spec.get("pre_tokenizer") or {}
-    splits = _split_patterns(pre)
-    if splits == [LLAMA3_SPLIT]:
-        return "llama-bpe"
-    if splits == [QWEN2_SPLIT]:
-        return "qwen2"
     steps = pre.get("pretokenizers", [pre])
     kinds = [(step.get("type"), step.get("individual_digits"), step.get("use_regex")) for step in steps]
     if kinds == [("ByteLevel", None, True)]:
-        return "gpt-2"
+        return "gpt-2"  # GPT-2's regex inside ByteLevel
     if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
         return "smollm"  # each digit alone, then GPT-2's regex
+    if kinds[-1] == ("ByteLevel", None, False) and all(kind[0] == "Split" for kind in kinds[:-1]):
+        # the splits must agree; among names with those splits, one that also takes whole-word
+        # vocabulary entries the same way is preferred (Qwen's tiktoken ranks, merge-derived, have
+        # no such twin and tokenize the same as llama.cpp's "qwen2": checked on the test texts)
+        splits, ignore_merges = tuple(_split_patterns(pre)), bool(spec["model"].get("ignore_merges"))
+        same_splits = [name for name in _PRE_TOKENIZER_NAMES if GGUF_PRE_TOKENIZERS[name].splits == splits]
+        same_splits.sort(key=lambda name: GGUF_PRE_TOKENIZERS[name].ignore_merges != ignore_merges)
+        if same_splits:
+            return same_splits[0]
     raise UnsupportedError(
-        f"the pre-tokenizer in {directory / 'tokenizer.json'} ({json.dumps(pre)[:120]}) has no llama.cpp "
+        f"the pre-tokenizer of the tokenizer in {directory} ({json.dumps(pre)[:120]}) has no llama.cpp "
         "equivalent that splits text the same way, so llama.cpp would produce other token ids; "
         "export to a Hugging Face directory instead.")
 
 
-def _from_sentencepiece(path: Path) -> dict[str, Any]:
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+def _from_sentencepiece(sp) -> dict[str, Any]:
     n = sp.GetPieceSize()
     types = [3 if sp.IsControl(i) else 2 if sp.IsUnknown(i) else 6 if sp.IsByte(i) else 1 for i in range(n)]
     meta: dict[str, Any] = {"tokenizer.ggml.model": "llama",
@@ -144,7 +153,7 @@ def save_gguf(model: Transformer, path: str | Path, quant: str = "F16", tokenize
     meta.pop(TENSOR_NAMES)
     arch = meta.pop("general.architecture")
     tok_meta = tokenizer_metadata(tokenizer_source)
-    meta = {**tok_meta, **meta}  # the model's own special ids win
+    meta = {**meta, **tok_meta}  # the tokenizer's special ids win over the model config's (as in llama.cpp's converter)
     meta.setdefault(f"{arch}.vocab_size", model.config.vocab_size)
     meta["general.name"] = name
     meta["general.file_type"] = _FILE_TYPE[quant]
