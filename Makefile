@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 TEST_STAMP    := $(VENV)/.installed-test
 
-.PHONY: test test-fast install demo bench clean
+.PHONY: test test-fast install demo bench bench-llama-cpp clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ demo: $(RUNTIME_STAMP)
 
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/bench_inference.py --rss
+
+bench-llama-cpp: $(TEST_STAMP)
+	$(PY) benchmarks/bench_llama_cpp.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
