@@ -2,13 +2,13 @@
 
 Tensor names, q/k row order (interleaved for the llama architecture) and metadata keys follow
 llama.cpp's converter; matrices are written as F32, F16 or Q8_0, vectors always as F32. The
-tokenizer goes along when the source has one (GGUF metadata copied as is; a ``tokenizer.json``
-byte-level BPE or a SentencePiece model translated to llama.cpp's vocabulary keys): llama.cpp
-refuses a GGUF without one. A byte-level BPE is written only under a pre-tokenizer name that
-makes llama.cpp split text the way the source tokenizer does (``gpt-2`` for GPT-2's regex,
-not llama.cpp's ``default``, which also splits punctuation and digit runs); one without such a
-name is refused rather than written to tokenize differently. Checked against llama.cpp itself:
-README, "GGUF export".
+tokenizer goes along when the source has one (GGUF metadata copied as is; a byte-level BPE
+``tokenizer.json``, tiktoken ranks or a SentencePiece model translated to llama.cpp's vocabulary
+keys): llama.cpp refuses a GGUF without one. A byte-level BPE is written only under a
+pre-tokenizer name that makes llama.cpp split text the way the source tokenizer does (``gpt-2``
+for GPT-2's regex, not llama.cpp's ``default``, which also splits punctuation and digit runs);
+one without such a name is refused rather than written to tokenize differently. Checked in
+llama.cpp itself (README, "llama.cpp on the same machine"; ``benchmarks/bench_llama_cpp.py``).
 """
 
 from __future__ import annotations
