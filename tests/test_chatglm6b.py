@@ -1,10 +1,12 @@
-"""ChatGLM-6B (v1) against a plain reference written from spec §6.1 in this file.
+"""ChatGLM-6B (v1) against a re-implementation of its original ``modeling_chatglm.py``.
 
 No native transformers class and no tokenizer exist offline, so the checkpoint is built in the
-original layout with random tensors (config.json with the released keys, the spec's tensor
-names), and the reference runs sequence-first with explicit per-head loops: per-head interleaved
-``query_key_value``, 2-D RoPE with float16 tables, ``query_key_layer_scaling``, the prefix-LM
-mask with the -10000 fill, alpha-scaled residuals on the normalised input, GELU-tanh.
+original layout with random tensors (config.json with the released keys, the original tensor
+names), and the reference (``original_code.ChatGLM6B``) follows the original file: sequence-first,
+per-head interleaved ``query_key_value``, 2-D RoPE from float16-rounded inverse frequencies with
+tables in the model's dtype, ``query_key_layer_scaling``, the prefix-LM mask with the -10000 fill,
+residuals on the normalised input scaled by sqrt(56) whatever the depth, GELU-tanh, its own cache,
+and the tokenizer's left padding.
 """
 
 from __future__ import annotations
@@ -18,26 +20,26 @@ from safetensors.torch import save_file
 
 import llamakin
 from llamakin.generate import GenerationRun, SamplingParams
+from original_code import ChatGLM6B
 
 V, D, H, LAYERS, INNER = 100, 32, 4, 2, 64
 HD = D // H
 GMASK, MASK, SOP, EOS = 90, 91, 92, 93
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("chatglm6b")
+def make_checkpoint(directory, layers: int = LAYERS, seed: int = 0):
     config = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "vocab_size": V, "hidden_size": D,
-              "num_layers": LAYERS, "num_attention_heads": H, "inner_hidden_size": INNER, "layernorm_epsilon": 1e-5,
-              "max_sequence_length": 64, "position_encoding_2d": True, "bos_token_id": SOP, "eos_token_id": EOS,
-              "mask_token_id": MASK, "gmask_token_id": GMASK, "pad_token_id": 3}
-    g = torch.Generator().manual_seed(0)
+              "num_layers": layers, "num_attention_heads": H, "inner_hidden_size": INNER, "layernorm_epsilon": 1e-5,
+              "max_sequence_length": 256, "position_encoding_2d": True, "bos_token_id": SOP, "eos_token_id": EOS,
+              "mask_token_id": MASK, "gmask_token_id": GMASK, "pad_token_id": 3, "use_cache": True,
+              "torch_dtype": "float16"}
+    g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=None):
         return torch.randn(*shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
 
     w = {"transformer.word_embeddings.weight": rand(V, D, scale=1.0)}
-    for i in range(LAYERS):
+    for i in range(layers):
         t = f"transformer.layers.{i}."
         w |= {t + "input_layernorm.weight": 1 + rand(D, scale=0.2), t + "input_layernorm.bias": rand(D, scale=0.1),
               t + "attention.query_key_value.weight": rand(3 * D, D), t + "attention.query_key_value.bias": rand(3 * D, scale=0.1),
@@ -48,61 +50,21 @@ def checkpoint(tmp_path_factory):
               t + "mlp.dense_4h_to_h.weight": rand(D, INNER), t + "mlp.dense_4h_to_h.bias": rand(D, scale=0.1),
               t + "attention.rotary_emb.inv_freq": torch.ones(HD // 4)}  # a buffer the loader must skip
     w |= {"transformer.final_layernorm.weight": 1 + rand(D, scale=0.2), "transformer.final_layernorm.bias": rand(D, scale=0.1)}
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(w, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config))
     return directory, w
 
 
-def reference_logits(w: dict, tokens: list[int]) -> torch.Tensor:
-    """All positions' logits for one sequence, following the released modeling_chatglm.py."""
-    T = len(tokens)
-    ctx = tokens.index(SOP)
-    mask_pos = tokens.index(GMASK) if GMASK in tokens else tokens.index(MASK)
-    pos = [p if p < ctx else mask_pos for p in range(T)]
-    block = [0 if p < ctx else p - ctx + 1 for p in range(T)]
-    inv_freq = (1.0 / 10000 ** (torch.arange(0, HD // 2, 2).float() / (HD // 2))).half()
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("chatglm6b"))
 
-    def table(ids):
-        freqs = torch.tensor(ids).half()[:, None] * inv_freq[None]  # fp16 products, as the original
-        emb = torch.cat([freqs, freqs], -1)
-        return emb.cos().float(), emb.sin().float()
 
-    (c1, s1), (c2, s2) = table(pos), table(block)
-
-    def rot(x, c, s):  # rotate_half on one 64-dim half
-        half = x.shape[-1] // 2
-        return x * c + torch.cat([-x[:, half:], x[:, :half]], -1) * s
-
-    blocked = torch.ones(T, T).tril()
-    blocked[:, :ctx] = 1
-    blocked = blocked < 0.5
-    alpha = math.sqrt(2 * LAYERS)
-
-    def ln(x, p):
-        return torch.nn.functional.layer_norm(x, (D,), w[p + ".weight"], w[p + ".bias"], 1e-5)
-
-    h = w["transformer.word_embeddings.weight"][torch.tensor(tokens)]  # [T, D] (sequence-first, batch 1)
-    for i in range(LAYERS):
-        t = f"transformer.layers.{i}."
-        x = ln(h, t + "input_layernorm")
-        mixed = x @ w[t + "attention.query_key_value.weight"].T + w[t + "attention.query_key_value.bias"]
-        mixed = mixed.view(T, H, 3 * HD)
-        outs = []
-        for head in range(H):
-            q, k, v = mixed[:, head].split(HD, -1)
-            q = torch.cat([rot(q[:, :HD // 2], c1, s1), rot(q[:, HD // 2:], c2, s2)], -1)
-            k = torch.cat([rot(k[:, :HD // 2], c1, s1), rot(k[:, HD // 2:], c2, s2)], -1)
-            coeff = i + 1  # query_key_layer_scaling
-            scores = (q / (math.sqrt(HD) * coeff)) @ k.T
-            scores = scores.masked_fill(blocked, -10000.0).float() * coeff
-            outs.append(scores.softmax(-1) @ v)
-        attn = torch.cat(outs, -1) @ w[t + "attention.dense.weight"].T + w[t + "attention.dense.bias"]
-        h = x * alpha + attn
-        y = ln(h, t + "post_attention_layernorm")
-        up = y @ w[t + "mlp.dense_h_to_4h.weight"].T + w[t + "mlp.dense_h_to_4h.bias"]
-        gelu = 0.5 * up * (1 + torch.tanh(0.7978845608028654 * (up + 0.044715 * up ** 3)))
-        h = y * alpha + gelu @ w[t + "mlp.dense_4h_to_h.weight"].T + w[t + "mlp.dense_4h_to_h.bias"]
-    return ln(h, "transformer.final_layernorm") @ w["transformer.word_embeddings.weight"].T  # tied
+def reference_logits(directory, tokens: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """All positions' logits for one sequence, from the re-implemented original (``original_code.py``)."""
+    reference = ChatGLM6B(directory, dtype)
+    return reference.forward(*reference.encode([tokens]))[0][0]
 
 
 PROMPTS = [[5, 17, 33, 8, 41, GMASK, SOP], [12, 7, GMASK, SOP], [30, 31, 32, 33, 34, 35, 36, 37, GMASK, SOP]]
@@ -112,7 +74,8 @@ def test_config_and_knobs(checkpoint):
     model = llamakin.load(checkpoint[0])
     c = model.config
     assert (c.family, c.rope_layout, c.norm_type, c.mlp_type, c.prefix_lm) == ("chatglm", "glm2d", "layernorm", "gelu_tanh", True)
-    assert c.normed_residual_alpha == pytest.approx(math.sqrt(2 * LAYERS)) and c.rope_table_dtype == "float16"
+    assert c.normed_residual_alpha == math.sqrt(56)  # whatever the depth (2 layers here)
+    assert (c.rope_inv_freq_dtype, c.rope_table_dtype) == ("float16", "model")
 
 
 @torch.no_grad()
@@ -121,7 +84,7 @@ def test_prompt_logits_match_the_reference(checkpoint, prompt):
     directory, w = checkpoint
     model = llamakin.load(directory)
     got = model(torch.tensor([prompt]))[0]
-    assert (got - reference_logits(w, prompt)).abs().max() < 1e-5
+    assert (got - reference_logits(directory, prompt)).abs().max() < 1e-5
 
 
 @torch.no_grad()
@@ -135,7 +98,7 @@ def test_generation_follows_the_2d_position_protocol(checkpoint):
             pass
         sequence = list(prompt)
         for _ in range(6):
-            sequence.append(int(reference_logits(w, sequence)[-1].argmax()))
+            sequence.append(int(reference_logits(directory, sequence)[-1].argmax()))
         assert run.results[0].token_ids == sequence[len(prompt):]
 
 
@@ -188,3 +151,90 @@ def test_inspect_and_arch_diff_cover_it(checkpoint, capsys):
     assert main(["arch-diff", str(checkpoint[0]), "chatglm2", "qwen", "internlm2", "diff-transformer"]) == 0
     out = capsys.readouterr().out
     assert "prefix LM" in out and "2-D (two position streams)" in out and "pair-norm weight" in out
+
+
+# -- against the original's own cache, padding, depth and dtypes (issue 11) ------------------------------
+def _step_diff(got, expected):
+    return max((g - e).abs().max().item() for g, e in zip(got, expected))
+
+
+def _llamakin_steps(model, prompts, new_tokens):
+    """GenerationRun's prefill and (traced) decode steps, recording the logits of each step."""
+    from llamakin.model.decode import Decoder
+    from llamakin.model.positions import position_tracker
+
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[3] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    padded = bool((mask == 0).any())
+    cache = model.new_cache(len(prompts), T + new_tokens)
+    tracker = position_tracker(model.config)
+    positions, _ = tracker.prompt(ids, mask.bool() if padded else None)
+    with torch.inference_mode():
+        steps = [model(ids, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
+                       last_only=True)[:, -1]]
+        decoder = Decoder(model, cache)
+        for _ in range(new_tokens):
+            steps.append(decoder.step(steps[-1].argmax(-1)[:, None], tracker.step()))
+    return steps
+
+
+@torch.no_grad()
+def test_decoding_with_the_cache_and_padding_matches_the_original(checkpoint):
+    directory, _ = checkpoint
+    model = llamakin.load(directory)
+    expected = ChatGLM6B(directory).greedy(PROMPTS, 6)
+    assert _step_diff(_llamakin_steps(model, PROMPTS, 6), expected) < 1e-5
+
+
+@torch.no_grad()
+def test_residual_alpha_is_sqrt_56_at_every_depth(tmp_path):
+    """Item 4: GLMBlock's num_layers defaults to 28 and the model never passes its own depth."""
+    directory, _ = make_checkpoint(tmp_path / "three", layers=3, seed=1)
+    model = llamakin.load(directory)
+    assert model.config.normed_residual_alpha == math.sqrt(56)
+    prompt = PROMPTS[0]
+    assert (model(torch.tensor([prompt]))[0] - reference_logits(directory, prompt)).abs().max() < 1e-5
+    assert _step_diff(_llamakin_steps(model, PROMPTS, 4), ChatGLM6B(directory).greedy(PROMPTS, 4)) < 1e-5
+
+
+@torch.no_grad()
+def test_float32_tables_from_float16_frequencies_on_a_long_prompt(checkpoint):
+    """Item 3: 150 tokens, where a float16 table is 1.7e-3 off the float32 original."""
+    directory, _ = checkpoint
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(4, 80, (150,), generator=g).tolist() + [GMASK, SOP]
+    got = llamakin.load(directory)(torch.tensor([prompt]))[0]
+    assert (got - reference_logits(directory, prompt)).abs().max() < 3e-5  # logits up to ~30
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_half_precision_runs_build_tables_in_that_dtype(checkpoint, dtype, tol):
+    """The original's inv_freq buffer follows the model's dtype: fp16/bf16 products and tables.
+    Tolerance relative to the largest logit (~30 here): a few units in the last place of that dtype
+    (fp16: 2^-11, bf16: 2^-8), since the two compute the same ops in a different order (SDPA vs
+    baddbmm and a float32 softmax)."""
+    directory, _ = checkpoint
+    model = llamakin.load(directory, dtype=dtype)
+    for prompt in PROMPTS:
+        got = model(torch.tensor([prompt]))[0].float()
+        expected = reference_logits(directory, prompt, dtype).float()
+        assert (got - expected).abs().max() / expected.abs().max() < tol
+
+
+def test_export_is_read_by_the_original_and_refuses_another_alpha(checkpoint, tmp_path):
+    directory, _ = checkpoint
+    model = llamakin.load(directory)
+    model.save_pretrained(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    released = {"architectures", "auto_map", "bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id",
+                "pad_token_id", "hidden_size", "inner_hidden_size", "layernorm_epsilon", "max_sequence_length",
+                "model_type", "num_attention_heads", "num_layers", "position_encoding_2d", "torch_dtype",
+                "use_cache", "vocab_size"}  # THUDM/chatglm-6b's config.json, less _name_or_path/transformers_version
+    assert released <= set(written), released - set(written)
+    with torch.no_grad():
+        assert (model(torch.tensor([PROMPTS[1]]))[0] - reference_logits(tmp_path / "out", PROMPTS[1])).abs().max() < 1e-5
+    other = llamakin.Transformer(model.config.replace(normed_residual_alpha=2.0))
+    with pytest.raises(llamakin.LlamakinError, match="sqrt\\(56\\)"):
+        other.save_pretrained(tmp_path / "bad", family="chatglm")

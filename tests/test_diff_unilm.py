@@ -17,7 +17,7 @@ from llamakin.cli import main
 V, E, LAYERS, FFN = 80, 64, 2, 96
 
 
-def make_checkpoint(directory, pairs: int, kv_pairs: int, seed: int = 0) -> dict:
+def make_checkpoint(directory, pairs: int, kv_pairs: int, seed: int = 0, norm_eps: float = 1e-5) -> dict:
     hd = E // pairs // 2
     n_rep = pairs // kv_pairs
     g = torch.Generator().manual_seed(seed)
@@ -36,7 +36,7 @@ def make_checkpoint(directory, pairs: int, kv_pairs: int, seed: int = 0) -> dict
               m + "feed_forward.w2.weight": rand(E, FFN)}
         w |= {m + f"attn.lambda_{n}": rand(hd, scale=0.1) for n in ("q1", "k1", "q2", "k2")}
     config = {"model_type": "diff_transformer", "vocab_size": V, "embed_dim": E, "num_layers": LAYERS,
-              "num_heads": pairs, "num_kv_heads": kv_pairs, "ffn_dim": FFN, "norm_eps": 1e-5, "rope_theta": 10000.0,
+              "num_heads": pairs, "num_kv_heads": kv_pairs, "ffn_dim": FFN, "norm_eps": norm_eps, "rope_theta": 10000.0,
               "max_positions": 64}
     directory.mkdir(parents=True, exist_ok=True)
     save_file(w, directory / "model.safetensors")
@@ -44,7 +44,8 @@ def make_checkpoint(directory, pairs: int, kv_pairs: int, seed: int = 0) -> dict
     return w
 
 
-def reference(w: dict, ids: torch.Tensor, pairs: int, kv_pairs: int, mistake: str | None = None) -> torch.Tensor:
+def reference(w: dict, ids: torch.Tensor, pairs: int, kv_pairs: int, mistake: str | None = None,
+              norm_eps: float = 1e-5) -> torch.Tensor:
     """unilm's model, attention as multihead_flashdiff_2 computes it (spec §7.1), one sequence.
 
     ``mistake`` switches in one of the errors of spec §7.4 to show this reference notices it.
@@ -56,7 +57,7 @@ def reference(w: dict, ids: torch.Tensor, pairs: int, kv_pairs: int, mistake: st
     ang = torch.outer(torch.arange(T).float(), inv)
     causal = torch.full((T, T), float("-inf")).triu(1)
 
-    def rms(x, weight, eps=1e-5):
+    def rms(x, weight, eps=norm_eps):  # the container's norms use its norm_eps
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
     def rope(x):  # interleaved pairs (2i, 2i+1) -- GPT-J style, as unilm's rotary
@@ -99,9 +100,10 @@ def reference(w: dict, ids: torch.Tensor, pairs: int, kv_pairs: int, mistake: st
             heads.append(out)
         o = torch.stack(heads, 1)  # [T, P, 2hd]
         if mistake == "norm_over_model_dim":
-            o = rms(o.reshape(T, -1), w[m + "attn.subln.weight"].repeat(pairs)).view(T, pairs, 2 * hd)
+            o = rms(o.reshape(T, -1), w[m + "attn.subln.weight"].repeat(pairs), eps=1e-5).view(T, pairs, 2 * hd)
         else:
-            o = rms(o, w[m + "attn.subln.weight"])  # per pair over 2hd, after the difference
+            # per pair over 2hd, after the difference; RMSNorm(2 * head_dim, eps=1e-5) in unilm
+            o = rms(o, w[m + "attn.subln.weight"], eps=1e-5)
         o = o * (1 - lambda_init)
         h = h + o.reshape(T, -1) @ w[m + "attn.out_proj.weight"].T
         x = rms(h, w[m + "ffn_norm.weight"])
@@ -175,3 +177,22 @@ def test_mixing_the_pair_layouts_is_caught(tmp_path):
     model.load_state_dict(state)
     ids = torch.randint(0, V, (10,))
     assert (model(ids[None])[0] - reference(w, ids, pairs, kv_pairs)).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_subln_keeps_unilm_epsilon_whatever_the_container_norm_eps(tmp_path):
+    """Item 8: unilm's subln is RMSNorm(2 * head_dim, eps=1e-5) whatever the blocks' norms use."""
+    pairs, kv_pairs = 4, 2
+    w = make_checkpoint(tmp_path / "unilm", pairs, kv_pairs, seed=2, norm_eps=1e-6)
+    model = llamakin.load(tmp_path / "unilm")
+    assert model.config.norm_eps == 1e-6 and model.config.diff_norm_eps == 1e-5
+    ids = torch.randint(0, V, (12,))
+    expected = reference(w, ids, pairs, kv_pairs, norm_eps=1e-6)
+    assert (model(ids[None])[0] - expected).abs().max() < 1e-5
+    model.save_pretrained(tmp_path / "again")
+    written = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (written["norm_eps"], written["subln_eps"]) == (1e-6, 1e-5)
+    assert (llamakin.load(tmp_path / "again")(ids[None])[0] - expected).abs().max() < 1e-5
+    # HF DiffLlama's group norm shares rms_norm_eps, so this model has no exact DiffLlama form
+    with pytest.raises(llamakin.LlamakinError, match="diff_norm_eps"):
+        model.save_pretrained(tmp_path / "hf", family="diffllama")

@@ -72,8 +72,12 @@ def _rope_text(config: ModelConfig) -> str:
         text += f", Qwen dynamic NTK past {s.original_max_position_embeddings}"
     elif s.type != "default":
         text += f", {s.type} x{s.factor:g}"
+    if config.rope_inv_freq_dtype != "float32":
+        text += f", {config.rope_inv_freq_dtype}-rounded frequencies"
     if config.rope_table_dtype != "float32":
-        text += f", {config.rope_table_dtype} tables"
+        text += ", tables in the model dtype"
+    if config.rope_cached_keys:
+        text += ", cached keys re-rotated"
     return text
 
 

@@ -22,7 +22,8 @@ RMSNORM_ORDERS = ("cast_then_mul", "mul_then_cast")
 MLP_TYPES = ("swiglu", "gelu_tanh")
 ROPE_LAYOUTS = ("half", "interleaved", "glm2d")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "qwen_dynamic")
-TABLE_DTYPES = ("float32", "float16")
+TABLE_DTYPES = ("float32", "model")
+INV_FREQ_DTYPES = ("float32", "float16")
 ATTENTION_KINDS = ("standard", "differential")
 
 
@@ -48,8 +49,9 @@ class RopeScaling:
     ``type``: ``default`` (none), ``linear`` (positions / factor), ``dynamic`` (NTK base growth
     past ``original_max_position_embeddings``), ``llama3`` (Llama 3.1 piecewise wavelength rule),
     ``yarn`` (ramped interpolation plus an attention factor on cos/sin) or ``qwen_dynamic`` (Qwen
-    v1's NTK: ``alpha = 2 ** ceil(log2(L / original) + 1) - 1`` fixed at prefill, spec §5.1;
-    inference only, ignored while training).
+    v1's NTK: ``alpha = 2 ** ceil(log2(L / original) + 1) - 1`` per row, from that row's real
+    length L at prefill, kept for the rest of the generation, spec §5.1; inference only, ignored
+    while training).
     ``original_max_position_embeddings`` defaults to the model's ``max_position_embeddings``
     (for yarn, where it matters, adapters pass the checkpoint's value explicitly).
     """
@@ -135,7 +137,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rotary_dim: int | None = None
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
-    rope_table_dtype: str = "float32"  # ChatGLM-6B builds its cos/sin tables in float16 (§6.1, §10)
+    # ChatGLM-6B (§6.1, §10): the inverse frequencies are rounded to float16 once (created ``.half()``),
+    # and the position x frequency products and cos/sin are computed in the model's dtype (its buffer
+    # follows ``model.to(dtype)``): float32 in a float32 run, float16 in a float16 run.
+    rope_inv_freq_dtype: str = "float32"  # "float16": inv_freq rounded to float16 once
+    rope_table_dtype: str = "float32"  # "model": tables computed in the model's dtype, not float32
+    # InternLM v1 (§5.4): the cache holds keys *before* RoPE and every call rotates all of them with
+    # the current frequencies (identical to caching rotated keys unless the base changes: dynamic NTK)
+    rope_cached_keys: bool = False
 
     # Scalar multipliers (Granite, §4) and the output head (§1.3).
     embedding_multiplier: float = 1.0
@@ -154,8 +163,10 @@ class ModelConfig:
     # Qwen v1 (§5.1): scale q by log(p + 1) / log(L) for positions p + 1 > L = this length, when the
     # keys reach past L; inference only.
     logn_attention_length: int | None = None
-    # unilm Differential Transformer (§7.1): the per-pair RMSNorm has a learned weight (``subln``).
+    # unilm Differential Transformer (§7.1): the per-pair RMSNorm has a learned weight (``subln``),
+    # and its own epsilon (unilm: 1e-5 whatever the blocks' norms use); None = ``norm_eps`` (HF DiffLlama).
     diff_norm_affine: bool = False
+    diff_norm_eps: float | None = None
 
     # Special token ids carried by the checkpoint config (used by generation, kept on export).
     bos_token_id: int | None = None
@@ -198,6 +209,7 @@ class ModelConfig:
         _choice("mlp_type", self.mlp_type, MLP_TYPES)
         _choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
         _choice("rope_table_dtype", self.rope_table_dtype, TABLE_DTYPES)
+        _choice("rope_inv_freq_dtype", self.rope_inv_freq_dtype, INV_FREQ_DTYPES)
         if self.rope_layout == "glm2d" and (self.rotary_dim != self.head_dim or self.head_dim % 4):
             raise ConfigError("glm2d RoPE rotates both halves of every head: rotary_dim must equal head_dim, "
                               "a multiple of 4.")
@@ -209,6 +221,10 @@ class ModelConfig:
             _positive_int("logn_attention_length", self.logn_attention_length)
         _choice("attention_kind", self.attention_kind, ATTENTION_KINDS)
         _positive_float("norm_eps", self.norm_eps)
+        if self.diff_norm_eps is not None:
+            _positive_float("diff_norm_eps", self.diff_norm_eps)
+            if self.diff_norm_eps == self.norm_eps:  # one spelling for the default
+                object.__setattr__(self, "diff_norm_eps", None)
         _positive_float("rope_theta", self.rope_theta)
         for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
             _positive_float(name, getattr(self, name))
@@ -219,6 +235,8 @@ class ModelConfig:
         if not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError("rope_scaling must be a llamakin.config.RopeScaling; build one from a dict with "
                               "RopeScaling(**d).")
+        if self.rope_scaling.type != "dynamic":  # a fixed base: rotating before or after caching is the same
+            object.__setattr__(self, "rope_cached_keys", False)
 
         if self.attention_kind == "differential":
             if self.num_heads % 2 or self.num_kv_heads % 2:
@@ -255,6 +273,14 @@ class ModelConfig:
     def scale(self) -> float:
         """The attention score multiplier (``head_dim ** -0.5`` unless overridden, §1.2, §4)."""
         return self.attention_scale if self.attention_scale is not None else self.head_dim ** -0.5
+
+    @property
+    def rope_extends_context(self) -> bool:
+        """Whether RoPE scaling is what lets this model run past ``max_position_embeddings``: dynamic
+        NTK grows the base with the sequence (transformers, InternLM) and Qwen v1's NTK (with logn)
+        picks it from the prompt's length (§2.4, §5.1, §5.4). Other scalings already count their
+        extended length in ``max_position_embeddings``."""
+        return self.rope_scaling.type in ("dynamic", "qwen_dynamic")
 
     @property
     def kv_groups(self) -> int:

@@ -104,6 +104,10 @@ REWRITES: list[tuple[str, Callable[[ModelConfig], bool], Callable[[ModelConfig],
          rmsnorm_order="cast_then_mul" if c.rmsnorm_order == "mul_then_cast" else "mul_then_cast"),
      lambda m: with_config(m, m.config.replace(
          rmsnorm_order="cast_then_mul" if m.config.rmsnorm_order == "mul_then_cast" else "mul_then_cast"))),
+    ("cached keys re-rotated with the current dynamic-NTK base (InternLM v1's cache) instead of kept as "
+     "rotated (transformers'); the same until a cached generation passes max_position_embeddings",
+     lambda c: c.rope_scaling.type == "dynamic", lambda c: c.replace(rope_cached_keys=not c.rope_cached_keys),
+     lambda m: with_config(m, m.config.replace(rope_cached_keys=not m.config.rope_cached_keys))),
     ("dropped the inference-only logn attention / dynamic NTK (they act only past the trained length)",
      lambda c: c.logn_attention_length is not None or c.rope_scaling.type == "qwen_dynamic",
      lambda c: c.replace(logn_attention_length=None,

@@ -7,6 +7,7 @@ transformers' order: repetition penalty, temperature, top-k, top-p, min-p.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -241,10 +242,14 @@ class GenerationRun:
         context = model.config.max_position_embeddings
         longest = max(len(p) for p in prompts)
         if longest + params.max_new_tokens > context:
-            raise LlamakinError(
-                f"the prompt has {longest} tokens and max_new_tokens is {params.max_new_tokens}, together more than "
-                f"the model's context of {context}; shorten the prompt or lower max_new_tokens."
-            )
+            if not model.config.rope_extends_context:
+                raise LlamakinError(
+                    f"the prompt has {longest} tokens and max_new_tokens is {params.max_new_tokens}, together more "
+                    f"than the model's context of {context}; shorten the prompt or lower max_new_tokens."
+                )
+            print(f"llamakin: note: generating up to {longest + params.max_new_tokens} tokens, past the model's trained "
+                  f"context of {context}, which its {model.config.rope_scaling.type} RoPE scaling extends.",
+                  file=sys.stderr)
         self.model, self.tokenizer, self.prompts, self.params = model, tokenizer, prompts, params
         self.results = [RowResult() for _ in prompts]
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), rows=len(prompts))
@@ -286,8 +291,8 @@ class GenerationRun:
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
         streams = [TextStream(self.tokenizer, params.stop) for _ in range(B)]
         active = list(range(B))
-        context = model.config.max_position_embeddings
-        cache = model.new_cache(B, cache_length_for(longest + params.max_new_tokens, context))
+        needed = longest + params.max_new_tokens
+        cache = model.new_cache(B, cache_length_for(needed, max(model.config.max_position_embeddings, needed)))
 
         decoder = Decoder(model, cache)  # traces the decode step on first use of this shape
         tracker = position_tracker(model.config)

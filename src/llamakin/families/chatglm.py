@@ -7,8 +7,14 @@ Both say ``model_type: chatglm``; :func:`chatglm_family` tells them apart by the
   ``10000 * rope_ratio``, fused SwiGLU (gate first), RMSNorm multiplying in float32 before the cast,
   ``padded_vocab_size``, ``output_layer``.
 * ChatGLM-6B (spec §6.1): LayerNorm, GELU-tanh MLP with biases, a per-head interleaved
-  ``query_key_value`` with bias, the residual on the normalised input scaled by ``sqrt(2 * layers)``,
-  2-D RoPE with float16 tables and a prefix-LM mask over the prompt up to ``<sop>``.
+  ``query_key_value`` with bias, the residual on the normalised input scaled by ``sqrt(56)`` —
+  ``GLMBlock``'s ``num_layers=28`` default, which ``ChatGLMModel`` never overrides, so checkpoints
+  of every depth use it — 2-D RoPE whose inverse frequencies are rounded to float16 once while the
+  tables follow the model's dtype, and a prefix-LM mask over the prompt up to ``<sop>``.
+
+Exports write every key the original configuration classes and ``forward`` read, as the released
+``config.json`` files do (``use_cache``, ``auto_map``, dropout and fusion flags, ...), so the
+original modeling files dropped beside an exported checkpoint run it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,22 @@ from ..config import ModelConfig
 from ..errors import ConfigError, UnsupportedError
 from ..transforms import fused_to_per_head_qkv, per_head_qkv_to_fused
 from .base import Family, TensorRule, rename, require
+
+
+# ChatGLM-6B's residual scale: GLMBlock(num_layers=28) by default, never given the model's depth (§6.1)
+CHATGLM6B_ALPHA = math.sqrt(2 * 28)
+
+
+def _auto_map(version: int) -> dict[str, str]:
+    """The released configs' ``auto_map`` (which original file and class transformers loads)."""
+    model = "modeling_chatglm.ChatGLMForConditionalGeneration"
+    out = {"AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModel": model}
+    if version == 2:
+        out["AutoModelForCausalLM"] = model
+    out["AutoModelForSeq2SeqLM"] = model
+    if version == 2:
+        out["AutoModelForSequenceClassification"] = "modeling_chatglm.ChatGLMForSequenceClassification"
+    return out
 
 
 def _eos(c: dict[str, Any]) -> tuple[int, ...]:
@@ -60,7 +82,14 @@ class ChatGLM2Family(Family):
             raise ConfigError("ChatGLM2 biases q, k and v together.")
         eos = list(config.eos_token_ids)
         return {
-            "architectures": ["ChatGLMModel"], "model_type": "chatglm",
+            "architectures": ["ChatGLMModel"], "model_type": "chatglm", "auto_map": _auto_map(2),
+            # read by the original code with no default in its config class (forward: config.use_cache)
+            "use_cache": True,
+            # the released config's fixed switches (ChatGLMConfig defaults differ for some)
+            "apply_query_key_layer_scaling": True, "attention_softmax_in_fp32": True,
+            "fp32_residual_connection": False, "bias_dropout_fusion": True, "hidden_dropout": 0.0,
+            "attention_dropout": 0.0, "classifier_dropout": None, "quantization_bit": 0, "pre_seq_len": None,
+            "prefix_projection": False,
             "padded_vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
             "num_layers": config.num_layers, "num_attention_heads": config.num_heads,
             "kv_channels": config.head_dim, "multi_query_attention": config.num_kv_heads != config.num_heads,
@@ -113,8 +142,8 @@ class ChatGLM1Family(Family):
                 max_position_embeddings=c.get("max_sequence_length") or 2048,
                 norm_type="layernorm", norm_eps=c.get("layernorm_epsilon", 1e-5), mlp_type="gelu_tanh", mlp_bias=True,
                 q_bias=True, k_bias=True, v_bias=True, o_bias=True,
-                rope_layout="glm2d", rope_table_dtype="float16",
-                normed_residual_alpha=math.sqrt(2 * layers),
+                rope_layout="glm2d", rope_inv_freq_dtype="float16", rope_table_dtype="model",
+                normed_residual_alpha=CHATGLM6B_ALPHA,
                 prefix_lm=True, mask_token_ids=(c.get("gmask_token_id", 130001), c.get("mask_token_id", 130000)),
                 sop_token_id=sop, bos_token_id=sop,
                 # no tie_word_embeddings key in the released config: transformers' default (True) ties
@@ -125,9 +154,16 @@ class ChatGLM1Family(Family):
             raise ConfigError(f"{where}: {e}") from None
 
     def config_to_checkpoint(self, config: ModelConfig) -> dict[str, Any]:
+        if config.normed_residual_alpha != CHATGLM6B_ALPHA:
+            raise ConfigError(f"ChatGLM-6B's code scales its residuals by sqrt(56) whatever the depth; this model "
+                              f"uses {config.normed_residual_alpha}.")
+        if (config.rope_inv_freq_dtype, config.rope_table_dtype) != ("float16", "model"):
+            raise ConfigError("ChatGLM-6B's code rounds its RoPE frequencies to float16 and builds its tables in the "
+                              "model's dtype; this model does not.")
         gmask, mask = (config.mask_token_ids + (None, None))[:2]
         return {
-            "architectures": ["ChatGLMModel"], "model_type": "chatglm",
+            "architectures": ["ChatGLMModel"], "model_type": "chatglm", "auto_map": _auto_map(1),
+            "use_cache": True, "quantization_bit": 0, "pre_seq_len": None, "prefix_projection": False,
             "vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "num_layers": config.num_layers,
             "num_attention_heads": config.num_heads, "inner_hidden_size": config.intermediate_size,
             "max_sequence_length": config.max_position_embeddings, "layernorm_epsilon": config.norm_eps,

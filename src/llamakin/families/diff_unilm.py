@@ -11,7 +11,9 @@ adapter translates exactly into llamakin's HF-DiffLlama pairing:
 * v holds ``num_kv_heads`` heads of ``2 * head_dim``: HF's value head g is its first half, g + H/2
   its second half;
 * RoPE rotates interleaved pairs (kept: llamakin computes that layout natively);
-* ``subln`` is an RMSNorm over ``2 * head_dim`` *with* a weight (HF's has none).
+* ``subln`` is an RMSNorm over ``2 * head_dim`` *with* a weight (HF's has none) and its own
+  epsilon, 1e-5 in unilm whatever the blocks' norms use (``subln_eps`` in the container's config,
+  the ``diff_norm_eps`` knob).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..transforms import adjacent_pairs_to_halves, halves_to_adjacent_pairs
 from .base import Family, TensorRule, meta_style_rules, rename, require
+
+
+UNILM_SUBLN_EPS = 1e-5  # multihead_diffattn.py: RMSNorm(2 * head_dim, eps=1e-5, elementwise_affine=True)
 
 
 class DiffUnilmFamily(Family):
@@ -39,6 +44,7 @@ class DiffUnilmFamily(Family):
                 intermediate_size=require(c, "ffn_dim", where), max_position_embeddings=c.get("max_positions", 2048),
                 norm_eps=c.get("norm_eps", 1e-5), rope_theta=float(c.get("rope_theta", 10000.0)),
                 rope_layout="interleaved", attention_kind="differential", diff_norm_affine=True,
+                diff_norm_eps=float(c.get("subln_eps", UNILM_SUBLN_EPS)),
                 tie_word_embeddings=bool(c.get("tie_word_embeddings", False)), family=self.name,
             )
         except ConfigError as e:
@@ -52,6 +58,7 @@ class DiffUnilmFamily(Family):
             "embed_dim": config.hidden_size, "num_layers": config.num_layers, "num_heads": config.num_heads // 2,
             "num_kv_heads": config.num_kv_heads // 2, "ffn_dim": config.intermediate_size,
             "max_positions": config.max_position_embeddings, "norm_eps": config.norm_eps,
+            "subln_eps": config.norm_eps if config.diff_norm_eps is None else config.diff_norm_eps,
             "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_word_embeddings,
         }
 

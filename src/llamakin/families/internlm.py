@@ -1,7 +1,10 @@
 """InternLM v1 and InternLM2 in their original remote-code layouts (spec §5.4, §5.5).
 
 InternLM v1 uses Llama's tensor names with a bias on q, k, v *and* o (``bias``, default true) and
-its own ``rotary`` dict (``origin`` or ``dynamic``). InternLM2 renames everything
+its own ``rotary`` dict (``origin`` or ``dynamic``). Its cache holds keys before RoPE and every
+step re-rotates all of them with the current base; with ``dynamic`` the base grows with the
+sequence past ``max_position_embeddings``, so llamakin keeps keys unrotated too
+(``rope_cached_keys``; transformers' dynamic RoPE, and InternLM2's, cache rotated keys). InternLM2 renames everything
 (``tok_embeddings``, ``attention.wqkv``, ``feed_forward.w1/w3/w2``, ``output``) and groups q, k, v
 per KV head inside ``wqkv``.
 """
@@ -60,6 +63,7 @@ class InternLMFamily(HFDecoderFamily):
         bias = bool(c.get("bias", True))
         try:
             return ModelConfig(**_common(c, where), rope_theta=float(rotary.get("base", 10000.0)), rope_scaling=scaling,
+                               rope_cached_keys=kind == "dynamic",
                                q_bias=bias, k_bias=bias, v_bias=bias, o_bias=bias, family=self.name)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
@@ -68,6 +72,9 @@ class InternLMFamily(HFDecoderFamily):
         s = config.rope_scaling
         if s.type not in ("default", "dynamic"):
             raise ConfigError(f"InternLM's rotary config has no {s.type} scaling.")
+        if s.type == "dynamic" and not config.rope_cached_keys:
+            raise ConfigError("InternLM's dynamic rotary re-rotates cached keys whenever its base grows; this model "
+                              "keeps them rotated with the base they were cached with.")
         rotary = {"base": config.rope_theta, "type": "dynamic" if s.type == "dynamic" else "origin",
                   "scaling_factor": s.factor if s.type == "dynamic" else 1.0}
         return {"architectures": ["InternLMForCausalLM"], "model_type": self.name, **_common_out(config),

@@ -75,12 +75,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
         qk, v = self.project(x)
-        qk = apply_rotary(qk, rope.cos, rope.sin, self.config.rope_layout)
-        q, k = qk.split((self.config.num_heads, self.config.num_kv_heads), dim=1)
+        layout = self.config.rope_layout
+        if cache is not None and rope.key_cos is not None:
+            # keys cached before RoPE (InternLM v1, §5.4): every cached key is rotated with this
+            # call's frequencies, which dynamic NTK changes as the sequence grows
+            q, k = qk.split((self.config.num_heads, self.config.num_kv_heads), dim=1)
+            q = apply_rotary(q, rope.cos, rope.sin, layout)
+            k, v = cache.write(self.layer_idx, k, v)
+            k = apply_rotary(k, rope.key_cos, rope.key_sin, layout)
+        else:
+            qk = apply_rotary(qk, rope.cos, rope.sin, layout)
+            q, k = qk.split((self.config.num_heads, self.config.num_kv_heads), dim=1)
+            if cache is not None:
+                k, v = cache.write(self.layer_idx, k, v)
         if rope.q_scale is not None:
             q = q * rope.q_scale
-        if cache is not None:
-            k, v = cache.write(self.layer_idx, k, v)
         out = self.attend(q, k, v, mask)  # [B, T, H * hd]
         return self.o_proj(out)
 
@@ -132,7 +141,8 @@ class DifferentialAttention(Attention):
         self.lambda_q2 = nn.Parameter(torch.zeros(hd))
         self.lambda_k2 = nn.Parameter(torch.zeros(hd))
         # HF DiffLlama's group norm has no weight; unilm's ``subln`` has one (§7.1, §7.2)
-        self.pair_norm = RMSNorm(2 * hd, config.norm_eps, config.rmsnorm_order, affine=config.diff_norm_affine)
+        eps = config.norm_eps if config.diff_norm_eps is None else config.diff_norm_eps  # unilm's subln: 1e-5
+        self.pair_norm = RMSNorm(2 * hd, eps, config.rmsnorm_order, affine=config.diff_norm_affine)
 
     def reset_lambdas(self, std: float = 0.1) -> None:
         """``N(0, std)`` for the four lambda vectors (HF ``lambda_std_dev``, unilm 0.1)."""

@@ -14,7 +14,7 @@ class KVCache:
     """Preallocated keys and values, per layer ``[batch, kv_heads, max_len, head_dim]``.
 
     Keys are stored after RoPE and before the KV heads are repeated for their query group (the
-    HF/torchchat convention, spec §8.3). All rows advance together: a batch of prompts of
+    HF/torchchat convention, spec §8.3), or before RoPE with ``rope_cached_keys`` (InternLM v1). All rows advance together: a batch of prompts of
     different lengths is left-padded, and ``valid`` marks which slots hold real tokens so padding
     is never attended to and positions count only real tokens.
     """
@@ -31,7 +31,9 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled so far (the same for every row)
         self.padded = False  # True once any slot holds padding
-        self.prefill_length = 0  # tokens of the first call (what Qwen v1's dynamic NTK measures)
+        # Qwen v1's dynamic-NTK alpha per row, set when a row's sequence starts (spec §5.1); a
+        # tensor, so views share it and a traced decode step takes it as an input
+        self.rope_alpha = torch.ones(batch_size, dtype=torch.float32, device=device)
 
     @property
     def batch_size(self) -> int:
@@ -41,7 +43,7 @@ class KVCache:
         """Forget everything (the buffers are reused)."""
         self.length = 0
         self.padded = False
-        self.prefill_length = 0
+        self.rope_alpha.fill_(1.0)
         self.valid.fill_(True)
 
     def reserve(self, new_tokens: int, attention_mask: torch.Tensor | None) -> None:
@@ -77,8 +79,17 @@ class KVCache:
         view.keys = [k[rows, :, :length] for k in self.keys]
         view.values = [v[rows, :, :length] for v in self.values]
         view.valid = self.valid[rows, :length]
-        view.max_len, view.length, view.padded, view.prefill_length = length, 0, False, 0
+        view.rope_alpha = self.rope_alpha[rows]
+        view.max_len, view.length, view.padded = length, 0, False
         return view
+
+    def move_row(self, source: int, destination: int, length: int) -> None:
+        """Copy row ``source``'s first ``length`` slots and per-row state into row ``destination``."""
+        for keys, values in zip(self.keys, self.values):
+            keys[destination, :, :length] = keys[source, :, :length]
+            values[destination, :, :length] = values[source, :, :length]
+        self.valid[destination, :length] = self.valid[source, :length]
+        self.rope_alpha[destination] = self.rope_alpha[source]
 
 
 class SlotWriter:

@@ -5,12 +5,14 @@ costs about as much as the arithmetic, so :class:`Decoder` records
 :meth:`Transformer.decode_step` once per (batch size, cache length, dtype, device) with
 ``torch.jit.trace`` and replays it (SmolLM2-135M, float32: 15 -> 20 tok/s, bit-identical logits,
 1.3 s to trace). Every shape in ``decode_step`` is static and its only state is the KV cache,
-mutated in place, so a trace is exact. The trace is then frozen (``torch.jit.freeze``: weights
+mutated in place, so a trace is exact: everything a step reads that can change between
+generations is an input of the trace (the cache's tensors, including Qwen v1's per-row NTK alpha
+fixed at prefill), never a constant recorded while tracing. The trace is then frozen (``torch.jit.freeze``: weights
 become constants, the graph is simplified; another 6%, still bit-identical). Because frozen
 constants would not follow later changes to the weights, a trace is keyed by a stamp of every
 parameter and buffer (identity and in-place version counter): training or loading new weights
-between generations retraces. Models whose RoPE depends on the sequence length (dynamic NTK)
-run the same step eagerly. ``LLAMAKIN_TRACE=0`` turns tracing off.
+between generations retraces. Models whose RoPE frequencies depend on the current length
+(``dynamic`` NTK: a base that grows with every step) run the same step eagerly. ``LLAMAKIN_TRACE=0`` turns tracing off.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ class _Step(nn.Module):
         self.model = model
         self.cache = cache
 
-    def forward(self, tokens, positions, slot, key_valid, keys: list[torch.Tensor], values: list[torch.Tensor]):
-        self.cache.keys, self.cache.values = keys, values
+    def forward(self, tokens, positions, slot, key_valid, keys: list[torch.Tensor], values: list[torch.Tensor],
+                rope_alpha: torch.Tensor):
+        self.cache.keys, self.cache.values, self.cache.rope_alpha = keys, values, rope_alpha
         return self.model.decode_step(tokens, positions, slot, key_valid, self.cache)
 
 
@@ -79,7 +82,8 @@ class Decoder:
             position_shape = (B, 2, 1) if self.model.config.rope_layout == "glm2d" else (B, 1)
             example = (torch.zeros(B, 1, dtype=torch.long, device=device),
                        torch.zeros(position_shape, dtype=torch.long, device=device),
-                       torch.zeros(B, dtype=torch.long, device=device), scratch.valid, scratch.keys, scratch.values)
+                       torch.zeros(B, dtype=torch.long, device=device), scratch.valid, scratch.keys, scratch.values,
+                       scratch.rope_alpha)
             training = self.model.training
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -102,5 +106,5 @@ class Decoder:
         """Rows at their own lengths: row b writes slot ``slots[b]``; the caller tracks lengths."""
         cache = self.cache
         if self._graph is not None:
-            return self._graph(tokens, positions, slots, cache.valid, cache.keys, cache.values)
+            return self._graph(tokens, positions, slots, cache.valid, cache.keys, cache.values, cache.rope_alpha)
         return self.model.decode_step(tokens, positions, slots, cache.valid, cache)

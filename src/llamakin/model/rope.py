@@ -2,6 +2,8 @@
 
 Frequencies are computed in float32 exactly as transformers does (``modeling_rope_utils``);
 cos/sin are cast to the activation dtype and the rotation runs in that dtype (spec §2.1, §10).
+ChatGLM-6B instead rounds its inverse frequencies to float16 once and computes its tables in the
+model's dtype (``rope_inv_freq_dtype``, ``rope_table_dtype``, §6.1).
 """
 
 from __future__ import annotations
@@ -70,8 +72,20 @@ def frequency_dim(config: ModelConfig) -> int:
 
 
 def qwen_ntk_alpha(length: int, trained_length: int) -> float:
-    """Qwen v1's dynamic-NTK alpha for a sequence of ``length`` (spec §5.1)."""
-    return max(2 ** math.ceil(math.log2(length / trained_length) + 1) - 1, 1)
+    """Qwen v1's dynamic-NTK alpha for a row of ``length`` real tokens (spec §5.1):
+    ``max(2 ** ceil(log(L / trained, 2) + 1) - 1, 1)``, with Python's two-argument log as the
+    original ``QWenModel.get_ntk_alpha`` computes it."""
+    return max(2 ** math.ceil(math.log(length / trained_length, 2) + 1) - 1, 1)
+
+
+def qwen_ntk_inv_freq(config: ModelConfig, alpha: torch.Tensor) -> torch.Tensor:
+    """Per-row inverse frequencies ``[B, 1, rd/2]`` for Qwen v1's NTK ``alpha`` ``[B]`` (spec §5.1):
+    ``base' = base * alpha ** (rd / (rd - 2))``, then ``1 / base' ** (2i / rd)`` in float32. Computed
+    from a tensor, so a traced decode step follows each generation's own alphas."""
+    rd = frequency_dim(config)
+    base = (config.rope_theta * alpha.double() ** (rd / (rd - 2))).float()
+    exponents = torch.arange(0, rd, 2, dtype=torch.int64, device=alpha.device).float() / rd
+    return (1.0 / base[:, None] ** exponents)[:, None]
 
 
 def inv_freq_for(config: ModelConfig, seq_len: int | None = None,
@@ -82,7 +96,9 @@ def inv_freq_for(config: ModelConfig, seq_len: int | None = None,
     which grows the base once the sequence is longer than ``max_position_embeddings``:
     ``base' = base * (factor * L / max_pos - (factor - 1)) ** (rd / (rd - 2))``. transformers
     keeps the grown frequencies while a later call is shorter but still past ``max_pos``; llamakin
-    is stateless and always uses the current call's length (identical for growing sequences).
+    is stateless and always uses the current call's length (identical for growing sequences, and
+    what InternLM v1's own ``_update_cached`` does). Qwen v1's per-row NTK is
+    :func:`qwen_ntk_inv_freq`; here it gives the unscaled frequencies.
     """
     s, theta = config.rope_scaling, config.rope_theta
     rd = frequency_dim(config)
@@ -90,9 +106,9 @@ def inv_freq_for(config: ModelConfig, seq_len: int | None = None,
     if s.type == "dynamic":
         length = max(seq_len or 0, config.max_position_embeddings)
         theta = theta * ((s.factor * length / config.max_position_embeddings) - (s.factor - 1)) ** (rd / (rd - 2))
-    elif s.type == "qwen_dynamic" and seq_len:
-        theta = theta * qwen_ntk_alpha(seq_len, original_context) ** (rd / (rd - 2))
     inv_freq = default_inv_freq(rd, theta, device)
+    if config.rope_inv_freq_dtype == "float16":  # ChatGLM-6B creates them .half() (spec §6.1)
+        inv_freq = inv_freq.half().float()
     if s.type == "linear":
         return inv_freq / s.factor, 1.0
     if s.type == "llama3":
@@ -103,11 +119,15 @@ def inv_freq_for(config: ModelConfig, seq_len: int | None = None,
 
 
 class Rope(NamedTuple):
-    """What attention needs from positions: cos/sin tables and an optional per-query scale of q."""
+    """What attention needs from positions: cos/sin tables, an optional per-query scale of q, and,
+    for a cache of keys stored before RoPE (``rope_cached_keys``), the tables of every cached slot
+    (``key_cos``/``key_sin`` ``[B, 1, S, rd]``, rotating all keys with the current frequencies)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     q_scale: torch.Tensor | None = None
+    key_cos: torch.Tensor | None = None
+    key_sin: torch.Tensor | None = None
 
 
 class RotaryEmbedding(nn.Module):
@@ -123,19 +143,23 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         self._static: dict[torch.device, tuple[torch.Tensor, float]] = {}
 
-    def frequencies(self, positions: torch.Tensor, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    def frequencies(self, positions: torch.Tensor, ntk_alpha: torch.Tensor | None,
+                    seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+        """``[rd/2]`` inverse frequencies, or ``[B, 1, rd/2]`` (one set per row) for Qwen v1's NTK."""
         device = positions.device
         kind = self.config.rope_scaling.type
         if kind == "dynamic":
-            return inv_freq_for(self.config, int(positions.max()) + 1, device)
-        if kind == "qwen_dynamic" and not self.training:  # an inference-time extension only
-            return inv_freq_for(self.config, seq_len, device)
+            return inv_freq_for(self.config, seq_len or int(positions.max()) + 1, device)
+        if kind == "qwen_dynamic" and not self.training and ntk_alpha is not None:  # inference only
+            return qwen_ntk_inv_freq(self.config, ntk_alpha), 1.0
         if device not in self._static:
             self._static[device] = inv_freq_for(self.config, None, device)
         return self._static[device]
 
     def _tables(self, positions: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype):
-        table_dtype = torch.float16 if self.config.rope_table_dtype == "float16" else torch.float32
+        # float32 tables cast to the activations' dtype (transformers, spec §2.1), or ChatGLM-6B's
+        # tables computed in the model's dtype (§6.1)
+        table_dtype = dtype if self.config.rope_table_dtype == "model" else torch.float32
         angles = positions.to(table_dtype)[..., None] * inv_freq.to(table_dtype)  # [B, T, rd/2] (spec §2.1)
         cos, sin = angles.cos(), angles.sin()
         if factor != 1.0:
@@ -145,11 +169,16 @@ class RotaryEmbedding(nn.Module):
             return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
         return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)  # pairs (i, i + rd/2): [c | c], [-s | s]
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
-                seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype, ntk_alpha: torch.Tensor | None = None,
+                seq_len: int | None = None, key_positions: torch.Tensor | None = None):
         """``positions`` ``[B, T]``, or ``[B, 2, T]`` (position and block position) for 2-D RoPE;
-        ``seq_len`` is what length-dependent scalings measure."""
-        inv_freq, factor = self.frequencies(positions, seq_len)
+        ``ntk_alpha`` ``[B]`` Qwen v1's per-row NTK alpha; ``seq_len`` what ``dynamic`` scaling
+        measures (default: the largest position + 1). With ``key_positions`` ``[B, S]`` also the
+        tables of those key slots, from the same frequencies: ``(cos, sin, key_cos, key_sin)``."""
+        inv_freq, factor = self.frequencies(positions, ntk_alpha, seq_len)
+        if key_positions is not None:
+            return (*self._tables(positions, inv_freq, factor, dtype),
+                    *self._tables(key_positions, inv_freq, factor, dtype))
         if self.config.rope_layout != "glm2d":
             return self._tables(positions, inv_freq, factor, dtype)
         (cos1, sin1), (cos2, sin2) = (self._tables(positions[:, i], inv_freq, factor, dtype) for i in (0, 1))

@@ -13,7 +13,7 @@ from ..errors import LlamakinError
 from .attention import DifferentialAttention, make_attention
 from .cache import AttentionMask, KVCache, SlotWriter, build_mask, decode_masks, positions_from_valid
 from .positions import position_tracker
-from .rope import Rope
+from .rope import Rope, qwen_ntk_alpha
 from .linear import Linear, linear
 from .mlp import make_mlp
 from .norm import make_norm
@@ -165,11 +165,31 @@ class Transformer(nn.Module):
                 position_ids = positions_from_valid(key_valid, past)
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
-        if cache is not None and past == 0:
-            cache.prefill_length = T
-        scaling_length = cache.prefill_length if cache is not None else T
+        key_positions = None
+        if cache is not None and self.config.rope_cached_keys:  # keys cached before RoPE: rotate them all
+            key_positions = (positions_from_valid(key_valid, 0) if key_valid is not None
+                             else torch.arange(past + T, device=input_ids.device)[None].expand(B, -1))
+        ntk_alpha = self._ntk_alpha(B, T, key_valid, past, cache)
         masks = {w: build_mask(key_valid, past, T, w, input_ids.device, prefix_end) for w in self._windows()}
-        return self._logits(input_ids, self._rope(position_ids, scaling_length), masks, cache, last_only)
+        return self._logits(input_ids, self._rope(position_ids, ntk_alpha, key_positions), masks, cache, last_only)
+
+    def _ntk_alpha(self, B: int, T: int, key_valid: torch.Tensor | None, past: int,
+                   cache: KVCache | None) -> torch.Tensor | None:
+        """Qwen v1's dynamic-NTK alpha per row ``[B]`` (spec §5.1): measured on each row's real
+        tokens when a sequence starts (``QWenModel.forward``'s prefill branch: one alpha per row
+        from its attention mask) and kept in the cache for every later call of that generation."""
+        s = self.config.rope_scaling
+        if s.type != "qwen_dynamic" or self.training:
+            return None
+        if past > 0:
+            return cache.rope_alpha
+        lengths = key_valid[:, -T:].sum(-1).tolist() if key_valid is not None else [T] * B
+        device = self.embed.weight.device
+        alpha = torch.tensor([float(qwen_ntk_alpha(max(n, 1), s.original_max_position_embeddings)) for n in lengths],
+                             dtype=torch.float32, device=device)
+        if cache is not None:
+            cache.rope_alpha.copy_(alpha)  # in place: views of a server's cache share it
+        return alpha
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                     key_valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -181,24 +201,31 @@ class Transformer(nn.Module):
         cache is. The caller advances the cache.
         """
         masks = decode_masks(key_valid, slots, self._windows())
-        rope = self._rope(positions, cache.prefill_length)
+        key_positions = positions_from_valid(key_valid, 0) if self.config.rope_cached_keys else None
+        rope = self._rope(positions, cache.rope_alpha, key_positions)
         return self._logits(tokens, rope, masks, SlotWriter(cache, slots), last_only=True)[:, -1]
 
     def _windows(self) -> set[int | None]:
         return {block.window for block in self.layers}
 
-    def _rope(self, positions: torch.Tensor, scaling_length: int) -> Rope:
-        """cos/sin tables, and Qwen v1's logn factor on q when it applies (inference only, §5.1)."""
+    def _rope(self, positions: torch.Tensor, ntk_alpha: torch.Tensor | None = None,
+              key_positions: torch.Tensor | None = None) -> Rope:
+        """cos/sin tables (and those of every cached key when keys are cached before RoPE), and
+        Qwen v1's logn factor on q when it applies (inference only, §5.1)."""
         if self.config.rope_layout == "glm2d" and positions.dim() == 2:
             positions = torch.stack((positions, torch.zeros_like(positions)), 1)
-        cos, sin = self.rope(positions, self.dtype, scaling_length)
+        key_cos = key_sin = None
+        if key_positions is not None:
+            cos, sin, key_cos, key_sin = self.rope(positions, self.dtype, ntk_alpha, key_positions=key_positions)
+        else:
+            cos, sin = self.rope(positions, self.dtype, ntk_alpha)
         q_scale = None
         trained = self.config.logn_attention_length
         if trained is not None and not self.training:
             p = (positions[:, 0] if positions.dim() == 3 else positions).float() + 1
             q_scale = torch.where(p > trained, p.log() / math.log(trained), torch.ones_like(p))
             q_scale = q_scale.to(self.dtype)[:, None, :, None]
-        return Rope(cos, sin, q_scale)
+        return Rope(cos, sin, q_scale, key_cos, key_sin)
 
     def _logits(self, input_ids: torch.Tensor, rope: Rope, masks: dict[int | None, AttentionMask],
                 cache: KVCache | SlotWriter | None, last_only: bool) -> torch.Tensor:

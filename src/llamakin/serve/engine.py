@@ -222,9 +222,7 @@ class Engine:
         last = len(self.rows) - 1
         if index != last:
             moved = self.rows[last]
-            for keys, values in zip(self.cache.keys, self.cache.values):
-                keys[index, :, :moved.length] = keys[last, :, :moved.length]
-                values[index, :, :moved.length] = values[last, :, :moved.length]
+            self.cache.move_row(last, index, moved.length)  # keys, values and per-row RoPE state
             self.rows[index] = moved
         self.rows.pop()
 
