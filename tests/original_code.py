@@ -484,3 +484,83 @@ class ChatGLM6B:
             logits, past = self.forward(nxt, positions[..., -1:], mask[:, :, -1:], past)
             steps.append(logits[:, -1])
         return steps
+
+
+# -- InternLM2 ------------------------------------------------------------------------------------------
+class InternLM2:
+    """``InternLM2ForCausalLM`` (remote ``modeling_internlm2.py``, eager attention): grouped ``wqkv``
+    rearranged ``b q (h gs d) -> b q h gs d``, keys cached after RoPE, the rotary module's state
+    (``max_seq_len_cached`` and, for ``dynamic``, the base of the longest length seen so far)."""
+
+    def __init__(self, directory: Path, dtype: torch.dtype = torch.float32):
+        c, self.w = load_original(directory, dtype)
+        self.config = SimpleNamespace(**c)
+        self.dtype = dtype
+        dim = c["hidden_size"] // c["num_attention_heads"]
+        self.inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
+        self._set_cos_sin_cache(c["max_position_embeddings"], torch.get_default_dtype())
+
+    def _set_cos_sin_cache(self, seq_len, dtype):
+        c = self.config
+        self.max_seq_len_cached = seq_len
+        scaling = c.rope_scaling or {}
+        dim = c.hidden_size // c.num_attention_heads
+        if scaling.get("type") == "dynamic" and seq_len > c.max_position_embeddings:
+            factor = scaling["factor"]
+            base = c.rope_theta * ((factor * seq_len / c.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+            self.inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+        t = torch.arange(self.max_seq_len_cached, dtype=self.inv_freq.dtype)
+        if scaling.get("type") == "linear":
+            t = t / scaling["factor"]
+        freqs = torch.einsum("i,j->ij", t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos_cached, self.sin_cached = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def rotary(self, x, seq_len):
+        if seq_len > self.max_seq_len_cached:
+            self._set_cos_sin_cache(seq_len, torch.float32)
+        return self.cos_cached[:seq_len].to(x.dtype), self.sin_cached[:seq_len].to(x.dtype)
+
+    def rms(self, x, name):
+        input_dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return self.w[name] * x.to(input_dtype)
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask=None, past=None):
+        c, w = self.config, self.w
+        B, T = input_ids.shape
+        past_length = past[0][0].shape[2] if past is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T + past_length, dtype=torch.bool)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, -T:]
+        mask = InternLMV1.decoder_mask(self, attention_mask, B, T, past_length)
+        H, Hkv = c.num_attention_heads, c.num_key_value_heads
+        hd, n_rep = c.hidden_size // H, H // Hkv
+        hidden = w["model.tok_embeddings.weight"][input_ids]
+        presents = []
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            x = self.rms(hidden, p + "attention_norm.weight")
+            qkv = linear(x, w[p + "attention.wqkv.weight"], w.get(p + "attention.wqkv.bias"))
+            qkv = qkv.view(B, T, Hkv, 2 + n_rep, hd)
+            q = qkv[..., :n_rep, :].reshape(B, T, H, hd).transpose(1, 2)
+            k, v = qkv[..., -2, :].transpose(1, 2), qkv[..., -1, :].transpose(1, 2)
+            cos, sin = self.rotary(v, T + past_length)
+            cos, sin = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
+            q = q * cos + InternLMV1.rotate_half(q) * sin
+            k = k * cos + InternLMV1.rotate_half(k) * sin
+            if past is not None:
+                k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
+            presents.append((k, v))
+            kk = k[:, :, None].expand(B, Hkv, n_rep, k.shape[2], hd).reshape(B, H, k.shape[2], hd)
+            vv = v[:, :, None].expand(B, Hkv, n_rep, v.shape[2], hd).reshape(B, H, v.shape[2], hd)
+            scores = torch.matmul(q, kk.transpose(2, 3)) / math.sqrt(hd) + mask
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(probs, vv).transpose(1, 2).reshape(B, T, c.hidden_size)
+            hidden = hidden + linear(out, w[p + "attention.wo.weight"], w.get(p + "attention.wo.bias"))
+            x = self.rms(hidden, p + "ffn_norm.weight")
+            hidden = hidden + linear(F.silu(linear(x, w[p + "feed_forward.w1.weight"])) * linear(x, w[p + "feed_forward.w3.weight"]),
+                                     w[p + "feed_forward.w2.weight"])
+        return linear(self.rms(hidden, "model.norm.weight"), w["output.weight"]), presents

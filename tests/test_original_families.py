@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import llamakin
 from llamakin.generate import GenerationRun, SamplingParams
 from llamakin.model.decode import Decoder
-from original_code import ChatGLM2, InternLMV1, QwenV1, chatglm2_config
+from original_code import ChatGLM2, InternLM2, InternLMV1, QwenV1, chatglm2_config
 
 V, D, H, HD = 64, 32, 4, 8
 F32_TOL = 2e-5  # float32 logits of O(1); the references rotate by slot index, llamakin by real position
@@ -274,6 +274,60 @@ def test_internlm_v1_half_precision(tmp_path, dtype, tol):
     expected, _ = InternLMV1(directory, dtype).forward(ids)
     got = llamakin.load(directory, dtype=dtype)(ids)
     assert (got.float() - expected.float()).abs().max() < tol
+
+
+# -- InternLM2 ------------------------------------------------------------------------------------------
+HKV = 2
+
+
+def internlm2_checkpoint(directory, layers=2, seed=0, max_pos=16, scaling=("dynamic", 2.0)):
+    """internlm2-chat-7b's config.json keys (grouped wqkv, ``rope_scaling``), scaled down."""
+    config = {"architectures": ["InternLM2ForCausalLM"], "attn_implementation": "eager",
+              "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                           "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+              "bias": False, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": D,
+              "initializer_range": 0.02, "intermediate_size": 48, "max_position_embeddings": max_pos,
+              "model_type": "internlm2", "num_attention_heads": H, "num_hidden_layers": layers,
+              "num_key_value_heads": HKV, "pad_token_id": 2, "rms_norm_eps": 1e-5,
+              "rope_scaling": {"type": scaling[0], "factor": scaling[1]} if scaling else None,
+              "rope_theta": 1000000, "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True,
+              "vocab_size": V}
+    g = torch.Generator().manual_seed(seed)
+    w = {"model.tok_embeddings.weight": _rand(g, V, D, scale=1.0), "model.norm.weight": 1 + _rand(g, D, scale=0.2),
+         "output.weight": _rand(g, V, D)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w |= {p + "attention_norm.weight": 1 + _rand(g, D, scale=0.2), p + "ffn_norm.weight": 1 + _rand(g, D, scale=0.2),
+              p + "attention.wqkv.weight": _rand(g, (H + 2 * HKV) * HD, D), p + "attention.wo.weight": _rand(g, D, D),
+              p + "feed_forward.w1.weight": _rand(g, 48, D), p + "feed_forward.w3.weight": _rand(g, 48, D),
+              p + "feed_forward.w2.weight": _rand(g, D, 48)}
+    return _save(directory, config, w)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scaling", [("dynamic", 2.0), ("linear", 2.0)], ids=["dynamic", "linear"])
+def test_internlm2_against_the_original_with_cache_and_padding(tmp_path, scaling):
+    """Keys cached after RoPE with the base of their step (the original's rotary state), decoding
+    past max_position_embeddings (16); a padded batch decoded together (positions from the mask)."""
+    directory = internlm2_checkpoint(tmp_path / "ilm2", layers=3, scaling=scaling)
+    model = llamakin.load(directory)
+    assert not model.config.rope_cached_keys
+    for rows in (prompts([10]), prompts([12, 7, 3])):
+        expected = internlm_reference_steps(InternLM2(directory), rows, 10)
+        assert max((g - e).abs().max().item() for g, e in zip(llamakin_greedy(model, rows, 10), expected)) < F32_TOL
+    model.save_pretrained(tmp_path / "out")
+    ids = torch.tensor(prompts([20]))
+    expected, _ = InternLM2(tmp_path / "out").forward(ids)
+    assert (model(ids) - expected).abs().max() < F32_TOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
+def test_internlm2_half_precision(tmp_path, dtype, tol):
+    directory = internlm2_checkpoint(tmp_path / "ilm2")
+    ids = torch.tensor(prompts([20]))
+    expected, _ = InternLM2(directory, dtype).forward(ids)
+    assert (llamakin.load(directory, dtype=dtype)(ids).float() - expected.float()).abs().max() < tol
 
 
 # -- ChatGLM2 -------------------------------------------------------------------------------------------
