@@ -1,4 +1,6 @@
-"""Families that exist only as hub remote code: Qwen v1, InternLM v1/v2, ChatGLM2/3.
+"""Families that exist only as hub remote code: Qwen v1, InternLM v1/v2, ChatGLM2/3, against the
+native transformers classes they map to (``test_original_families.py`` checks them against
+re-implementations of their original modeling files).
 
 Each original-layout checkpoint is built from a random *native* transformers model through
 llamakin's inverse transform, checked against the spec's tensor names and layouts by explicit
@@ -184,7 +186,9 @@ def test_internlm_v1_layout_and_parity(tmp_path):
     ids = torch.randint(3, 128, (1, 24))  # longer than max_position_embeddings: dynamic NTK active
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max() < 1e-5
-    compare_with_native(hf, ours, cached=False)  # dynamic NTK: cached keys keep their frequencies
+    # cached decoding is not compared with transformers here: past the context InternLM v1 re-rotates its
+    # cached keys with the grown base and transformers does not (test_original_families checks InternLM's own)
+    compare_with_native(hf, ours, cached=False)
     assert_round_trip(tmp_path / "ilm", tmp_path / "native", tmp_path, "internlm", hf)
 
 
