@@ -450,3 +450,37 @@ def test_generation_past_the_context_only_where_rope_scaling_extends_it(tmp_path
     origin = llamakin.load(internlm_checkpoint(tmp_path / "ilm", kind="origin"))
     with pytest.raises(llamakin.LlamakinError, match="more than the model's context of 16"):
         GenerationRun(origin, _Ids(), rows, SamplingParams(max_new_tokens=5))
+
+
+# -- the server's continuous batch (item 1, through serve/engine.py) -------------------------------------
+def test_qwen1_ntk_in_the_servers_continuous_batch(tmp_path):
+    """Rows of different lengths join one cache and leave it at different times (the last row moves
+    into a freed one); each keeps the NTK alpha of its own prompt, as the original computes it alone."""
+    import asyncio
+
+    from llamakin.serve.engine import Engine, Request
+
+    directory = qwen_checkpoint(tmp_path / "qwen")
+    model = llamakin.load(directory)
+    rows, new = prompts([20, 5, 11]), [3, 9, 9]  # alphas 7, 1, 3; the first finishes first
+    expected = [QwenV1(directory).greedy([r], n)[0][0] for r, n in zip(rows, new)]
+
+    async def serve():
+        engine = Engine(model, _Ids(), max_batch=4)
+        loop = asyncio.get_running_loop()
+        requests = [Request(r, SamplingParams(max_new_tokens=n, ignore_eos=True), loop, asyncio.Queue())
+                    for r, n in zip(rows, new)]
+        for request in requests:
+            engine.submit(request)
+        results = []
+        for request in requests:
+            while True:
+                kind, payload = await asyncio.wait_for(request.events.get(), 120)
+                assert kind != "error", payload
+                if kind == "done":
+                    results.append(payload.token_ids)
+                    break
+        engine.stop()
+        return results
+
+    assert asyncio.run(serve()) == expected
