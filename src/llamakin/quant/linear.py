@@ -1,0 +1,152 @@
+"""Quantized projection modules that stand in for :class:`~llamakin.model.linear.Linear`.
+
+They are swapped into a built model by module replacement (:mod:`llamakin.quant.model`), so the
+model code calls them like any projection: ``y = module(x)`` for ``x [..., in_features]``. The
+weight is quantized; the bias stays in floating point and is added after the product, in the
+activation's dtype. Inputs are cast to the kernel's activation dtype
+(:func:`llamakin.quant.kernels.activation_dtype`) and outputs back to the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .tensors import Int4Weight, Int8Weight
+
+
+class QuantizedLinear(nn.Module):
+    """What the int8 and int4 modules share: sizes, float bias, the activation dtype."""
+
+    kind = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 activation_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.activation_dtype = activation_dtype
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.activation_dtype)
+        y = self._product(rows).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.quantized_weight().dequantize(dtype)
+
+    def quantized_weight(self):
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"activations={str(self.activation_dtype).removeprefix('torch.')}")
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weight-only, one scale per output channel (:class:`~llamakin.quant.tensors.Int8Weight`)."""
+
+    kind = "int8"
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None = None,
+                 activation_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        device = torch.device(device) if device is not None else weight.qweight.device
+        act = activation_dtype or kernels.activation_dtype(device, "int8")
+        N, K = weight.shape
+        super().__init__(K, N, None if bias is None else bias.to(device), act)
+        self.register_buffer("qweight", weight.qweight.to(device).contiguous())
+        self.register_buffer("scales", weight.scales.to(device=device, dtype=torch.float32).contiguous())
+        self.register_buffer("kernel_scales", self.scales.to(act), persistent=False)
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        return kernels.int8_mm(rows, self.qweight, self.kernel_scales)
+
+    def quantized_weight(self) -> Int8Weight:
+        return Int8Weight(self.qweight, self.scales)
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weight-only in groups (:class:`~llamakin.quant.tensors.Int4Weight`), packed for the kernel.
+
+    The module keeps the kernel's packed weight and the ``[K / group, N, 2]`` (scale, zero) table
+    in the activation dtype (bfloat16 rounds the scales: stated and measured in the README), not
+    the unpacked values; :meth:`quantized_weight` recovers them (exactly) through the kernel.
+    """
+
+    kind = "int4"
+
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None,
+                 activation_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        device = torch.device(device) if device is not None else weight.q.device
+        act = activation_dtype or kernels.activation_dtype(device, "int4")
+        N, K = weight.shape
+        super().__init__(K, N, None if bias is None else bias.to(device), act)
+        self.group_size = weight.group_size
+        self.register_buffer("packed", kernels.pack_int4(weight, device))
+        self.register_buffer("scale_zero", kernels.scale_and_zero(weight, act).to(device))
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        return kernels.int4_mm(rows, self.packed, self.group_size, self.scale_zero)
+
+    @torch.no_grad()
+    def quantized_weight(self) -> Int4Weight:
+        """The values back from the packed layout: the kernel applied to the identity in float32
+        gives ``(q - 8) * s + z`` per weight, from which ``q`` is recovered by rounding (exact, since
+        the error is far below half a step); groups with scale 0 get ``q = 0``."""
+        K, N, g = self.in_features, self.out_features, self.group_size
+        sz = self.scale_zero.to(torch.float32)
+        scales, zeros = sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
+        step = 64
+        cols = []
+        for start in range(0, K, step):
+            eye = torch.eye(K, dtype=torch.float32, device=self.packed.device)[start:start + step]
+            cols.append(kernels.int4_mm(eye, self.packed, g, sz.contiguous()).t())
+        w = torch.cat(cols, dim=1).view(N, K // g, g)
+        safe = torch.where(scales != 0, scales, torch.ones_like(scales))
+        q = torch.round((w - zeros[..., None]) / safe[..., None] + 8)
+        q = torch.where((scales != 0)[..., None], q, torch.zeros_like(q)).clamp_(0, 15)
+        return Int4Weight(q.view(N, K).to(torch.uint8), scales, zeros, g)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings as int8 with one scale per group of ``group_size`` features of each row
+    (GGUF Q8_0's layout, group 32): a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.group_size = self.embedding_dim // scales.shape[1]
+        self.dtype = dtype
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int8Embedding":
+        V, D = weight.shape
+        g = group_size if D % group_size == 0 else D
+        w = weight.detach().to(torch.float32).view(V, D // g, g)
+        scales = w.abs().amax(-1) / 127.0
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(w / safe[..., None]).clamp_(-127, 127).to(torch.int8).view(V, D)
+        return cls(q, scales, weight.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        V, D = self.qweight.shape
+        w = self.qweight.to(torch.float32).view(V, -1, self.group_size) * self.scales[..., None]
+        return w.view(V, D).to(self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.qweight[ids].to(torch.float32)
+        s = self.scales[ids]
+        w = q.view(*q.shape[:-1], -1, self.group_size) * s[..., None]
+        return w.view(*ids.shape, self.embedding_dim).to(self.dtype)
