@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .tensors import Int4Weight, Int8Weight
+from .tensors import Int4Weight, Int8Weight, quantize_int8
 
 
 class QuantizedLinear(nn.Module):
@@ -62,7 +62,7 @@ class Int8Linear(QuantizedLinear):
         super().__init__(K, N, None if bias is None else bias.to(device), act)
         self.register_buffer("qweight", weight.qweight.to(device).contiguous())
         self.register_buffer("scales", weight.scales.to(device=device, dtype=torch.float32).contiguous())
-        self.register_buffer("kernel_scales", self.scales.to(act), persistent=False)
+        self.register_buffer("kernel_scales", self.scales.to(act, copy=True), persistent=False)
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         return kernels.int8_mm(rows, self.qweight, self.kernel_scales)
@@ -140,10 +140,17 @@ class Int8Embedding(nn.Module):
         q = torch.round(w / safe[..., None]).clamp_(-127, 127).to(torch.int8).view(V, D)
         return cls(q, scales, weight.dtype)
 
-    def dequantize(self) -> torch.Tensor:
-        V, D = self.qweight.shape
-        w = self.qweight.to(torch.float32).view(V, -1, self.group_size) * self.scales[..., None]
-        return w.view(V, D).to(self.dtype)
+    def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the table in float (all by default)."""
+        q, s = self.qweight[start:stop], self.scales[start:stop]
+        w = q.to(torch.float32).view(q.shape[0], -1, self.group_size) * s[..., None]
+        return w.view(q.shape).to(self.dtype)
+
+    @torch.no_grad()
+    def to_int8_rows(self) -> Int8Weight:
+        """The table requantized with one scale per row (a tied head's int8 matrix), slice by slice."""
+        parts = [quantize_int8(self.dequantize(i, i + 4096).float()) for i in range(0, self.num_embeddings, 4096)]
+        return Int8Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         q = self.qweight[ids].to(torch.float32)

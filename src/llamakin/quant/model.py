@@ -70,7 +70,8 @@ def _float_to(kind: str, weight: torch.Tensor, group_size: int):
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str = "int4", group_size: int = 32, head: str | None = None,
-                   embedding: bool = True, activation_dtype: torch.dtype | None = None) -> nn.Module:
+                   embedding: bool = True, activation_dtype: torch.dtype | None = None,
+                   collect: dict | None = None) -> nn.Module:
     """Replace every projection of a float ``model`` (in place) by its ``mode`` (int8/int4) version.
 
     ``head``: the output head's kind (default: int8; ``"int4"`` or ``"none"`` possible). A tied
@@ -88,10 +89,15 @@ def quantize_model(model: nn.Module, mode: str = "int4", group_size: int = 32, h
         if kind == "int4":
             check_group_size(group_size, linear.in_features, f" ({name})")
         bias = _bias_for(model, name, linear.bias)
-        model.set_submodule(name, _make_module(_float_to(kind, linear.weight, group_size), bias,
-                                               activation_dtype, device))
+        weight = _float_to(kind, linear.weight, group_size)
+        if collect is not None:
+            collect[name] = weight
+        model.set_submodule(name, _make_module(weight, bias, activation_dtype, device))
     if model.lm_head is None and head != "none":
-        model.lm_head = _make_module(_float_to(head, model.embed.weight, group_size), None, activation_dtype, device)
+        weight = _float_to(head, model.embed.weight, group_size)
+        if collect is not None:
+            collect[HEAD] = weight
+        model.lm_head = _make_module(weight, None, activation_dtype, device)
     if embedding and isinstance(model.embed, nn.Embedding):
         model.embed = Int8Embedding.from_float(model.embed.weight, BLOCK).to(device)
     return model
@@ -119,9 +125,12 @@ def _float_tensor(source, rule) -> torch.Tensor:
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | str, mode: str,
-                   group_size: int = 32, activation_dtype: torch.dtype | None = None):
+                   group_size: int = 32, activation_dtype: torch.dtype | None = None, head: str = "int8",
+                   collect: dict | None = None):
     """Build the model of checkpoint ``path`` with quantized projections read straight from the
-    file: no float copy of a quantized matrix is ever allocated whole beyond one tensor at a time."""
+    file: no float copy of a quantized matrix is ever allocated whole beyond one tensor at a time.
+    ``head``: the head's kind in int8/int4 modes; ``collect``: receives each module's
+    :class:`Int4Weight`/:class:`Int8Weight` (for writing files without unpacking the kernels' layouts)."""
     from .. import checkpoint as ck
     from ..io.gguf import GGUFFile
     from ..io.tensors import open_weights
@@ -161,7 +170,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | 
                 if leaf != "weight" or module_name not in projections:
                     floats[rule.canonical] = _float_tensor(source, rule)
                     continue
-                kind = _choose(mode, module_name, source if gguf else None, rule, group_size)
+                kind = _choose(mode, module_name, source if gguf else None, rule, group_size, head)
                 if kind is None:
                     floats[rule.canonical] = _float_tensor(source, rule)
                 elif kind == "q4":
@@ -171,18 +180,22 @@ def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | 
                     if kind == "int4":
                         check_group_size(group_size, in_features, f" ({module_name})")
                     quantized[module_name] = _float_to(kind, _float_tensor(source, rule), group_size)
-            embed, head = _embedding(mode, source, gguf, embed_rule, config, dtype)
+            embed, tied_head = _embedding(mode, source, gguf, embed_rule, config, dtype, head, group_size)
+        if tied_head is not None:
+            quantized[HEAD] = tied_head
+        if collect is not None:
+            collect.update(quantized)
         for name, weight in quantized.items():
             bias = floats.pop(name + ".bias", None)
             if bias is not None:
                 bias = _bias_for(model, name, bias.to(dtype))
-            model.set_submodule(name, _make_module(weight, bias, activation_dtype, device))
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf,
+                    _make_module(weight, bias, activation_dtype, device))
         if embed is not None:
             model.embed = embed.to(device)
         else:
             floats["embed.weight"] = _float_tensor(source, embed_rule)
-        if head is not None:
-            model.lm_head = _make_module(head, None, activation_dtype, device)
     for name, value in floats.items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -200,19 +213,19 @@ def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | 
     return model.eval()
 
 
-def _choose(mode: str, module_name: str, gguf_source, rule, group_size: int) -> str | None:
+def _choose(mode: str, module_name: str, gguf_source, rule, group_size: int, head: str) -> str | None:
     """The kind of one projection: 'q4' (exact from Q4_0/Q4_1), 'int4', 'int8' or None (float)."""
     if mode == "auto":
         return _gguf_kind(gguf_source, rule, mode) if gguf_source is not None else None
     if module_name == HEAD:
-        return "int8"
+        mode = None if head == "none" else head
     if mode == "int4" and group_size == BLOCK and gguf_source is not None \
             and _gguf_kind(gguf_source, rule, mode) == "q4":
         return "q4"
     return mode
 
 
-def _embedding(mode: str, source, gguf: bool, rule, config, dtype: torch.dtype):
+def _embedding(mode: str, source, gguf: bool, rule, config, dtype: torch.dtype, head_kind: str, group_size: int):
     """(quantized embedding or None, quantized tied head or None). A Q8_0 table is kept exactly;
     other tables are quantized to int8 groups of 32 (``auto``: only Q4_0/Q4_1 ones)."""
     kind = source.quant_type(rule.sources[0]) if gguf else None
@@ -227,6 +240,8 @@ def _embedding(mode: str, source, gguf: bool, rule, config, dtype: torch.dtype):
     if config.tie_word_embeddings:
         if mode == "auto" and kind in ("Q4_0", "Q4_1"):
             head = _exact_q4(source, rule)
-        else:
-            head = quantize_int8(embed.dequantize().float())
+        elif mode == "auto" or head_kind == "int8":
+            head = embed.to_int8_rows()
+        elif head_kind == "int4":
+            head = quantize_int4(_float_tensor(source, rule), group_size)
     return embed, head

@@ -68,14 +68,21 @@ def check_group_size(group_size: int, in_features: int, where: str = "") -> None
                             f"{group_size}; use a group size that divides it (e.g. 32).")
 
 
+ROWS_PER_SLICE = 4096  # quantizers work on row slices: no float32 copy of a large matrix at once
+
+
 @torch.no_grad()
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     """Symmetric per-row int8 (round to nearest): ``scale = max|W[n]| / 127``."""
-    w = weight.detach().to(torch.float32)
-    scales = w.abs().amax(dim=1).div(127.0)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-    return Int8Weight(q.contiguous(), scales.contiguous())
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], ROWS_PER_SLICE):
+        w = weight[start:start + ROWS_PER_SLICE].detach().to(torch.float32)
+        s = w.abs().amax(dim=1).div(127.0)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q[start:start + ROWS_PER_SLICE] = torch.round(w / safe[:, None]).clamp_(-127, 127)
+        scales[start:start + ROWS_PER_SLICE] = s
+    return Int8Weight(q, scales)
 
 
 @torch.no_grad()
