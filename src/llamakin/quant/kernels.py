@@ -49,6 +49,7 @@ ACTIVATION_CHOICE = {"int4": torch.bfloat16, "int8": torch.bfloat16}
 
 
 # -- int4 --------------------------------------------------------------------------------------
+INT4_ROW_MULTIPLE = 16  # the CPU packing needs N % 16 == 0 (CUDA tinygemm: 8); modules pad rows
 def pack_int4(w: Int4Weight, device: torch.device | str = "cpu") -> torch.Tensor:
     """The kernel layout of ``w.q`` for ``device``."""
     device = torch.device(device)

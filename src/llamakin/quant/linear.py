@@ -74,9 +74,10 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """int4 weight-only in groups (:class:`~llamakin.quant.tensors.Int4Weight`), packed for the kernel.
 
-    The module keeps the kernel's packed weight and the ``[K / group, N, 2]`` (scale, zero) table
-    in the activation dtype (bfloat16 rounds the scales: stated and measured in the README), not
-    the unpacked values; :meth:`quantized_weight` recovers them (exactly) through the kernel.
+    The module keeps the kernel's packed weight, the ``[K / group, N, 2]`` (scale, zero) table in
+    the activation dtype (bfloat16 rounds the scales: measured in the README), and the float32
+    scales and zeros as given (a quarter byte per weight at group 32), which files store, so a
+    quantized checkpoint reads back and writes out bit for bit whatever the activation dtype.
     """
 
     kind = "int4"
@@ -88,33 +89,48 @@ class Int4Linear(QuantizedLinear):
         N, K = weight.shape
         super().__init__(K, N, None if bias is None else bias.to(device), act)
         self.group_size = weight.group_size
-        self.register_buffer("packed", kernels.pack_int4(weight, device))
-        self.register_buffer("scale_zero", kernels.scale_and_zero(weight, act).to(device))
+        self.register_buffer("scales", weight.scales.to(device=device, dtype=torch.float32, copy=True))
+        self.register_buffer("zeros", weight.zeros.to(device=device, dtype=torch.float32, copy=True))
+        weight = _pad_rows(weight, kernels.INT4_ROW_MULTIPLE)
+        self.register_buffer("packed", kernels.pack_int4(weight, device), persistent=False)
+        self.register_buffer("scale_zero", kernels.scale_and_zero(weight, act).to(device), persistent=False)
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
-        return kernels.int4_mm(rows, self.packed, self.group_size, self.scale_zero)
+        y = kernels.int4_mm(rows, self.packed, self.group_size, self.scale_zero)
+        return y if y.shape[-1] == self.out_features else y[:, :self.out_features]
 
     @torch.no_grad()
     def quantized_weight(self) -> Int4Weight:
-        """The values back from the packed layout: the kernel applied to the identity in float32
-        gives ``(q - 8) * s + z`` per weight, from which ``q`` is recovered by rounding (exact, since
-        the error is far below half a step); groups with scale 0 get ``q = 0``."""
-        K, N, g = self.in_features, self.out_features, self.group_size
-        sz = self.scale_zero.to(torch.float32)
-        scales, zeros = sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
-        step = 64
+        """The values back from the packed layout: the kernel applied to the identity with float32
+        scales gives ``(q - 8) * s + z`` per weight, from which ``q`` is recovered by rounding
+        (exact: the error is far below half a step); groups with scale 0 get ``q = 0``."""
+        K, g, n = self.in_features, self.group_size, self.out_features
+        padded = Int4Weight(torch.zeros(1, 1), self.scales, self.zeros, g)
+        padded = _pad_rows(Int4Weight(torch.zeros(n, 1, dtype=torch.uint8, device=self.scales.device),
+                                      self.scales, self.zeros, g), kernels.INT4_ROW_MULTIPLE)
+        sz = kernels.scale_and_zero(padded, torch.float32)
         cols = []
-        for start in range(0, K, step):
-            eye = torch.eye(K, dtype=torch.float32, device=self.packed.device)[start:start + step]
-            cols.append(kernels.int4_mm(eye, self.packed, g, sz.contiguous()).t())
-        w = torch.cat(cols, dim=1).view(N, K // g, g)
+        for start in range(0, K, 64):
+            eye = torch.eye(K, dtype=torch.float32, device=self.packed.device)[start:start + 64]
+            cols.append(kernels.int4_mm(eye, self.packed, g, sz).t()[:n])
+        w = torch.cat(cols, dim=1).view(n, K // g, g)
+        scales, zeros = self.scales, self.zeros
         safe = torch.where(scales != 0, scales, torch.ones_like(scales))
         q = torch.round((w - zeros[..., None]) / safe[..., None] + 8)
         q = torch.where((scales != 0)[..., None], q, torch.zeros_like(q)).clamp_(0, 15)
-        return Int4Weight(q.view(N, K).to(torch.uint8), scales, zeros, g)
+        return Int4Weight(q.view(n, K).to(torch.uint8), scales, zeros, g)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
+
+
+def _pad_rows(w: Int4Weight, multiple: int) -> Int4Weight:
+    """Rows of zero weight (scale and zero 0) up to a multiple of ``multiple`` (the packing's unit)."""
+    extra = -w.q.shape[0] % multiple
+    if not extra:
+        return w
+    pad = lambda t, value: torch.cat((t, torch.full((extra, t.shape[1]), value, dtype=t.dtype, device=t.device)))
+    return Int4Weight(pad(w.q, 0), pad(w.scales, 0.0), pad(w.zeros, 0.0), w.group_size)
 
 
 class Int8Embedding(nn.Module):
