@@ -57,8 +57,9 @@ def decode_q8_0(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q int8 [N, K], d float32 [N, K/32])`` of a Q8_0 matrix: ``w = d q``."""
     b = _blocks(raw, 34)
     d = _halves(b, 0)
-    q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(raw.shape[0], -1)
-    return torch.from_numpy(q.copy()), torch.from_numpy(d.copy())
+    q = torch.empty((raw.shape[0], b.shape[1] * BLOCK), dtype=torch.int8)
+    q.numpy().reshape(b.shape[0], b.shape[1], BLOCK)[...] = b[..., 2:].view(np.int8)  # one copy
+    return q, torch.from_numpy(d)
 
 
 def q4_to_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Int4Weight:
