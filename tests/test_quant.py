@@ -128,6 +128,9 @@ def test_quantized_model_matches_its_dequantized_twin(mode, tied):
         assert isinstance(quantized.layers[1].mlp.gate_up, Int4Linear if mode == "int4" else Int8Linear)
         assert isinstance(quantized.lm_head, Int8Linear) and isinstance(quantized.embed, Int8Embedding)
         assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
+        # the partial bias as the float model applies it: q and k parts as stored, v part zero
+        bias, stored = quantized.layers[0].attn.qkv.bias, model.layers[0].attn.qkv.bias
+        assert torch.equal(bias[:96], stored[:96]) and stored[96:].abs().sum() > 0 and not bias[96:].any()
         twin = dequantized_twin(model, quantized)
         diff = (quantized(ids) - twin(ids)).abs().max().item()
         assert diff < tol, (act, diff)
