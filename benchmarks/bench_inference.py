@@ -28,12 +28,12 @@ import llamakin  # noqa: E402
 from llamakin.catalog import pull  # noqa: E402
 
 
-def load_pair(dtype: torch.dtype, device: str):
+def load_pair(dtype: torch.dtype, device: str, quantize: str | None = None):
     import transformers
 
     path = pull("smollm2-135m-instruct")
     start = time.perf_counter()
-    ours = llamakin.load(path, dtype=dtype, device=device)
+    ours = llamakin.load(path, dtype=dtype, device=device, quantize=quantize)
     ours_load = time.perf_counter() - start
     start = time.perf_counter()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).to(device).eval()
@@ -114,14 +114,14 @@ def alternate(label: str, ours_fn, theirs_fn, rounds: int) -> dict:
     return row
 
 
-def peak_rss(which: str, dtype: str) -> float:
+def peak_rss(which: str, dtype: str, quantize: str | None = None) -> float:
     code = f"""
 import resource, torch, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'src')!r})
 from llamakin.catalog import pull
 path = pull('smollm2-135m-instruct', progress=False)
 if {which!r} == 'llamakin':
-    import llamakin; m = llamakin.load(path, dtype=torch.{dtype})
+    import llamakin; m = llamakin.load(path, dtype=torch.{dtype}, quantize={quantize!r})
 else:
     import transformers; m = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.{dtype})
 with torch.inference_mode():
@@ -142,9 +142,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fp32 batch-1 decode and prefill only")
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS in subprocesses")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], help="default: both (CUDA: bfloat16)")
+    parser.add_argument("--quantize", choices=["none", "auto", "int8", "int4"], default="none",
+                        help="llamakin's weights (auto: the file's Q4_1 kept as int4; transformers: float)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}", flush=True)
+    quantize = None if args.quantize == "none" else args.quantize
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"llamakin quantize={args.quantize} loadavg={os.getloadavg()}", flush=True)
     rows = []
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     if args.device == "cuda":
@@ -153,7 +157,7 @@ def main() -> None:
         dtypes = [getattr(torch, name) for name in args.dtypes]
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
-        ours, theirs, ours_load, theirs_load = load_pair(dtype, args.device)
+        ours, theirs, ours_load, theirs_load = load_pair(dtype, args.device, quantize)
         rows.append({"measure": f"load s ({name})", "llamakin": round(ours_load, 2),
                      "transformers": round(theirs_load, 2), "ratio": round(theirs_load / ours_load, 2)})
         print(json.dumps(rows[-1]), flush=True)
@@ -173,7 +177,7 @@ def main() -> None:
         del ours, theirs
     if args.rss:
         for dtype in ("float32",):
-            o, t = peak_rss("llamakin", dtype), peak_rss("transformers", dtype)
+            o, t = peak_rss("llamakin", dtype, quantize), peak_rss("transformers", dtype)
             rows.append({"measure": f"peak RSS MiB ({dtype})", "llamakin": round(o), "transformers": round(t),
                          "ratio": round(t / o, 2)})
             print(json.dumps(rows[-1]), flush=True)

@@ -9,9 +9,15 @@ cores, cached under ``$LLAMAKIN_HOME/llama.cpp``), then:
    llama.cpp (through the sdist's ctypes bindings, KV cache in F32, flash attention off) tokenize
    and evaluate a few prompts: token ids must be identical and logits agree to float32 rounding;
 2. **speed** — llama.cpp's own ``llama-bench`` (pp512 and tg128, 2 threads) alternating with
-   llamakin's prefill of 512 tokens and batch-1 decode of 128 tokens, medians over --rounds.
+   llamakin's prefill of 512 tokens and batch-1 decode of 128 tokens, medians over --rounds, on
+   the catalog's own Q4_1 file (llamakin ``quantize="auto"``: kept as int4), a Q8_0 export (kept
+   as int8) and the F16/F32 exports (float); llamakin's batch-8 decode on the same models; peak
+   RSS of each side on the Q4_1 file (fresh processes). The CPU model, flags and load are printed.
 
-    .venv/bin/python benchmarks/bench_llama_cpp.py [--rounds 3] [--skip-speed]
+    .venv/bin/python benchmarks/bench_llama_cpp.py [--rounds 3] [--skip-speed] [--skip-parity]
+        [--llama-cpp DIR] [--files Q4_1 Q8_0 F16 F32]
+
+``--llama-cpp DIR`` uses llama.cpp binaries (``llama-bench``) already built in DIR.
 """
 
 from __future__ import annotations
@@ -119,45 +125,105 @@ def llama_bench(binaries: Path, gguf: Path) -> dict[str, float]:
     return {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in rows}
 
 
-def speed(binaries: Path, gguf: Path, dtype: torch.dtype, rounds: int) -> list[dict]:
-    model = llamakin.load(gguf, dtype=dtype)
+def speed(binaries: Path, gguf: Path, dtype: torch.dtype, rounds: int, quantize: str | None = "auto",
+          label: str | None = None) -> list[dict]:
+    model = llamakin.load(gguf, dtype=dtype, quantize=quantize)
     one, long = torch.randint(100, 40000, (1, 1)), torch.randint(100, 40000, (1, 512))
-    ours: dict[str, list[float]] = {"prefill": [], "decode": []}
+    eight = torch.randint(100, 40000, (8, 1))
+    ours: dict[str, list[float]] = {"prefill": [], "decode": [], "decode8": []}
     theirs: dict[str, list[float]] = {"prefill": [], "decode": []}
-    ours_prefill(model, long, "cpu"), ours_decode(model, one, 8, "cpu")  # warm-up (and decode trace)
+    ours_prefill(model, long, "cpu"), ours_decode(model, one, 8, "cpu"), ours_decode(model, eight, 4, "cpu")  # warm-up
     for _ in range(rounds):
         ours["prefill"].append(ours_prefill(model, long, "cpu"))
         ours["decode"].append(ours_decode(model, one, 128, "cpu"))
         for key, value in llama_bench(binaries, gguf).items():
             theirs[key].append(value)
+        ours["decode8"].append(ours_decode(model, eight, 32, "cpu"))
     rows = []
-    for key, label in (("prefill", "prefill tok/s, 512 tokens"), ("decode", "decode tok/s, batch 1, 128 tokens")):
+    kind = label or gguf.stem.split("-")[-1].split(".")[-1]
+    name = str(dtype).removeprefix("torch.") + (f", quantize={quantize}" if quantize else "")
+    for key, what in (("prefill", "prefill tok/s, 512 tokens"), ("decode", "decode tok/s, batch 1, 128 tokens")):
         o, t = statistics.median(ours[key]), statistics.median(theirs[key])
-        name = str(dtype).removeprefix("torch.")
-        rows.append({"measure": f"{label} ({gguf.stem.split('-')[-1]} file, llamakin {name})",
+        rows.append({"measure": f"{what} ({kind} file, llamakin {name})",
                      "llamakin": round(o, 1), "llama.cpp": round(t, 1), "ratio": round(o / t, 2)})
         print(json.dumps(rows[-1]), flush=True)
+    rows.append({"measure": f"decode tok/s, batch 8 ({kind} file, llamakin {name})",
+                 "llamakin": round(statistics.median(ours["decode8"]), 1), "llama.cpp": "-", "ratio": "-"})
+    print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+RSS_OURS = """
+import sys, torch
+sys.path.insert(0, {src!r})
+import llamakin
+m = llamakin.load({path!r}, quantize={quantize!r})
+tok = llamakin.load_tokenizer({path!r})
+llamakin.generate(m, tok, "Hello there", max_new_tokens=16, temperature=0.0)
+print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)
+"""
+
+RSS_THEIRS = """
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], capture_output=True, check=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+"""
+
+
+def peak_rss(binaries: Path, gguf: Path) -> dict:
+    """Peak resident memory (MiB) of llamakin loading the file and generating 16 tokens, and of
+    llama.cpp's llama-bench decoding 16 tokens (both fresh processes)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    ours = subprocess.run([sys.executable, "-c", RSS_OURS.format(src=src, path=str(gguf), quantize="auto")],
+                          capture_output=True, text=True, check=True)
+    theirs = subprocess.run([sys.executable, "-c", RSS_THEIRS, str(binaries / "llama-bench"), "-m", str(gguf),
+                             "-t", "2", "-p", "0", "-n", "16", "-r", "1"], capture_output=True, text=True, check=True)
+    o, t = float(ours.stdout.split()[-1]), float(theirs.stdout.split()[-1])
+    row = {"measure": f"peak RSS MiB ({gguf.name}; llamakin quantize=auto incl. Python + torch)",
+           "llamakin": round(o), "llama.cpp": round(t), "ratio": round(o / t, 2)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def cpu_description() -> str:
+    from bench_quant_kernels import cpu_line
+
+    return cpu_line()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--llama-cpp", type=Path, help="directory of already built llama.cpp binaries")
+    parser.add_argument("--files", nargs="+", default=["Q4_1", "Q8_0", "F16", "F32"], choices=["Q4_1", "Q8_0", "F16", "F32"])
     args = parser.parse_args()
-    binaries, python_path = build_llama_cpp()
+    print(json.dumps({"cpu": cpu_description(), "loadavg": os.getloadavg()}), flush=True)
+    if args.llama_cpp:
+        binaries, python_path = args.llama_cpp, None
+    else:
+        binaries, python_path = build_llama_cpp()
     work = home() / "llama.cpp" / "exports"
     work.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for kind in ("F32", "F16"):
+    files = {"Q4_1": pull("smollm2-135m-instruct")}
+    for kind in ("F32", "F16", "Q8_0"):
         files[kind] = work / f"smollm2-135m-instruct-{kind}.gguf"
-        if not files[kind].exists():
+        if not files[kind].exists() and (kind in args.files or kind != "Q8_0"):
             convert_checkpoint(pull("smollm2-135m-instruct"), files[kind], gguf_type=kind)
-        print(json.dumps(parity(files[kind], python_path)), flush=True)
+        if kind != "Q8_0" and not args.skip_parity and python_path is not None:
+            print(json.dumps(parity(files[kind], python_path)), flush=True)
     if args.skip_speed:
         return
-    rows = speed(binaries, files["F32"], torch.float32, args.rounds)
-    rows += speed(binaries, files["F16"], torch.bfloat16, args.rounds)
+    rows = []
+    settings = {"Q4_1": (torch.float32, "auto"), "Q8_0": (torch.float32, "auto"),
+                "F32": (torch.float32, None), "F16": (torch.bfloat16, None)}
+    for kind in args.files:
+        dtype, quantize = settings[kind]
+        rows += speed(binaries, files[kind], dtype, args.rounds, quantize, label=kind)
+    if "Q4_1" in args.files:
+        rows.append(peak_rss(binaries, files["Q4_1"]))
+    print(f"\nCPU: {cpu_description()}")
     print("\n| measure | llamakin | llama.cpp | ratio |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['measure']} | {r['llamakin']} | {r['llama.cpp']} | {r['ratio']}x |")

@@ -150,14 +150,26 @@ def read_gguf_config(gguf: GGUFFile) -> tuple[Family, ModelConfig]:
 
 
 def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
-         device: torch.device | str = "cpu") -> Transformer:
+         device: torch.device | str = "cpu", quantize: str | None = None, group_size: int = 32) -> Transformer:
     """Load a checkpoint: a ``.gguf`` file, a Hugging Face directory (config.json + safetensors or
     pytorch_model.bin), a Meta/Mistral native directory (params.json + consolidated.*), llamakin's
-    own format, or the name of a catalog model (pulled on first use)."""
+    own format (float or quantized), or the name of a catalog model (pulled on first use).
+
+    ``quantize``: ``None`` loads float weights in ``dtype`` (quantized files dequantized);
+    ``"int8"``/``"int4"`` quantize the projections (int4 in groups of ``group_size``); ``"auto"``
+    keeps a file's quantization where it maps onto those layouts (see :mod:`llamakin.quant.model`).
+    """
     from .catalog import resolve
+    from .quant.files import is_quantized_checkpoint, load_quantized_checkpoint
+    from .quant.model import load_quantized, parse_mode
 
     dtype = parse_dtype(dtype)
+    mode = parse_mode(quantize)
     path = resolve(path)
+    if not is_gguf(path) and is_quantized_checkpoint(path):
+        return load_quantized_checkpoint(path, dtype, device, dequantize=mode is None)
+    if mode is not None:
+        return load_quantized(path, dtype, device, mode, group_size)
     if is_gguf(path):
         with GGUFFile(path) as source:
             family, config = read_gguf_config(source)

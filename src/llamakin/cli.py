@@ -80,7 +80,8 @@ def _open(args):
     from .catalog import DEFAULT_MODEL, resolve
 
     path = resolve(args.model or DEFAULT_MODEL)
-    model = llamakin.load(path, dtype=args.dtype, device=args.device)
+    model = llamakin.load(path, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                          group_size=args.group_size)
     return model, llamakin.load_tokenizer(path)
 
 
@@ -208,6 +209,13 @@ def cmd_experiment(args) -> None:
     print(f"curves: {result['plot']}")
 
 
+def cmd_quantize(args) -> None:
+    from .quant.convert import quantize_checkpoint
+
+    out = quantize_checkpoint(args.source, args.destination, args.to, args.group_size, head=args.head)
+    print(f"wrote {args.to} checkpoint to {out}")
+
+
 def cmd_pull(args) -> None:
     from .catalog import CATALOG, DEFAULT_MODEL, pull
 
@@ -222,6 +230,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"checkpoint directory, .gguf file or catalog name (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weights: auto keeps a GGUF's Q4_0/Q4_1/Q8_0 quantized (float files stay float), "
+                        "none dequantizes to --dtype, int8/int4 quantize every projection (default: auto)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
@@ -324,11 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reorder q/k rows (weights and biases) for this RoPE layout: half = HF rotate_half, "
                         "interleaved = Meta/GPT-J pairs")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
-    p.add_argument("--gguf-type", default="F16", choices=["F32", "F16", "Q8_0"],
+    p.add_argument("--gguf-type", default="F16", choices=["F32", "F16", "Q8_0", "Q4_0", "Q4_1"],
                    help="matrix type when DESTINATION ends in .gguf (vectors are always F32)")
     p.add_argument("--tokenizer", help="for .gguf output: the tokenizer to embed (a path or catalog name; "
                                        "default: the source's own)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="write a quantized llamakin checkpoint (int8 or int4 weight-only)")
+    p.add_argument("source", help="checkpoint directory, .gguf file or catalog name")
+    p.add_argument("destination", help="output directory")
+    p.add_argument("--to", required=True, choices=["int8", "int4"])
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
+    p.add_argument("--head", choices=["int8", "int4", "none"], default="int8",
+                   help="the output head's quantization (default int8)")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -24,9 +24,9 @@ from .families.gguf import GGUF_FAMILIES, TENSOR_NAMES, GGUFFamily
 from .io.gguf import GGUFFile, write_gguf
 from .model import Transformer
 
-GGUF_TYPES = ("F32", "F16", "Q8_0")
+GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 # llama.cpp's general.file_type values (LLAMA_FTYPE_*)
-_FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7}
+_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # llama_ftype
 
 
 def gguf_family_for(model: Transformer) -> GGUFFamily:
@@ -145,7 +145,8 @@ def _from_sentencepiece(sp) -> dict[str, Any]:
 
 def save_gguf(model: Transformer, path: str | Path, quant: str = "F16", tokenizer_source: str | Path | None = None,
               name: str = "llamakin export") -> Path:
-    """Write ``model`` as a GGUF file llama.cpp loads; matrices in ``quant`` (F32, F16 or Q8_0)."""
+    """Write ``model`` as a GGUF file llama.cpp loads; matrices in ``quant`` (F32, F16, Q8_0, Q4_0 or
+    Q4_1, quantized by the ``gguf`` package's reference quantizers)."""
     if quant not in GGUF_TYPES:
         raise UnsupportedError(f"GGUF type {quant!r} is not written by llamakin; use one of {', '.join(GGUF_TYPES)}.")
     family = gguf_family_for(model)
@@ -164,8 +165,8 @@ def save_gguf(model: Transformer, path: str | Path, quant: str = "F16", tokenize
     types = {}
     for tensor_name, t in tensors.items():
         kind = quant if t.dim() == 2 else "F32"
-        if kind == "Q8_0" and t.shape[-1] % 32:
-            kind = "F16"  # Q8_0 packs rows in blocks of 32
+        if kind.startswith("Q") and t.shape[-1] % 32:
+            kind = "F16"  # Q8_0/Q4_0/Q4_1 pack rows in blocks of 32
         types[tensor_name] = kind
     write_gguf(Path(path), arch, [(k, v, _kind(v)) for k, v in meta.items()], tensors, types)
     return Path(path)

@@ -121,6 +121,11 @@ class GGUFFile(TensorSource):
         kind = self.quant_type(name)
         return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(kind, kind)
 
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored, ``uint8 [rows, bytes per row]`` (for formats kept quantized)."""
+        shape, _, start, nbytes = self._tensors[name]
+        return np.asarray(self._map[start:start + nbytes]).reshape(shape[0] if len(shape) > 1 else 1, -1)
+
     def get(self, name: str) -> torch.Tensor:
         from gguf.quants import dequantize
 

@@ -49,11 +49,13 @@ class Attention(nn.Module):
 
     def init_buffers(self) -> None:
         """(Re)build the non-persistent buffers (also after ``to_empty`` on a meta-built model)."""
-        if self.partial_bias:
+        if self.partial_bias and isinstance(self.qkv, nn.Linear):  # quantized qkv carry their bias masked
             c = self.config
             flags = (c.q_bias, c.k_bias, c.v_bias)
             zeroed = torch.cat([torch.full((n,), not f) for n, f in zip(self.split_sizes, flags)])
             self.qkv_bias_zeroed = zeroed.to(self.qkv.weight.device)
+        else:
+            self.qkv_bias_zeroed = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, T, d]`` -> the q and k heads together ``[B, H + Hkv, T, hd]`` and v ``[B, Hkv, T, hd]``.

@@ -115,11 +115,11 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.final_norm.weight.dtype  # not the embedding's: it may be quantized (llamakin.quant)
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.final_norm.weight.device
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -238,7 +238,9 @@ class Transformer(nn.Module):
             cache.advance(input_ids.shape[1])
         if last_only:
             x = x[:, -1:]
-        logits = linear(self.final_norm(x), self.output_weight)
+        x = self.final_norm(x)
+        # a head module when untied, or a quantized one (llamakin.quant), else the tied embedding
+        logits = self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits

@@ -1,0 +1,117 @@
+"""The matrix products of quantized weights: PyTorch's built-in kernels, chosen by device and CPU.
+
+* int4 (group-wise, :class:`~llamakin.quant.tensors.Int4Weight`):
+  CPU ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)`` with
+  ``packed = _convert_weight_to_int4pack_for_cpu(q_int32 [N, K], 1)`` and
+  ``scale_and_zero [K / group, N, 2]`` in the activation dtype; CUDA ("tinygemm")
+  ``torch.ops.aten._weight_int4pack_mm(x_bf16, _convert_weight_to_int4pack(nibbles [N, K/2], 8),
+  group_size, scale_and_zero_bf16)``. Both compute ``sum_k x[k] * ((q[n, k] - 8) * s + z)``.
+* int8 (per output channel, :class:`~llamakin.quant.tensors.Int8Weight`): CPU
+  ``torch.ops.aten._weight_int8pack_mm(x, q_int8 [N, K], scales [N])``, scales in the activation
+  dtype; on CUDA ``(x @ q.to(x.dtype).T) * scales`` (torch has no CUDA int8 weight-only kernel;
+  this is torchao's eager int8 weight-only formula).
+
+Activation dtype: the kernels run in float32, bfloat16 or float16. On CPUs with bfloat16
+instructions the bf16 path is the fast one (measured 3.0 ms int4 / 4.9 ms int8 for one
+SmolLM2-135M token on an AVX-512-bf16 EPYC, against 100 / 43 ms in float32). On CPUs without
+them, :data:`ACTIVATION_CHOICE` holds what ``benchmarks/bench_quant_kernels.py`` measured (see the
+README's Quantization section). The choice changes speed and rounding only: every path computes
+the same formula and is tested on every machine against the dequantized weights.
+
+CUDA paths are written from PyTorch's documented operator signatures and torchao's usage; no
+CUDA device was available when they were written, so they are untested.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import hardware
+from .tensors import Int4Weight, Int8Weight
+
+
+def activation_dtype(device: torch.device, kind: str) -> torch.dtype:
+    """The dtype activations are cast to for a quantized product of ``kind`` (int4/int8) on ``device``."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and hardware.cpu_has_native(torch.bfloat16):
+        return torch.bfloat16
+    return ACTIVATION_CHOICE[kind]
+
+
+# Without bf16 instructions: bfloat16 too. Measured on a 2-core AVX2 EPYC without avx512_bf16
+# (benchmarks/bench_quant_kernels.py, 1 thread, SmolLM2-135M token, machine under load): int4
+# 117 ms in bf16 vs 1677 ms in float32, int8 229 vs 979 ms (float32 F.linear: 367 ms). The
+# kernels widen bf16 to float32 with shifts, which AVX2 has; their float32 paths are scalar.
+ACTIVATION_CHOICE = {"int4": torch.bfloat16, "int8": torch.bfloat16}
+
+
+# -- int4 --------------------------------------------------------------------------------------
+INT4_ROW_MULTIPLE = 16  # the CPU packing needs N % 16 == 0 (CUDA tinygemm: 8); modules pad rows
+def pack_int4(w: Int4Weight, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The kernel layout of ``w.q`` for ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        nibbles = ((w.q[:, 0::2].to(torch.int32) << 4) | w.q[:, 1::2].to(torch.int32)).to(torch.uint8)
+        return torch.ops.aten._convert_weight_to_int4pack(nibbles.to(device), 8)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 1)
+
+
+def scale_and_zero(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """``[K / group, N, 2]`` of (scale, zero), the kernels' second operand."""
+    return torch.stack((w.scales.t(), w.zeros.t()), dim=-1).to(dtype).contiguous()
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_zero: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` (in ``scale_zero``'s dtype) times the int4 weight: ``[M, N]``."""
+    if x.device.type == "cuda":
+        return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scale_zero)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zero)
+
+
+# -- int8 --------------------------------------------------------------------------------------
+def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` times ``(qweight * scales[:, None]).T``; ``scales`` in ``x``'s dtype."""
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int8pack_mm(x, qweight, scales)
+    return torch.matmul(x, qweight.to(x.dtype).t()) * scales
+
+
+# -- fbgemm dynamic int8 (activations quantized per tensor on the fly; measured, not the default) ----
+@functools.cache
+def fbgemm_available() -> bool:
+    return "x86" in torch.backends.quantized.supported_engines or "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def pack_fbgemm(w: Int8Weight, bias: torch.Tensor | None = None):
+    engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    torch.backends.quantized.engine = engine
+    qt = torch._make_per_channel_quantized_tensor(w.qweight, w.scales.double(), torch.zeros_like(w.scales, dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(qt, bias)
+
+
+def fbgemm_linear(x: torch.Tensor, packed) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, packed, False)
+
+
+# -- for the benchmark: int4 dequantized to float32 in slices, then a float32 product ----------
+def int4_dequant_product(x: torch.Tensor, w: Int4Weight, rows: int = 512) -> torch.Tensor:
+    return torch.cat([x @ Int4Weight(w.q[i:i + rows], w.scales[i:i + rows], w.zeros[i:i + rows],
+                                     w.group_size).dequantize().t()
+                      for i in range(0, w.q.shape[0], rows)], dim=-1)
+
+
+def int4_product_fn(act: torch.dtype):
+    """For the benchmark: a function ``(x, Int4Weight) -> x @ W.T`` through the int4 kernel in ``act``."""
+    cache: dict[int, tuple] = {}
+
+    def fn(x: torch.Tensor, w) -> torch.Tensor:
+        key = id(w)
+        if key not in cache:
+            cache[key] = (pack_int4(w), scale_and_zero(w, act))
+        packed, sz = cache[key]
+        return int4_mm(x, packed, w.group_size, sz)
+
+    return fn

@@ -1,0 +1,175 @@
+"""Quantized projection modules that stand in for :class:`~llamakin.model.linear.Linear`.
+
+They are swapped into a built model by module replacement (:mod:`llamakin.quant.model`), so the
+model code calls them like any projection: ``y = module(x)`` for ``x [..., in_features]``. The
+weight is quantized; the bias stays in floating point and is added after the product, in the
+activation's dtype. Inputs are cast to the kernel's activation dtype
+(:func:`llamakin.quant.kernels.activation_dtype`) and outputs back to the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .tensors import Int4Weight, Int8Weight, quantize_int8
+
+
+class QuantizedLinear(nn.Module):
+    """What the int8 and int4 modules share: sizes, float bias, the activation dtype."""
+
+    kind = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 activation_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.activation_dtype = activation_dtype
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.activation_dtype)
+        y = self._product(rows).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.quantized_weight().dequantize(dtype)
+
+    def quantized_weight(self):
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"activations={str(self.activation_dtype).removeprefix('torch.')}")
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weight-only, one scale per output channel (:class:`~llamakin.quant.tensors.Int8Weight`)."""
+
+    kind = "int8"
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None = None,
+                 activation_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        device = torch.device(device) if device is not None else weight.qweight.device
+        act = activation_dtype or kernels.activation_dtype(device, "int8")
+        N, K = weight.shape
+        super().__init__(K, N, None if bias is None else bias.to(device), act)
+        self.register_buffer("qweight", weight.qweight.to(device).contiguous())
+        self.register_buffer("scales", weight.scales.to(device=device, dtype=torch.float32).contiguous())
+        self.register_buffer("kernel_scales", self.scales.to(act, copy=True), persistent=False)
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        return kernels.int8_mm(rows, self.qweight, self.kernel_scales)
+
+    def quantized_weight(self) -> Int8Weight:
+        return Int8Weight(self.qweight, self.scales)
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weight-only in groups (:class:`~llamakin.quant.tensors.Int4Weight`), packed for the kernel.
+
+    The module keeps the kernel's packed weight, the ``[K / group, N, 2]`` (scale, zero) table in
+    the activation dtype (bfloat16 rounds the scales: measured in the README), and the float32
+    scales and zeros as given (a quarter byte per weight at group 32), which files store, so a
+    quantized checkpoint reads back and writes out bit for bit whatever the activation dtype.
+    """
+
+    kind = "int4"
+
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None,
+                 activation_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        device = torch.device(device) if device is not None else weight.q.device
+        act = activation_dtype or kernels.activation_dtype(device, "int4")
+        N, K = weight.shape
+        super().__init__(K, N, None if bias is None else bias.to(device), act)
+        self.group_size = weight.group_size
+        self.register_buffer("scales", weight.scales.to(device=device, dtype=torch.float32, copy=True))
+        self.register_buffer("zeros", weight.zeros.to(device=device, dtype=torch.float32, copy=True))
+        weight = _pad_rows(weight, kernels.INT4_ROW_MULTIPLE)
+        self.register_buffer("packed", kernels.pack_int4(weight, device), persistent=False)
+        self.register_buffer("scale_zero", kernels.scale_and_zero(weight, act).to(device), persistent=False)
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        y = kernels.int4_mm(rows, self.packed, self.group_size, self.scale_zero)
+        return y if y.shape[-1] == self.out_features else y[:, :self.out_features]
+
+    @torch.no_grad()
+    def quantized_weight(self) -> Int4Weight:
+        """The values back from the packed layout: the kernel applied to the identity with float32
+        scales gives ``(q - 8) * s + z`` per weight, from which ``q`` is recovered by rounding
+        (exact: the error is far below half a step); groups with scale 0 get ``q = 0``."""
+        K, g, n = self.in_features, self.group_size, self.out_features
+        padded = Int4Weight(torch.zeros(1, 1), self.scales, self.zeros, g)
+        padded = _pad_rows(Int4Weight(torch.zeros(n, 1, dtype=torch.uint8, device=self.scales.device),
+                                      self.scales, self.zeros, g), kernels.INT4_ROW_MULTIPLE)
+        sz = kernels.scale_and_zero(padded, torch.float32)
+        cols = []
+        for start in range(0, K, 64):
+            eye = torch.eye(K, dtype=torch.float32, device=self.packed.device)[start:start + 64]
+            cols.append(kernels.int4_mm(eye, self.packed, g, sz).t()[:n])
+        w = torch.cat(cols, dim=1).view(n, K // g, g)
+        scales, zeros = self.scales, self.zeros
+        safe = torch.where(scales != 0, scales, torch.ones_like(scales))
+        q = torch.round((w - zeros[..., None]) / safe[..., None] + 8)
+        q = torch.where((scales != 0)[..., None], q, torch.zeros_like(q)).clamp_(0, 15)
+        return Int4Weight(q.view(n, K).to(torch.uint8), scales, zeros, g)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+def _pad_rows(w: Int4Weight, multiple: int) -> Int4Weight:
+    """Rows of zero weight (scale and zero 0) up to a multiple of ``multiple`` (the packing's unit)."""
+    extra = -w.q.shape[0] % multiple
+    if not extra:
+        return w
+    pad = lambda t, value: torch.cat((t, torch.full((extra, t.shape[1]), value, dtype=t.dtype, device=t.device)))
+    return Int4Weight(pad(w.q, 0), pad(w.scales, 0.0), pad(w.zeros, 0.0), w.group_size)
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings as int8 with one scale per group of ``group_size`` features of each row
+    (GGUF Q8_0's layout, group 32): a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.group_size = self.embedding_dim // scales.shape[1]
+        self.dtype = dtype
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int8Embedding":
+        V, D = weight.shape
+        g = group_size if D % group_size == 0 else D
+        w = weight.detach().to(torch.float32).view(V, D // g, g)
+        scales = w.abs().amax(-1) / 127.0
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(w / safe[..., None]).clamp_(-127, 127).to(torch.int8).view(V, D)
+        return cls(q, scales, weight.dtype)
+
+    def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the table in float (all by default)."""
+        q, s = self.qweight[start:stop], self.scales[start:stop]
+        w = q.to(torch.float32).view(q.shape[0], -1, self.group_size) * s[..., None]
+        return w.view(q.shape).to(self.dtype)
+
+    @torch.no_grad()
+    def to_int8_rows(self) -> Int8Weight:
+        """The table requantized with one scale per row (a tied head's int8 matrix), slice by slice."""
+        parts = [quantize_int8(self.dequantize(i, i + 4096).float()) for i in range(0, self.num_embeddings, 4096)]
+        return Int8Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.qweight[ids].to(torch.float32)
+        s = self.scales[ids]
+        w = q.view(*q.shape[:-1], -1, self.group_size) * s[..., None]
+        return w.view(*ids.shape, self.embedding_dim).to(self.dtype)
