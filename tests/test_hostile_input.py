@@ -4,6 +4,7 @@ sentence, before anything is allocated, or handled, never a raw exception, a han
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -65,8 +66,18 @@ def edit_config(directory, **changes):
     path.write_text(json.dumps(config))
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "llamakin.cli", *args], capture_output=True, text=True, cwd=cwd)
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(*args):
+    """``llamakin ARGS`` in this process (a subprocess costs seconds of imports; one test below
+    runs the real executable)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def assert_cli_refuses(result, fragment):
@@ -272,6 +283,12 @@ def test_cli_sampling_and_device_errors(chat_model, extra, fragment):
     if extra[-1] == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has eight GPUs")
     assert_cli_refuses(run_cli("generate", "hi", "--model", str(chat_model / "fits"), *extra), fragment)
+
+
+def test_cli_refusal_as_a_process_exits_2_without_traceback(chat_model):
+    result = subprocess.run([sys.executable, "-m", "llamakin.cli", "generate", "hi", "--model", str(chat_model / "fits"),
+                             "--seed", str(2 ** 70)], capture_output=True, text=True)
+    assert_cli_refuses(result, "seed must be an integer")
 
 
 def test_cli_device_cuda_without_cuda(chat_model):
