@@ -390,6 +390,7 @@ def test_resume_drops_metrics_after_the_checkpoint_and_stale_temporaries(trained
     dead.write_bytes(b"half a checkpoint")
     resume(trained, run)
     assert not dead.exists()
+    assert json.loads((run / "train_config.json").read_text())["precision_reason"] == "precision=float32 was asked for"
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert all(json.loads(line)["loss"] != 99.0 for line in (run / "metrics.jsonl").read_text().splitlines())
