@@ -118,6 +118,16 @@ def test_config_json_with_a_huge_hidden_size_is_refused_before_allocating(good, 
     one_sentence(str(info.value))
 
 
+def test_sizes_beyond_torch_arithmetic_are_refused(good, tmp_path):
+    """Found by benchmarks/fuzz_files.py: a GGUF whose sizes overflow torch's storage-size arithmetic
+    (even on the meta device) raised a raw RuntimeError."""
+    directory = clone(good, tmp_path)
+    edit_config(directory, vocab_size=2 ** 31 + 128, hidden_size=2 ** 30 + 64, head_dim=16)
+    with no_hang(), pytest.raises(CheckpointError, match="far beyond any memory") as info:
+        llamakin.load(directory)
+    one_sentence(str(info.value))
+
+
 def test_a_model_larger_than_memory_is_refused(good, monkeypatch):
     from llamakin import validation
 

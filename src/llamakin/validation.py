@@ -180,6 +180,13 @@ def check_plausible_size(config, where: str, stored: int | None, dtype: torch.dt
                          device: torch.device | str = "cpu") -> int:
     """Refuse a config whose model the checkpoint cannot hold or the device cannot allocate;
     returns the parameter count. ``stored``: values the file stores (None: not from a file)."""
+    c = config
+    rough = 2 * c.vocab_size * c.hidden_size + c.num_layers * (
+        c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * c.hidden_size
+        + 3 * c.hidden_size * c.intermediate_size)
+    if rough > 1 << 50:  # a million billion parameters: beyond any machine, and beyond torch's size arithmetic
+        raise CheckpointError(f"{where}: its config describes a model of about {rough:.1e} parameters, far beyond any "
+                              "memory; the config is corrupt.")
     params = parameter_count(config)
     if stored is not None and params > STORED_SLACK * stored + 4096:
         raise CheckpointError(
