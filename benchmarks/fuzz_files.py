@@ -18,6 +18,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=2000, help="cases per target")
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random)")
+    parser.add_argument("--only", choices=["gguf-F32", "gguf-Q8_0", "safetensors", "config.json"], action="append",
+                        help="run only these targets (repeatable)")
     args = parser.parse_args()
     print(f"CPU: {cpu_model()}; load average at start: {os.getloadavg()}")
     runs = settings(max_examples=args.examples, deadline=None, database=None, print_blob=True,
@@ -81,6 +84,8 @@ def main() -> int:
         targets = {"gguf-F32": gguf_target("F32"), "gguf-Q8_0": gguf_target("Q8_0"),
                    "safetensors": safetensors_case, "config.json": config_case}
         for name, case in targets.items():
+            if args.only and name not in args.only:
+                continue
             case = runs(case)
             if args.seed is not None:
                 case = hypothesis_seed(args.seed)(case)
@@ -97,7 +102,12 @@ def main() -> int:
     print(f"total: {fz.STATS.cases} cases, {fz.STATS.loaded} loaded, {fz.STATS.refused} refused with a LlamakinError, "
           f"{len(failures)} target(s) failed; load average at end: {os.getloadavg()}")
     for name, e in failures:
-        print(f"--- {name}: {e!r}")
+        where = [f"{f.filename.split('/src/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(e.__traceback__)
+                 if "/src/llamakin/" in f.filename]
+        print(f"--- {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        print("    raised at: " + " <- ".join(reversed(where[-4:])))
+        for note in getattr(e, "__notes__", []):
+            print("    " + note)
     return 1 if failures else 0
 
 

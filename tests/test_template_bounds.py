@@ -5,6 +5,7 @@ test_chat_templates.py; here the template is hostile to the machine instead."""
 from __future__ import annotations
 
 import resource
+import signal
 
 import pytest
 
@@ -14,10 +15,20 @@ MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 
 NAME = "the chat template of hostile/tokenizer_config.json"
 
 
+def _late(*_):
+    raise AssertionError("the template was not stopped within 60 s")
+
+
 def refused(template, fragment):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(TemplateError) as info:
-        render(template, MESSAGES, name=NAME)
+    old = signal.signal(signal.SIGALRM, _late)
+    signal.alarm(60)  # a liveness guard: without the bounds these run for hours
+    try:
+        with pytest.raises(TemplateError) as info:
+            render(template, MESSAGES, name=NAME)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
     message = str(info.value)
     assert message.startswith(NAME) and fragment in message, message
     assert "\n" not in message

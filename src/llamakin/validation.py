@@ -96,8 +96,8 @@ def check_raw_config(raw: dict[str, Any], where: str, prefix: str = "", skip: tu
                 elif sub in ROPE_BOOL_KEYS:
                     if not isinstance(v, bool):
                         raise ConfigError(f"{where}: {key}.{sub} must be true or false, got {v!r}; fix the config.")
-                elif isinstance(v, dict):  # per-layer-type parameters: the adapter refuses them by name
-                    continue
+                elif isinstance(v, (dict, list)):  # per-layer-type parameters, longrope factor lists, mrope
+                    continue  # sections: the adapter accepts or refuses them by name
                 elif v is not None and not _is_real(v):
                     raise ConfigError(f"{where}: {key}.{sub} must be a number, got {v!r}; fix the config.")
                 else:
