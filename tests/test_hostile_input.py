@@ -110,6 +110,11 @@ def test_gguf_declaring_a_huge_model_is_refused_from_its_header(tmp_path, metada
     one_sentence(str(info.value))
 
 
+def test_converting_a_gguf_without_tensors(tmp_path):
+    header_only_gguf(tmp_path / "m.gguf")
+    assert_cli_refuses(run_cli("convert", str(tmp_path / "m.gguf"), str(tmp_path / "out")), "holds no tensors")
+
+
 def test_config_json_with_a_huge_hidden_size_is_refused_before_allocating(good, tmp_path):
     directory = clone(good, tmp_path)
     edit_config(directory, hidden_size=2 ** 20, head_dim=None)

@@ -138,6 +138,8 @@ def stored_dtype(path: str | Path) -> str:
     """The dtype a checkpoint stores its weights in (that of the first floating tensor)."""
     if is_gguf(path):
         with GGUFFile(path) as source:
+            if not source.names():
+                raise CheckpointError(f"{path} holds no tensors; it is not a model checkpoint.")
             return source.dtype(source.names()[-1])
     with open_weights(checkpoint_dir(path)) as source:
         for tensor in source.names():
