@@ -49,7 +49,7 @@ def refused(template, fragment):
      f"built a str of more than {MAX_OUTPUT_CHARS:,} items"),
     ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
      f"built a str of more than {MAX_OUTPUT_CHARS:,} items"),
-    ("{% for i in range(100000) %}{{ 'y' * 100 }}{% endfor %}", f"output passed {MAX_OUTPUT_CHARS:,} characters"),
+    ("{% for i in range(1000) %}{{ 'y' * 100000 }}{% endfor %}", f"output passed {MAX_OUTPUT_CHARS:,} characters"),
     ("{{ 'x'|center(10**9) }}", "passed the number 1000000000 to a function"),
     ("{{ 'x'.ljust(10**9) }}", "passed the number 1000000000"),
     ("{{ '{:>999999999}'.format(1) }}", "formatted with a width of a million or more"),
