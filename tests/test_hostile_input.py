@@ -226,6 +226,8 @@ def test_gguf_tokenizer_with_bad_merges(merges, fragment):
     (dict(max_position_embeddings=0), "max_position_embeddings must be a positive integer, got 0"),
     (dict(num_hidden_layers=2.5), "num_hidden_layers must be a positive integer, got 2.5"),
     (dict(rms_norm_eps=True), "rms_norm_eps must be a positive number, got True"),
+    (dict(model_type=[]), "model_type must be a string, got []"),  # found by benchmarks/fuzz_files.py
+    (dict(architectures=5), "architectures must be a list of strings, got 5"),
 ])
 def test_config_json_values_of_the_wrong_type_or_range(good, tmp_path, changes, fragment):
     directory = clone(good, tmp_path)

@@ -120,7 +120,7 @@ def read_checkpoint_config(directory: Path) -> tuple[Family, ModelConfig]:
     if config_path.is_file():
         raw = read_json(config_path)
         check_raw_config(raw, str(config_path))
-        family = detect_family(raw, str(config_path))
+        family = translated(lambda r: detect_family(r, str(config_path)), raw, str(config_path))
     elif (directory / "params.json").is_file():
         config_path = directory / "params.json"
         raw = read_json(config_path)

@@ -81,6 +81,10 @@ def check_raw_config(raw: dict[str, Any], where: str, prefix: str = "", skip: tu
     ``prefix`` is stripped from keys first (a GGUF architecture, ``"llama."``). Keys llamakin
     does not know are left to the family adapter.
     """
+    for key, kind, want in (("model_type", str, "a string"), ("architectures", list, "a list of strings")):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value))):
+            raise ConfigError(f"{where}: {key} must be {want}, got {value!r}; fix the config.")
     for key, value in raw.items():
         if not isinstance(key, str):
             continue
