@@ -83,7 +83,8 @@ def check_raw_config(raw: dict[str, Any], where: str, prefix: str = "", skip: tu
     """
     for key, kind, want in (("model_type", str, "a string"), ("architectures", list, "a list of strings")):
         value = raw.get(key)
-        if value is not None and (not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value))):
+        wrong = not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value))
+        if value is not None and wrong:
             raise ConfigError(f"{where}: {key} must be {want}, got {value!r}; fix the config.")
     for key, value in raw.items():
         if not isinstance(key, str):
