@@ -187,11 +187,48 @@ def test_auto_precision_takes_bf16_only_where_it_measures_faster(monkeypatch):
     cpu = torch.device("cpu")
     assert loop.choose_precision("float32", cpu) == "float32" and loop.choose_precision("bfloat16", cpu) == "bfloat16"
     rates = {}
-    monkeypatch.setattr(loop, "measured_peak_flops", lambda device, precision: rates[precision])
+    monkeypatch.setattr(loop, "time_matmul", lambda m, k, n, precision, device: 2 * m * k * n / rates[precision])
     monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: False)
-    assert loop.choose_precision("auto", cpu) == "float32"  # emulated bf16: not even measured (rates is empty)
+    precision, why = loop.decide_precision("auto", cpu)
+    assert precision == "float32" and "no bf16 instructions" in why  # emulated: not even measured (rates is empty)
     monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: True)
     rates.update(float32=1e11, bfloat16=4e11)  # e.g. AMX / avx512_bf16: ~4x
     assert loop.choose_precision("auto", cpu) == "bfloat16"
     rates.update(bfloat16=1.1e11)  # the instructions exist but buy little
     assert loop.choose_precision("auto", cpu) == "float32"
+
+
+def test_auto_precision_decides_from_the_models_own_shapes(monkeypatch):
+    """bf16 autocast pays for large products but costs a fixed ~1 ms per product in casts and
+    dispatch (faked rates: this CPU has no bf16): a tiny model stays in float32, a large one takes bf16."""
+    from llamakin.train import loop
+
+    cpu = torch.device("cpu")
+    timed = []
+
+    def fake(m, k, n, precision, device):
+        timed.append((m, k, n))
+        return 2 * m * k * n / 1e11 + 1e-5 if precision == "float32" else 2 * m * k * n / 4e11 + 1e-3
+
+    monkeypatch.setattr(loop, "time_matmul", fake)
+    monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: True)
+    tiny = llamakin.ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                intermediate_size=64)
+    precision, why = loop.decide_precision("auto", cpu, tiny, tokens=4 * 32)
+    assert precision == "float32" and "this model's 5 matrix-product shapes" in why and "128 rows" in why
+    assert set(timed) == {(128, 32, 64), (128, 32, 32), (128, 32, 128), (128, 64, 32), (128, 32, 300)}
+    large = llamakin.ModelConfig(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16,
+                                 intermediate_size=5632)
+    precision, why = loop.decide_precision("auto", cpu, large, tokens=8 * 1024)
+    assert precision == "bfloat16" and "2048 rows" in why  # the measured rows are capped
+
+
+def test_auto_precision_measures_for_real(monkeypatch, tmp_path):
+    """The real timing path runs (the result depends on the CPU: float32 here, AVX2 only)."""
+    from llamakin.train import loop
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: True)
+    tiny = llamakin.ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64)
+    precision, why = loop.decide_precision("auto", cpu, tiny, tokens=64)
+    assert precision in ("float32", "bfloat16") and "as fast as float32 (measured, 64 rows" in why

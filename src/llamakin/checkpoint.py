@@ -22,6 +22,8 @@ from .families.gguf import TENSOR_NAMES, gguf_family
 from .io.gguf import GGUFFile
 from .io.tensors import TensorSource, open_weights, write_json, write_safetensors, write_torch
 from .model import Transformer
+from .validation import (check_plausible_size, check_raw_config, is_weight_dtype, parse_device, stored_values,
+                         translated)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -92,6 +94,9 @@ def check_tensors(rules: list[TensorRule], params: dict[str, torch.Tensor], sour
                     f"{where}: tensor {name!r} has shape {list(got)} but the config implies {list(want.shape)}; "
                     "the config does not match the weights."
                 )
+            if not is_weight_dtype(source.dtype(name)):
+                raise CheckpointError(f"{where}: tensor {name!r} holds {source.dtype(name)} values, not floating-point "
+                                      "weights; the checkpoint is corrupt or not a model.")
 
 
 def load_weights(model: Transformer, rules: list[TensorRule], source: TensorSource, family: Family,
@@ -114,22 +119,27 @@ def read_checkpoint_config(directory: Path) -> tuple[Family, ModelConfig]:
     config_path = directory / "config.json"
     if config_path.is_file():
         raw = read_json(config_path)
-        family = detect_family(raw, str(config_path))
+        check_raw_config(raw, str(config_path))
+        family = translated(lambda r: detect_family(r, str(config_path)), raw, str(config_path))
     elif (directory / "params.json").is_file():
-        raw = read_json(directory / "params.json")
+        config_path = directory / "params.json"
+        raw = read_json(config_path)
+        check_raw_config(raw, str(config_path), skip=("vocab_size",))  # Meta writes -1; the adapter says what to do
         family = get_family("meta")
     else:
         raise CheckpointError(
             f"{directory} has no config.json (or Meta params.json); llamakin needs the checkpoint's config "
             "to build the model."
         )
-    return family, family.config_from_checkpoint(raw)
+    return family, translated(family.config_from_checkpoint, raw, str(config_path))
 
 
 def stored_dtype(path: str | Path) -> str:
     """The dtype a checkpoint stores its weights in (that of the first floating tensor)."""
     if is_gguf(path):
         with GGUFFile(path) as source:
+            if not source.names():
+                raise CheckpointError(f"{path} holds no tensors; it is not a model checkpoint.")
             return source.dtype(source.names()[-1])
     with open_weights(checkpoint_dir(path)) as source:
         for tensor in source.names():
@@ -146,7 +156,8 @@ def is_gguf(path: str | Path) -> bool:
 def read_gguf_config(gguf: GGUFFile) -> tuple[Family, ModelConfig]:
     meta = {**gguf.metadata, TENSOR_NAMES: gguf.names()}
     family = gguf_family(meta, str(gguf.path))
-    return family, family.config_from_checkpoint(meta)
+    check_raw_config(gguf.metadata, f"{gguf.path} (GGUF metadata)", prefix=f"{family.arch}.")
+    return family, translated(family.config_from_checkpoint, meta, f"{gguf.path} (GGUF metadata)")
 
 
 def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
@@ -165,6 +176,7 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
 
     dtype = parse_dtype(dtype)
     mode = parse_mode(quantize)
+    device = parse_device(device)
     path = resolve(path)
     if not is_gguf(path) and is_quantized_checkpoint(path):
         return load_quantized_checkpoint(path, dtype, device, dequantize=mode is None)
@@ -173,13 +185,16 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
     if is_gguf(path):
         with GGUFFile(path) as source:
             family, config = read_gguf_config(source)
+            # refused from headers alone before anything is built (item: plausible size)
+            check_plausible_size(config, str(path), stored_values(source), dtype, device)
             model = empty_model(config, dtype, device)
             load_weights(model, family.tensor_rules(config), source, family, str(path))
     else:
         directory = checkpoint_dir(path)
         family, config = read_checkpoint_config(directory)
-        model = empty_model(config, dtype, device)
         with open_weights(directory) as source:
+            check_plausible_size(config, str(directory), stored_values(source), dtype, device)
+            model = empty_model(config, dtype, device)
             load_weights(model, family.tensor_rules(config), source, family, str(directory))
     return model.eval()
 

@@ -67,7 +67,7 @@ def cmd_convert(args) -> None:
 
     destination, family = convert_checkpoint(args.source, args.destination, to=args.to,
                                              rope_layout=args.rope_layout, dtype=args.dtype, gguf_type=args.gguf_type,
-                                             tokenizer=args.tokenizer)
+                                             tokenizer=args.tokenizer, overwrite=args.force)
     print(f"wrote {family} checkpoint to {destination}")
     if NO_TOKENIZER in family:
         print(f"llamakin: note: no tokenizer was found with {args.source}, and llama.cpp refuses a GGUF without "
@@ -82,7 +82,12 @@ def _open(args):
     path = resolve(args.model or DEFAULT_MODEL)
     model = llamakin.load(path, dtype=args.dtype, device=args.device, quantize=args.quantize,
                           group_size=args.group_size)
-    return model, llamakin.load_tokenizer(path)
+    tokenizer = llamakin.load_tokenizer(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise LlamakinError(f"the tokenizer of {path} has {tokenizer.vocab_size} tokens but the model embeds only "
+                            f"{model.config.vocab_size}, so some token ids would have no embedding; use the "
+                            "tokenizer the model was trained with.")
+    return model, tokenizer
 
 
 def _sampling(args, **defaults):
@@ -340,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="matrix type when DESTINATION ends in .gguf (vectors are always F32)")
     p.add_argument("--tokenizer", help="for .gguf output: the tokenizer to embed (a path or catalog name; "
                                        "default: the source's own)")
+    p.add_argument("--force", action="store_true", help="replace an existing destination file or checkpoint")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("quantize", help="write a quantized llamakin checkpoint (int8 or int4 weight-only)")

@@ -9,6 +9,7 @@ per-head q/k norm weights, which live on the same feature axis.
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +17,7 @@ import torch
 
 from .checkpoint import empty_model, load, parse_dtype, save_pretrained, stored_dtype
 from .config import ROPE_LAYOUTS, ModelConfig, RopeScaling
-from .errors import ConfigError, UnsupportedError
+from .errors import CheckpointError, ConfigError, UnsupportedError
 from .families import family_for_export, get_family
 from .model import Transformer
 from .transforms import rope_reorder
@@ -143,11 +144,47 @@ NO_TOKENIZER = "no tokenizer"  # in the description of a GGUF written without on
 
 def convert_checkpoint(source: str | Path, destination: str | Path, to: str | None = None,
                        rope_layout: str | None = None, dtype: str | torch.dtype | None = None,
-                       gguf_type: str = "F16", tokenizer: str | Path | None = None) -> tuple[Path, str]:
+                       gguf_type: str = "F16", tokenizer: str | Path | None = None,
+                       overwrite: bool = False) -> tuple[Path, str]:
     """Load ``source``, optionally change RoPE layout and dtype, save as ``to`` (default: the
     source's format if it can express the result, else the first format that can). A
     destination ending in ``.gguf`` writes GGUF (matrices in ``gguf_type``) with the source's
-    tokenizer, or ``tokenizer``'s (a path or catalog name). Returns the destination and the format written."""
+    tokenizer, or ``tokenizer``'s (a path or catalog name). An existing destination file, or
+    directory holding a checkpoint, is replaced only with ``overwrite``. Returns the destination
+    and the format written."""
+    check_destination(Path(destination).expanduser(), overwrite)
+    try:
+        return _convert(source, destination, to, rope_layout, dtype, gguf_type, tokenizer)
+    except OSError as e:  # a disk that fills up, a directory made read-only meanwhile, ...
+        raise CheckpointError(f"cannot write {destination} ({e.strerror or e}); choose another destination.") from None
+
+
+_CHECKPOINT_MARKERS = ("config.json", "params.json", "model.safetensors", "model.safetensors.index.json",
+                       "pytorch_model.bin", "consolidated.00.pth")
+
+
+def check_destination(destination: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a destination that cannot be written or would replace something."""
+    as_file = str(destination).lower().endswith(".gguf")
+    if destination.exists():
+        if as_file and destination.is_dir():
+            raise CheckpointError(f"{destination} is a directory; give a .gguf file name to write.")
+        if not as_file and not destination.is_dir():
+            raise CheckpointError(f"{destination} is an existing file, not a directory; choose another destination.")
+        occupied = destination.is_file() or any((destination / m).exists() for m in _CHECKPOINT_MARKERS)
+        if occupied and not overwrite:
+            raise CheckpointError(f"{destination} already holds a checkpoint; pass --force to replace it, or choose "
+                                  "another destination.")
+    ancestor = destination.parent if as_file or not destination.exists() else destination
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CheckpointError(f"cannot write {destination}: {ancestor} is a file, not a directory.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {destination}: {ancestor} is not writable by this user.")
+
+
+def _convert(source, destination, to, rope_layout, dtype, gguf_type, tokenizer) -> tuple[Path, str]:
     if str(destination).lower().endswith(".gguf"):
         from .catalog import resolve
         from .gguf_export import save_gguf

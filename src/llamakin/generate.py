@@ -8,6 +8,7 @@ transformers' order: repetition penalty, temperature, top-k, top-p, min-p.
 from __future__ import annotations
 
 import sys
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -18,6 +19,7 @@ from .errors import LlamakinError
 from .model.decode import Decoder, cache_length_for
 from .model.positions import position_tracker
 from .tokenizer import Tokenizer
+from .validation import check_token_ids
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,9 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(s for s in (self.stop or ()) if s))
         checks = [
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
-            (self.temperature >= 0, "temperature must be 0 (greedy) or positive"),
+            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature must be 0 (greedy) or a positive number"),
+            (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                   and -2**63 <= self.seed < 2**64), "seed must be an integer from -2^63 to 2^64 - 1"),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be 0 (off) or a positive integer"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
@@ -54,7 +58,8 @@ class SamplingParams:
 
     def _show(self) -> str:
         return (f"max_new_tokens={self.max_new_tokens}, temperature={self.temperature}, top_k={self.top_k}, "
-                f"top_p={self.top_p}, min_p={self.min_p}, repetition_penalty={self.repetition_penalty}")
+                f"top_p={self.top_p}, min_p={self.min_p}, repetition_penalty={self.repetition_penalty}, "
+                f"seed={self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -117,7 +122,9 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
         logits = apply_frequency_presence(logits, counts, params.frequency_penalty, params.presence_penalty)
     if params.greedy:
         return logits.argmax(-1)
-    logits = logits / params.temperature
+    # shifted so each row's best logit is 0 first: softmax is unchanged, and a tiny temperature
+    # (1e-45) drives the others to -inf instead of overflowing every logit to inf (NaN probabilities)
+    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
     logits = apply_min_p(apply_top_p(apply_top_k(logits, params.top_k), params.top_p), params.min_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
@@ -239,6 +246,8 @@ class GenerationRun:
     def __init__(self, model, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise LlamakinError("every prompt needs at least one token; an empty prompt gives the model nothing to continue.")
+        for n, prompt in enumerate(prompts):
+            check_token_ids(prompt, model.config.vocab_size, "the prompt" if len(prompts) == 1 else f"prompt {n}")
         context = model.config.max_position_embeddings
         longest = max(len(p) for p in prompts)
         if longest + params.max_new_tokens > context:

@@ -6,6 +6,7 @@ handles F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants and more), on
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -91,18 +92,30 @@ class GGUFFile(TensorSource):
             dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
             kind, offset = cur.scalar("<I"), cur.scalar("<Q")
             infos.append((name, dims, kind, offset))
-        alignment = int(self.metadata.get("general.alignment", 32))
+        alignment = self.metadata.get("general.alignment", 32)
+        # the spec requires a power of two (llama.cpp refuses anything else); 0 would divide by zero
+        if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise CheckpointError(f"{self.path} declares general.alignment={alignment!r}, which is not a power of two; "
+                                  "the file is corrupt.")
         data_start = -(-cur.pos // alignment) * alignment
         self._tensors: dict[str, tuple[tuple[int, ...], Any, int, int]] = {}
         for name, dims, kind, offset in infos:
+            if name in self._tensors:
+                raise CheckpointError(f"{self.path} declares tensor {name} twice; the file is corrupt.")
             try:
                 qtype = GGMLQuantizationType(kind)
             except ValueError:
                 raise CheckpointError(f"{self.path}: tensor {name} has unknown ggml type {kind}; the file is corrupt "
                                       "or newer than the gguf package.") from None
+            if qtype not in GGML_QUANT_SIZES:
+                raise CheckpointError(f"{self.path}: tensor {name} has ggml type {qtype.name}, which has no block "
+                                      "size; the file is corrupt.")
             block, type_size = GGML_QUANT_SIZES[qtype]
             shape = tuple(int(n) for n in reversed(dims))  # ggml lists dimensions fastest-first
-            nbytes = int(np.prod(shape)) // block * type_size
+            if block > 1 and shape and shape[-1] % block:
+                raise CheckpointError(f"{self.path}: tensor {name} has rows of {shape[-1]} values, not a multiple of "
+                                      f"the {block}-value blocks of {qtype.name}; the file is corrupt.")
+            nbytes = math.prod(shape) // block * type_size  # Python integers: a hostile shape cannot wrap around
             start = data_start + offset
             if start + nbytes > len(self._map):
                 raise CheckpointError(f"{self.path} ends inside tensor {name}; the file is truncated, so download it again.")
@@ -130,9 +143,11 @@ class GGUFFile(TensorSource):
         from gguf.quants import dequantize
 
         shape, qtype, start, nbytes = self._tensors[name]
-        raw = np.asarray(self._map[start:start + nbytes]).reshape(shape[0] if len(shape) > 1 else 1, -1)
         try:
+            raw = np.asarray(self._map[start:start + nbytes]).reshape(math.prod(shape[:-1]) if len(shape) > 1 else 1, -1)
             values = dequantize(raw, qtype)
+        except (ValueError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{self.path}: tensor {name} cannot be decoded ({e}); the file is corrupt.") from None
         except NotImplementedError:
             raise CheckpointError(
                 f"{self.path}: tensor {name} uses quantization {qtype.name}, which the gguf package cannot "

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import LlamakinError
+from ..validation import check_token_ids
 from .attention import DifferentialAttention, make_attention
 from .cache import AttentionMask, KVCache, SlotWriter, build_mask, decode_masks, positions_from_valid
 from .positions import position_tracker
@@ -141,6 +142,8 @@ class Transformer(nn.Module):
         """
         if input_ids.dim() != 2:
             raise LlamakinError(f"input_ids must have shape [batch, tokens], got {tuple(input_ids.shape)}.")
+        if not torch.jit.is_tracing():
+            check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if cache is not None:

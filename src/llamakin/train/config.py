@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ class TrainConfig:
     init_from: str | None = None  # a checkpoint to start from (fine-tuning) instead of random weights
 
     def __post_init__(self) -> None:
+        self._check_types()
         checks = [
             (self.seq_len >= 2, "seq_len must be at least 2"),
             (self.micro_batch >= 1 and self.grad_accum >= 1, "micro_batch and grad_accum must be at least 1"),
@@ -61,6 +63,35 @@ class TrainConfig:
             self.data = [self.data]
         if isinstance(self.train_only, str):
             self.train_only = [p for p in self.train_only.split(",") if p]
+        kind, sep, vocab = self.tokenizer.partition(":")
+        if kind == "train" and sep and not (vocab.isdigit() and int(vocab) >= 300):
+            raise ConfigError(f"tokenizer={self.tokenizer!r}: train:VOCAB needs a vocabulary size of at least 300, "
+                              "e.g. train:2048.")
+
+    def _check_types(self) -> None:
+        """Each setting has its declared type (``--set micro_batch=1.5`` is refused by name)."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            optional = "None" in kind
+            if value is None and optional:
+                continue
+            if kind.startswith("int"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+                want = "an integer"
+            elif kind.startswith("float"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                want = "a finite number"
+            elif kind.startswith("str"):
+                ok = isinstance(value, str)
+                want = "a string"
+            elif kind.startswith("dict"):
+                ok = isinstance(value, dict)
+                want = "an object of model knobs"
+            else:  # list[str]: a list of strings, or one string
+                ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+                want = "a string or a list of strings"
+            if not ok:
+                raise ConfigError(f"{f.name} must be {want}, got {value!r}; check the recipe and --set values.")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, **self.model)

@@ -79,11 +79,27 @@ def iter_documents(inputs: list[str]) -> Iterator[Document]:
             if file.suffix == ".jsonl":
                 yield from _jsonl(file)
             else:
-                yield Document(text=file.read_text(encoding="utf-8", errors="replace"))
+                text = _read_text(file, strict=False)
+                if text.strip():
+                    yield Document(text=text)
+
+
+def _read_text(file: Path, strict: bool) -> str:
+    """A text file's contents; a binary file (NUL bytes, or invalid UTF-8 where ``strict``) is refused."""
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise LlamakinError(f"{file} cannot be read ({e.strerror or e}).") from None
+    if b"\0" in data[:1 << 16]:
+        raise LlamakinError(f"{file} is a binary file, not text; give text, .md or .jsonl files.")
+    try:
+        return data.decode("utf-8", errors="strict" if strict else "replace")
+    except UnicodeDecodeError as e:
+        raise LlamakinError(f"{file} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8.") from None
 
 
 def _jsonl(file: Path) -> Iterator[Document]:
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_read_text(file, strict=True).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -93,7 +109,8 @@ def _jsonl(file: Path) -> Iterator[Document]:
         if isinstance(record, dict) and isinstance(record.get("messages"), list):
             yield Document(messages=record["messages"])
         elif isinstance(record, dict) and isinstance(record.get("text"), str):
-            yield Document(text=record["text"])
+            if record["text"].strip():
+                yield Document(text=record["text"])
         else:
             raise LlamakinError(f"{file}:{n} needs a 'text' string or a 'messages' list.")
 
@@ -172,7 +189,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str | None = None, tr
     out.mkdir(parents=True, exist_ok=True)
     documents = list(iter_documents(inputs))
     if not documents:
-        raise LlamakinError("the inputs hold no documents; check the paths.")
+        raise LlamakinError("the inputs hold no text (empty files or folders without .txt/.md/.jsonl); check the paths.")
     if train_vocab is not None:
         tok = train_tokenizer([d.text for d in documents if d.text], train_vocab)
     else:
@@ -196,6 +213,9 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str | None = None, tr
             writers[split].add(ids[part])
             if sft:
                 masks[split].add(mask[part])
+    if writers["train"].tokens < 2 or writers["val"].tokens < 1:
+        raise LlamakinError(f"the inputs hold only {writers['train'].tokens + writers['val'].tokens} tokens, too few "
+                            "to train on; give more text.")
     for w in list(writers.values()) + list(masks.values()):
         w.flush()
     meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "documents": len(documents), "sft": sft,

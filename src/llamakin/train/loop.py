@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..errors import LlamakinError
 from ..hardware import cpu_has_native
 from ..model import Transformer
+from ..validation import check_plausible_size
 from .config import TrainConfig
 from .data import TokenData, prepare
 
@@ -52,29 +53,91 @@ def setup_processes() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-BF16_MIN_GAIN = 1.3  # bf16 autocast must make matrix products at least this much faster to be chosen
+BF16_MIN_GAIN = 1.3  # bf16 autocast must make the model's matrix products at least this much faster
+MEASURED_ROWS = 2048  # rows (tokens) of the products timed for precision=auto, at most
 
 
-def choose_precision(requested: str, device: torch.device) -> str:
-    """``auto``: bfloat16 autocast where it pays, float32 elsewhere.
+def choose_precision(requested: str, device: torch.device, config=None, tokens: int = MEASURED_ROWS) -> str:
+    """``auto``: bfloat16 autocast where it pays for this model, float32 elsewhere (see :func:`decide_precision`)."""
+    return decide_precision(requested, device, config, tokens)[0]
+
+
+def model_matmuls(config, tokens: int) -> list[tuple[int, int, int, int]]:
+    """The matrix products of one forward pass of ``config``'s model on ``tokens`` tokens, as
+    ``(rows, inner, outer, count)``: q/k/v, o, gate/up and down of every layer, and the output
+    head (backward repeats each twice over, in the same precision, so the ratio is the step's)."""
+    c = config
+    rows = max(1, min(tokens, MEASURED_ROWS))
+    qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    mlp_in = 2 * c.intermediate_size if c.mlp_type == "swiglu" else c.intermediate_size
+    shapes: dict[tuple[int, int], int] = {}
+    for inner, outer in ((c.hidden_size, qkv), (c.num_heads * c.head_dim, c.hidden_size),
+                         (c.hidden_size, mlp_in), (c.intermediate_size, c.hidden_size)):
+        shapes[(inner, outer)] = shapes.get((inner, outer), 0) + c.num_layers
+    shapes[(c.hidden_size, c.vocab_size)] = shapes.get((c.hidden_size, c.vocab_size), 0) + 1
+    return [(rows, inner, outer, count) for (inner, outer), count in shapes.items()]
+
+
+def time_matmul(rows: int, inner: int, outer: int, precision: str, device: torch.device) -> float:
+    """Seconds of one ``linear`` of float32 activations ``[rows, inner]`` and weights ``[outer, inner]``
+    as training runs it: plain, or under bf16 autocast (which casts both on every call, the cost
+    that makes bf16 slower than float32 for small models). Fastest of a few after a warm-up."""
+    x = torch.randn(rows, inner, device=device)
+    w = torch.randn(outer, inner, device=device)
+    cuda = device.type == "cuda"
+    fastest, start = math.inf, time.perf_counter()
+    for rep in itertools.count():
+        if cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        with autocast(precision, device):
+            F.linear(x, w)
+        if cuda:
+            torch.cuda.synchronize()
+        if rep >= 1:
+            fastest = min(fastest, time.perf_counter() - began)
+            if rep >= 5 or time.perf_counter() - start > 0.2:
+                break
+    return fastest
+
+
+def decide_precision(requested: str, device: torch.device, config=None,
+                     tokens: int = MEASURED_ROWS) -> tuple[str, str]:
+    """(precision, why). ``auto`` takes bfloat16 autocast only where it pays for *this* model.
 
     GPUs: bfloat16 where supported. CPUs: only with native bf16 instructions (AVX2 CPUs emulate
-    it: 38x slower end to end, measured), and only when this CPU's measured bf16 matmul rate is
-    at least :data:`BF16_MIN_GAIN` x its float32 rate — training on a CPU is matmul-bound (81% of
-    a step), so that rate is what bf16 buys end to end. Under torch.distributed every process
-    takes bf16 only if all of them measured the gain.
+    it: 38x slower end to end, measured), and only when the model's own matrix products
+    (:func:`model_matmuls`, ``tokens`` rows: a micro-batch) run at least :data:`BF16_MIN_GAIN` x
+    faster under bf16 autocast, casts included, than in float32: training on a CPU is
+    matmul-bound (81% of a step), and a small model's products are too small for bf16 to win
+    (a 2-layer shakespeare-tiny run: 42 s in bf16 against 5.7 s in float32). Without a config,
+    a 2048x2048 product stands in. Under torch.distributed every process takes bf16 only if all
+    of them measured the gain.
     """
     if requested != "auto":
-        return requested
+        return requested, f"precision={requested} was asked for"
     if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    pays = cpu_has_native(torch.bfloat16) and (
-        measured_peak_flops(device, "bfloat16") >= BF16_MIN_GAIN * measured_peak_flops(device, "float32"))
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "this GPU supports bfloat16"
+        return "float32", "this GPU does not support bfloat16"
+    if not cpu_has_native(torch.bfloat16):
+        pays, why = False, "this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so bf16 would be emulated"
+    else:
+        shapes = model_matmuls(config, tokens) if config is not None else [(2048, 2048, 2048, 1)]
+        fp32 = sum(count * time_matmul(m, k, n, "float32", device) for m, k, n, count in shapes)
+        bf16 = sum(count * time_matmul(m, k, n, "bfloat16", device) for m, k, n, count in shapes)
+        gain = fp32 / bf16
+        pays = gain >= BF16_MIN_GAIN
+        what = f"this model's {len(shapes)} matrix-product shapes" if config is not None else "a 2048x2048 product"
+        why = (f"bf16 autocast ran {what} {gain:.2f}x as fast as float32 (measured, {shapes[0][0]} rows; "
+               f"bfloat16 needs {BF16_MIN_GAIN}x)")
     if dist.is_available() and dist.is_initialized():
         agreed = torch.tensor(int(pays))
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if pays and not agreed.item():
+            why += "; another process measured less, and all must agree"
         pays = bool(agreed.item())
-    return "bfloat16" if pays else "float32"
+    return ("bfloat16" if pays else "float32"), why
 
 
 def autocast(precision: str, device: torch.device):
@@ -160,6 +223,78 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete checkpoint temporaries (``.ckpt.pt.tmp-PID``) that a killed run left behind."""
+    removed = []
+    for tmp in directory.glob(".ckpt.pt.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another process (a run in the same directory) is writing it right now
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "step": int, "skipped": int, "rng_torch": torch.Tensor,
+                    "model_config": dict}
+
+
+def read_checkpoint(path: Path, model_config, cfg: TrainConfig) -> dict[str, Any]:
+    """A training checkpoint to resume from, refused in one sentence when it is missing, truncated,
+    not a checkpoint (never unpickled beyond tensors and plain containers: ``weights_only``) or
+    made for another model."""
+    if not path.is_file():
+        raise TrainingError(f"--resume: {path} does not exist; start the run without --resume.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a truncated or hostile pickle
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise TrainingError(f"--resume: {path} is not a readable training checkpoint ({detail}); it may be truncated "
+                            "or not a llamakin checkpoint, so start the run without --resume.") from None
+    if not isinstance(state, dict):
+        raise TrainingError(f"--resume: {path} holds a {type(state).__name__}, not a llamakin training checkpoint.")
+    for key, kind in _CHECKPOINT_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise TrainingError(f"--resume: {path} lacks a valid {key!r}; it is not a llamakin training checkpoint "
+                                "(or it is damaged).")
+    if state["model_config"] != model_config.to_dict():
+        theirs, ours = state["model_config"], model_config.to_dict()
+        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise TrainingError(f"--resume: {path} was saved for another model (it differs in {', '.join(differ[:4])}); "
+                            "resume with the settings it was trained with, or start a new run.")
+    if not 0 <= state["step"] <= 10 ** 12 or state["skipped"] < 0:
+        raise TrainingError(f"--resume: {path} records step {state['step']}, which is not a valid step.")
+    return state
+
+
+def keep_metrics_through(path: Path, step: int) -> None:
+    """Rewrite ``metrics.jsonl`` with only the records up to ``step`` (and without a line torn by
+    a kill), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+
+
 def full_state(model, optimizer) -> tuple[dict, dict]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -181,11 +316,14 @@ class Trainer:
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            remove_stale_temporaries(self.out)
         self.data_dir = self._data()
         self.train_data = TokenData(self.data_dir, "train")
         self.val_data = TokenData(self.data_dir, "val")
-        self.precision = choose_precision(cfg.precision, self.device)
         self.model = self._model()
+        self.precision, self.precision_reason = decide_precision(cfg.precision, self.device, self.model.config,
+                                                                 cfg.micro_batch * cfg.seq_len)
         self.tokens_per_step = cfg.micro_batch * cfg.grad_accum * self.world * cfg.seq_len
         self.total_steps = (max(1, cfg.budget_tokens // self.tokens_per_step) if cfg.budget_tokens else cfg.max_steps)
 
@@ -216,7 +354,9 @@ class Trainer:
                 raise TrainingError(f"{cfg.init_from} has {model.config.vocab_size} embeddings but the data's tokenizer "
                                     f"has {self.train_data.vocab_size} tokens; prepare the data with its tokenizer.")
         else:
-            model = Transformer(cfg.model_config(self.train_data.vocab_size))
+            config = cfg.model_config(self.train_data.vocab_size)
+            check_plausible_size(config, "the training recipe", None, torch.float32, self.device)
+            model = Transformer(config)
             model.init_weights(cfg.init_std)
         self.trained_names = freeze_all_but(model, cfg.train_only)
         return model.to(self.device).train()
@@ -283,23 +423,30 @@ class Trainer:
         step, skipped, bad_run = 0, 0, 0
         checkpoint = self.out / "ckpt.pt"
         if self.resume:
-            if not checkpoint.is_file():
-                raise TrainingError(f"--resume: {checkpoint} does not exist; start the run without --resume.")
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            load_state(model, optimizer, state["model"], state["optimizer"])
+            state = read_checkpoint(checkpoint, self.model.config, cfg)
+            try:
+                load_state(model, optimizer, state["model"], state["optimizer"])
+                torch.set_rng_state(state["rng_torch"])
+            except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+                raise TrainingError(f"--resume: {checkpoint} does not fit this run's model and optimizer "
+                                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); start a new run "
+                                    "without --resume.") from None
             step, skipped = state["step"], state["skipped"]
-            torch.set_rng_state(state["rng_torch"])
+        if self.is_main:
+            # every step appears once: drop what was logged after the checkpoint we resume from
+            keep_metrics_through(self.out / "metrics.jsonl", step)
         metrics = open(self.out / "metrics.jsonl", "a") if self.is_main else None
         if self.is_main:
             (self.out / "train_config.json").write_text(json.dumps(
                 {"train": cfg.to_dict(), "model": self.model.config.to_dict(), "precision": self.precision,
+                 "precision_reason": self.precision_reason,
                  "world_size": self.world, "trained_parameters": len(self.trained_names)}, indent=2) + "\n")
         peak = measured_peak_flops(self.device, self.precision)
         per_token = flops_per_token(self.model, cfg.seq_len)
         if self.is_main and self.progress:
             total = sum(p.numel() for p in self.model.parameters())
             print(f"training {total:,} parameters ({len(self.trained_names)} tensors trained) on "
-                  f"{self.world} x {self.device.type}, {self.precision} (asked: {cfg.precision}), "
+                  f"{self.world} x {self.device.type}, {self.precision} (asked: {cfg.precision}; {self.precision_reason}), "
                   f"{self.tokens_per_step:,} tokens/step, steps {step} -> {self.total_steps}", file=sys.stderr)
         params = [p for p in self.model.parameters() if p.requires_grad]
         bar = tqdm(total=self.total_steps, initial=step, desc="training", unit="step", disable=not self.progress)

@@ -12,7 +12,21 @@ def read_metrics(run: str | Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise LlamakinError(f"{run} has no metrics.jsonl; point at a training output directory.")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if n == len(lines):  # the last line torn by a kill mid-write: the steps before it stand
+                break
+            raise LlamakinError(f"{path}:{n} is not valid JSON; remove that line.") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or \
+                not all(isinstance(record.get(k), (int, float)) for k in ("loss", "tokens", "grad_norm")):
+            raise LlamakinError(f"{path}:{n} is not a llamakin metrics record (step, loss, tokens, grad_norm).")
+        rows.append(record)
+    if not rows:
+        raise LlamakinError(f"{path} holds no complete step yet; plot again once the run has logged one.")
     # a resumed run appends: keep the last record of each step
     by_step = {r["step"]: r for r in rows}
     return [by_step[s] for s in sorted(by_step)]
