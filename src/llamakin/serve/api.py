@@ -35,12 +35,15 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 
 # -- the application -----------------------------------------------------------------------------
+DRAIN_FACTOR = 16  # an oversized chunked body is read (and dropped) up to this many times the limit
 class Guard:
     """ASGI middleware in front of the app: the bearer key, and the body size before any parsing.
 
     The body is read here, at most ``limit`` bytes: a larger one gets a 413 whether it declared
-    its ``Content-Length`` or came chunked without one. The app then receives the buffered body
-    and, after it, the client's own messages (so it still learns of a disconnect).
+    its ``Content-Length`` or came chunked without one. The rest of an oversized chunked body is
+    read and dropped, up to :data:`DRAIN_FACTOR` times the limit, so that a client still sending
+    reads the 413 instead of a reset connection. The app then receives the buffered body and,
+    after it, the client's own messages (so it still learns of a disconnect).
     """
 
     def __init__(self, app, limit: int, api_key: str | None = None):
@@ -68,10 +71,15 @@ class Guard:
                 return  # gone before sending the whole body: nobody to answer
             chunk = message.get("body", b"")
             size += len(chunk)
+            more = message.get("more_body", False)
             if size > self.limit:
+                while more and size <= DRAIN_FACTOR * self.limit:
+                    message = await receive()
+                    size += len(message.get("body", b""))
+                    more = message["type"] == "http.request" and message.get("more_body", False)
                 return await too_big(scope, receive, send)
             chunks.append(chunk)
-            if not message.get("more_body", False):
+            if not more:
                 break
         body = b"".join(chunks)
         replayed = False

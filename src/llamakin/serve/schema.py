@@ -169,17 +169,26 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests lists/objects more than ``limit`` levels deep (iterative)."""
+def _find_problem(value: Any, limit: int) -> str | None:
+    """What makes a parsed body unusable: nesting deeper than ``limit``, or a string holding a
+    lone UTF-16 surrogate (``"\\ud800"`` is valid JSON but no text; tokenizers refuse it)."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string in the request body holds a lone UTF-16 surrogate (like \\ud800), which is not text"
+        elif isinstance(item, (dict, list)):
             if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return False
+                return f"the request body nests more than {limit} levels deep; no request needs that"
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+    return None
 
 
 def load_json(raw: bytes) -> dict[str, Any]:
@@ -189,17 +198,17 @@ def load_json(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8.",
                        code="invalid_json") from None
-    too_deep = APIError(400, f"the request body nests more than {MAX_JSON_DEPTH} levels deep; no request needs that.",
-                        code="invalid_json")
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        raise too_deep from None
+        problem = f"the request body nests more than {MAX_JSON_DEPTH} levels deep; no request needs that"
     except ValueError as e:
         raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object.",
                        code="invalid_json") from None
-    if _depth_exceeds(value, MAX_JSON_DEPTH):
-        raise too_deep
+    else:
+        problem = _find_problem(value, MAX_JSON_DEPTH)
+    if problem:
+        raise APIError(400, problem + ".", code="invalid_json")
     if not isinstance(value, dict):
         raise APIError(400, "the request body must be a JSON object.", code="invalid_json")
     return value
