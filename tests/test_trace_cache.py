@@ -28,7 +28,7 @@ def small_model():
 def traces(monkeypatch):
     """A fresh process-wide trace cache of capacity 2 for the test."""
     monkeypatch.setenv("LLAMAKIN_TRACE", "1")
-    cache = TraceCache(2)
+    cache = TraceCache(2, budget=100)
     monkeypatch.setattr(decode, "TRACES", cache)
     return cache
 
@@ -105,9 +105,28 @@ class _NoTokenizer:
         return "".join(chr(65 + i % 26) for i in ids)
 
 
-def test_capacity_from_the_environment(monkeypatch):
+def test_counts_from_the_environment(monkeypatch):
     monkeypatch.setenv("LLAMAKIN_TRACE_CACHE", "5")
-    assert decode._capacity_from_environment() == 5
+    assert decode._count_from_environment("LLAMAKIN_TRACE_CACHE", 8) == 5
     monkeypatch.setenv("LLAMAKIN_TRACE_CACHE", "many")
     with pytest.warns(UserWarning, match="LLAMAKIN_TRACE_CACHE"):
-        assert decode._capacity_from_environment() == decode.DEFAULT_TRACE_CACHE
+        assert decode._count_from_environment("LLAMAKIN_TRACE_CACHE", 8) == 8
+
+
+@torch.no_grad()
+def test_once_the_recording_budget_is_spent_new_shapes_run_eagerly(monkeypatch):
+    """TorchScript keeps part of every recording for good, so recordings are budgeted: past the
+    budget a shape without a kept trace runs eagerly, with the same logits, and nothing is recorded."""
+    monkeypatch.setenv("LLAMAKIN_TRACE", "1")
+    budgeted = TraceCache(1, budget=2)
+    monkeypatch.setattr(decode, "TRACES", budgeted)
+    model = small_model()
+    results = {}
+    for batch in (1, 2, 1, 2):
+        cache = model.new_cache(batch, 32)
+        model(torch.arange(3 * batch).view(batch, 3) % 97, cache=cache)
+        decoder = Decoder(model, cache)
+        results.setdefault(batch, []).append(decoder.step(torch.full((batch, 1), 5), torch.full((batch, 1), 3)))
+    assert budgeted.traced == 2 and len(budgeted) == 1
+    assert budgeted.keys()[0][0] == 2  # the batch-2 trace is kept; the second batch-1 step ran eagerly
+    assert all(torch.equal(a, b) for a, b in results.values())

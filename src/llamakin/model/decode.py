@@ -16,11 +16,17 @@ Memory. A trace is recorded on the caller's own KV cache (the one cache slot the
 writes is saved and restored), not on a scratch cache of the same size: a scratch cache was as
 large as the real one (755 MB for 8 rows of 2048 slots of SmolLM2-135M) and, allocated once per
 new shape, made the process grow by that much with every new (batch size, cache length)
-bucket. What a frozen trace itself holds is the graph: its constants are the model's own
-parameter tensors, shared, not copied. Traces live in one process-wide least-recently-used
-:class:`TraceCache` of at most ``LLAMAKIN_TRACE_CACHE`` entries (default
-:data:`DEFAULT_TRACE_CACHE`, every model together); a shape used again after its trace was
-evicted is traced again (about 1-3 s for SmolLM2-135M on 2 cores).
+bucket. A frozen trace's constants are the model's own parameter tensors, shared, not copied.
+What remains per trace is TorchScript's: measured on SmolLM2-135M, about 10 MB for the live
+graph, and about 55 MB per recording that TorchScript keeps for the life of the process even
+after the trace is dropped (its type and compilation records). So two bounds, both set by the
+environment and shared by every model in the process:
+
+* ``LLAMAKIN_TRACE_CACHE`` (default :data:`DEFAULT_TRACE_CACHE`): traces kept, least recently
+  used out (:class:`TraceCache`);
+* ``LLAMAKIN_TRACE_BUDGET`` (default :data:`DEFAULT_TRACE_BUDGET`): recordings per process. An
+  evicted shape is recorded again while the budget lasts; after that, a shape without a kept
+  trace runs the same step eagerly (identical logits, slower), so memory stops growing.
 """
 
 from __future__ import annotations
@@ -66,7 +72,8 @@ class _Step(nn.Module):
         return self.model.decode_step(tokens, positions, slot, key_valid, self.cache)
 
 
-DEFAULT_TRACE_CACHE = 32  # a server with --max-batch 8 and --context 2048 has 4 x 8 = 32 buckets
+DEFAULT_TRACE_CACHE = 8  # traces kept: the shapes a server uses most (batch sizes x cache lengths)
+DEFAULT_TRACE_BUDGET = 16  # recordings per process (each leaves ~55 MB behind for SmolLM2-135M)
 
 
 class TraceCache:
@@ -77,8 +84,9 @@ class TraceCache:
     trace, so use ``LLAMAKIN_TRACE=0`` instead to run eagerly).
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, budget: int | None = None):
         self.capacity = capacity
+        self.budget = 2 * capacity if budget is None else budget  # recordings allowed in all
         self._entries: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.traced = 0  # traces recorded so far (a measure of the retracing that eviction costs)
@@ -92,6 +100,10 @@ class TraceCache:
                 return None
             self._entries.move_to_end((id(model), key))
             return entry[2]
+
+    def may_record(self) -> bool:
+        """Whether the recording budget allows another trace."""
+        return self.traced < self.budget
 
     def put(self, model: nn.Module, key: tuple, stamp: tuple, graph) -> None:
         with self._lock:
@@ -122,19 +134,20 @@ class TraceCache:
             self._entries.clear()
 
 
-def _capacity_from_environment() -> int:
-    raw = os.environ.get("LLAMAKIN_TRACE_CACHE", str(DEFAULT_TRACE_CACHE))
+def _count_from_environment(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
     try:
         value = int(raw)
     except ValueError:
         value = -1
     if value < 0:
-        warnings.warn(f"LLAMAKIN_TRACE_CACHE={raw!r} is not a count of traces; using {DEFAULT_TRACE_CACHE}.")
-        value = DEFAULT_TRACE_CACHE
+        warnings.warn(f"{name}={raw!r} is not a count; using {default}.")
+        value = default
     return value
 
 
-TRACES = TraceCache(_capacity_from_environment())
+TRACES = TraceCache(_count_from_environment("LLAMAKIN_TRACE_CACHE", DEFAULT_TRACE_CACHE),
+                    _count_from_environment("LLAMAKIN_TRACE_BUDGET", DEFAULT_TRACE_BUDGET))
 
 
 def _traceable(model) -> bool:
@@ -160,10 +173,10 @@ class Decoder:
         key = (cache.batch_size, cache.max_len, cache.keys[0].dtype, cache.keys[0].device, self.model.training)
         stamp = _weights_stamp(self.model)
         graph = TRACES.get(self.model, key, stamp)
-        if graph is None:
+        if graph is None and TRACES.may_record():
             graph = self._record()
             TRACES.put(self.model, key, stamp, graph)
-        return graph
+        return graph  # None: the budget is spent, this shape runs eagerly
 
     def _record(self):
         """Trace and freeze ``decode_step`` on this cache's own tensors. The recording run writes
@@ -184,7 +197,9 @@ class Decoder:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                traced = torch.jit.trace(step, example, check_trace=False)
+                # a compilation unit of its own, so the graph goes when the trace goes (TorchScript still
+                # keeps other records of every recording: see LLAMAKIN_TRACE_BUDGET above)
+                traced = torch.jit.trace(step, example, check_trace=False, _compilation_unit=torch._C.CompilationUnit())
                 return torch.jit.freeze(traced.eval())
         finally:
             self.model.train(training)  # freezing needs eval mode; the model keeps its own

@@ -12,6 +12,7 @@ A client that disconnects, streaming or not, has its generation cancelled and it
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from typing import AsyncIterator
@@ -36,6 +37,8 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 # -- the application -----------------------------------------------------------------------------
 DRAIN_FACTOR = 16  # an oversized chunked body is read (and dropped) up to this many times the limit
+
+
 class Guard:
     """ASGI middleware in front of the app: the bearer key, and the body size before any parsing.
 
@@ -55,7 +58,7 @@ class Guard:
         headers = dict(scope.get("headers") or [])
         if self.api_key and scope["path"].startswith("/v1"):
             given = headers.get(b"authorization", b"")
-            if given != f"Bearer {self.api_key}".encode():
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 message = ("no API key was provided; send 'Authorization: Bearer <key>'." if not given
                            else "the API key is not correct.")
                 return await error_response(401, message, code="invalid_api_key")(scope, receive, send)
@@ -101,6 +104,7 @@ _STATUS_MESSAGES = {404: "there is no such endpoint; the API is under /v1 (model
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                max_body_bytes: int = 1 << 20) -> Guard:
     app = FastAPI(title="llamakin", docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.redirect_slashes = False  # a redirect is no answer for an API client: unknown paths are 404
     created = int(time.time())
 
     @app.exception_handler(APIError)

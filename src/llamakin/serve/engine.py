@@ -27,6 +27,7 @@ import torch
 from ..errors import LlamakinError
 from ..generate import RowResult, SamplingParams, TextStream, next_tokens
 from ..model.cache import KVCache
+from ..model import decode
 from ..model.decode import CACHE_BUCKET, Decoder
 from ..tokenizer import Tokenizer
 
@@ -112,7 +113,8 @@ class Engine:
 
     def status(self) -> dict[str, int]:
         return {"running": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                "context": self.context, "generated_tokens": self.generated_tokens}
+                "context": self.context, "generated_tokens": self.generated_tokens,
+                "decode_traces": len(decode.TRACES), "decode_traces_recorded": decode.TRACES.traced}
 
     def stop(self) -> None:
         self.stopping = True
