@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 import llamakin
 import llamakin.serve.engine as engine_module
@@ -206,21 +207,35 @@ def test_top_k_one_is_greedy_at_any_temperature_and_seed(server):
     assert len(free) > 1  # without top_k the seeds do differ
 
 
+@pytest.fixture(scope="module")
+def flat(tiny):  # noqa: F811
+    """A server on a model whose next-token distributions are flat enough that top_k, min_p and
+    repetition_penalty each change a sampled text (the module's model repeats one token)."""
+    model, tok = tiny
+    torch.manual_seed(1)
+    flatter = llamakin.Transformer(model.config).eval()
+    with torch.no_grad():
+        flatter.embed.weight.normal_(0, 0.3)
+    s = Server(flatter, tok, max_batch=4, context=128)
+    yield s, flatter, tok
+    s.close()
+
+
 @pytest.mark.parametrize("extra", [{"top_k": 5}, {"min_p": 0.2}, {"repetition_penalty": 1.5},
                                    {"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.2, "top_p": 0.9}])
-def test_vllm_sampling_parameters_match_llamakin_generate(server, tiny, extra):  # noqa: F811
+def test_vllm_sampling_parameters_match_llamakin_generate(flat, extra):
     """Seeded sampling through the server equals :func:`llamakin.generate` with the same
     parameters (the same sampler, one generator per row), and differs from sampling without them."""
-    model, tok = tiny
+    server, model, tok = flat
     prompt, seed = "Once upon a time", 11
     client = server.client(timeout=120)
 
     def served(**fields):
-        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0.8, seed=seed,
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=1.0, seed=seed,
                                          top_p=fields.pop("top_p", 1.0),
                                          extra_body={"ignore_eos": True, **fields}).choices[0].text
 
-    expected = llamakin.generate(model, tok, prompt, max_new_tokens=16, temperature=0.8, seed=seed, ignore_eos=True,
+    expected = llamakin.generate(model, tok, prompt, max_new_tokens=16, temperature=1.0, seed=seed, ignore_eos=True,
                                  **extra)
     assert served(**extra) == expected
     assert served() != expected
