@@ -171,14 +171,13 @@ def cmd_chat(args) -> None:
 
 def cmd_serve(args) -> None:
     from .catalog import DEFAULT_MODEL
-    from .serve import run
+    from .serve import bind, run
 
-    if not 0 < args.port < 65536:
-        raise LlamakinError(f"--port must be between 1 and 65535, got {args.port}.")
+    sock = bind(args.host, args.port)  # before loading the model: a busy port or bad host fails at once
     model, tokenizer = _open(args)
     run(model, tokenizer, model_name=args.served_name or args.model or DEFAULT_MODEL, host=args.host, port=args.port,
         api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
-        max_body_bytes=args.max_body_bytes)
+        max_body_bytes=args.max_body_bytes, sock=sock)
 
 
 def cmd_data_prepare(args) -> None:

@@ -13,12 +13,30 @@ constants would not follow later changes to the weights, a trace is keyed by a s
 parameter and buffer (identity and in-place version counter): training or loading new weights
 between generations retraces. Models whose RoPE frequencies depend on the current length
 (``dynamic`` NTK: a base that grows with every step) run the same step eagerly. ``LLAMAKIN_TRACE=0`` turns tracing off.
+
+Memory. A trace is recorded on the caller's own KV cache (the one cache slot the recording run
+writes is saved and restored), not on a scratch cache of the same size: a scratch cache was as
+large as the real one (755 MB for 8 rows of 2048 slots of SmolLM2-135M) and, allocated once per
+new shape, made the process grow by that much with every new (batch size, cache length)
+bucket. A frozen trace's constants are the model's own parameter tensors, shared, not copied.
+What remains per trace is TorchScript's: measured on SmolLM2-135M, about 10 MB for the live
+graph, and about 55 MB per recording that TorchScript keeps for the life of the process even
+after the trace is dropped (its type and compilation records). So two bounds, both set by the
+environment and shared by every model in the process:
+
+* ``LLAMAKIN_TRACE_CACHE`` (default :data:`DEFAULT_TRACE_CACHE`): traces kept, least recently
+  used out (:class:`TraceCache`);
+* ``LLAMAKIN_TRACE_BUDGET`` (default :data:`DEFAULT_TRACE_BUDGET`): recordings per process. An
+  evicted shape is recorded again while the budget lasts; after that, a shape without a kept
+  trace runs the same step eagerly (identical logits, slower), so memory stops growing.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
+import threading
 import warnings
 import weakref
 
@@ -35,6 +53,14 @@ def cache_length_for(needed: int, context: int) -> int:
     return min(-(-needed // CACHE_BUCKET) * CACHE_BUCKET, context)
 
 
+class _Holder:
+    """What ``decode_step`` sees as its cache while tracing: only the key/value lists it writes."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    rope_alpha: torch.Tensor
+
+
 class _Step(nn.Module):
     """``decode_step`` with the cache's tensors as explicit inputs, which tracing requires."""
 
@@ -49,7 +75,82 @@ class _Step(nn.Module):
         return self.model.decode_step(tokens, positions, slot, key_valid, self.cache)
 
 
-_TRACES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+DEFAULT_TRACE_CACHE = 8  # traces kept: the shapes a server uses most (batch sizes x cache lengths)
+DEFAULT_TRACE_BUDGET = 16  # recordings per process (each leaves ~55 MB behind for SmolLM2-135M)
+
+
+class TraceCache:
+    """Frozen decode traces, least recently used first out, at most ``capacity`` in all.
+
+    Keyed by model (held weakly: a model that is garbage-collected takes its traces along) and by
+    the trace key of :class:`Decoder`. ``capacity`` 0 keeps nothing (every step runs a fresh
+    trace, so use ``LLAMAKIN_TRACE=0`` instead to run eagerly).
+    """
+
+    def __init__(self, capacity: int, budget: int | None = None):
+        self.capacity = capacity
+        self.budget = 2 * capacity if budget is None else budget  # recordings allowed in all
+        self._entries: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.traced = 0  # traces recorded so far (a measure of the retracing that eviction costs)
+        self.evicted = 0
+
+    def get(self, model: nn.Module, key: tuple, stamp: tuple):
+        """The trace of ``model`` for ``key`` recorded at weights ``stamp``, or None."""
+        with self._lock:
+            entry = self._entries.get((id(model), key))
+            if entry is None or entry[0]() is not model or entry[1] != stamp:
+                return None
+            self._entries.move_to_end((id(model), key))
+            return entry[2]
+
+    def may_record(self) -> bool:
+        """Whether the recording budget allows another trace."""
+        return self.traced < self.budget
+
+    def put(self, model: nn.Module, key: tuple, stamp: tuple, graph) -> None:
+        with self._lock:
+            self.traced += 1
+            ident = (id(model), key)
+            self._entries.pop(ident, None)
+            self._entries[ident] = (weakref.ref(model, self._forget), stamp, graph)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+                self.evicted += 1
+
+    def _forget(self, ref: weakref.ref) -> None:
+        with self._lock:
+            for ident in [i for i, entry in self._entries.items() if entry[0] is ref]:
+                del self._entries[ident]
+
+    def keys(self, model: nn.Module | None = None) -> list[tuple]:
+        """The cached trace keys (of ``model`` only, if given), least recently used first."""
+        with self._lock:
+            return [key for (owner, key), entry in self._entries.items()
+                    if model is None or (owner == id(model) and entry[0]() is model)]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _count_from_environment(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        warnings.warn(f"{name}={raw!r} is not a count; using {default}.")
+        value = default
+    return value
+
+
+TRACES = TraceCache(_count_from_environment("LLAMAKIN_TRACE_CACHE", DEFAULT_TRACE_CACHE),
+                    _count_from_environment("LLAMAKIN_TRACE_BUDGET", DEFAULT_TRACE_BUDGET))
 
 
 def _traceable(model) -> bool:
@@ -73,24 +174,39 @@ class Decoder:
     def _trace(self):
         cache = self.cache
         key = (cache.batch_size, cache.max_len, cache.keys[0].dtype, cache.keys[0].device, self.model.training)
-        graphs = _TRACES.setdefault(self.model, {})
         stamp = _weights_stamp(self.model)
-        if key not in graphs or graphs[key][0] != stamp:
-            B = cache.batch_size
-            device = cache.keys[0].device
-            scratch = KVCache(self.model.config, B, cache.max_len, cache.keys[0].dtype, device)
-            position_shape = (B, 2, 1) if self.model.config.rope_layout == "glm2d" else (B, 1)
-            example = (torch.zeros(B, 1, dtype=torch.long, device=device),
-                       torch.zeros(position_shape, dtype=torch.long, device=device),
-                       torch.zeros(B, dtype=torch.long, device=device), scratch.valid, scratch.keys, scratch.values,
-                       scratch.rope_alpha)
-            training = self.model.training
+        graph = TRACES.get(self.model, key, stamp)
+        if graph is None and TRACES.may_record():
+            graph = self._record()
+            TRACES.put(self.model, key, stamp, graph)
+        return graph  # None: the budget is spent, this shape runs eagerly
+
+    def _record(self):
+        """Trace and freeze ``decode_step`` on this cache's own tensors. The recording run writes
+        every row's last slot; that slot is saved first and put back after."""
+        cache = self.cache
+        B, last = cache.batch_size, cache.max_len - 1
+        device = cache.keys[0].device
+        saved = [(k[:, :, last].clone(), v[:, :, last].clone()) for k, v in zip(cache.keys, cache.values)]
+        position_shape = (B, 2, 1) if self.model.config.rope_layout == "glm2d" else (B, 1)
+        example = (torch.zeros(B, 1, dtype=torch.long, device=device),
+                   torch.zeros(position_shape, dtype=torch.long, device=device),
+                   torch.full((B,), last, dtype=torch.long, device=device), cache.valid, list(cache.keys),
+                   list(cache.values), cache.rope_alpha)
+        training = self.model.training
+        step = _Step(self.model, _Holder())
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                traced = torch.jit.trace(_Step(self.model, scratch), example, check_trace=False)
-                graphs[key] = (stamp, torch.jit.freeze(traced.eval()))
+                # a compilation unit of its own, so the graph goes when the trace goes (TorchScript still
+                # keeps other records of every recording: see LLAMAKIN_TRACE_BUDGET above)
+                traced = torch.jit.trace(step, example, check_trace=False, _compilation_unit=torch._C.CompilationUnit())
+                return torch.jit.freeze(traced.eval())
+        finally:
             self.model.train(training)  # freezing needs eval mode; the model keeps its own
-        return graphs[key][1]
+            for (k, v), (saved_k, saved_v) in zip(zip(cache.keys, cache.values), saved):
+                k[:, :, last] = saved_k
+                v[:, :, last] = saved_v
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """All rows at the cache's current length (one generation's batch); advances the cache."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 import sys
 
+from ..errors import LlamakinError
 from .api import create_app
 from .engine import Engine, QueueFull, Request
 
@@ -20,11 +23,51 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``, or one sentence saying why there cannot be one.
+
+    Binding here, before the model loads and before uvicorn starts, turns "address in use" and
+    "unknown host" into a :class:`LlamakinError` (the CLI's exit 2) instead of uvicorn's log and
+    exit 3.
+    """
+    if not 0 < port < 65536:
+        raise LlamakinError(f"--port must be between 1 and 65535, got {port}.")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, socket.gaierror) else str(e)
+        raise LlamakinError(f"--host {host!r} does not resolve to an address ({reason}); "
+                            "give an IP address such as 127.0.0.1 or a name this machine knows.") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise LlamakinError(f"port {port} on {host} is already in use; stop the other server or choose another "
+                                "--port.") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise LlamakinError(f"--host {host} is not an address of this machine; use 127.0.0.1 (or 0.0.0.0 for "
+                                "every interface).") from None
+        if e.errno == errno.EACCES:
+            raise LlamakinError(f"no permission to listen on port {port}; ports below 1024 need privileges, choose "
+                                "another --port.") from None
+        raise LlamakinError(f"cannot listen on {host}:{port}: {e.strerror}.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(model, tokenizer, model_name: str, host: str = LOOPBACK, port: int = 8000, api_key: str | None = None,
-        max_batch: int = 8, max_queue: int = 64, context: int | None = None, max_body_bytes: int = 1 << 20) -> None:
-    """Serve until interrupted. Binds to loopback unless another host is asked for explicitly."""
+        max_batch: int = 8, max_queue: int = 64, context: int | None = None, max_body_bytes: int = 1 << 20,
+        sock: socket.socket | None = None) -> None:
+    """Serve until interrupted on ``sock`` (from :func:`bind`; bound here when not given). Binds
+    to loopback unless another host is asked for explicitly."""
     import uvicorn
 
+    sock = sock or bind(host, port)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context)
     app = create_app(engine, model_name, api_key=api_key, max_body_bytes=max_body_bytes)
     if not is_loopback(host) and not api_key:
@@ -33,9 +76,10 @@ def run(model, tokenizer, model_name: str, host: str = LOOPBACK, port: int = 800
     print(f"llamakin: serving {model_name} on http://{host}:{port}/v1 (batch {max_batch}, queue {max_queue}, "
           f"context {engine.context})", file=sys.stderr)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
     finally:
         engine.stop()
+        sock.close()
 
 
-__all__ = ["Engine", "QueueFull", "Request", "create_app", "is_loopback", "run"]
+__all__ = ["Engine", "QueueFull", "Request", "bind", "create_app", "is_loopback", "run"]

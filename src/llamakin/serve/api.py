@@ -2,40 +2,31 @@
 ``/v1/chat/completions``, ``/health``.
 
 Every error is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the
-status OpenAI uses: 400 for bad requests (including FastAPI's own validation errors, which it
-would otherwise send as 422), 401 without the bearer key, 404 for an unknown model, 413 for an
-oversized body, 429 with ``Retry-After`` when the queue is full. A client that disconnects has its
-generation cancelled and its cache row freed.
+status OpenAI uses: 400 for bad requests (what is checked is in :mod:`.schema`; OpenAI answers
+validation errors with 400, so FastAPI's 422 is not used), 401 without the bearer key, 404 for an
+unknown model or path, 405 for a wrong method, 413 for an oversized body (declared or chunked),
+429 with ``Retry-After`` when the queue is full, 500 only for a failure of generation itself.
+A client that disconnects, streaming or not, has its generation cancelled and its row freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_template import TemplateError
 from ..errors import LlamakinError
 from ..generate import RowResult, SamplingParams
 from .engine import Engine, QueueFull, new_request
-
-StrictFloat = Annotated[float, Strict()]
-StrictInt = Annotated[int, Strict()]
-StrictBool = Annotated[bool, Strict()]
-StrictStr = Annotated[str, Strict()]
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code, self.headers = status, message, kind, param, code, headers
+from .schema import APIError, ChatRequest, CompletionRequest, parse_body, sampling_params
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -44,136 +35,95 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-# -- request bodies --------------------------------------------------------------------------------
-class StreamOptions(BaseModel):
-    include_usage: StrictBool = False
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: StrictStr
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: StrictStr | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: StrictStr
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: StrictFloat = Field(1.0, ge=0, le=2)
-    top_p: StrictFloat = Field(1.0, gt=0, le=1)
-    n: StrictInt = Field(1, ge=1)
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
-    seed: StrictInt | None = None
-    frequency_penalty: StrictFloat = Field(0.0, ge=-2, le=2)
-    presence_penalty: StrictFloat = Field(0.0, ge=-2, le=2)
-    logprobs: Any = None
-    logit_bias: Any = None
-
-
-class ChatRequest(_Sampling):
-    messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    tools: Any = None
-    functions: Any = None
-    response_format: Any = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: StrictStr | Annotated[list[StrictInt], Field(min_length=1)] | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
-    max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
-    echo: StrictBool = False
-    suffix: Any = None
-    best_of: Any = None
-
-
-def _unsupported(body: _Sampling, names: list[str]) -> None:
-    """A clear 400 for a parameter llamakin does not implement, rather than silently ignoring it."""
-    for name in names:
-        value = getattr(body, name, None)
-        if value not in (None, False, [], {}):
-            raise APIError(400, f"'{name}' is not supported by this server; remove it from the request.", param=name,
-                           code="unsupported_parameter")
-    if body.n != 1:
-        raise APIError(400, "only n=1 is supported; send several requests instead.", param="n",
-                       code="unsupported_parameter")
-
-
 # -- the application -----------------------------------------------------------------------------
-class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before any parsing."""
+DRAIN_FACTOR = 16  # an oversized chunked body is read (and dropped) up to this many times the limit
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+
+class Guard:
+    """ASGI middleware in front of the app: the bearer key, and the body size before any parsing.
+
+    The body is read here, at most ``limit`` bytes: a larger one gets a 413 whether it declared
+    its ``Content-Length`` or came chunked without one. The rest of an oversized chunked body is
+    read and dropped, up to :data:`DRAIN_FACTOR` times the limit, so that a client still sending
+    reads the 413 instead of a reset connection. The app then receives the buffered body and,
+    after it, the client's own messages (so it still learns of a disconnect).
+    """
+
+    def __init__(self, app, limit: int, api_key: str | None = None):
+        self.app, self.limit, self.api_key = app, limit, api_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and scope["path"].startswith("/v1"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                message = ("no API key was provided; send 'Authorization: Bearer <key>'." if not given
+                           else "the API key is not correct.")
+                return await error_response(401, message, code="invalid_api_key")(scope, receive, send)
         too_big = error_response(413, f"the request body is larger than {self.limit} bytes; send less.",
-                                 code="request_too_large")
+                                 code="request_too_large", headers={"Connection": "close"})
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await too_big(scope, receive, send)
-        received = 0
-
-        async def counting_receive():
-            nonlocal received
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _BodyTooLarge()
-            return message
+            if message["type"] == "http.disconnect":
+                return  # gone before sending the whole body: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            more = message.get("more_body", False)
+            if size > self.limit:
+                while more and size <= DRAIN_FACTOR * self.limit:
+                    message = await receive()
+                    size += len(message.get("body", b""))
+                    more = message["type"] == "http.request" and message.get("more_body", False)
+                return await too_big(scope, receive, send)
+            chunks.append(chunk)
+            if not more:
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _BodyTooLarge:
-            await too_big(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+_STATUS_MESSAGES = {404: "there is no such endpoint; the API is under /v1 (models, completions, chat/completions).",
+                    405: "this endpoint does not accept the {method} method."}
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20) -> FastAPI:
-    app = FastAPI(title="llamakin", docs_url=None, redoc_url=None)
+               max_body_bytes: int = 1 << 20) -> Guard:
+    app = FastAPI(title="llamakin", docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.redirect_slashes = False  # a redirect is no answer for an API client: unknown paths are 404
     created = int(time.time())
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
         return error_response(exc.status, exc.message, exc.kind, exc.param, exc.code, exc.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return error_response(400, "the request body is not valid JSON; send a JSON object.", code="invalid_json")
-        where = ".".join(loc) or "body"
-        return error_response(400, f"invalid value for '{where}': {first.get('msg', 'invalid')}.", param=where or None,
-                              code="invalid_value")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: HTTPRequest, exc: StarletteHTTPException):
+        message = _STATUS_MESSAGES.get(exc.status_code, "{detail}").format(method=request.method, detail=exc.detail)
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
 
-    @app.middleware("http")
-    async def _auth(request: HTTPRequest, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {api_key}":
-                message = ("no API key was provided; send 'Authorization: Bearer <key>'." if not header
-                           else "the API key is not correct.")
-                return error_response(401, message, code="invalid_api_key")
-        return await call_next(request)
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, exc: RequestValidationError):  # no route validates a body through FastAPI
+        return error_response(400, f"invalid request: {exc.errors()[:1]}.", code="invalid_value")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, exc: Exception):  # a bug: still OpenAI's shape, and the server keeps serving
+        return error_response(500, f"internal error ({type(exc).__name__}: {exc}).", kind="server_error")
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -188,21 +138,6 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llamakin"}]}
 
-    def sampling(body: _Sampling, prompt_len: int, max_tokens: int | None) -> SamplingParams:
-        room = engine.context - prompt_len
-        if room < 1:
-            raise APIError(400, f"the prompt has {prompt_len} tokens, which leaves no room in this server's "
-                                f"context of {engine.context} tokens; shorten it.", param="messages",
-                           code="context_length_exceeded")
-        if max_tokens is not None and max_tokens > room:
-            raise APIError(400, f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}, together more "
-                                f"than this server's context of {engine.context} tokens; lower max_tokens.",
-                           param="max_tokens", code="context_length_exceeded")
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        return SamplingParams(max_new_tokens=max_tokens or room, temperature=body.temperature, top_p=body.top_p,
-                              seed=body.seed, stop=stop, frequency_penalty=body.frequency_penalty,
-                              presence_penalty=body.presence_penalty)
-
     def submit(prompt_ids: list[int], params: SamplingParams):
         request = new_request(prompt_ids, params)
         try:
@@ -215,26 +150,38 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         return request
 
     async def collect(request, http: HTTPRequest) -> RowResult:
-        """Wait for a non-streamed result, cancelling the generation if the client goes away."""
-        while True:
-            try:
-                kind, payload = await asyncio.wait_for(request.events.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    request.cancelled.set()
-                    raise APIError(499, "client closed the request") from None
-                continue
-            if kind == "done":
-                return payload
-            if kind == "error":
-                raise APIError(500, payload, kind="server_error")
+        """Wait for a non-streamed result; cancel the generation if the client goes away first."""
+
+        async def disconnected() -> None:
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
+
+        result = asyncio.ensure_future(request.events.get())
+        gone = asyncio.ensure_future(disconnected())
+        try:
+            while True:
+                await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if result.done():
+                    kind, payload = result.result()
+                    if kind == "done":
+                        return payload
+                    if kind == "error":
+                        raise APIError(500, payload, kind="server_error", code="generation_failed")
+                    result = asyncio.ensure_future(request.events.get())  # a text piece: keep waiting
+                else:
+                    raise APIError(499, "the client closed the request.")  # nobody reads this answer
+        finally:
+            request.cancelled.set()  # finished or abandoned: the engine frees the row either way
+            for task in (result, gone):
+                task.cancel()
 
     def usage(prompt_len: int, result: RowResult) -> dict[str, int]:
         completion = len(result.token_ids)
         return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
 
     async def sse(request, chunk, final, include_usage: bool, prompt_len: int) -> AsyncIterator[str]:
-        """Server-sent events: text chunks, the finishing chunk, optional usage, ``[DONE]``."""
+        """Server-sent events: text chunks, the finishing chunk, optional usage, ``[DONE]``; a
+        failure of this request's generation is one ``error`` event, then the stream ends."""
         try:
             first = chunk(None, role=True)
             if first is not None:
@@ -250,26 +197,25 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                     yield "data: [DONE]\n\n"
                     return
                 else:
-                    error = {"error": {"message": payload, "type": "server_error", "param": None, "code": None}}
+                    error = APIError(500, payload, kind="server_error", code="generation_failed").body()
                     yield f"data: {json.dumps(error)}\n\n"
                     return
         finally:  # the client went away (or we finished): stop generating for it
             request.cancelled.set()
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, http: HTTPRequest):
+    async def chat(http: HTTPRequest):
+        body = parse_body(await http.body(), ChatRequest)
         check_model(body.model)
-        _unsupported(body, ["tools", "functions", "logprobs", "logit_bias"])
-        if body.response_format not in (None, {"type": "text"}):
-            raise APIError(400, "only response_format {'type': 'text'} is supported.", param="response_format",
-                           code="unsupported_parameter")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
             prompt = engine.tokenizer.apply_chat_template(messages)
         except (TemplateError, LlamakinError) as e:
             raise APIError(400, str(e), param="messages") from None
         ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-        params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens)
+        if not ids:
+            raise APIError(400, "the chat renders to no tokens at all; send a message with some text.", param="messages")
+        params = sampling_params(body, len(ids), engine.context, "messages")
         request = submit(ids, params)
         rid, now = f"chatcmpl-{request.id}", int(time.time())
         base = {"id": rid, "created": now, "model": model_name}
@@ -294,19 +240,21 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                 "usage": usage(len(ids), result)}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HTTPRequest):
+    async def completions(http: HTTPRequest):
+        body = parse_body(await http.body(), CompletionRequest)
         check_model(body.model)
-        _unsupported(body, ["echo", "logprobs", "logit_bias", "suffix", "best_of"])
         prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "the prompt is empty; send some text to continue.", param="prompt")
             ids = engine.tokenizer.encode(prompt)
+            if not ids:
+                raise APIError(400, "the prompt encodes to no tokens; send some text to continue.", param="prompt")
         else:
             if any(not 0 <= t < engine.model.config.vocab_size for t in prompt):
                 raise APIError(400, f"prompt token ids must be in [0, {engine.model.config.vocab_size}).", param="prompt")
             ids = list(prompt)
-        params = sampling(body, len(ids), body.max_tokens)
+        params = sampling_params(body, len(ids), engine.context, "prompt")
         request = submit(ids, params)
         rid, now = f"cmpl-{request.id}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
@@ -329,4 +277,4 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                                      "finish_reason": result.finish_reason}],
                 "usage": usage(len(ids), result)}
 
-    return BodyLimit(app, max_body_bytes)
+    return Guard(app, max_body_bytes, api_key)

@@ -6,6 +6,11 @@ row), drops finished and cancelled ones, and moves the last row into any hole so
 are always ``0 .. n-1``. A step decodes those rows together, each at its own length (every row
 writes its own cache slot), rounded up to a few batch sizes and cache lengths so the traced step
 is reused. Text reaches each request's asyncio queue as it is produced.
+
+A request can fail only itself: an exception while prefilling, sampling or detokenizing one row
+(NaN probabilities, a tokenizer that cannot decode an id, ...) ends that request with an
+``("error", message)`` event and frees its row, while every other row goes on. Only a failure of
+the shared decode step, which computes all rows at once, ends every running request.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from ..errors import LlamakinError
 from ..generate import RowResult, SamplingParams, TextStream, next_tokens
 from ..model.cache import KVCache
+from ..model import decode
 from ..model.decode import CACHE_BUCKET, Decoder
 from ..tokenizer import Tokenizer
 
@@ -46,7 +52,10 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, kind: str, payload: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the server's event loop is closed: nobody is listening any more
+            pass
 
 
 @dataclass
@@ -59,6 +68,7 @@ class _Row:
     generator: torch.Generator | None
     seen: torch.Tensor | None  # [V] tokens of prompt and output (repetition penalty)
     counts: torch.Tensor | None  # [V] generated-token counts (frequency/presence penalties)
+    error: str | None = None  # set when this row failed; it is retired with an error event
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -103,7 +113,8 @@ class Engine:
 
     def status(self) -> dict[str, int]:
         return {"running": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                "context": self.context, "generated_tokens": self.generated_tokens}
+                "context": self.context, "generated_tokens": self.generated_tokens,
+                "decode_traces": len(decode.TRACES), "decode_traces_recorded": decode.TRACES.traced}
 
     def stop(self) -> None:
         self.stopping = True
@@ -122,7 +133,7 @@ class Engine:
                         self.wakeup.clear()
                         continue
                     self._step()
-                except Exception as e:  # noqa: BLE001 - a bug must not kill the server silently
+                except Exception as e:  # noqa: BLE001 - the shared step failed: every running row is lost
                     for row in self.rows:
                         row.request.emit("error", f"generation failed: {e}")
                     self.rows = []
@@ -135,7 +146,12 @@ class Engine:
                 request = self.waiting.popleft()
             if request.cancelled.is_set():
                 continue
-            self._prefill(request)
+            try:
+                self._prefill(request)
+            except Exception as e:  # noqa: BLE001 - this request alone fails
+                if self.rows and self.rows[-1].request is request:
+                    self.rows.pop()
+                request.emit("error", _failure(e))
 
     def _prefill(self, request: Request) -> None:
         index = len(self.rows)
@@ -159,8 +175,15 @@ class Engine:
         self._accept(index, logits[0])
 
     def _accept(self, index: int, logits: torch.Tensor) -> None:
-        """Sample row ``index``'s next token from its logits; emit text; finish the row if done."""
+        """Sample row ``index``'s next token; a failure ends this row alone (see the module doc)."""
         row = self.rows[index]
+        try:
+            self._sample(row, logits)
+        except Exception as e:  # noqa: BLE001
+            row.error = _failure(e)
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> None:
+        """Sample the row's next token from its logits; emit text; finish the row if done."""
         params = row.request.params
         token = int(next_tokens(logits[None], params, None if row.seen is None else row.seen[None], row.generator,
                                 None if row.counts is None else row.counts[None])[0])
@@ -197,7 +220,7 @@ class Engine:
         logits = Decoder(self.model, view).step_rows(tokens, lengths[:, None], lengths)
         for index, row in enumerate(self.rows):
             row.length += 1
-            if row.result.finish_reason is None:
+            if row.result.finish_reason is None and row.error is None:
                 self._accept(index, logits[index])
         self._retire()
 
@@ -207,16 +230,28 @@ class Engine:
         while index < len(self.rows):
             row = self.rows[index]
             done = row.result.finish_reason is not None
-            if done or row.request.cancelled.is_set():
+            if row.error is not None:
+                row.request.emit("error", row.error)
+                self._remove(index)
+            elif done or row.request.cancelled.is_set():
                 if done:
-                    tail = row.stream.finish()
-                    if tail:
-                        row.result.text += tail
-                        row.request.emit("text", tail)
-                    row.request.emit("done", row.result)
+                    self._finish(row)
                 self._remove(index)
             else:
                 index += 1
+
+    @staticmethod
+    def _finish(row: _Row) -> None:
+        """Hand out the text held back at the end (detokenizing it can fail, for this row alone)."""
+        try:
+            tail = row.stream.finish()
+        except Exception as e:  # noqa: BLE001
+            row.request.emit("error", _failure(e))
+            return
+        if tail:
+            row.result.text += tail
+            row.request.emit("text", tail)
+        row.request.emit("done", row.result)
 
     def _remove(self, index: int) -> None:
         last = len(self.rows) - 1
@@ -225,6 +260,10 @@ class Engine:
             self.cache.move_row(last, index, moved.length)  # keys, values and per-row RoPE state
             self.rows[index] = moved
         self.rows.pop()
+
+
+def _failure(error: Exception) -> str:
+    return f"generation failed for this request ({type(error).__name__}: {error}); other requests were not affected."
 
 
 def new_request(prompt_ids: list[int], params: SamplingParams) -> Request:
