@@ -22,10 +22,11 @@ from assets import smollm2_gguf
 
 
 def tiny_model(context: int = 512):
+    """A tiny random model whose greedy answers are words (untied: a tied one repeats newlines)."""
     tok = llamakin.load_tokenizer(smollm2_gguf())
     torch.manual_seed(0)
     config = llamakin.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=64, max_position_embeddings=context, tie_word_embeddings=True)
+                                  intermediate_size=64, max_position_embeddings=context, tie_word_embeddings=False)
     model = llamakin.Transformer(config).eval()
     with torch.no_grad():
         model.embed.weight.normal_(0, 1.0)
