@@ -55,7 +55,7 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.2)
         with tempfile.TemporaryDirectory() as profile:
-            browser = Browser(executable, Path(profile) / "profile", width=1000, height=640)
+            browser = Browser(executable, Path(profile) / "profile", width=1000, height=820)
             try:
                 browser.open(url + "/")
                 browser.wait_for("document.getElementById('model').textContent !== 'connecting…'")
