@@ -99,7 +99,8 @@ class Guard:
         await self.app(scope, replay, send)
 
 
-_STATUS_MESSAGES = {404: "there is no such endpoint; the API is under /v1 (models, completions, chat/completions).",
+_STATUS_MESSAGES = {404: "there is no such endpoint; the API is under /v1 (models, completions, chat/completions), "
+                         "beside /tokenize, /detokenize, /metrics, /health and the chat page at /.",
                     405: "this endpoint does not accept the {method} method."}
 
 
