@@ -164,5 +164,12 @@ def test_chat_page_asks_for_the_api_key(talkative, browser):
         spy_on_fetch(browser)
         send(browser, "Hi", turn=1)
         assert answers(browser)[0].strip()
+        # a request the server refuses: its message on the page, the question back in the box to edit
+        set_setting(browser, "max-tokens", 100000)
+        send(browser, "Too long", turn=2)
+        note = browser.evaluate("document.querySelectorAll('.msg.assistant .note')[1].textContent")
+        assert note.startswith("failed: ") and "context" in note
+        assert browser.evaluate("document.getElementById('input').value") == "Too long"
+        assert browser.evaluate("history.length") == 2  # the refused question is not part of the conversation
     finally:
         s.close()
