@@ -105,7 +105,7 @@ _STATUS_MESSAGES = {404: "there is no such endpoint; the API is under /v1 (model
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20) -> Guard:
+               max_body_bytes: int = 1 << 20) -> CountResponses:
     app = FastAPI(title="llamakin", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     metrics = ServerMetrics(engine, model_name)
