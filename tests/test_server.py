@@ -284,3 +284,5 @@ def test_real_default_model_through_the_cli(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+    assert (f"serving smollm2-135m-instruct (dtype float32, quantization none, device cpu) at http://127.0.0.1:{port} "
+            in process.stderr.read())

@@ -133,6 +133,43 @@ def cmd_generate(args) -> None:
     _report(stats)
 
 
+CHAT_HELP = """commands:
+  /system TEXT   use TEXT as the system message (/system alone removes it)
+  /save FILE     write the conversation to FILE (JSON: {"messages": [...]})
+  /load FILE     continue the conversation saved in FILE
+  /reset         forget the conversation (the system message stays)
+  /help          this list
+  /quit          leave (or Ctrl-D); Ctrl-C stops the current answer"""
+
+
+def _chat_command(session, line: str) -> bool:
+    """Carry out a /command typed in ``llamakin chat``; False for /quit."""
+    name, _, rest = line.strip().partition(" ")
+    rest = rest.strip()
+    if name == "/quit":
+        return False
+    if name == "/reset":
+        session.reset()
+        print("[history cleared]", file=sys.stderr)
+    elif name == "/system":
+        session.set_system(rest)
+        print("[system message set]" if rest else "[system message removed]", file=sys.stderr)
+    elif name in ("/save", "/load"):
+        if not rest:
+            print(f"llamakin: {name} needs a file name, as in '{name} chat.json'.", file=sys.stderr)
+        elif name == "/save":
+            session.save(rest)
+            print(f"[{len(session.messages)} messages saved to {rest}]", file=sys.stderr)
+        else:
+            session.load(rest)
+            print(f"[{len(session.messages)} messages loaded from {rest}]", file=sys.stderr)
+    elif name == "/help":
+        print(CHAT_HELP, file=sys.stderr)
+    else:
+        print(f"llamakin: unknown command {name}; /help lists the commands.", file=sys.stderr)
+    return True
+
+
 def cmd_chat(args) -> None:
     from .chat import ChatSession
 
@@ -141,32 +178,33 @@ def cmd_chat(args) -> None:
     session = ChatSession(model, tokenizer, params, system=args.system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("chatting with", args.model or "the default model", "- /reset clears the history, /quit leaves",
-              file=sys.stderr)
+        print("chatting with", args.model or "the default model", "- /help lists the commands, Ctrl-C stops an "
+              "answer, /quit leaves", file=sys.stderr)
     while True:
-        if interactive:
-            print(">>> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        if line.strip() == "/quit":
-            break
-        if line.strip() == "/reset":
-            session.reset()
-            print("[history cleared]", file=sys.stderr)
-            continue
-        try:
+        try:  # Ctrl-C while reading a line or replying ends that, not the chat (see ChatSession.reply)
+            if interactive:
+                print(">>> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not _chat_command(session, line):
+                    break
+                continue
             stats = session.reply(line, sys.stdout)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if session.stopped:
+                print("[stopped]", file=sys.stderr, flush=True)
+            elif args.verbose:
+                _report(stats)
         except LlamakinError as e:
             print(f"llamakin: {e}", file=sys.stderr)
-            continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        if args.verbose:
-            _report(stats)
+        except KeyboardInterrupt:
+            print("\n[Ctrl-C: /quit or Ctrl-D leaves]", file=sys.stderr, flush=True)
 
 
 def cmd_serve(args) -> None:
@@ -266,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(p, temperature=0.0, max_new_tokens=128)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="multi-turn chat with the model's template (stdin, one turn per line)")
+    p = sub.add_parser("chat", help="multi-turn chat with the model's template (stdin, one turn per line; "
+                                    "/help lists /system, /save, /load, /reset)")
     p.add_argument("--system", help="system message")
     p.add_argument("--verbose", action="store_true", help="print tokens/s after each reply")
     _add_model_options(p)

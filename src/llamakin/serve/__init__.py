@@ -10,6 +10,7 @@ import sys
 from ..errors import LlamakinError
 from .api import create_app
 from .engine import Engine, QueueFull, Request
+from .metrics import weights_summary
 
 LOOPBACK = "127.0.0.1"
 
@@ -60,6 +61,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def startup_line(model, model_name: str, host: str, port: int, engine: Engine) -> str:
+    """What is served where: model, dtype, quantization, device, the address and the engine's limits."""
+    dtype, quantization = weights_summary(model)
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed (RFC 3986 §3.2.2)
+    return (f"llamakin: serving {model_name} (dtype {dtype}, quantization {quantization}, device {model.device}) "
+            f"at http://{shown}:{port} - chat page /, API /v1, metrics /metrics "
+            f"(batch {engine.max_batch}, queue {engine.max_queue}, context {engine.context})")
+
+
 def run(model, tokenizer, model_name: str, host: str = LOOPBACK, port: int = 8000, api_key: str | None = None,
         max_batch: int = 8, max_queue: int = 64, context: int | None = None, max_body_bytes: int = 1 << 20,
         sock: socket.socket | None = None) -> None:
@@ -73,8 +83,7 @@ def run(model, tokenizer, model_name: str, host: str = LOOPBACK, port: int = 800
     if not is_loopback(host) and not api_key:
         print(f"llamakin: warning: serving on {host} without --api-key: anyone who can reach it can use it.",
               file=sys.stderr)
-    print(f"llamakin: serving {model_name} on http://{host}:{port}/v1 (batch {max_batch}, queue {max_queue}, "
-          f"context {engine.context})", file=sys.stderr)
+    print(startup_line(model, model_name, host, port, engine), file=sys.stderr, flush=True)
     try:
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
     finally:
@@ -82,4 +91,4 @@ def run(model, tokenizer, model_name: str, host: str = LOOPBACK, port: int = 800
         sock.close()
 
 
-__all__ = ["Engine", "QueueFull", "Request", "bind", "create_app", "is_loopback", "run"]
+__all__ = ["Engine", "QueueFull", "Request", "bind", "create_app", "is_loopback", "run", "startup_line"]

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API (FastAPI): ``/v1/models``, ``/v1/completions``,
-``/v1/chat/completions``, ``/health``.
+``/v1/chat/completions``, ``/health``; beside it the chat page ``/`` (:mod:`.page`),
+``/metrics`` (:mod:`.metrics`), ``/tokenize`` and ``/detokenize`` (:mod:`.tokens`).
 
 Every error is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the
 status OpenAI uses: 400 for bad requests (what is checked is in :mod:`.schema`; OpenAI answers
@@ -19,14 +20,17 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_template import TemplateError
 from ..errors import LlamakinError
 from ..generate import RowResult, SamplingParams
 from .engine import Engine, QueueFull, new_request
+from .metrics import CountResponses, ServerMetrics
+from .page import add_page_route
 from .schema import APIError, ChatRequest, CompletionRequest, parse_body, sampling_params
+from .tokens import add_token_routes
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -37,6 +41,7 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 # -- the application -----------------------------------------------------------------------------
 DRAIN_FACTOR = 16  # an oversized chunked body is read (and dropped) up to this many times the limit
+KEYED_PATHS = ("/v1", "/tokenize", "/detokenize")  # what --api-key guards (the page, /health and /metrics are open)
 
 
 class Guard:
@@ -56,7 +61,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith("/v1"):
+        if self.api_key and scope["path"].startswith(KEYED_PATHS):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 message = ("no API key was provided; send 'Authorization: Bearer <key>'." if not given
@@ -97,15 +102,18 @@ class Guard:
         await self.app(scope, replay, send)
 
 
-_STATUS_MESSAGES = {404: "there is no such endpoint; the API is under /v1 (models, completions, chat/completions).",
+_STATUS_MESSAGES = {404: "there is no such endpoint; the API is under /v1 (models, completions, chat/completions), "
+                         "beside /tokenize, /detokenize, /metrics, /health and the chat page at /.",
                     405: "this endpoint does not accept the {method} method."}
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20) -> Guard:
+               max_body_bytes: int = 1 << 20) -> CountResponses:
     app = FastAPI(title="llamakin", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # a redirect is no answer for an API client: unknown paths are 404
     created = int(time.time())
+    metrics = ServerMetrics(engine, model_name)
+    engine.metrics = metrics
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
@@ -134,6 +142,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     async def health():
         return {"status": "ok", "model": model_name, **engine.status()}
 
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        text, content_type = metrics.render()
+        return Response(text, media_type=content_type)
+
+    add_page_route(app)
+    add_token_routes(app, engine, check_model)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llamakin"}]}
@@ -147,6 +163,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                            headers={"Retry-After": "1"}) from None
         except LlamakinError as e:
             raise APIError(400, str(e), code="context_length_exceeded") from None
+        metrics.prompt_tokens.inc(len(prompt_ids))
         return request
 
     async def collect(request, http: HTTPRequest) -> RowResult:
@@ -164,11 +181,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                 if result.done():
                     kind, payload = result.result()
                     if kind == "done":
+                        metrics.finished.labels(payload.finish_reason).inc()
                         return payload
                     if kind == "error":
+                        metrics.finished.labels("error").inc()
                         raise APIError(500, payload, kind="server_error", code="generation_failed")
                     result = asyncio.ensure_future(request.events.get())  # a text piece: keep waiting
                 else:
+                    metrics.finished.labels("abort").inc()
                     raise APIError(499, "the client closed the request.")  # nobody reads this answer
         finally:
             request.cancelled.set()  # finished or abandoned: the engine frees the row either way
@@ -182,6 +202,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     async def sse(request, chunk, final, include_usage: bool, prompt_len: int) -> AsyncIterator[str]:
         """Server-sent events: text chunks, the finishing chunk, optional usage, ``[DONE]``; a
         failure of this request's generation is one ``error`` event, then the stream ends."""
+        ended = False
         try:
             first = chunk(None, role=True)
             if first is not None:
@@ -191,16 +212,22 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                 if kind == "text":
                     yield f"data: {json.dumps(chunk(payload))}\n\n"
                 elif kind == "done":
+                    ended = True
+                    metrics.finished.labels(payload.finish_reason).inc()
                     yield f"data: {json.dumps(final(payload))}\n\n"
                     if include_usage:
                         yield f"data: {json.dumps(final(payload, usage=usage(prompt_len, payload)))}\n\n"
                     yield "data: [DONE]\n\n"
                     return
                 else:
+                    ended = True
+                    metrics.finished.labels("error").inc()
                     error = APIError(500, payload, kind="server_error", code="generation_failed").body()
                     yield f"data: {json.dumps(error)}\n\n"
                     return
         finally:  # the client went away (or we finished): stop generating for it
+            if not ended:
+                metrics.finished.labels("abort").inc()
             request.cancelled.set()
 
     @app.post("/v1/chat/completions")
@@ -277,4 +304,4 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                                      "finish_reason": result.finish_reason}],
                 "usage": usage(len(ids), result)}
 
-    return Guard(app, max_body_bytes, api_key)
+    return CountResponses(Guard(app, max_body_bytes, api_key), metrics)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,9 @@ class Request:
     events: asyncio.Queue
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
+    created: float = field(default_factory=time.monotonic)  # for the latency metrics
+    first_token_at: float | None = None
+    last_token_at: float | None = None
 
     def emit(self, kind: str, payload: Any) -> None:
         try:
@@ -95,6 +99,7 @@ class Engine:
         self.wakeup = threading.Event()
         self.stopping = False
         self.generated_tokens = 0
+        self.metrics = None  # a ServerMetrics, told of every sampled token
         self.thread = threading.Thread(target=self._loop, name="llamakin-engine", daemon=True)
         self.thread.start()
 
@@ -191,6 +196,8 @@ class Engine:
             row.seen[token] = True
         if row.counts is not None:
             row.counts[token] += 1
+        if self.metrics is not None:
+            self.metrics.token(row.request)
         row.last_token = token
         result = row.result
         if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
