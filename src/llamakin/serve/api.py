@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -24,6 +25,7 @@ from ..chat_template import TemplateError
 from ..errors import LlamakinError
 from ..generate import RowResult, SamplingParams
 from .engine import Engine, QueueFull, new_request
+from .logprobs import MAX_TOP_LOGPROBS, chat_logprobs, completions_logprobs, token_logprobs
 
 StrictFloat = Annotated[float, Strict()]
 StrictInt = Annotated[int, Strict()]
@@ -84,6 +86,8 @@ class _Sampling(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     tools: Any = None
     functions: Any = None
@@ -91,9 +95,12 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: StrictStr | Annotated[list[StrictInt], Field(min_length=1)] | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
-    max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
+    prompt: (StrictStr | Annotated[list[StrictInt], Field(min_length=1)]
+             | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+             | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1, max_length=64)])
+    max_tokens: StrictInt | None = Field(16, ge=0)  # OpenAI's default for completions; 0 only with echo
     echo: StrictBool = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # top-N per token
     suffix: Any = None
     best_of: Any = None
 
@@ -259,7 +266,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: HTTPRequest):
         check_model(body.model)
-        _unsupported(body, ["tools", "functions", "logprobs", "logit_bias"])
+        _unsupported(body, ["tools", "functions", "logit_bias"])
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
+        if body.logprobs and body.stream:
+            raise APIError(400, "logprobs are not streamed by this server; send the request without stream.",
+                           param="logprobs", code="unsupported_parameter")
         if body.response_format not in (None, {"type": "text"}):
             raise APIError(400, "only response_format {'type': 'text'} is supported.", param="response_format",
                            code="unsupported_parameter")
@@ -288,16 +300,25 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(request, chunk, final, include, len(ids)), media_type="text/event-stream")
         result = await collect(request, http)
+        logprobs = None
+        if body.logprobs:
+            scored = await asyncio.to_thread(token_logprobs, engine.model, ids + result.token_ids, len(ids),
+                                             body.top_logprobs or 0)
+            logprobs = chat_logprobs(engine.tokenizer, scored)
         return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": logprobs,
                              "finish_reason": result.finish_reason}],
                 "usage": usage(len(ids), result)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
         check_model(body.model)
-        _unsupported(body, ["echo", "logprobs", "logit_bias", "suffix", "best_of"])
+        _unsupported(body, ["logit_bias", "suffix", "best_of"])
         prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+        if isinstance(prompt, list) and isinstance(prompt[0], list):  # a batch of token-id prompts
+            if body.stream:
+                raise APIError(400, "a batch of prompts cannot be streamed; send them one by one.", param="prompt")
+            return await completions_batch(body, [list(p) for p in prompt], http)
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "the prompt is empty; send some text to continue.", param="prompt")
@@ -306,6 +327,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             if any(not 0 <= t < engine.model.config.vocab_size for t in prompt):
                 raise APIError(400, f"prompt token ids must be in [0, {engine.model.config.vocab_size}).", param="prompt")
             ids = list(prompt)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 generates nothing; it is only useful with echo (the prompt's logprobs).",
+                           param="max_tokens")
+        if body.stream and (body.echo or body.logprobs is not None):
+            raise APIError(400, "echo and logprobs are not streamed by this server; send the request without stream.",
+                           param="echo" if body.echo else "logprobs", code="unsupported_parameter")
+        if not body.stream:
+            return await completions_batch(body, [ids], http, text=prompt if isinstance(prompt, str) else None)
         params = sampling(body, len(ids), body.max_tokens)
         request = submit(ids, params)
         rid, now = f"cmpl-{request.id}", int(time.time())
@@ -324,9 +353,42 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(request, chunk, final, include, len(ids)), media_type="text/event-stream")
-        result = await collect(request, http)
-        return {**base, "choices": [{"index": 0, "text": result.text, "logprobs": None,
-                                     "finish_reason": result.finish_reason}],
-                "usage": usage(len(ids), result)}
+        raise AssertionError("unreachable: non-streamed completions are answered by completions_batch")
+
+    async def completions_batch(body: CompletionRequest, prompts: list[list[int]], http: HTTPRequest,
+                                text: str | None = None) -> dict:
+        """Non-streamed completions of one or more prompts (one choice each, in order), with ``echo``
+        and ``logprobs`` (``max_tokens: 0`` with ``echo``: the prompt's own token log-probabilities)."""
+        vocab = engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for ids in prompts for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab}).", param="prompt")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 generates nothing; it is only useful with echo (the prompt's logprobs).",
+                           param="max_tokens")
+        requests = []
+        try:
+            for ids in ([] if body.max_tokens == 0 else prompts):
+                requests.append(submit(ids, sampling(body, len(ids), body.max_tokens)))
+            results = [await collect(r, http) for r in requests] or [RowResult(finish_reason="length") for _ in prompts]
+        except BaseException:
+            for r in requests:  # a rejected or abandoned batch frees the rows it already holds
+                r.cancelled.set()
+            raise
+        rid, now = f"cmpl-{requests[0].id if requests else uuid.uuid4().hex[:24]}", int(time.time())
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for index, (ids, result) in enumerate(zip(prompts, results)):
+            prompt_text = text if text is not None else engine.tokenizer.decode(ids)
+            logprobs = None
+            if body.logprobs is not None:
+                scored = await asyncio.to_thread(token_logprobs, engine.model, ids + result.token_ids,
+                                                 0 if body.echo else len(ids), body.logprobs)
+                logprobs = completions_logprobs(engine.tokenizer, scored)
+            choices.append({"index": index, "text": (prompt_text if body.echo else "") + result.text,
+                            "logprobs": logprobs, "finish_reason": result.finish_reason})
+            prompt_tokens += len(ids)
+            completion_tokens += len(result.token_ids)
+        return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
 
     return BodyLimit(app, max_body_bytes)
