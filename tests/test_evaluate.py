@@ -121,21 +121,28 @@ def test_bad_arguments_are_one_sentence(tiny):
         perplexity(model, tok, TEXT, context=32, stride=40)
 
 
-def test_cli_json_and_errors(tiny, tmp_path):
-    path = tiny[0]
-    (tmp_path / "t.txt").write_text(TEXT * 2)
-    base = [sys.executable, "-m", "llamakin.cli", "eval", "perplexity", "--model", str(path)]
-    done = subprocess.run(base + ["--file", str(tmp_path / "t.txt"), "--context", "32", "--protocol", "llama.cpp",
-                                  "--json"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+def test_cli_json_and_errors(tmp_path_factory, capsys):
+    from llamakin.cli import main
+
+    root = tmp_path_factory.mktemp("cli")
+    path = tiny_llama_dir(root)
+    (root / "t.txt").write_text(TEXT * 2)
+    base = ["eval", "perplexity", "--model", str(path), "--context", "32"]
+    assert main(base + ["--file", str(root / "t.txt"), "--protocol", "llama.cpp", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert {"perplexity", "stderr", "tokens", "tokens_per_second", "protocol"} <= set(out)
+    model, tok = llamakin.load(path), llamakin.load_tokenizer(path)
     assert out["perplexity"] == pytest.approx(
-        perplexity(tiny[2], tiny[3], TEXT * 2, context=32, protocol="llama.cpp").perplexity, rel=1e-6)
-    done = subprocess.run(base + ["--file", str(tmp_path / "t.txt"), "--context", "32"], capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.startswith("perplexity ") and "tokens/s" in done.stdout
-    bad = subprocess.run(base + ["--file", str(tmp_path / "missing.txt")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "missing.txt is not a file" in bad.stderr
+        perplexity(model, tok, TEXT * 2, context=32, protocol="llama.cpp").perplexity, rel=1e-6)
+    assert main(base + ["--file", str(root / "t.txt")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("perplexity ") and "tokens/s" in printed and "sliding" in printed
+    assert main(base + ["--file", str(root / "missing.txt")]) == 2
+    assert capsys.readouterr().err.strip() == f"llamakin: error: {root / 'missing.txt'} is not a file; give a text " \
+                                              "file to evaluate on."
+    done = subprocess.run([sys.executable, "-m", "llamakin.cli", "eval", "perplexity", "--model", str(path),
+                           "--file", str(root / "t.txt"), "--context", "9999"], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "context" in done.stderr
 
 
 def test_wiki_markup_is_stripped_to_prose():

@@ -73,7 +73,8 @@ def run_hf(model: Path, tasks: Path, env: dict, **kwargs) -> dict[str, list[dict
     from lm_eval.tasks import TaskManager
 
     results = simple_evaluate(model="hf", model_args=f"pretrained={model},dtype=float32", tasks=["lk_mc", "lk_rolling", "lk_gen"],
-                              task_manager=TaskManager(include_path=str(tasks)), batch_size=3, log_samples=True, **kwargs)
+                              task_manager=TaskManager(include_path=str(tasks)), batch_size=3, log_samples=True, device="cpu",
+                              **kwargs)
     return {task: sorted(rows, key=lambda s: s["doc_id"]) for task, rows in results["samples"].items()}
 
 

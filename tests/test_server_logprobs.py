@@ -107,7 +107,7 @@ def test_lm_eval_local_completions_through_the_server_matches_the_direct_model(s
                                              f"tokenizer_backend=huggingface,tokenizer={path},max_length=90"),
                        ("llamakin", f"pretrained={path},max_length=90")):
         out = simple_evaluate(model=name, model_args=args, tasks=["lk_mc", "lk_rolling"], task_manager=manager,
-                              log_samples=True, batch_size=2)
+                              log_samples=True, batch_size=2, device="cpu")
         runs[name] = {t: sorted(rows, key=lambda s: s["doc_id"]) for t, rows in out["samples"].items()}
     for task in ("lk_mc", "lk_rolling"):
         for a, b in zip(runs["local-completions"][task], runs["llamakin"][task]):

@@ -234,7 +234,8 @@ def cmd_eval_harness(args) -> None:
         raise LlamakinError(f"llamakin eval harness needs lm-evaluation-harness ({e}); "
                             "install it with `pip install lm-eval`.") from None
 
-    sys.exit(run_harness(args.harness_args))
+    forwarded = args.harness_args[1:] if args.harness_args[:1] == ["--"] else args.harness_args
+    sys.exit(run_harness(forwarded))
 
 
 def cmd_pull(args) -> None:
@@ -387,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["eval", "harness"]:  # every later argument is lm-eval's (argparse cannot pass "--x" through)
+        argv = ["eval", "harness", "--", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

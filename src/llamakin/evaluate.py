@@ -46,8 +46,8 @@ HEAD_ROWS = 512  # positions whose logits are computed at once ([512, 49152] flo
 
 @dataclass(frozen=True)
 class Window:
-    """A token sequence run through the model; the tokens ``ids[score_from + 1:]`` are scored, each
-    predicted from the logits one position earlier."""
+    """A token sequence; the tokens ``ids[score_from + 1:]`` are scored, each predicted from the logits
+    one position earlier (so ``ids[:-1]`` is what runs through the model)."""
 
     ids: list[int]
     score_from: int
@@ -79,17 +79,17 @@ def score_windows(model, windows: Sequence[Window], batch_size: int = 8, pad_id:
     for w in windows:
         if not 0 <= w.score_from < len(w.ids) - 1:
             raise LlamakinError(f"a window of {len(w.ids)} tokens cannot score from position {w.score_from}.")
-        if len(w.ids) > context:
-            raise LlamakinError(f"a window of {len(w.ids)} tokens is longer than the model's context of {context}; "
-                                "use a smaller context.")
+        if len(w.ids) - 1 > context:
+            raise LlamakinError(f"a window of {len(w.ids) - 1} input tokens is longer than the model's context of "
+                                f"{context}; use a smaller context.")
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].ids))
     device = model.device
     for start in range(0, len(order), batch_size):
         rows = [windows[i] for i in order[start:start + batch_size]]
-        longest = len(rows[0].ids)
+        longest = len(rows[0].ids) - 1
         ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
         for r, w in enumerate(rows):
-            ids[r, :len(w.ids)] = torch.tensor(w.ids)
+            ids[r, :len(w.ids) - 1] = torch.tensor(w.ids[:-1])
         hidden = model(ids.to(device), hidden_only=True)
         # the positions whose logits predict a scored token, all rows together
         picked = torch.cat([hidden[r, w.score_from:len(w.ids) - 1] for r, w in enumerate(rows)])
@@ -126,7 +126,7 @@ class PerplexityResult:
     stderr: float
     nll: float  # mean negative log-likelihood, nats per scored token
     tokens: int  # tokens scored
-    tokens_evaluated: int  # tokens run through the model (windows x their length)
+    tokens_evaluated: int  # tokens run through the model (each window less its last token)
     windows: int
     seconds: float
     protocol: str
@@ -253,7 +253,7 @@ def perplexity(model, tokenizer: Tokenizer, text: str | Sequence[str], *, contex
     variance = total_sq / count - mean * mean
     stderr = ppl * math.sqrt(variance / (count - 1)) if variance > 0 and count > 1 else float("nan")
     return PerplexityResult(perplexity=ppl, stderr=stderr, nll=mean, tokens=count,
-                            tokens_evaluated=sum(len(w.ids) for w in windows), windows=len(windows),
+                            tokens_evaluated=sum(len(w.ids) - 1 for w in windows), windows=len(windows),
                             seconds=seconds, protocol=protocol, context=context, stride=stride,
                             text_tokens=text_tokens)
 

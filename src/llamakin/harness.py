@@ -68,10 +68,17 @@ class LlamakinLM(TemplateLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        """lm-eval passes ``--batch_size`` and ``--device`` here as well; ``None`` means unset."""
-        args = lm_utils.simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval passes ``--batch_size``, ``--max_batch_size`` and ``--device`` here as well (``None``:
+        unset). Its ``--device`` defaults to ``cuda``, taken only where CUDA exists (as its ``hf``
+        backend does); ``--model_args`` win over these."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size", "device")}
-        return cls(**{**extra, **args})
+        if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+            extra.pop("device")
+        return cls(**{**extra, **arg_dict})
 
     # -- what TemplateLM needs ---------------------------------------------------------------------
     @property
