@@ -179,8 +179,9 @@ class LlamakinLM(TemplateLM):
                 for _ in run:
                     pass
                 for n, row in zip(batch, run.results):
-                    text = row.text
-                    for stop in until:  # lm-eval's post-processing: cut at the first stop string
+                    # as lm-eval's hf backend: the generated tokens decoded without special tokens, cut at stops
+                    text = self.tok.decode(row.token_ids, skip_special_tokens=True)
+                    for stop in until:
                         if stop:
                             text = text.split(stop)[0]
                     results[n] = text
