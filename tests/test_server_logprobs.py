@@ -45,7 +45,9 @@ def test_echo_with_max_tokens_0_gives_the_prompt_logprobs(setup):
     assert lp["tokens"] == [tok.decode([i]) for i in ids] and choice["text"] == tok.decode(ids)
     assert lp["text_offset"][:3] == [0, len(lp["tokens"][0]), len(lp["tokens"][0]) + len(lp["tokens"][1])]
     best = table[0].topk(3)
-    assert list(lp["top_logprobs"][1].values()) == pytest.approx(best.values.tolist(), abs=1e-5)
+    top = lp["top_logprobs"][1]  # token text -> logprob; ids that decode alike (byte pieces) keep the best
+    assert 1 <= len(top) <= 3 and list(top.values())[0] == pytest.approx(best.values[0].item(), abs=1e-5)
+    assert all(any(abs(v - b) < 1e-5 for b in best.values.tolist()) for v in top.values())
     assert r.json()["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
 
 
@@ -104,8 +106,10 @@ def test_lm_eval_local_completions_through_the_server_matches_the_direct_model(s
     manager = TaskManager(include_path=str(tasks))
     runs = {}
     for name, args in (("local-completions", f"base_url={server.url}/v1/completions,model={MODEL},"
-                                             f"tokenizer_backend=huggingface,tokenizer={path},max_length=90"),
-                       ("llamakin", f"pretrained={path},max_length=90")):
+                                             f"tokenizer_backend=huggingface,tokenizer={path},max_length=90,add_bos_token=True"),
+                       # lm-eval's API models keep max_length - 1 (one for the generated token) and cut rolling
+                       # windows one shorter again; the same windows in-process come from max_length 88
+                       ("llamakin", f"pretrained={path},max_length=88")):
         out = simple_evaluate(model=name, model_args=args, tasks=["lk_mc", "lk_rolling"], task_manager=manager,
                               log_samples=True, batch_size=2, device="cpu")
         runs[name] = {t: sorted(rows, key=lambda s: s["doc_id"]) for t, rows in out["samples"].items()}

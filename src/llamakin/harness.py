@@ -28,6 +28,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import lm_eval.models  # noqa: F401 - the built-in models first: get_model() fills the registry only while it is empty
 import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM

@@ -380,8 +380,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             prompt_text = text if text is not None else engine.tokenizer.decode(ids)
             logprobs = None
             if body.logprobs is not None:
+                stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+                generated = engine.tokenizer.decode(result.token_ids)
+                by_eos = requests and result.finish_reason == "stop" and not any(s in generated for s in stops)
                 scored = await asyncio.to_thread(token_logprobs, engine.model, ids + result.token_ids,
-                                                 0 if body.echo else len(ids), body.logprobs)
+                                                 0 if body.echo else len(ids), body.logprobs,
+                                                 engine.tokenizer.eos_token_ids if by_eos else ())
                 logprobs = completions_logprobs(engine.tokenizer, scored)
             choices.append({"index": index, "text": (prompt_text if body.echo else "") + result.text,
                             "logprobs": logprobs, "finish_reason": result.finish_reason})

@@ -10,6 +10,7 @@ own token log-probabilities; the first token has none).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -30,8 +31,16 @@ class TokenLogprobs:
 
 
 @torch.inference_mode()
-def token_logprobs(model, ids: list[int], start: int, top: int) -> TokenLogprobs:
-    """Log-probabilities of ``ids[start:]`` given what precedes each, and the ``top`` alternatives."""
+def token_logprobs(model, ids: list[int], start: int, top: int, ended_by: Sequence[int] = ()) -> TokenLogprobs:
+    """Log-probabilities of ``ids[start:]`` given what precedes each, and the ``top`` alternatives.
+
+    ``ended_by``: the end-of-sequence ids, when one of them ended the generation (the engine does not
+    keep that token): the most likely of them is appended, as OpenAI's logprobs end with it.
+    """
+    if ended_by:
+        tail = model(torch.tensor([ids], device=model.device), hidden_only=True)[0, -1:]
+        last = model.head(tail).float().log_softmax(-1)[0]
+        ids = ids + [max(ended_by, key=lambda i: last[i].item())]
     first = start
     logprobs: list[float | None] = []
     tops: list[list[tuple[int, float]] | None] = []
