@@ -150,10 +150,13 @@ def read_gguf_config(gguf: GGUFFile) -> tuple[Family, ModelConfig]:
 
 
 def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
-         device: torch.device | str = "cpu") -> Transformer:
+         device: torch.device | str = "cpu", adapter: str | Path | None = None) -> Transformer:
     """Load a checkpoint: a ``.gguf`` file, a Hugging Face directory (config.json + safetensors or
     pytorch_model.bin), a Meta/Mistral native directory (params.json + consolidated.*), llamakin's
-    own format, or the name of a catalog model (pulled on first use)."""
+    own format, or the name of a catalog model (pulled on first use).
+
+    ``adapter``: a PEFT LoRA adapter directory, merged into the weights (``scale * B @ A`` added
+    in float32; :func:`llamakin.lora.load_adapter` keeps it as separate trainable layers)."""
     from .catalog import resolve
 
     dtype = parse_dtype(dtype)
@@ -169,6 +172,10 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
         model = empty_model(config, dtype, device)
         with open_weights(directory) as source:
             load_weights(model, family.tensor_rules(config), source, family, str(directory))
+    if adapter is not None:
+        from .lora import load_adapter
+
+        load_adapter(model, adapter, merge_weights=True)
     return model.eval()
 
 

@@ -80,7 +80,7 @@ def _open(args):
     from .catalog import DEFAULT_MODEL, resolve
 
     path = resolve(args.model or DEFAULT_MODEL)
-    model = llamakin.load(path, dtype=args.dtype, device=args.device)
+    model = llamakin.load(path, dtype=args.dtype, device=args.device, adapter=getattr(args, "adapter", None))
     return model, llamakin.load_tokenizer(path)
 
 
@@ -194,6 +194,14 @@ def cmd_train(args) -> None:
     print(json.dumps(last))
 
 
+def cmd_export_adapter(args) -> None:
+    from .lora.train import export_run
+
+    out = export_run(args.run, args.out, merged=args.merge)
+    what = "merged Hugging Face model" if args.merge else "PEFT LoRA adapter"
+    print(f"wrote the {what} of {args.run} to {out}")
+
+
 def cmd_plot(args) -> None:
     from .train.plot import plot_runs
 
@@ -222,6 +230,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"checkpoint directory, .gguf file or catalog name (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory, merged into the model")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
@@ -289,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--train-only", metavar="PATTERN[,PATTERN]", help="train only matching parameters, e.g. '*.attn.*'")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export-adapter", help="a LoRA run's adapter in PEFT's format (or merged with --merge)")
+    p.add_argument("run", help="the run directory (OUT of llamakin train --recipe lora-...)")
+    p.add_argument("out", help="directory to write")
+    p.add_argument("--merge", action="store_true",
+                   help="write the base with the adapter folded in, as a Hugging Face model directory "
+                        "(then `llamakin convert OUT model.gguf` for GGUF)")
+    p.set_defaults(func=cmd_export_adapter)
 
     p = sub.add_parser("plot", help="loss and gradient-norm curves of runs, overlaid (PNG)")
     p.add_argument("runs", nargs="+")
