@@ -346,3 +346,27 @@ def test_bad_adapters_are_refused_in_one_sentence(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     assert main(["export-adapter", str(tmp_path / "hf"), str(tmp_path / "x")]) == 2
     assert "is not a finished or checkpointed training run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_chat_sft_recipe_on_the_default_model_and_its_shipped_example(tmp_path, capsys):
+    """``--recipe lora-sft`` as shipped: SmolLM2-135M-Instruct, the example chats, loss on the
+    assistant's tokens only; two short steps, then the adapter through generate --adapter."""
+    from assets import smollm2_gguf
+    from llamakin.train.config import CHAT_EXAMPLE
+
+    gguf = smollm2_gguf()
+    lines = [json.loads(line) for line in open(CHAT_EXAMPLE)]
+    assert len(lines) >= 40 and all(m["messages"][-1]["role"] == "assistant" for m in lines)
+    cfg = recipe("lora-sft", [f"init_from={json.dumps(str(gguf))}", "max_steps=2", "seq_len=64", "micro_batch=1",
+                              "grad_accum=1", "eval_interval=2", "eval_batches=1", "save_interval=2"])
+    last = train(cfg, tmp_path / "sft", progress=False)
+    meta = json.loads((tmp_path / "sft" / "data" / "meta.json").read_text())
+    assert meta["sft"] and meta["documents"] == len(lines)
+    mask = torch.from_numpy(__import__("numpy").fromfile(tmp_path / "sft" / "data" / "train_mask_000.bin", dtype="uint8"))
+    assert 0.2 < mask.float().mean() < 0.8  # prompts and templates are masked out, answers are not
+    assert math.isfinite(last["loss"]) and math.isfinite(last["val_loss"])
+    adapter = tmp_path / "sft" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
+    assert main(["generate", "Hello", "--model", str(gguf), "--adapter", str(adapter), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
