@@ -370,3 +370,31 @@ def test_chat_sft_recipe_on_the_default_model_and_its_shipped_example(tmp_path, 
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
     assert main(["generate", "Hello", "--model", str(gguf), "--adapter", str(adapter), "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("Hello")
+
+
+@pytest.mark.slow
+def test_lora_under_torchrun_ddp_equals_one_process(corpus, tiny_base, tmp_path):  # noqa: F811
+    """2 CPU processes (gloo, DDP) at the same global batch as one process: the same losses and adapters."""
+    def command(out, processes, *extra):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
+            if processes > 1 else [sys.executable]
+        args = launcher + ["-m", "llamakin.cli", "train", "--recipe", "lora-sft", "--out", str(out)]
+        for item in [*LORA_RUN, f"init_from={json.dumps(str(tiny_base))}", f"data={json.dumps(str(corpus[0]))}",
+                     "max_steps=3", "micro_batch=2", "lora.dropout=0", *extra]:
+            args += ["--set", item]
+        return args
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(command(tmp_path / "one", 1, "grad_accum=2"), capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    ddp = subprocess.run(command(tmp_path / "ddp", 2, "grad_accum=1"), capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert ddp.returncode == 0, ddp.stderr
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    a, b = (torch.load(run / "ckpt.pt", weights_only=True)["model"] for run in (tmp_path / "one", tmp_path / "ddp"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").is_file()
