@@ -373,8 +373,9 @@ def test_chat_sft_recipe_on_the_default_model_and_its_shipped_example(tmp_path, 
 
 
 @pytest.mark.slow
-def test_lora_under_torchrun_ddp_equals_one_process(corpus, tiny_base, tmp_path):  # noqa: F811
-    """2 CPU processes (gloo, DDP) at the same global batch as one process: the same losses and adapters."""
+def test_lora_under_torchrun_equals_one_process(corpus, tiny_base, tmp_path):  # noqa: F811
+    """2 CPU processes (gloo) at the same global batch as one process: DDP gives the same losses and
+    adapters, FSDP2 the same losses."""
     def command(out, processes, *extra):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
             if processes > 1 else [sys.executable]
@@ -398,3 +399,8 @@ def test_lora_under_torchrun_ddp_equals_one_process(corpus, tiny_base, tmp_path)
     a, b = (torch.load(run / "ckpt.pt", weights_only=True)["model"] for run in (tmp_path / "one", tmp_path / "ddp"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").is_file()
+    fsdp = subprocess.run(command(tmp_path / "fsdp", 2, "grad_accum=1", 'parallel="fsdp"'), capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert fsdp.returncode == 0, fsdp.stderr  # FSDP2 shards blocks that hold frozen and trained tensors
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-4)
+    assert (tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors").is_file()
