@@ -169,6 +169,11 @@ def test_adapter_made_by_peft_loads_with_rank_and_alpha_patterns(tmp_path):
     qkv = separate.layers[0].attn.qkv
     assert qkv.adapted == ("q", "v") and qkv.lora_A["v"].shape[0] == 2 and qkv.scales["v"] == 8 / 2
     assert separate.layers[0].mlp.down.scales["down"] == 3 / 4
+    # and out again: llamakin writes the per-module ranks and alphas as PEFT's patterns
+    save_adapter(separate, tmp_path / "again")
+    written = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert written["r"] == 4 and set(written["rank_pattern"].values()) == {2} and written["alpha_pattern"]
+    assert (peft_logits(tmp_path / "hf", tmp_path / "again", ids) - expected).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("name", ["llama", "granite-code-bias-llama3"])
