@@ -81,7 +81,7 @@ def _open(args):
 
     path = resolve(args.model or DEFAULT_MODEL)
     model = llamakin.load(path, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                          group_size=args.group_size)
+                          group_size=args.group_size, adapter=getattr(args, "adapter", None))
     tokenizer = llamakin.load_tokenizer(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise LlamakinError(f"the tokenizer of {path} has {tokenizer.vocab_size} tokens but the model embeds only "
@@ -237,6 +237,14 @@ def cmd_train(args) -> None:
     print(json.dumps(last))
 
 
+def cmd_export_adapter(args) -> None:
+    from .lora.train import export_run
+
+    out = export_run(args.run, args.out, merged=args.merge)
+    what = "merged Hugging Face model" if args.merge else "PEFT LoRA adapter"
+    print(f"wrote the {what} of {args.run} to {out}")
+
+
 def cmd_plot(args) -> None:
     from .train.plot import plot_runs
 
@@ -306,6 +314,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="weights: auto keeps a GGUF's Q4_0/Q4_1/Q8_0 quantized (float files stay float), "
                         "none dequantizes to --dtype, int8/int4 quantize every projection (default: auto)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory, merged into the model")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
@@ -374,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--train-only", metavar="PATTERN[,PATTERN]", help="train only matching parameters, e.g. '*.attn.*'")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export-adapter", help="a LoRA run's adapter in PEFT's format (or merged with --merge)")
+    p.add_argument("run", help="the run directory (OUT of llamakin train --recipe lora-...)")
+    p.add_argument("out", help="directory to write")
+    p.add_argument("--merge", action="store_true",
+                   help="write the base with the adapter folded in, as a Hugging Face model directory "
+                        "(then `llamakin convert OUT model.gguf` for GGUF)")
+    p.set_defaults(func=cmd_export_adapter)
 
     p = sub.add_parser("plot", help="loss and gradient-norm curves of runs, overlaid (PNG)")
     p.add_argument("runs", nargs="+")

@@ -11,7 +11,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..hardware import emulated_half
 from .cache import AttentionMask, KVCache
-from .linear import Linear, linear
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import Rope, apply_rotary
 
@@ -66,7 +66,7 @@ class Attention(nn.Module):
         if self.qkv_bias_zeroed is None:
             qkv = self.qkv(x)
         else:
-            qkv = linear(x, self.qkv.weight, self.qkv.bias.masked_fill(self.qkv_bias_zeroed, 0.0))
+            qkv = self.qkv(x, bias=self.qkv.bias.masked_fill(self.qkv_bias_zeroed, 0.0))
         B, T, _ = x.shape
         c = self.config
         qk, v = qkv.split((self.split_sizes[0] + self.split_sizes[1], self.split_sizes[2]), dim=-1)

@@ -70,7 +70,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` computed by :func:`linear`."""
+    """``nn.Linear`` computed by :func:`linear`; ``bias`` replaces the layer's own for one call
+    (attention's masked partial q/k/v bias), so subclasses such as LoRA layers see every call."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(x, self.weight, self.bias if bias is None else bias)

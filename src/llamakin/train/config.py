@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
@@ -19,7 +20,7 @@ class TrainConfig:
 
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig knobs (vocab_size comes from the data)
     data: list[str] = field(default_factory=lambda: ["shakespeare"])  # a prepared dir, or inputs to prepare
-    tokenizer: str = "train:2048"  # when data needs preparing: "train:VOCAB" or a tokenizer path/catalog name
+    tokenizer: str | None = "train:2048"  # when data needs preparing: "train:VOCAB", a path/catalog name, None: init_from's
     seq_len: int = 256
     micro_batch: int = 8  # sequences per forward pass on each process
     grad_accum: int = 1  # micro-batches per optimizer step on each process
@@ -42,6 +43,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     train_only: list[str] = field(default_factory=list)  # parameter name patterns (fnmatch); empty = all
     init_from: str | None = None  # a checkpoint to start from (fine-tuning) instead of random weights
+    lora: dict[str, Any] = field(default_factory=dict)  # LoRA on a frozen init_from: rank, alpha, dropout, targets
+    gradient_checkpointing: bool = False  # recompute each block in backward instead of keeping its activations
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -63,10 +66,25 @@ class TrainConfig:
             self.data = [self.data]
         if isinstance(self.train_only, str):
             self.train_only = [p for p in self.train_only.split(",") if p]
-        kind, sep, vocab = self.tokenizer.partition(":")
+        if self.lora:
+            from ..lora.model import LoraSettings
+
+            LoraSettings.from_dict(self.lora)  # refuse bad settings before any work
+            if not self.init_from:
+                raise ConfigError("a LoRA run adapts an existing model; set init_from=MODEL (a checkpoint or catalog name).")
+            if self.train_only:
+                raise ConfigError("train_only and lora both choose what trains; use one of them.")
+        if self.tokenizer is None and not self.init_from:
+            raise ConfigError("tokenizer is unset and there is no init_from to take it from; set tokenizer=...")
+        kind, sep, vocab = (self.tokenizer or "").partition(":")
         if kind == "train" and sep and not (vocab.isdigit() and int(vocab) >= 300):
             raise ConfigError(f"tokenizer={self.tokenizer!r}: train:VOCAB needs a vocabulary size of at least 300, "
                               "e.g. train:2048.")
+
+    @property
+    def data_tokenizer(self) -> str:
+        """The tokenizer that prepares the data: ``tokenizer``, else the base model's (``init_from``)."""
+        return self.tokenizer if self.tokenizer is not None else self.init_from
 
     def _check_types(self) -> None:
         """Each setting has its declared type (``--set micro_batch=1.5`` is refused by name)."""
@@ -78,6 +96,9 @@ class TrainConfig:
             if kind.startswith("int"):
                 ok = isinstance(value, int) and not isinstance(value, bool)
                 want = "an integer"
+            elif kind.startswith("bool"):
+                ok = isinstance(value, bool)
+                want = "true or false"
             elif kind.startswith("float"):
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                 want = "a finite number"
@@ -118,10 +139,24 @@ _PAPER = TrainConfig(model=_PAPER_MODEL, data=["shakespeare"], tokenizer="smollm
                      micro_batch=4, grad_accum=1, max_steps=2000, lr=6e-4, warmup_steps=120, weight_decay=0.1,
                      grad_clip=1.0, eval_interval=50, eval_batches=8, save_interval=250)
 
+# LoRA on the catalog's default model (SmolLM2-135M-Instruct), data tokenized with its tokenizer.
+# lora-sft: chat SFT (loss on assistant tokens only) on the small example shipped with llamakin;
+# lora-shakespeare: plain-text adaptation sized for 2 CPU cores in about 15 minutes (README).
+CHAT_EXAMPLE = str(Path(__file__).parent / "examples" / "shakespeare_chat.jsonl")
+_LORA = dict(rank=16, alpha=32, dropout=0.05, targets="q,k,v,o,gate,up,down")
+_LORA_SFT = TrainConfig(init_from="smollm2-135m-instruct", tokenizer=None, data=[CHAT_EXAMPLE], lora=_LORA,
+                        seq_len=256, micro_batch=4, grad_accum=2, max_steps=60, lr=1e-3, min_lr_ratio=0.1,
+                        warmup_steps=6, weight_decay=0.0, eval_interval=20, eval_batches=4, save_interval=30)
+_LORA_SHAKESPEARE = dataclasses.replace(_LORA_SFT, data=["shakespeare"], seq_len=256, micro_batch=8, grad_accum=1,
+                                        max_steps=150, lr=1e-3, warmup_steps=10, eval_interval=50, eval_batches=8,
+                                        save_interval=50)
+
 RECIPES: dict[str, TrainConfig] = {
     "shakespeare-tiny": _SHAKESPEARE_TINY,
     "baseline-paper-small": _PAPER,
     "diff-paper-small": dataclasses.replace(_PAPER, model={**_PAPER_MODEL, "attention_kind": "differential"}),
+    "lora-sft": _LORA_SFT,
+    "lora-shakespeare": _LORA_SHAKESPEARE,
 }
 
 
@@ -149,10 +184,13 @@ def recipe(name: str, overrides: list[str] = ()) -> TrainConfig:
             if knob not in model_fields:
                 raise ConfigError(f"--set {key}: the model has no knob {knob!r}.")
             values["model"][knob] = value
+        elif key.startswith("lora."):
+            values["lora"][key[len("lora."):]] = value
         elif key in fields:
             values[key] = value
         else:
-            raise ConfigError(f"--set {key}: unknown setting; valid: {', '.join(sorted(fields))} or model.<knob>.")
+            raise ConfigError(f"--set {key}: unknown setting; valid: {', '.join(sorted(fields))}, model.<knob> "
+                              "or lora.<rank|alpha|dropout|targets>.")
     try:
         return TrainConfig(**values)
     except TypeError as e:

@@ -295,21 +295,30 @@ def keep_metrics_through(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def full_state(model, optimizer) -> tuple[dict, dict]:
+def full_state(model, optimizer, frozen: bool = True) -> tuple[dict, dict]:
+    """Full model and optimizer state; without the frozen parameters when ``frozen`` is False."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen))
 
 
-def load_state(model, optimizer, model_state: dict, optim_state: dict) -> None:
+def load_state(model, optimizer, model_state: dict, optim_state: dict, frozen: bool = True) -> None:
+    """Inverse of :func:`full_state` (a state without frozen parameters must still hold every trained one)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    if not frozen:
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in model_state]
+        if missing:
+            raise TrainingError(f"the checkpoint lacks trained parameter {missing[0]!r}; it belongs to another run.")
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True))
+                   options=StateDictOptions(full_state_dict=True, strict=frozen))
 
 
 # -- the loop ---------------------------------------------------------------------------------------
 class Trainer:
+    save_frozen = True  # checkpoints hold frozen parameters too (LoRA runs: only what trains)
+
     def __init__(self, cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True):
         self.cfg, self.out, self.resume = cfg, Path(out).expanduser(), resume
         self.rank, self.world, self.device = setup_processes()
@@ -334,11 +343,11 @@ class Trainer:
             return Path(cfg.data[0]).expanduser()
         target = self.out / "data"
         if self.is_main and not (target / "meta.json").is_file():
-            kind, _, value = cfg.tokenizer.partition(":")
+            kind, _, value = cfg.data_tokenizer.partition(":")
             if kind == "train":
                 prepare(cfg.data, target, train_vocab=int(value))
             else:
-                prepare(cfg.data, target, tokenizer=cfg.tokenizer)
+                prepare(cfg.data, target, tokenizer=cfg.data_tokenizer)
         if dist.is_initialized():
             dist.barrier()
         return target
@@ -359,6 +368,7 @@ class Trainer:
             model = Transformer(config)
             model.init_weights(cfg.init_std)
         self.trained_names = freeze_all_but(model, cfg.train_only)
+        model.gradient_checkpointing = cfg.gradient_checkpointing
         return model.to(self.device).train()
 
     def _wrap(self, model: Transformer) -> torch.nn.Module:
@@ -425,7 +435,7 @@ class Trainer:
         if self.resume:
             state = read_checkpoint(checkpoint, self.model.config, cfg)
             try:
-                load_state(model, optimizer, state["model"], state["optimizer"])
+                load_state(model, optimizer, state["model"], state["optimizer"], frozen=self.save_frozen)
                 torch.set_rng_state(state["rng_torch"])
             except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
                 raise TrainingError(f"--resume: {checkpoint} does not fit this run's model and optimizer "
@@ -504,7 +514,7 @@ class Trainer:
         return last
 
     def _save(self, model, optimizer, step: int, skipped: int, path: Path) -> None:
-        model_state, optim_state = full_state(model, optimizer)  # collective under FSDP
+        model_state, optim_state = full_state(model, optimizer, frozen=self.save_frozen)  # collective under FSDP
         if self.is_main:
             atomic_save({"model": model_state, "optimizer": optim_state, "step": step, "skipped": skipped,
                          "rng_torch": torch.get_rng_state(), "config": self.cfg.to_dict(),
@@ -526,7 +536,11 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    trainer = Trainer(cfg, out, resume=resume, progress=progress)
+    if cfg.lora:
+        from ..lora.train import LoraTrainer as trainer_class
+    else:
+        trainer_class = Trainer
+    trainer = trainer_class(cfg, out, resume=resume, progress=progress)
     try:
         return trainer.run()
     finally:

@@ -1,0 +1,205 @@
+"""LoRA training: llamakin vs PEFT + transformers on the same base, rank, targets, batch and length.
+
+Both sides load the same Hugging Face directory (the catalog's default model, SmolLM2-135M-Instruct,
+converted from its GGUF once) in float32, put rank-r adapters on the same projections (dropout 0,
+so both compute exactly the same function), and run the same step (forward, cross-entropy,
+backward, gradient clipping, fused AdamW over the adapters only) on the same random batches.
+Steps alternate between the two in one process; medians are compared. Peak memory is measured
+in a fresh process per side (peak RSS, and its growth over the loaded model during training).
+
+    .venv/bin/python benchmarks/bench_lora.py [--batch 2] [--seq 128] [--steps 5] [--rank 16]
+
+The machine may be shared: the load average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import llamakin  # noqa: E402
+from llamakin.catalog import DEFAULT_MODEL, home  # noqa: E402
+from llamakin.lora import LoraSettings, apply_lora  # noqa: E402
+from llamakin.lora.model import parse_targets  # noqa: E402
+
+HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+            "down": "down_proj", "lm_head": "lm_head"}
+
+
+def cpu_description() -> str:
+    name = platform.processor() or "unknown CPU"
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", "unknown CPU", "x86_64"):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}; flags: {', '.join(wanted) or 'none of avx2/avx512'}; {os.cpu_count()} CPUs, " \
+           f"{torch.get_num_threads()} torch threads"
+
+
+def hf_directory(model: str) -> Path:
+    """A float32 Hugging Face directory of ``model`` (converted once into the llamakin home)."""
+    from llamakin.catalog import resolve
+    from llamakin.convert import convert_checkpoint
+
+    source = Path(resolve(model))
+    if source.is_dir() and (source / "config.json").is_file():
+        return source
+    target = home() / "bench" / (source.stem + "-hf-f32")
+    if not (target / "config.json").is_file():
+        convert_checkpoint(source, target, dtype="float32")
+    return target
+
+
+def build(side: str, directory: Path, args):
+    targets = parse_targets(args.targets)
+    if side == "llamakin":
+        model = llamakin.load(directory)
+        apply_lora(model, LoraSettings(rank=args.rank, alpha=args.alpha, targets=targets))
+        model.gradient_checkpointing = args.checkpointing
+    else:
+        import peft
+        import transformers
+
+        base = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        if args.checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        config = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                                 target_modules=[HF_NAMES[t] for t in targets], task_type="CAUSAL_LM")
+        model = peft.get_peft_model(base, config)
+    return model.train()
+
+
+def make_step(model, side: str):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+
+    def step(x, y):
+        start = time.perf_counter()
+        logits = model(x) if side == "llamakin" else model(input_ids=x).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return x.numel() / (time.perf_counter() - start), loss.item()
+
+    return step, sum(p.numel() for p in params)
+
+
+def batches(args, vocab: int):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, vocab, (args.batch, args.seq), generator=g),
+             torch.randint(0, vocab, (args.batch, args.seq), generator=g)) for _ in range(args.steps + 1)]
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_child(side: str, directory: Path, args) -> None:
+    """Run in a fresh process: RSS after loading, peak RSS over one training step (activations,
+    gradients and the optimizer's first allocation of its state)."""
+    model = build(side, directory, args)
+    loaded = rss_mb()
+    step, _ = make_step(model, side)
+    for x, y in batches(args, 49152)[:1]:
+        step(x, y)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"side": side, "loaded_mb": round(loaded), "peak_mb": round(peak),
+                      "training_mb": round(peak - loaded)}))
+
+
+def memory(side: str, args) -> dict:
+    command = [sys.executable, __file__, "--side", side, "--model", args.model, "--rank", str(args.rank),
+               "--alpha", str(args.alpha), "--targets", args.targets, "--batch", str(args.batch),
+               "--seq", str(args.seq)] + (["--checkpointing"] if args.checkpointing else [])
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32)
+    parser.add_argument("--targets", default="q,k,v,o,gate,up,down")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-side peak-memory processes")
+    parser.add_argument("--no-speed", action="store_true", help="only the peak-memory processes")
+    parser.add_argument("--side", choices=["llamakin", "peft"], help=argparse.SUPPRESS)  # memory child
+    args = parser.parse_args()
+    directory = hf_directory(args.model)
+    if args.side:
+        memory_child(args.side, directory, args)
+        return
+    print(cpu_description())
+    print(f"load average before: {os.getloadavg()}")
+    sides = ("llamakin", "peft")
+    if args.no_speed:
+        for side in sides:
+            print(memory(side, args))
+        return
+    models = {side: build(side, directory, args) for side in sides}
+    steps, trained = {}, {}
+    for side in sides:
+        steps[side], trained[side] = make_step(models[side], side)
+    assert trained["llamakin"] == trained["peft"], trained  # the same adapters
+    speeds = {side: [] for side in sides}
+    losses = {side: [] for side in sides}
+    vocab = models["llamakin"].config.vocab_size
+    for i, (x, y) in enumerate(batches(args, vocab)):
+        for side in sides:
+            speed, loss = steps[side](x, y)
+            losses[side].append(loss)
+            if i:  # the first step warms up allocators and thread pools
+                speeds[side].append(speed)
+    ours, theirs = statistics.median(speeds["llamakin"]), statistics.median(speeds["peft"])
+    print(f"load average after:  {os.getloadavg()}")
+    print(f"first-step losses (same function on both sides): llamakin {losses['llamakin'][0]:.5f}, "
+          f"peft {losses['peft'][0]:.5f}")
+    result = {"model": args.model, "rank": args.rank, "targets": args.targets, "batch": args.batch, "seq": args.seq,
+              "adapter_parameters": trained["llamakin"], "checkpointing": args.checkpointing,
+              "llamakin_tok_s": round(ours, 1), "peft_tok_s": round(theirs, 1), "ratio": round(ours / theirs, 2),
+              "llamakin_all": [round(s, 1) for s in speeds["llamakin"]], "peft_all": [round(s, 1) for s in speeds["peft"]]}
+    if not args.no_memory:
+        del models, steps
+        for side in sides:
+            mem = memory(side, args)
+            result[f"{side}_peak_mb"], result[f"{side}_training_mb"] = mem["peak_mb"], mem["training_mb"]
+    print(json.dumps(result))
+    print("\n| side | tokens/s (median) | peak RSS MB | RSS growth in training MB |")
+    print("|---|---|---|---|")
+    for side in sides:
+        print(f"| {side} | {result[f'{side}_tok_s'] if side == 'llamakin' else result['peft_tok_s']} | "
+              f"{result.get(f'{side}_peak_mb', '-')} | {result.get(f'{side}_training_mb', '-')} |")
+    print(f"llamakin / peft tokens/s: {result['ratio']}x (batch {args.batch} x {args.seq}, rank {args.rank}, "
+          f"targets {args.targets})")
+
+
+if __name__ == "__main__":
+    main()
