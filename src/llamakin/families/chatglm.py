@@ -2,11 +2,11 @@
 
 Both say ``model_type: chatglm``; :func:`chatglm_family` tells them apart by their keys.
 
-* ChatGLM2/3 (spec §6.2): ``multi_query_group_num`` KV groups, one contiguous
+* ChatGLM2/3 (docs/variants.md §6.2): ``multi_query_group_num`` KV groups, one contiguous
   ``query_key_value`` with bias, RoPE on the first half of each head in interleaved pairs with base
   ``10000 * rope_ratio``, fused SwiGLU (gate first), RMSNorm multiplying in float32 before the cast,
   ``padded_vocab_size``, ``output_layer``.
-* ChatGLM-6B (spec §6.1): LayerNorm, GELU-tanh MLP with biases, a per-head interleaved
+* ChatGLM-6B (docs/variants.md §6.1): LayerNorm, GELU-tanh MLP with biases, a per-head interleaved
   ``query_key_value`` with bias, the residual on the normalised input scaled by ``sqrt(2 * layers)``,
   2-D RoPE with float16 tables and a prefix-LM mask over the prompt up to ``<sop>``.
 """

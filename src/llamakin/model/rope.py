@@ -1,7 +1,7 @@
-"""Rotary position embedding: frequencies, scaling types and the two pair layouts (spec §2).
+"""Rotary position embedding: frequencies, scaling types and the two pair layouts (docs/variants.md §2).
 
 Frequencies are computed in float32 exactly as transformers does (``modeling_rope_utils``);
-cos/sin are cast to the activation dtype and the rotation runs in that dtype (spec §2.1, §10).
+cos/sin are cast to the activation dtype and the rotation runs in that dtype (docs/variants.md §2.1, §10).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from ..config import ModelConfig, RopeScaling
 
 
 def default_inv_freq(rotary_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
-    """``1 / theta ** (2i / rd)`` for ``i < rd/2`` (spec §2.1)."""
+    """``1 / theta ** (2i / rd)`` for ``i < rd/2`` (docs/variants.md §2.1)."""
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
     return 1.0 / (theta ** exponents)
 
 
 def _llama3(inv_freq: torch.Tensor, s: RopeScaling, original_context: int) -> torch.Tensor:
-    """Llama 3.1 piecewise rule on wavelengths (spec §2.4)."""
+    """Llama 3.1 piecewise rule on wavelengths (docs/variants.md §2.4)."""
     low_wavelen = original_context / s.low_freq_factor
     high_wavelen = original_context / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -39,7 +39,7 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 def _yarn(inv_freq: torch.Tensor, s: RopeScaling, rotary_dim: int, theta: float,
           original_context: int) -> tuple[torch.Tensor, float]:
-    """YaRN: ramp between interpolated and extrapolated frequencies (spec §2.4)."""
+    """YaRN: ramp between interpolated and extrapolated frequencies (docs/variants.md §2.4)."""
     if s.attention_factor is not None:
         attention_factor = s.attention_factor
     elif s.mscale and s.mscale_all_dim:
@@ -65,12 +65,12 @@ def _yarn(inv_freq: torch.Tensor, s: RopeScaling, rotary_dim: int, theta: float,
 
 
 def frequency_dim(config: ModelConfig) -> int:
-    """Features one frequency table covers: the rotary dim, or half of it for 2-D RoPE (§6.1)."""
+    """Features one frequency table covers: the rotary dim, or half of it for 2-D RoPE (docs/variants.md §6.1)."""
     return config.rotary_dim // 2 if config.rope_layout == "glm2d" else config.rotary_dim
 
 
 def qwen_ntk_alpha(length: int, trained_length: int) -> float:
-    """Qwen v1's dynamic-NTK alpha for a sequence of ``length`` (spec §5.1)."""
+    """Qwen v1's dynamic-NTK alpha for a sequence of ``length`` (docs/variants.md §5.1)."""
     return max(2 ** math.ceil(math.log2(length / trained_length) + 1) - 1, 1)
 
 
@@ -136,7 +136,7 @@ class RotaryEmbedding(nn.Module):
 
     def _tables(self, positions: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype):
         table_dtype = torch.float16 if self.config.rope_table_dtype == "float16" else torch.float32
-        angles = positions.to(table_dtype)[..., None] * inv_freq.to(table_dtype)  # [B, T, rd/2] (spec §2.1)
+        angles = positions.to(table_dtype)[..., None] * inv_freq.to(table_dtype)  # [B, T, rd/2] (docs/variants.md §2.1)
         cos, sin = angles.cos(), angles.sin()
         if factor != 1.0:
             cos, sin = cos * factor, sin * factor
@@ -169,9 +169,9 @@ def rotary_partner(x: torch.Tensor, layout: str) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, layout: str) -> torch.Tensor:
     """Rotate the first ``cos.shape[-1]`` features of every head of ``x`` ``[B, H, T, hd]``.
 
-    ``half`` rotates pairs ``(i, i + rd/2)`` (HF rotate_half, spec §2.1); ``interleaved`` rotates
-    pairs ``(2i, 2i + 1)`` (Meta's complex form, ChatGLM2/3, HF GLM, spec §2.2, §6.2, §6.3);
-    ``glm2d`` rotates each half of the head rotate_half-style with its own table (§6.1). With
+    ``half`` rotates pairs ``(i, i + rd/2)`` (HF rotate_half, docs/variants.md §2.1); ``interleaved`` rotates
+    pairs ``(2i, 2i + 1)`` (Meta's complex form, ChatGLM2/3, HF GLM, docs/variants.md §2.2, §6.2, §6.3);
+    ``glm2d`` rotates each half of the head rotate_half-style with its own table (docs/variants.md §6.1). With
     the partner feature p and its signed sine, every output is ``x * cos + p * signed_sin`` — the
     same products and sums, rounded the same way, as transformers' ``q * cos + rotate_half(q) * sin``.
     Features past the rotary dim pass through unchanged (partial rotary).
