@@ -22,6 +22,7 @@ from .families.gguf import TENSOR_NAMES, gguf_family
 from .io.gguf import GGUFFile
 from .io.tensors import TensorSource, open_weights, write_json, write_safetensors, write_torch
 from .model import Transformer
+from .source import ModelSource, resolve_model
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -45,14 +46,6 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}.")
     return data
-
-
-def checkpoint_dir(path: str | Path) -> Path:
-    """The checkpoint directory for a path to it or to a file inside it."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"{p} does not exist; give the path of a checkpoint directory.")
-    return p if p.is_dir() else p.parent
 
 
 def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> Transformer:
@@ -126,21 +119,18 @@ def read_checkpoint_config(directory: Path) -> tuple[Family, ModelConfig]:
     return family, family.config_from_checkpoint(raw)
 
 
-def stored_dtype(path: str | Path) -> str:
+def stored_dtype(path: str | Path | ModelSource) -> str:
     """The dtype a checkpoint stores its weights in (that of the first floating tensor)."""
-    if is_gguf(path):
-        with GGUFFile(path) as source:
+    model_source = resolve_model(path)
+    if model_source.is_gguf:
+        with GGUFFile(model_source.path) as source:
             return source.dtype(source.names()[-1])
-    with open_weights(checkpoint_dir(path)) as source:
+    with open_weights(model_source.path) as source:
         for tensor in source.names():
             name = source.dtype(tensor)
             if name in ("float32", "float16", "bfloat16"):
                 return name
     return "float32"
-
-
-def is_gguf(path: str | Path) -> bool:
-    return str(path).lower().endswith(".gguf")
 
 
 def read_gguf_config(gguf: GGUFFile) -> tuple[Family, ModelConfig]:
@@ -149,22 +139,30 @@ def read_gguf_config(gguf: GGUFFile) -> tuple[Family, ModelConfig]:
     return family, family.config_from_checkpoint(meta)
 
 
+def read_model_config(path: str | Path | ModelSource) -> tuple[Family, ModelConfig]:
+    """The family and knobs of any model :func:`~llamakin.source.resolve_model` names; reads no weights."""
+    model_source = resolve_model(path)
+    if model_source.is_gguf:
+        with GGUFFile(model_source.path) as gguf:
+            return read_gguf_config(gguf)
+    return read_checkpoint_config(model_source.path)
+
+
 def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
          device: torch.device | str = "cpu") -> Transformer:
     """Load a checkpoint: a ``.gguf`` file, a Hugging Face directory (config.json + safetensors or
     pytorch_model.bin), a Meta/Mistral native directory (params.json + consolidated.*), llamakin's
-    own format, or the name of a catalog model (pulled on first use)."""
-    from .catalog import resolve
-
+    own format, or the name of a catalog model (pulled on first use); see :mod:`llamakin.source`."""
     dtype = parse_dtype(dtype)
-    path = resolve(path)
-    if is_gguf(path):
+    model_source = resolve_model(path)
+    path = model_source.path
+    if model_source.is_gguf:
         with GGUFFile(path) as source:
             family, config = read_gguf_config(source)
             model = empty_model(config, dtype, device)
             load_weights(model, family.tensor_rules(config), source, family, str(path))
     else:
-        directory = checkpoint_dir(path)
+        directory = path
         family, config = read_checkpoint_config(directory)
         model = empty_model(config, dtype, device)
         with open_weights(directory) as source:
@@ -183,7 +181,8 @@ def export_tensors(model: Transformer, family: Family) -> dict[str, torch.Tensor
 
 def save_pretrained(model: Transformer, directory: str | Path, family: str | None = None,
                     max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
-    """Save as ``config.json`` + safetensors in ``family``'s layout (see ``Transformer.save_pretrained``)."""
+    """Write ``config.json`` + safetensors (or Meta's files) in the layout of ``family`` (default:
+    the family the model was loaded from, else the first format that expresses its knobs exactly)."""
     directory = Path(directory).expanduser()
     fam = family_for_export(model.config, family)
     tensors = export_tensors(model, fam)
@@ -199,6 +198,18 @@ def save_pretrained(model: Transformer, directory: str | Path, family: str | Non
     write_json(config, written[-1])
     remove_stale_checkpoint_files(directory, keep=written)
     return directory
+
+
+def _save_pretrained_method(self: Transformer, directory: str | Path, family: str | None = None,
+                            **options) -> Path:
+    """``model.save_pretrained(directory)``: the same as ``llamakin.save_pretrained(model, directory)``."""
+    return save_pretrained(self, directory, family=family, **options)
+
+
+# Kept for API compatibility. The model module does not import checkpoint code (that would be an
+# import cycle, model -> checkpoint -> families -> model); this module, which depends on the model,
+# attaches the method instead. ``import llamakin`` always imports this module first.
+Transformer.save_pretrained = _save_pretrained_method
 
 
 _CHECKPOINT_FILES = ("config.json", "params.json", "model*.safetensors", "model.safetensors.index.json",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -26,13 +27,13 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 
 def _config_of(spec: str):
-    """A checkpoint path, or the name of a reference checkpoint."""
-    from .checkpoint import read_checkpoint_config
-    from .checkpoint import checkpoint_dir
+    """A checkpoint path or catalog name (see ``llamakin.source``), or the name of a reference checkpoint."""
+    from .catalog import CATALOG
+    from .checkpoint import read_model_config
     from .reference import reference_config
 
-    if Path(spec).expanduser().exists():
-        _, config = read_checkpoint_config(checkpoint_dir(spec))
+    if Path(spec).expanduser().exists() or spec in CATALOG:
+        _, config = read_model_config(spec)
         return config, spec
     config, description = reference_config(spec)
     return config, f"{spec} ({description})"
@@ -77,11 +78,12 @@ def cmd_convert(args) -> None:
 def _open(args):
     """Model and tokenizer for ``--model`` (default: the catalog's default model, pulled on first use)."""
     import llamakin
-    from .catalog import DEFAULT_MODEL, resolve
+    from .catalog import DEFAULT_MODEL
+    from .source import resolve_model
 
-    path = resolve(args.model or DEFAULT_MODEL)
-    model = llamakin.load(path, dtype=args.dtype, device=args.device)
-    return model, llamakin.load_tokenizer(path)
+    source = resolve_model(args.model or DEFAULT_MODEL)
+    model = llamakin.load(source, dtype=args.dtype, device=args.device)
+    return model, llamakin.load_tokenizer(source)
 
 
 def _sampling(args, **defaults):
@@ -165,6 +167,9 @@ def cmd_chat(args) -> None:
 
 def cmd_serve(args) -> None:
     from .catalog import DEFAULT_MODEL
+    from .extras import require_extra
+
+    require_extra("serve", "llamakin serve")
     from .serve import run
 
     if not 0 < args.port < 65536:
@@ -332,8 +337,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the message (tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _show_library_messages() -> None:
+    """Library code reports through ``logging.getLogger("llamakin...")``; the command line shows
+    its INFO messages (pulling a model, starting a training run) on stderr."""
+    logger = logging.getLogger("llamakin")
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_library_messages()
     try:
         args.func(args)
     except LlamakinError as e:

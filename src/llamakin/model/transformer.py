@@ -1,9 +1,8 @@
-"""The one configurable decoder-only transformer (spec §1, with the knobs of §11)."""
+"""The one configurable decoder-only transformer (docs/variants.md §1, with the knobs of §11)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,20 +11,19 @@ from ..config import ModelConfig
 from ..errors import LlamakinError
 from .attention import DifferentialAttention, make_attention
 from .cache import AttentionMask, KVCache, SlotWriter, build_mask, decode_masks, positions_from_valid
-from .positions import position_tracker
-from .rope import Rope
 from .linear import Linear, linear
 from .mlp import make_mlp
 from .norm import make_norm
-from .rope import RotaryEmbedding
+from .positions import position_tracker
+from .rope import Rope, RotaryEmbedding
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x + r * f(norm(x))`` for attention then MLP (spec §1).
+    """Pre-norm block: ``x + r * f(norm(x))`` for attention then MLP (docs/variants.md §1).
 
-    ``r`` is Granite's ``residual_multiplier`` (§4). With ``post_sublayer_norms`` each branch
-    output is normalised again before the residual add (GLM-4's sandwich norms, §6.3). With
-    ``normed_residual_alpha`` the residual is ``alpha * norm(x)`` instead of ``x`` (ChatGLM-6B, §6.1).
+    ``r`` is Granite's ``residual_multiplier`` (docs/variants.md §4). With ``post_sublayer_norms`` each branch
+    output is normalised again before the residual add (GLM-4's sandwich norms, docs/variants.md §6.3). With
+    ``normed_residual_alpha`` the residual is ``alpha * norm(x)`` instead of ``x`` (ChatGLM-6B, docs/variants.md §6.1).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -58,7 +56,7 @@ class Block(nn.Module):
         return self._residual(self._base(x, h), self.mlp(h), self.mlp_out_norm)
 
     def _base(self, x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        """What the residual adds to: the input, or ChatGLM-6B's ``alpha * norm(x)`` (§6.1)."""
+        """What the residual adds to: the input, or ChatGLM-6B's ``alpha * norm(x)`` (docs/variants.md §6.1)."""
         return x if self.normed_residual_alpha is None else normed * self.normed_residual_alpha
 
 
@@ -69,6 +67,9 @@ class Transformer(nn.Module):
     decoding pass a :class:`KVCache` from :meth:`new_cache`; for a batch of prompts of different
     lengths, left-pad them and pass ``attention_mask`` (1 = real token, 0 = padding) covering the
     cached and the new tokens, as in transformers.
+
+    The model knows no checkpoint format: ``llamakin.save_pretrained(model, directory)`` writes
+    one (``model.save_pretrained(directory)`` is the same call, attached by ``llamakin.checkpoint``).
     """
 
     def __init__(self, config: ModelConfig):
@@ -86,7 +87,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Training initialisation: N(0, std) matrices and embeddings, zero biases, unit norms,
-        N(0, 0.1) differential lambdas (spec §7.1), output projections scaled by 1/sqrt(2 * layers)."""
+        N(0, 0.1) differential lambdas (docs/variants.md §7.1), output projections scaled by 1/sqrt(2 * layers)."""
         residual_std = std / math.sqrt(2 * self.config.num_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -120,9 +121,6 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     # -- inference ----------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -188,7 +186,7 @@ class Transformer(nn.Module):
         return {block.window for block in self.layers}
 
     def _rope(self, positions: torch.Tensor, scaling_length: int) -> Rope:
-        """cos/sin tables, and Qwen v1's logn factor on q when it applies (inference only, §5.1)."""
+        """cos/sin tables, and Qwen v1's logn factor on q when it applies (inference only, docs/variants.md §5.1)."""
         if self.config.rope_layout == "glm2d" and positions.dim() == 2:
             positions = torch.stack((positions, torch.zeros_like(positions)), 1)
         cos, sin = self.rope(positions, self.dtype, scaling_length)
@@ -215,11 +213,3 @@ class Transformer(nn.Module):
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits
-
-    # -- export -------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, family: str | None = None, **options) -> Path:
-        """Write ``config.json`` + safetensors in the layout of ``family`` (default: the family the
-        model was loaded from, else the first Hugging Face family that expresses its config exactly)."""
-        from ..checkpoint import save_pretrained
-
-        return save_pretrained(self, directory, family=family, **options)

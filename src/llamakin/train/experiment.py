@@ -7,6 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
+from ..extras import require_extra
 from .config import recipe
 from .data import prepare
 from .loop import train
@@ -16,6 +17,7 @@ PAIR = ("baseline-paper-small", "diff-paper-small")
 
 
 def diff_vs_baseline(budget_tokens: int, out: str | Path, overrides: list[str] = ()) -> dict:
+    require_extra("plot", "the experiment's curves")  # before training, not after it
     out = Path(out).expanduser()
     first = recipe(PAIR[0], list(overrides))
     data = out / "data"
@@ -29,9 +31,10 @@ def diff_vs_baseline(budget_tokens: int, out: str | Path, overrides: list[str] =
         train(cfg, run)
         metrics = read_metrics(run)
         model_config = json.loads((run / "train_config.json").read_text())["model"]
+        import torch
+
         from ..config import ModelConfig
         from ..model import Transformer
-        import torch
 
         with torch.device("meta"):
             params = sum(p.numel() for p in Transformer(ModelConfig.from_dict(model_config)).parameters())
