@@ -1,4 +1,4 @@
-"""Every weight transform against its inverse and against the spec's explicit formulas (§2.3)."""
+"""Every weight transform against its inverse and against the explicit formulas of docs/variants.md §2.3."""
 
 from __future__ import annotations
 
