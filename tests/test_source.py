@@ -23,6 +23,8 @@ def test_resolve_catalog_name_and_gguf_file():
     by_name, by_file = resolve_model(NAME), resolve_model(path)
     assert by_name == by_file == ModelSource(path, "gguf")
     assert resolve_model(by_name) is by_name
+    assert stored_dtype(NAME) == "float32"  # convert's default dtype for a catalog name (header only)
+    assert read_model_config(NAME)[1] == read_model_config(path)[1]
 
 
 @pytest.mark.parametrize("spec", [NAME, "gguf-path"])
