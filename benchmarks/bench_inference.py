@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -174,7 +173,7 @@ def main() -> None:
             rows.append(alternate(f"decode tok/s, batch {batch} ({name})",
                                   lambda: ours_decode(ours, many, args.new_tokens, args.device),
                                   lambda: theirs_decode(theirs, many, args.new_tokens, args.device), max(1, args.rounds // 2)))
-        del ours, theirs
+        ours = theirs = None  # free this pair before loading the next
     if args.rss:
         for dtype in ("float32",):
             o, t = peak_rss("llamakin", dtype, quantize), peak_rss("transformers", dtype)

@@ -1,4 +1,32 @@
-import sys
-from pathlib import Path
+"""Helpers shared by the test files (``tests/`` is on the import path: ``pythonpath`` in pyproject.toml).
 
-sys.path.insert(0, str(Path(__file__).parent))
+``from conftest import run_cli, tiny_model`` in a test file; fixtures stay in the files that use them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+import llamakin
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``llamakin ARGS...`` in a fresh process (exit codes, stderr and tracebacks as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "llamakin.cli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tiny_model(tokenizer: llamakin.Tokenizer, max_position_embeddings: int = 64) -> llamakin.Transformer:
+    """A 2-layer random model (GQA, tied embeddings) over ``tokenizer``'s vocabulary, seeded; the
+    embeddings are widened to N(0, 1) so greedy decoding does not collapse to one token."""
+    torch.manual_seed(0)
+    config = llamakin.ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, intermediate_size=64,
+                                  max_position_embeddings=max_position_embeddings, tie_word_embeddings=True)
+    model = llamakin.Transformer(config).eval()
+    with torch.no_grad():
+        model.embed.weight.normal_(0, 1.0)
+    return model

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import llamakin
 from llamakin import CheckpointError, ConfigError, LlamakinError, ModelConfig, UnsupportedError
+from conftest import run_cli
 from hf_cases import CASES, save_case
 
 
@@ -164,10 +163,6 @@ def test_prompt_longer_than_cache(good):
 
 
 # -- CLI ------------------------------------------------------------------------------------------
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "llamakin.cli", *args], capture_output=True, text=True)
-
-
 @pytest.mark.parametrize("args,fragment", [
     (["inspect", "/no/such/dir"], "does not exist"),
     (["arch-diff", "llama", "gpt5"], "neither a checkpoint path nor a known reference"),

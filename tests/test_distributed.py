@@ -16,11 +16,11 @@ from test_train import TINY, corpus  # noqa: F401 - the shared prepared corpus f
 pytestmark = pytest.mark.slow
 
 
-def command(corpus, out, *extra, processes: int = 1):
+def command(prepared, out, *extra, processes: int = 1):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
         if processes > 1 else [sys.executable]
     args = launcher + ["-m", "llamakin.cli", "train", "--recipe", "shakespeare-tiny", "--out", str(out)]
-    for item in [*TINY, f"data={json.dumps(str(corpus[0]))}", *extra]:
+    for item in [*TINY, f"data={json.dumps(str(prepared[0]))}", *extra]:
         args += ["--set", item]
     return args
 

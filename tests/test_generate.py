@@ -9,9 +9,17 @@ import torch
 
 import llamakin
 from llamakin import LlamakinError
-from llamakin.generate import (SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
-                               generate, generate_batch)
+from llamakin.generate import (
+    SamplingParams,
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    generate,
+    generate_batch,
+)
 from assets import smollm2_gguf
+from conftest import tiny_model
 
 
 # -- processors ---------------------------------------------------------------------------------
@@ -112,14 +120,7 @@ def test_invalid_sampling_parameters(bad):
 @pytest.fixture(scope="module")
 def tiny():
     tok = llamakin.load_tokenizer(smollm2_gguf())
-    torch.manual_seed(0)
-    config = llamakin.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
-                                  num_kv_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                  tie_word_embeddings=True)
-    model = llamakin.Transformer(config).eval()
-    with torch.no_grad():
-        model.embed.weight.normal_(0, 1.0)
-    return model, tok
+    return tiny_model(tok, max_position_embeddings=64), tok
 
 
 PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3"]

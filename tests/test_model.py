@@ -93,8 +93,8 @@ def test_rmsnorm_rounding_orders_match_their_references():
         hf.weight.copy_(w)
         glm2.weight.copy_(w)
         hf, glm2 = hf.to(torch.bfloat16), glm2.to(torch.bfloat16)
-        assert torch.equal(hf(x), w * normed.to(torch.bfloat16))  # spec §1.1
-        assert torch.equal(glm2(x), (w * normed).to(torch.bfloat16))  # spec §6.2
+        assert torch.equal(hf(x), w * normed.to(torch.bfloat16))  # docs/variants.md §1.1
+        assert torch.equal(glm2(x), (w * normed).to(torch.bfloat16))  # docs/variants.md §6.2
         assert not torch.equal(hf(x), glm2(x))  # the orders really round differently
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import llamakin
 from llamakin.generate import GenerationRun, SamplingParams
 from assets import smollm2_gguf
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -62,11 +60,6 @@ def test_batched_equals_unbatched_on_the_real_model(models):
     ours, tok, _ = models
     alone = [llamakin.generate(ours, tok, p, max_new_tokens=12) for p in PROMPTS]
     assert llamakin.generate_batch(ours, tok, PROMPTS, max_new_tokens=12) == alone
-
-
-def run_cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "llamakin.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=300)
 
 
 def test_cli_generate_with_the_default_model():

@@ -2,7 +2,7 @@
 interleaved (complex) form and HF's rotate_half form a matter of re-training?
 
 No. Interleaved RoPE on Meta-ordered q/k weights equals rotate_half RoPE on permuted weights, to
-float rounding, with and without q/k biases (spec §2.3). No calibration fine-tune is needed;
+float rounding, with and without q/k biases (docs/variants.md §2.3). No calibration fine-tune is needed;
 what *is* needed is permuting the biases too (the Granite Code converter bug).
 """
 
@@ -71,7 +71,7 @@ def test_meta_rope_on_meta_weights_equals_hf_rope_on_permuted_weights(with_bias)
     p = lambda w: interleaved_to_half(w, heads)  # noqa: E731
     hf = scores(hf_rope(heads_of(x @ p(wq).T + p(bq)), pos), hf_rope(heads_of(x @ p(wk).T + p(bk)), pos))
     assert (meta - hf).abs().max() < 1e-3 * meta.abs().max()  # float rounding only (scores are O(100))
-    if with_bias:  # the converter bug of spec §2.3: weights permuted, biases forgotten
+    if with_bias:  # the converter bug of docs/variants.md §2.3: weights permuted, biases forgotten
         wrong = scores(hf_rope(heads_of(x @ p(wq).T + bq), pos), hf_rope(heads_of(x @ p(wk).T + bk), pos))
         assert (meta - wrong).abs().max() > 0.1 * meta.abs().max()
 

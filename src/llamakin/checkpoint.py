@@ -24,6 +24,7 @@ from .io.tensors import TensorSource, open_weights, write_json, write_safetensor
 from .model import Transformer
 from .validation import (check_plausible_size, check_raw_config, is_weight_dtype, parse_device, stored_values,
                          translated)
+from .source import ModelSource, resolve_model
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,14 +48,6 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}.")
     return data
-
-
-def checkpoint_dir(path: str | Path) -> Path:
-    """The checkpoint directory for a path to it or to a file inside it."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"{p} does not exist; give the path of a checkpoint directory.")
-    return p if p.is_dir() else p.parent
 
 
 def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> Transformer:
@@ -134,23 +127,20 @@ def read_checkpoint_config(directory: Path) -> tuple[Family, ModelConfig]:
     return family, translated(family.config_from_checkpoint, raw, str(config_path))
 
 
-def stored_dtype(path: str | Path) -> str:
+def stored_dtype(path: str | Path | ModelSource) -> str:
     """The dtype a checkpoint stores its weights in (that of the first floating tensor)."""
-    if is_gguf(path):
-        with GGUFFile(path) as source:
+    model_source = resolve_model(path)
+    if model_source.is_gguf:
+        with GGUFFile(model_source.path) as source:
             if not source.names():
-                raise CheckpointError(f"{path} holds no tensors; it is not a model checkpoint.")
+                raise CheckpointError(f"{model_source.path} holds no tensors; it is not a model checkpoint.")
             return source.dtype(source.names()[-1])
-    with open_weights(checkpoint_dir(path)) as source:
+    with open_weights(model_source.path) as source:
         for tensor in source.names():
             name = source.dtype(tensor)
             if name in ("float32", "float16", "bfloat16"):
                 return name
     return "float32"
-
-
-def is_gguf(path: str | Path) -> bool:
-    return str(path).lower().endswith(".gguf")
 
 
 def read_gguf_config(gguf: GGUFFile) -> tuple[Family, ModelConfig]:
@@ -160,12 +150,22 @@ def read_gguf_config(gguf: GGUFFile) -> tuple[Family, ModelConfig]:
     return family, translated(family.config_from_checkpoint, meta, f"{gguf.path} (GGUF metadata)")
 
 
+def read_model_config(path: str | Path | ModelSource) -> tuple[Family, ModelConfig]:
+    """The family and knobs of any model :func:`~llamakin.source.resolve_model` names; reads no weights."""
+    model_source = resolve_model(path)
+    if model_source.is_gguf:
+        with GGUFFile(model_source.path) as gguf:
+            return read_gguf_config(gguf)
+    return read_checkpoint_config(model_source.path)
+
+
 def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
          device: torch.device | str = "cpu", quantize: str | None = None, group_size: int = 32,
          adapter: str | Path | None = None) -> Transformer:
     """Load a checkpoint: a ``.gguf`` file, a Hugging Face directory (config.json + safetensors or
     pytorch_model.bin), a Meta/Mistral native directory (params.json + consolidated.*), llamakin's
-    own format (float or quantized), or the name of a catalog model (pulled on first use).
+    own format (float or quantized), or the name of a catalog model (pulled on first use); see
+    :mod:`llamakin.source`.
 
     ``quantize``: ``None`` loads float weights in ``dtype`` (quantized files dequantized);
     ``"int8"``/``"int4"`` quantize the projections (int4 in groups of ``group_size``); ``"auto"``
@@ -175,24 +175,24 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
     in float32; :func:`llamakin.lora.load_adapter` keeps it as separate trainable layers). It
     needs float weights (``quantize=None``).
     """
-    from .catalog import resolve
     from .quant.files import is_quantized_checkpoint, load_quantized_checkpoint
     from .quant.model import load_quantized, parse_mode
 
     dtype = parse_dtype(dtype)
     mode = parse_mode(quantize)
     device = parse_device(device)
-    path = resolve(path)
+    model_source = resolve_model(path)
+    path = model_source.path
     if adapter is not None and mode == "auto":
         mode = None  # an adapter is merged into float weights
     if adapter is not None and mode is not None:
         raise LlamakinError(f"a LoRA adapter is merged into float weights, so it cannot be combined with "
                             f"quantize={quantize!r}; load with quantize=None (CLI: --quantize none).")
-    if not is_gguf(path) and is_quantized_checkpoint(path):
+    if not model_source.is_gguf and is_quantized_checkpoint(path):
         return load_quantized_checkpoint(path, dtype, device, dequantize=mode is None)
     if mode is not None:
         return load_quantized(path, dtype, device, mode, group_size)
-    if is_gguf(path):
+    if model_source.is_gguf:
         with GGUFFile(path) as source:
             family, config = read_gguf_config(source)
             # refused from headers alone before anything is built (item: plausible size)
@@ -200,7 +200,7 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
             model = empty_model(config, dtype, device)
             load_weights(model, family.tensor_rules(config), source, family, str(path))
     else:
-        directory = checkpoint_dir(path)
+        directory = path
         family, config = read_checkpoint_config(directory)
         with open_weights(directory) as source:
             check_plausible_size(config, str(directory), stored_values(source), dtype, device)
@@ -224,7 +224,8 @@ def export_tensors(model: Transformer, family: Family) -> dict[str, torch.Tensor
 
 def save_pretrained(model: Transformer, directory: str | Path, family: str | None = None,
                     max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
-    """Save as ``config.json`` + safetensors in ``family``'s layout (see ``Transformer.save_pretrained``)."""
+    """Write ``config.json`` + safetensors (or Meta's files) in the layout of ``family`` (default:
+    the family the model was loaded from, else the first format that expresses its knobs exactly)."""
     directory = Path(directory).expanduser()
     fam = family_for_export(model.config, family)
     tensors = export_tensors(model, fam)
@@ -240,6 +241,18 @@ def save_pretrained(model: Transformer, directory: str | Path, family: str | Non
     write_json(config, written[-1])
     remove_stale_checkpoint_files(directory, keep=written)
     return directory
+
+
+def _save_pretrained_method(self: Transformer, directory: str | Path, family: str | None = None,
+                            **options) -> Path:
+    """``model.save_pretrained(directory)``: the same as ``llamakin.save_pretrained(model, directory)``."""
+    return save_pretrained(self, directory, family=family, **options)
+
+
+# Kept for API compatibility. The model module does not import checkpoint code (that would be an
+# import cycle, model -> checkpoint -> families -> model); this module, which depends on the model,
+# attaches the method instead. ``import llamakin`` always imports this module first.
+Transformer.save_pretrained = _save_pretrained_method
 
 
 _CHECKPOINT_FILES = ("config.json", "params.json", "model*.safetensors", "model.safetensors.index.json",

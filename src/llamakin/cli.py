@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -26,13 +27,13 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 
 def _config_of(spec: str):
-    """A checkpoint path, or the name of a reference checkpoint."""
-    from .checkpoint import read_checkpoint_config
-    from .checkpoint import checkpoint_dir
+    """A checkpoint path or catalog name (see ``llamakin.source``), or the name of a reference checkpoint."""
+    from .catalog import CATALOG
+    from .checkpoint import read_model_config
     from .reference import reference_config
 
-    if Path(spec).expanduser().exists():
-        _, config = read_checkpoint_config(checkpoint_dir(spec))
+    if Path(spec).expanduser().exists() or spec in CATALOG:
+        _, config = read_model_config(spec)
         return config, spec
     config, description = reference_config(spec)
     return config, f"{spec} ({description})"
@@ -77,15 +78,16 @@ def cmd_convert(args) -> None:
 def _open(args):
     """Model and tokenizer for ``--model`` (default: the catalog's default model, pulled on first use)."""
     import llamakin
-    from .catalog import DEFAULT_MODEL, resolve
+    from .catalog import DEFAULT_MODEL
+    from .source import resolve_model
 
-    path = resolve(args.model or DEFAULT_MODEL)
-    model = llamakin.load(path, dtype=args.dtype, device=args.device, quantize=args.quantize,
+    source = resolve_model(args.model or DEFAULT_MODEL)
+    model = llamakin.load(source, dtype=args.dtype, device=args.device, quantize=args.quantize,
                           group_size=args.group_size, adapter=getattr(args, "adapter", None))
-    tokenizer = llamakin.load_tokenizer(path)
+    tokenizer = llamakin.load_tokenizer(source)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise LlamakinError(f"the tokenizer of {path} has {tokenizer.vocab_size} tokens but the model embeds only "
-                            f"{model.config.vocab_size}, so some token ids would have no embedding; use the "
+        raise LlamakinError(f"the tokenizer of {source.path} has {tokenizer.vocab_size} tokens but the model embeds "
+                            f"only {model.config.vocab_size}, so some token ids would have no embedding; use the "
                             "tokenizer the model was trained with.")
     return model, tokenizer
 
@@ -209,6 +211,9 @@ def cmd_chat(args) -> None:
 
 def cmd_serve(args) -> None:
     from .catalog import DEFAULT_MODEL
+    from .extras import require_extra
+
+    require_extra("serve", "llamakin serve")
     from .serve import bind, run
 
     sock = bind(args.host, args.port)  # before loading the model: a busy port or bad host fails at once
@@ -469,11 +474,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the message (tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _show_library_messages() -> None:
+    """Library code reports through ``logging.getLogger("llamakin...")``; the command line shows
+    its INFO messages (pulling a model, starting a training run) on stderr."""
+    logger = logging.getLogger("llamakin")
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["eval", "harness"]:  # every later argument is lm-eval's (argparse cannot pass "--x" through)
         argv = ["eval", "harness", "--", *argv[2:]]
     args = build_parser().parse_args(argv)
+    _show_library_messages()
     try:
         args.func(args)
     except LlamakinError as e:

@@ -2,7 +2,7 @@
 
 The model code reads knobs, never family names; family adapters (``llamakin.families``) translate
 a checkpoint's own config into these knobs and back. Each knob cites the section of
-``spec/variants.md`` whose math it implements (see spec §11 for the overview table).
+``docs/variants.md`` whose math it implements (docs/variants.md §11 maps needs to knobs).
 
 The dataclass is frozen and validated at construction: an impossible combination raises a
 :class:`~llamakin.errors.ConfigError` whose message names the knob and the fix.
@@ -44,13 +44,13 @@ def _positive_float(name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling (spec §2.4, transformers' ``rope_parameters``).
+    """RoPE frequency scaling (docs/variants.md §2.4, transformers' ``rope_parameters``).
 
     ``type``: ``default`` (none), ``linear`` (positions / factor), ``dynamic`` (NTK base growth
     past ``original_max_position_embeddings``), ``llama3`` (Llama 3.1 piecewise wavelength rule),
     ``yarn`` (ramped interpolation plus an attention factor on cos/sin) or ``qwen_dynamic`` (Qwen
     v1's NTK: ``alpha = 2 ** ceil(log2(L / original) + 1) - 1`` per row, from that row's real
-    length L at prefill, kept for the rest of the generation, spec §5.1; inference only, ignored
+    length L at prefill, kept for the rest of the generation, docs/variants.md §5.1; inference only, ignored
     while training).
     ``original_max_position_embeddings`` defaults to the model's ``max_position_embeddings``
     (for yarn, where it matters, adapters pass the checkpoint's value explicitly).
@@ -93,11 +93,11 @@ class RopeScaling:
 class ModelConfig:
     """The knobs of llamakin's decoder-only transformer.
 
-    Sizes (spec §1): ``num_kv_heads`` defaults to ``num_heads`` (MHA; fewer is GQA, 1 is MQA,
-    §8.1); ``head_dim`` defaults to ``hidden_size // num_heads`` and may differ from it (Qwen3,
-    §5.3); ``rotary_dim`` defaults to ``head_dim`` (GLM rotates only the first half, §6.3).
+    Sizes (docs/variants.md §1): ``num_kv_heads`` defaults to ``num_heads`` (MHA; fewer is GQA, 1 is MQA,
+    docs/variants.md §8.1); ``head_dim`` defaults to ``hidden_size // num_heads`` and may differ from it (Qwen3,
+    docs/variants.md §5.3); ``rotary_dim`` defaults to ``head_dim`` (GLM rotates only the first half, §6.3).
     For ``attention_kind="differential"`` ``num_heads`` counts the *HF DiffLlama* heads, i.e. 2P
-    heads of ``head_dim`` forming P pairs (head j with head j + H/2, §7.2).
+    heads of ``head_dim`` forming P pairs (head j with head j + H/2, docs/variants.md §7.2).
     """
 
     vocab_size: int
@@ -109,50 +109,50 @@ class ModelConfig:
     head_dim: int | None = None
     max_position_embeddings: int = 2048
 
-    # Normalisation (§1.1, §6.2, §6.1; GLM-4 sandwich norms §6.3).
+    # Normalisation (docs/variants.md §1.1, §6.2, §6.1; GLM-4 sandwich norms §6.3).
     norm_type: str = "rmsnorm"
     norm_eps: float = 1e-6
-    rmsnorm_order: str = "cast_then_mul"  # HF/Meta; "mul_then_cast" = ChatGLM2/3 (§6.2)
+    rmsnorm_order: str = "cast_then_mul"  # HF/Meta; "mul_then_cast" = ChatGLM2/3 (docs/variants.md §6.2)
     post_sublayer_norms: bool = False  # norm on each branch output before the residual add (glm4)
 
-    # MLP (§1, §3.1, §6.1).
+    # MLP (docs/variants.md §1, §3.1, §6.1).
     mlp_type: str = "swiglu"
     mlp_bias: bool = False
 
-    # Attention (§1.2, §4, §5.3, §7, §8).
+    # Attention (docs/variants.md §1.2, §4, §5.3, §7, §8).
     q_bias: bool = False
     k_bias: bool = False
     v_bias: bool = False
     o_bias: bool = False
-    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k before RoPE (§5.3)
-    attention_scale: float | None = None  # None -> head_dim ** -0.5; Granite's attention_multiplier (§4)
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k before RoPE (docs/variants.md §5.3)
+    attention_scale: float | None = None  # None -> head_dim ** -0.5; Granite's attention_multiplier (docs/variants.md §4)
     attention_kind: str = "standard"
     sliding_window: int | None = None  # key j visible from query i iff i - window < j <= i
     sliding_window_layers: tuple[int, ...] | None = None  # None: every layer uses the window
 
-    # Rotary position embedding (§2).
+    # Rotary position embedding (docs/variants.md §2).
     # "half" = rotate_half pairs (i, i+rd/2); "interleaved" = pairs (2i, 2i+1); "glm2d" = ChatGLM-6B's
-    # 2-D RoPE: each half of a head rotated rotate_half-style by its own position stream (§6.1)
+    # 2-D RoPE: each half of a head rotated rotate_half-style by its own position stream (docs/variants.md §6.1)
     rope_layout: str = "half"
     rope_theta: float = 10000.0
     rotary_dim: int | None = None
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
-    # ChatGLM-6B (§6.1, §10): the inverse frequencies are rounded to float16 once (created ``.half()``),
+    # ChatGLM-6B (docs/variants.md §6.1, §10): the inverse frequencies are rounded to float16 once (created ``.half()``),
     # and the position x frequency products and cos/sin are computed in the model's dtype (its buffer
     # follows ``model.to(dtype)``): float32 in a float32 run, float16 in a float16 run.
     rope_inv_freq_dtype: str = "float32"  # "float16": inv_freq rounded to float16 once
     rope_table_dtype: str = "float32"  # "model": tables computed in the model's dtype, not float32
-    # InternLM v1 (§5.4): the cache holds keys *before* RoPE and every call rotates all of them with
+    # InternLM v1 (docs/variants.md §5.4): the cache holds keys *before* RoPE and every call rotates all of them with
     # the current frequencies (identical to caching rotated keys unless the base changes: dynamic NTK)
     rope_cached_keys: bool = False
 
-    # Scalar multipliers (Granite, §4) and the output head (§1.3).
+    # Scalar multipliers (Granite, docs/variants.md §4) and the output head (§1.3).
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0  # logits are divided by it
     tie_word_embeddings: bool = False
 
-    # ChatGLM-6B (§6.1): the residual carried forward is the *normalised* input times alpha
+    # ChatGLM-6B (docs/variants.md §6.1): the residual carried forward is the *normalised* input times alpha
     # (``h = norm(x) * alpha + f(norm(x))``); prefix-LM attention (bidirectional over the prompt up
     # to the start-of-piece token) with 2-D positions, driven by these token ids.
     normed_residual_alpha: float | None = None
@@ -160,10 +160,10 @@ class ModelConfig:
     mask_token_ids: tuple[int, ...] = ()  # [gMASK], [MASK]: the first present marks the mask position
     sop_token_id: int | None = None  # <sop>: the first generated piece starts here
 
-    # Qwen v1 (§5.1): scale q by log(p + 1) / log(L) for positions p + 1 > L = this length, when the
+    # Qwen v1 (docs/variants.md §5.1): scale q by log(p + 1) / log(L) for positions p + 1 > L = this length, when the
     # keys reach past L; inference only.
     logn_attention_length: int | None = None
-    # unilm Differential Transformer (§7.1): the per-pair RMSNorm has a learned weight (``subln``),
+    # unilm Differential Transformer (docs/variants.md §7.1): the per-pair RMSNorm has a learned weight (``subln``),
     # and its own epsilon (unilm: 1e-5 whatever the blocks' norms use); None = ``norm_eps`` (HF DiffLlama).
     diff_norm_affine: bool = False
     diff_norm_eps: float | None = None
@@ -271,20 +271,20 @@ class ModelConfig:
     # ----------------------------------------------------------------------------------------
     @property
     def scale(self) -> float:
-        """The attention score multiplier (``head_dim ** -0.5`` unless overridden, §1.2, §4)."""
+        """The attention score multiplier (``head_dim ** -0.5`` unless overridden, docs/variants.md §1.2, §4)."""
         return self.attention_scale if self.attention_scale is not None else self.head_dim ** -0.5
 
     @property
     def rope_extends_context(self) -> bool:
         """Whether RoPE scaling is what lets this model run past ``max_position_embeddings``: dynamic
         NTK grows the base with the sequence (transformers, InternLM) and Qwen v1's NTK (with logn)
-        picks it from the prompt's length (§2.4, §5.1, §5.4). Other scalings already count their
+        picks it from the prompt's length (docs/variants.md §2.4, §5.1, §5.4). Other scalings already count their
         extended length in ``max_position_embeddings``."""
         return self.rope_scaling.type in ("dynamic", "qwen_dynamic")
 
     @property
     def kv_groups(self) -> int:
-        """Query heads per KV head (``n_rep``); query head h uses KV head ``h // kv_groups`` (§8.1)."""
+        """Query heads per KV head (``n_rep``); query head h uses KV head ``h // kv_groups`` (docs/variants.md §8.1)."""
         return self.num_heads // self.num_kv_heads
 
     def window_for_layer(self, layer: int) -> int | None:

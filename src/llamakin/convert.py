@@ -1,4 +1,4 @@
-"""Checkpoint conversion between formats and RoPE layouts (``llamakin convert``, spec §2.3).
+"""Checkpoint conversion between formats and RoPE layouts (``llamakin convert``, docs/variants.md §2.3).
 
 Changing the RoPE layout is an exact weight transform, not a re-training job: interleaved RoPE
 on Meta-ordered q/k rows computes the same attention scores as rotate_half RoPE on rows
@@ -20,6 +20,7 @@ from .config import ROPE_LAYOUTS, ModelConfig, RopeScaling
 from .errors import CheckpointError, ConfigError, UnsupportedError
 from .families import family_for_export, get_family
 from .model import Transformer
+from .source import resolve_model, resolve_path
 from .transforms import rope_reorder
 
 
@@ -56,7 +57,7 @@ def with_config(model: Transformer, config: ModelConfig, state: dict[str, torch.
 
 
 def fold_pair_norm(model: Transformer) -> Transformer:
-    """unilm -> DiffLlama: fold the differential pair norm's weight into ``o_proj`` (spec §7.3).
+    """unilm -> DiffLlama: fold the differential pair norm's weight into ``o_proj`` (docs/variants.md §7.3).
 
     The norm's output, scaled per feature c of each pair by ``w[c]``, feeds ``o_proj`` only, so
     multiplying ``o_proj``'s column ``pair * 2hd + c`` by ``w[c]`` computes the same function
@@ -100,7 +101,7 @@ REWRITES: list[tuple[str, Callable[[ModelConfig], bool], Callable[[ModelConfig],
     ("unit pair-norm weight added", lambda c: c.attention_kind == "differential" and not c.diff_norm_affine,
      lambda c: c.replace(diff_norm_affine=True), unfold_pair_norm),
     ("RMSNorm weight multiply moved to the other side of the cast (the same in float32; in half "
-     "precision the two reference implementations round differently, spec §6.2)",
+     "precision the two reference implementations round differently, docs/variants.md §6.2)",
      lambda c: c.norm_type == "rmsnorm", lambda c: c.replace(
          rmsnorm_order="cast_then_mul" if c.rmsnorm_order == "mul_then_cast" else "mul_then_cast"),
      lambda m: with_config(m, m.config.replace(
@@ -186,14 +187,13 @@ def check_destination(destination: Path, overwrite: bool) -> None:
 
 def _convert(source, destination, to, rope_layout, dtype, gguf_type, tokenizer) -> tuple[Path, str]:
     if str(destination).lower().endswith(".gguf"):
-        from .catalog import resolve
         from .gguf_export import save_gguf
         from .io.gguf import GGUFFile
 
         if rope_layout not in (None, "half"):
             raise ConfigError("GGUF files store q/k in llama.cpp's own order; drop --rope-layout for .gguf output.")
-        source = resolve(source)  # a catalog name: its file, whose tokenizer goes along
-        tokenizer_source = source if tokenizer is None else resolve(tokenizer)
+        source = resolve_model(source)  # a catalog name: its file, whose tokenizer goes along
+        tokenizer_source = source.path if tokenizer is None else resolve_path(tokenizer)
         save_gguf(load(source), destination, quant=gguf_type, tokenizer_source=tokenizer_source)
         tokenizer_kind = GGUFFile(destination).metadata.get("tokenizer.ggml.model")
         tokenizer_note = NO_TOKENIZER if tokenizer_kind is None else f"{tokenizer_kind} tokenizer"

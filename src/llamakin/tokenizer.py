@@ -488,16 +488,17 @@ def from_model_file(path: Path) -> Tokenizer:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer of a model directory, a tokenizer file, a ``.gguf`` file or a catalog name."""
-    from .catalog import resolve
+    from .source import resolve_model
 
-    path = resolve(path)
-    if path.is_dir():
-        return from_directory(path)
-    name = path.name.lower()
-    if name.endswith(".gguf"):
+    source = resolve_model(path)
+    if source.is_gguf:
         from .io.gguf import GGUFFile
 
-        return from_gguf_metadata(GGUFFile(path).metadata, source=str(path))
+        return from_gguf_metadata(GGUFFile(source.path).metadata, source=str(source.path))
+    if source.named is None:
+        return from_directory(source.path)
+    path = source.named
+    name = path.name.lower()
     if name == "tokenizer.json" or name.endswith("config.json"):
         return from_directory(path.parent)
     if name.endswith(".tiktoken"):

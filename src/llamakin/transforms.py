@@ -33,8 +33,8 @@ def interleaved_to_half(w: torch.Tensor, n_heads: int, rotary_dim: int | None = 
     """Reorder q or k rows from the interleaved (Meta) RoPE order to the rotate_half (HF) order.
 
     Within the first ``rotary_dim`` rows of each head, HF row ``j * rd/2 + i`` takes Meta row
-    ``2i + j`` (spec §2.3, ``convert_llama_weights_to_hf.permute``). Works on weights ``[n*hd, d]``
-    and on biases ``[n*hd]`` alike: forgetting the bias is the Granite Code bug of spec §2.3.
+    ``2i + j`` (docs/variants.md §2.3, ``convert_llama_weights_to_hf.permute``). Works on weights ``[n*hd, d]``
+    and on biases ``[n*hd]`` alike: forgetting the bias is the Granite Code bug of docs/variants.md §2.3.
     Rows past ``rotary_dim`` (partial rotary) stay in place.
     """
     rotary_dim = w.shape[0] // n_heads if rotary_dim is None else rotary_dim
@@ -42,7 +42,7 @@ def interleaved_to_half(w: torch.Tensor, n_heads: int, rotary_dim: int | None = 
 
 
 def half_to_interleaved(w: torch.Tensor, n_heads: int, rotary_dim: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`interleaved_to_half` (torchchat's ``permute``, spec §2.3)."""
+    """Inverse of :func:`interleaved_to_half` (torchchat's ``permute``, docs/variants.md §2.3)."""
     rotary_dim = w.shape[0] // n_heads if rotary_dim is None else rotary_dim
     return _regroup_rotary_rows(w, n_heads, rotary_dim, pairs_first=False)
 
@@ -62,7 +62,7 @@ def grouped_qkv_to_fused(w: torch.Tensor, num_heads: int, num_kv_heads: int) -> 
     """InternLM2's ``wqkv`` (per KV group: its ``n_rep`` query heads, then k, then v) -> ``[q | k | v]``.
 
     Query head ``g * n_rep + r`` comes from group g's r-th block, which is exactly the grouping
-    ``repeat_kv`` assumes (spec §5.5, ``convert2llama.py``). Weights ``[rows, d]`` or biases ``[rows]``.
+    ``repeat_kv`` assumes (docs/variants.md §5.5, ``convert2llama.py``). Weights ``[rows, d]`` or biases ``[rows]``.
     """
     n_rep = num_heads // num_kv_heads
     groups = w.reshape(num_kv_heads, n_rep + 2, -1, *w.shape[1:])  # [Hkv, n_rep + 2, hd, ...]
@@ -82,7 +82,7 @@ def fused_qkv_to_grouped(w: torch.Tensor, num_heads: int, num_kv_heads: int) -> 
 
 
 def per_head_qkv_to_fused(w: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """ChatGLM-6B's ``query_key_value`` (per head: ``[q_h | k_h | v_h]``) -> ``[q | k | v]`` (spec §6.1)."""
+    """ChatGLM-6B's ``query_key_value`` (per head: ``[q_h | k_h | v_h]``) -> ``[q | k | v]`` (docs/variants.md §6.1)."""
     heads = w.reshape(num_heads, 3, -1, *w.shape[1:])  # [H, 3, hd, ...]
     return heads.transpose(0, 1).reshape(w.shape)
 
@@ -95,7 +95,7 @@ def fused_to_per_head_qkv(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def adjacent_pairs_to_halves(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Reorder ``num_heads`` head blocks of rows from unilm's adjacent pairs (2i, 2i+1) to HF
-    DiffLlama's halves (j, j + H/2): HF head j <- head 2j, HF head j + H/2 <- head 2j + 1 (§7.3)."""
+    DiffLlama's halves (j, j + H/2): HF head j <- head 2j, HF head j + H/2 <- head 2j + 1 (docs/variants.md §7.3)."""
     heads = w.reshape(num_heads // 2, 2, -1, *w.shape[1:])  # [pairs, 2, hd, ...]
     return heads.transpose(0, 1).reshape(w.shape)
 

@@ -52,16 +52,6 @@ def fused_rows(canonical: str, sources: tuple[str, ...], sizes: tuple[int, ...])
     return TensorRule(canonical, sources, concat_rows, lambda t: split_rows(t, sizes))
 
 
-def transformed(rule: TensorRule, forward: Callable[[torch.Tensor], torch.Tensor],
-                inverse: Callable[[torch.Tensor], torch.Tensor]) -> TensorRule:
-    """``rule`` followed by ``forward`` on load (and ``inverse`` before it on export)."""
-    return TensorRule(
-        rule.canonical, rule.sources,
-        lambda parts: forward(rule.to_canonical(parts)),
-        lambda t: rule.from_canonical(inverse(t)),
-    )
-
-
 def require(config: dict[str, Any], key: str, where: str) -> Any:
     if config.get(key) is None:
         raise ConfigError(f"{where} has no {key!r}; the checkpoint's config is incomplete.")
@@ -138,7 +128,7 @@ def fused_rows_partial(canonical: str, parts: tuple[tuple[str | None, int], ...]
 def meta_style_rules(config: ModelConfig, prefix: str = "") -> list[TensorRule]:
     """Embedding, norms, SwiGLU MLP and output head under Meta's names (``tok_embeddings``,
     ``layers.{i}.attention_norm`` / ``ffn_norm`` / ``feed_forward.w1|w3|w2``, ``norm``, ``output``;
-    spec §3.2), shared by the Meta, InternLM2 (under ``model.``) and unilm layouts. The attention
+    docs/variants.md §3.2), shared by the Meta, InternLM2 (under ``model.``) and unilm layouts. The attention
     tensors are each layout's own."""
     inter = config.intermediate_size
     rules = [rename("embed.weight", prefix + "tok_embeddings.weight"), rename("final_norm.weight", prefix + "norm.weight")]

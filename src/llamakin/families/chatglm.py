@@ -2,11 +2,11 @@
 
 Both say ``model_type: chatglm``; :func:`chatglm_family` tells them apart by their keys.
 
-* ChatGLM2/3 (spec §6.2): ``multi_query_group_num`` KV groups, one contiguous
+* ChatGLM2/3 (docs/variants.md §6.2): ``multi_query_group_num`` KV groups, one contiguous
   ``query_key_value`` with bias, RoPE on the first half of each head in interleaved pairs with base
   ``10000 * rope_ratio``, fused SwiGLU (gate first), RMSNorm multiplying in float32 before the cast,
   ``padded_vocab_size``, ``output_layer``.
-* ChatGLM-6B (spec §6.1): LayerNorm, GELU-tanh MLP with biases, a per-head interleaved
+* ChatGLM-6B (docs/variants.md §6.1): LayerNorm, GELU-tanh MLP with biases, a per-head interleaved
   ``query_key_value`` with bias, the residual on the normalised input scaled by ``sqrt(56)`` —
   ``GLMBlock``'s ``num_layers=28`` default, which ``ChatGLMModel`` never overrides, so checkpoints
   of every depth use it — 2-D RoPE whose inverse frequencies are rounded to float16 once while the
@@ -28,7 +28,7 @@ from ..transforms import fused_to_per_head_qkv, per_head_qkv_to_fused
 from .base import Family, TensorRule, rename, require
 
 
-# ChatGLM-6B's residual scale: GLMBlock(num_layers=28) by default, never given the model's depth (§6.1)
+# ChatGLM-6B's residual scale: GLMBlock(num_layers=28) by default, never given the model's depth (docs/variants.md §6.1)
 CHATGLM6B_ALPHA = math.sqrt(2 * 28)
 
 

@@ -1,4 +1,4 @@
-"""The Differential Transformer in microsoft/unilm's module layout (spec §7.1, §7.3).
+"""The Differential Transformer in microsoft/unilm's module layout (docs/variants.md §7.1, §7.3).
 
 unilm ships the attention module (``multihead_diffattn.py``), not a whole model, so llamakin
 defines the container: ``config.json`` with ``model_type: diff_transformer`` and unilm's own

@@ -1,4 +1,4 @@
-"""Differential Transformer in Hugging Face layout (``model_type: diffllama``, spec §7.2):
+"""Differential Transformer in Hugging Face layout (``model_type: diffllama``, docs/variants.md §7.2):
 LLaMA with differential attention, heads paired j with j + H/2, no group-norm weight."""
 
 from __future__ import annotations

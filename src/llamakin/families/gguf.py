@@ -4,7 +4,7 @@ The "config" of a GGUF checkpoint is its key-value metadata plus the list of its
 (under ``tensor_names``: a file without ``output.weight`` ties its output to the embedding).
 llama.cpp's converter stores the q and k rows of ``llama`` models in the interleaved (Meta) RoPE
 order; loading un-permutes them into rotate_half order, as transformers' GGUF loader does, and
-export permutes them back (spec §2.3). ``qwen2``/``qwen3`` files keep HF's order.
+export permutes them back (docs/variants.md §2.3). ``qwen2``/``qwen3`` files keep HF's order.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """GLM-4 in Hugging Face layout: ``model_type: glm`` (GLM-4-9B) and ``glm4`` (GLM-4-0414)
-(spec §6.3).
+(docs/variants.md §6.3).
 
 RoPE rotates only the first ``partial_rotary_factor`` (default 0.5) of each head, in
 interleaved pairs; q/k/v have a bias (``attention_bias``), o has none; the MLP's gate and up are

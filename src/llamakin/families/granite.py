@@ -1,4 +1,4 @@
-"""IBM Granite 3.x in Hugging Face layout (``model_type: granite``, spec §4): LLaMA with four
+"""IBM Granite 3.x in Hugging Face layout (``model_type: granite``, docs/variants.md §4): LLaMA with four
 scalars. ``attention_multiplier`` *replaces* ``head_dim ** -0.5`` (its default is 1.0, not the
 usual scale), ``logits_scaling`` divides the logits."""
 

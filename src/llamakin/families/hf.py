@@ -1,4 +1,4 @@
-"""Shared machinery of the Hugging Face decoder families (spec §3.2, §3.3, §2.4).
+"""Shared machinery of the Hugging Face decoder families (docs/variants.md §3.2, §3.3, §2.4).
 
 Every native transformers class llamakin targets (Llama, Mistral, Granite, Qwen2, Qwen3,
 DiffLlama, GLM, GLM-4) uses the same tensor naming under ``model.layers.{i}``; they differ only
@@ -16,7 +16,7 @@ from ..config import ModelConfig, RopeScaling
 from ..errors import ConfigError, UnsupportedError
 from .base import Family, TensorRule, fused_rows, fused_rows_partial, rename, require
 
-# rope_parameters keys -> RopeScaling fields (transformers' names, spec §2.4).
+# rope_parameters keys -> RopeScaling fields (transformers' names, docs/variants.md §2.4).
 _ROPE_KEYS = {f.name for f in fields(RopeScaling)} - {"type"}
 
 
@@ -89,9 +89,9 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 
 @dataclass
 class HFDecoderFamily(Family):
-    """A transformers ``*ForCausalLM`` whose tensors follow Llama's naming (spec §3.2)."""
+    """A transformers ``*ForCausalLM`` whose tensors follow Llama's naming (docs/variants.md §3.2)."""
 
-    fused_gate_up: bool = False  # GLM stores ``mlp.gate_up_proj`` (gate rows first, §6.3)
+    fused_gate_up: bool = False  # GLM stores ``mlp.gate_up_proj`` (gate rows first, docs/variants.md §6.3)
     default_max_positions: int = 2048
     default_eps: float = 1e-6
     default_partial_rotary: float = 1.0

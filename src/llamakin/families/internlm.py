@@ -1,4 +1,4 @@
-"""InternLM v1 and InternLM2 in their original remote-code layouts (spec §5.4, §5.5).
+"""InternLM v1 and InternLM2 in their original remote-code layouts (docs/variants.md §5.4, §5.5).
 
 InternLM v1 uses Llama's tensor names with a bias on q, k, v *and* o (``bias``, default true) and
 its own ``rotary`` dict (``origin`` or ``dynamic``). Its cache holds keys before RoPE and every

@@ -1,5 +1,5 @@
-"""LLaMA 1/2/3 in Hugging Face layout (``model_type: llama``, spec §3), including the optional
-``attention_bias`` (q, k, v *and* o) and ``mlp_bias`` that IBM Granite Code uses (spec §4)."""
+"""LLaMA 1/2/3 in Hugging Face layout (``model_type: llama``, docs/variants.md §3), including the optional
+``attention_bias`` (q, k, v *and* o) and ``mlp_bias`` that IBM Granite Code uses (docs/variants.md §4)."""
 
 from __future__ import annotations
 

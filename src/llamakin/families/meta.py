@@ -1,9 +1,9 @@
-"""Meta's original LLaMA layout: ``params.json`` + ``consolidated.00.pth`` (spec §2.2, §3.1, §3.2).
+"""Meta's original LLaMA layout: ``params.json`` + ``consolidated.00.pth`` (docs/variants.md §2.2, §3.1, §3.2).
 
 The same layout serves Mistral's native checkpoints (``params.json`` with ``hidden_dim`` and
 ``head_dim``, ``consolidated.safetensors``). q and k rows are in the *interleaved* RoPE order;
 llamakin computes interleaved RoPE natively, so loading needs no permutation at all, and
-``llamakin convert --rope-layout half`` gives the exact HF order (spec §2.3).
+``llamakin convert --rope-layout half`` gives the exact HF order (docs/variants.md §2.3).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from ..config import ModelConfig, RopeScaling
 from ..errors import ConfigError
 from .base import Family, TensorRule, fused_rows, meta_style_rules, rename, require
 
-# Llama 3.1's rope scaling, switched on by ``use_scaled_rope`` (spec §2.4).
+# Llama 3.1's rope scaling, switched on by ``use_scaled_rope`` (docs/variants.md §2.4).
 LLAMA31_SCALING = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                               original_max_position_embeddings=8192)
 DEFAULT_MAX_SEQ_LEN = 4096  # params.json does not record the context; Llama 2's is used
 
 
 def ffn_width(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """Meta's SwiGLU width rule (spec §3.1): 4096 -> 11008, 5120 -> 13824."""
+    """Meta's SwiGLU width rule (docs/variants.md §3.1): 4096 -> 11008, 5120 -> 13824."""
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)

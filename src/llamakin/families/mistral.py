@@ -1,5 +1,5 @@
 """Mistral in Hugging Face layout (``model_type: mistral``): LLaMA with an optional sliding
-window on every layer (spec §8.2; transformers' ``sliding_window_overlay``)."""
+window on every layer (docs/variants.md §8.2; transformers' ``sliding_window_overlay``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Qwen2 and Qwen3 in Hugging Face layout (spec §5.2, §5.3).
+"""Qwen2 and Qwen3 in Hugging Face layout (docs/variants.md §5.2, §5.3).
 
 Qwen2: q, k and v always carry a bias, o never does. Qwen3: ``attention_bias`` for all four,
 an explicit ``head_dim``, and per-head RMSNorm of q and k before RoPE. Both can enable a sliding

@@ -1,4 +1,4 @@
-"""Qwen (v1) in its original remote-code layout (``model_type: qwen``, ``QWenLMHeadModel``, spec §5.1).
+"""Qwen (v1) in its original remote-code layout (``model_type: qwen``, ``QWenLMHeadModel``, docs/variants.md §5.1).
 
 Traps this adapter handles: ``c_attn`` is one fused ``[q | k | v]`` matrix that always has a bias;
 ``intermediate_size`` is *twice* the MLP width; SiLU is applied to ``w2`` (the gate), not ``w1``;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -209,7 +210,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
         # memory, as split rows of one fused matrix do): export never holds a second full copy.
         materialised = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in shard.items()}
         _atomic(directory / name, lambda tmp: save_file(materialised, str(tmp), metadata={"format": "pt"}))
-        del materialised
+        materialised = None  # free this shard's copy before the next one
         written.append(directory / name)
     if n > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -12,7 +12,7 @@ The transformers module of each llamakin projection part comes from the family a
 rules: the rule that builds ``layers.{i}.attn.qkv.weight`` from ``...q_proj.weight``,
 ``...k_proj.weight`` and ``...v_proj.weight`` names the three modules in row order, so the
 names are never written twice. A base held in the interleaved (Meta) RoPE order gets its q/k
-``B`` rows permuted exactly like the base weights (``interleaved_to_half``, spec §2.3); ``A``
+``B`` rows permuted exactly like the base weights (``interleaved_to_half``, docs/variants.md §2.3); ``A``
 acts on the input side and stays as it is.
 """
 

@@ -1,4 +1,4 @@
-"""Self-attention: standard MHA/GQA/MQA and differential attention (spec §1.2, §5.3, §7, §8)."""
+"""Self-attention: standard MHA/GQA/MQA and differential attention (docs/variants.md §1.2, §5.3, §7, §8)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from .linear import Linear
 from .norm import RMSNorm
 from .rope import Rope, apply_rotary
 
-
 FEW_QUERIES = 16
 
 
@@ -23,10 +22,10 @@ class Attention(nn.Module):
     """Multi-head attention with grouped KV heads, through ``scaled_dot_product_attention``.
 
     q, k and v come from one fused projection ``qkv`` whose rows are ``[q | k | v]`` (the
-    layout of Qwen v1's ``c_attn`` and ChatGLM2's ``query_key_value``, §5.1, §6.2). Biases are
-    independent per part (Qwen2/GLM: q, k, v; InternLM v1 and Granite Code: all four, §4, §5):
+    layout of Qwen v1's ``c_attn`` and ChatGLM2's ``query_key_value``, docs/variants.md §5.1, §6.2). Biases are
+    independent per part (Qwen2/GLM: q, k, v; InternLM v1 and Granite Code: all four, docs/variants.md §4, §5):
     when only some parts have one, ``qkv.bias`` is masked so the others stay exactly zero.
-    Query head h uses KV head ``h // kv_groups`` (§8.1).
+    Query head h uses KV head ``h // kv_groups`` (docs/variants.md §8.1).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -41,7 +40,7 @@ class Attention(nn.Module):
         self.register_buffer("qkv_bias_zeroed", None, persistent=False)
         self.init_buffers()
         self.o_proj = Linear(H * hd, d, bias=config.o_bias)
-        if config.qk_norm:  # Qwen3: one weight shared by all heads, before RoPE (§5.3)
+        if config.qk_norm:  # Qwen3: one weight shared by all heads, before RoPE (docs/variants.md §5.3)
             self.q_norm = RMSNorm(hd, config.norm_eps, config.rmsnorm_order)
             self.k_norm = RMSNorm(hd, config.norm_eps, config.rmsnorm_order)
         else:
@@ -79,7 +78,7 @@ class Attention(nn.Module):
         qk, v = self.project(x)
         layout = self.config.rope_layout
         if cache is not None and rope.key_cos is not None:
-            # keys cached before RoPE (InternLM v1, §5.4): every cached key is rotated with this
+            # keys cached before RoPE (InternLM v1, docs/variants.md §5.4): every cached key is rotated with this
             # call's frequencies, which dynamic NTK changes as the sequence grows
             q, k = qk.split((self.config.num_heads, self.config.num_kv_heads), dim=1)
             q = apply_rotary(q, rope.cos, rope.sin, layout)
@@ -115,12 +114,12 @@ class Attention(nn.Module):
 
 
 def lambda_init_for(layer_idx: int) -> float:
-    """``0.8 - 0.6 * exp(-0.3 * layer)`` with a 0-based layer index (spec §7.1, §7.2, §7.4 item 4)."""
+    """``0.8 - 0.6 * exp(-0.3 * layer)`` with a 0-based layer index (docs/variants.md §7.1, §7.2, §7.4 item 4)."""
     return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
 
 
 class DifferentialAttention(Attention):
-    """Differential attention in HF DiffLlama's layout (spec §7.2).
+    """Differential attention in HF DiffLlama's layout (docs/variants.md §7.2).
 
     The ``H`` heads of size ``hd`` form ``H/2`` pairs: head j with head ``j + H/2``. Both heads of a
     pair attend over the same keys with their own softmax; their outputs over the concatenated
@@ -142,7 +141,7 @@ class DifferentialAttention(Attention):
         self.lambda_k1 = nn.Parameter(torch.zeros(hd))
         self.lambda_q2 = nn.Parameter(torch.zeros(hd))
         self.lambda_k2 = nn.Parameter(torch.zeros(hd))
-        # HF DiffLlama's group norm has no weight; unilm's ``subln`` has one (§7.1, §7.2)
+        # HF DiffLlama's group norm has no weight; unilm's ``subln`` has one (docs/variants.md §7.1, §7.2)
         eps = config.norm_eps if config.diff_norm_eps is None else config.diff_norm_eps  # unilm's subln: 1e-5
         self.pair_norm = RMSNorm(2 * hd, eps, config.rmsnorm_order, affine=config.diff_norm_affine)
 

@@ -1,4 +1,4 @@
-"""Static key/value cache and attention masks (spec §8.2, §8.3)."""
+"""Static key/value cache and attention masks (docs/variants.md §8.2, §8.3)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class KVCache:
     """Preallocated keys and values, per layer ``[batch, kv_heads, max_len, head_dim]``.
 
     Keys are stored after RoPE and before the KV heads are repeated for their query group (the
-    HF/torchchat convention, spec §8.3), or before RoPE with ``rope_cached_keys`` (InternLM v1). All rows advance together: a batch of prompts of
+    HF/torchchat convention, docs/variants.md §8.3), or before RoPE with ``rope_cached_keys`` (InternLM v1). All rows advance together: a batch of prompts of
     different lengths is left-padded, and ``valid`` marks which slots hold real tokens so padding
     is never attended to and positions count only real tokens.
     """
@@ -31,7 +31,7 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled so far (the same for every row)
         self.padded = False  # True once any slot holds padding
-        # Qwen v1's dynamic-NTK alpha per row, set when a row's sequence starts (spec §5.1); a
+        # Qwen v1's dynamic-NTK alpha per row, set when a row's sequence starts (docs/variants.md §5.1); a
         # tensor, so views share it and a traced decode step takes it as an input
         self.rope_alpha = torch.ones(batch_size, dtype=torch.float32, device=device)
 
@@ -127,7 +127,7 @@ def build_mask(key_valid: torch.Tensor | None, past: int, new: int, window: int 
     (``q - window < k``, HF's ``sliding_window_overlay``) and not padding. Each query always sees
     itself, so a padding token's row is never empty (an all-masked row would make NaNs that
     then leak into later layers through that token's keys and values). With ``prefix_end`` ``[B]``
-    (a prefix LM, §6.1) the keys before that slot are visible to every query.
+    (a prefix LM, docs/variants.md §6.1) the keys before that slot are visible to every query.
     """
     if key_valid is None and window is None and prefix_end is None:
         if new == 1:

@@ -1,4 +1,4 @@
-"""Feed-forward blocks (spec §1, §3.1, §6.1, §6.2)."""
+"""Feed-forward blocks (docs/variants.md §1, §3.1, §6.1, §6.2)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .linear import Linear
 class SwiGLU(nn.Module):
     """``down(silu(gate(x)) * up(x))`` with gate and up fused in one matrix, gate rows first.
 
-    The fused layout is ChatGLM2's ``dense_h_to_4h`` and HF GLM's ``gate_up_proj`` (§6.2, §6.3);
+    The fused layout is ChatGLM2's ``dense_h_to_4h`` and HF GLM's ``gate_up_proj`` (docs/variants.md §6.2, §6.3);
     checkpoints with separate ``gate_proj``/``up_proj`` are concatenated on load and split on
     export by the family adapters. One matmul instead of two halves the dispatches per token.
     """
@@ -30,7 +30,7 @@ class SwiGLU(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """``down(gelu_tanh(up(x)))`` (ChatGLM-6B v1's ``dense_h_to_4h``/``dense_4h_to_h``, §6.1)."""
+    """``down(gelu_tanh(up(x)))`` (ChatGLM-6B v1's ``dense_h_to_4h``/``dense_4h_to_h``, docs/variants.md §6.1)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Normalisation layers (spec §1.1, §6.1, §6.2, §10)."""
+"""Normalisation layers (docs/variants.md §1.1, §6.1, §6.2, §10)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ class RMSNorm(nn.Module):
     """Root-mean-square norm, normalising in float32 whatever the activation dtype.
 
     ``order`` picks where the weight multiply happens, the one rounding difference between
-    implementations (spec §1.1 vs §6.2):
+    implementations (docs/variants.md §1.1 vs §6.2):
 
     * ``cast_then_mul`` (HF Llama, Meta): ``weight * normalize(x.float()).to(x.dtype)``
     * ``mul_then_cast`` (ChatGLM2/3): ``(weight * normalize(x.float())).to(x.dtype)``
 
-    With ``affine=False`` there is no weight (HF DiffLlama's per-head group norm, §7.2).
+    With ``affine=False`` there is no weight (HF DiffLlama's per-head group norm, docs/variants.md §7.2).
     """
 
     def __init__(self, dim: int, eps: float, order: str = "cast_then_mul", affine: bool = True):
@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """Standard LayerNorm with weight and bias (ChatGLM-6B v1, §6.1)."""
+    """Standard LayerNorm with weight and bias (ChatGLM-6B v1, docs/variants.md §6.1)."""
 
 
 def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:

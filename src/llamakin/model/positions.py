@@ -1,6 +1,6 @@
 """Position ids for prompts and decode steps.
 
-Most models count real tokens (left padding excluded). ChatGLM-6B's prefix LM (spec §6.1) uses
+Most models count real tokens (left padding excluded). ChatGLM-6B's prefix LM (docs/variants.md §6.1) uses
 two streams: up to the start-of-piece token ``<sop>`` (index ``ctx``) positions count tokens and
 block positions are 0; from ``<sop>`` on, every token takes the position of the mask token
 (``[gMASK]``/``[MASK]``) and block positions count 1, 2, 3, ... The prompt up to ``ctx`` is
@@ -47,7 +47,7 @@ class _Row:
 
 
 class PrefixLMPositions:
-    """ChatGLM-6B's 2-D positions and prefix bound (spec §6.1)."""
+    """ChatGLM-6B's 2-D positions and prefix bound (docs/variants.md §6.1)."""
 
     def __init__(self, config: ModelConfig):
         self.config = config

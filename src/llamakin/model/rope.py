@@ -1,9 +1,9 @@
-"""Rotary position embedding: frequencies, scaling types and the two pair layouts (spec §2).
+"""Rotary position embedding: frequencies, scaling types and the two pair layouts (docs/variants.md §2).
 
 Frequencies are computed in float32 exactly as transformers does (``modeling_rope_utils``);
-cos/sin are cast to the activation dtype and the rotation runs in that dtype (spec §2.1, §10).
+cos/sin are cast to the activation dtype and the rotation runs in that dtype (docs/variants.md §2.1, §10).
 ChatGLM-6B instead rounds its inverse frequencies to float16 once and computes its tables in the
-model's dtype (``rope_inv_freq_dtype``, ``rope_table_dtype``, §6.1).
+model's dtype (``rope_inv_freq_dtype``, ``rope_table_dtype``, docs/variants.md §6.1).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from ..config import ModelConfig, RopeScaling
 
 
 def default_inv_freq(rotary_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
-    """``1 / theta ** (2i / rd)`` for ``i < rd/2`` (spec §2.1)."""
+    """``1 / theta ** (2i / rd)`` for ``i < rd/2`` (docs/variants.md §2.1)."""
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
     return 1.0 / (theta ** exponents)
 
 
 def _llama3(inv_freq: torch.Tensor, s: RopeScaling, original_context: int) -> torch.Tensor:
-    """Llama 3.1 piecewise rule on wavelengths (spec §2.4)."""
+    """Llama 3.1 piecewise rule on wavelengths (docs/variants.md §2.4)."""
     low_wavelen = original_context / s.low_freq_factor
     high_wavelen = original_context / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -41,7 +41,7 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 def _yarn(inv_freq: torch.Tensor, s: RopeScaling, rotary_dim: int, theta: float,
           original_context: int) -> tuple[torch.Tensor, float]:
-    """YaRN: ramp between interpolated and extrapolated frequencies (spec §2.4)."""
+    """YaRN: ramp between interpolated and extrapolated frequencies (docs/variants.md §2.4)."""
     if s.attention_factor is not None:
         attention_factor = s.attention_factor
     elif s.mscale and s.mscale_all_dim:
@@ -67,19 +67,19 @@ def _yarn(inv_freq: torch.Tensor, s: RopeScaling, rotary_dim: int, theta: float,
 
 
 def frequency_dim(config: ModelConfig) -> int:
-    """Features one frequency table covers: the rotary dim, or half of it for 2-D RoPE (§6.1)."""
+    """Features one frequency table covers: the rotary dim, or half of it for 2-D RoPE (docs/variants.md §6.1)."""
     return config.rotary_dim // 2 if config.rope_layout == "glm2d" else config.rotary_dim
 
 
 def qwen_ntk_alpha(length: int, trained_length: int) -> float:
-    """Qwen v1's dynamic-NTK alpha for a row of ``length`` real tokens (spec §5.1):
+    """Qwen v1's dynamic-NTK alpha for a row of ``length`` real tokens (docs/variants.md §5.1):
     ``max(2 ** ceil(log(L / trained, 2) + 1) - 1, 1)``, with Python's two-argument log as the
     original ``QWenModel.get_ntk_alpha`` computes it."""
     return max(2 ** math.ceil(math.log(length / trained_length, 2) + 1) - 1, 1)
 
 
 def qwen_ntk_inv_freq(config: ModelConfig, alpha: torch.Tensor) -> torch.Tensor:
-    """Per-row inverse frequencies ``[B, 1, rd/2]`` for Qwen v1's NTK ``alpha`` ``[B]`` (spec §5.1):
+    """Per-row inverse frequencies ``[B, 1, rd/2]`` for Qwen v1's NTK ``alpha`` ``[B]`` (docs/variants.md §5.1):
     ``base' = base * alpha ** (rd / (rd - 2))``, then ``1 / base' ** (2i / rd)`` in float32. Computed
     from a tensor, so a traced decode step follows each generation's own alphas."""
     rd = frequency_dim(config)
@@ -107,7 +107,7 @@ def inv_freq_for(config: ModelConfig, seq_len: int | None = None,
         length = max(seq_len or 0, config.max_position_embeddings)
         theta = theta * ((s.factor * length / config.max_position_embeddings) - (s.factor - 1)) ** (rd / (rd - 2))
     inv_freq = default_inv_freq(rd, theta, device)
-    if config.rope_inv_freq_dtype == "float16":  # ChatGLM-6B creates them .half() (spec §6.1)
+    if config.rope_inv_freq_dtype == "float16":  # ChatGLM-6B creates them .half() (docs/variants.md §6.1)
         inv_freq = inv_freq.half().float()
     if s.type == "linear":
         return inv_freq / s.factor, 1.0
@@ -157,10 +157,10 @@ class RotaryEmbedding(nn.Module):
         return self._static[device]
 
     def _tables(self, positions: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype):
-        # float32 tables cast to the activations' dtype (transformers, spec §2.1), or ChatGLM-6B's
-        # tables computed in the model's dtype (§6.1)
+        # float32 tables cast to the activations' dtype (transformers, docs/variants.md §2.1), or ChatGLM-6B's
+        # tables computed in the model's dtype (docs/variants.md §6.1)
         table_dtype = dtype if self.config.rope_table_dtype == "model" else torch.float32
-        angles = positions.to(table_dtype)[..., None] * inv_freq.to(table_dtype)  # [B, T, rd/2] (spec §2.1)
+        angles = positions.to(table_dtype)[..., None] * inv_freq.to(table_dtype)  # [B, T, rd/2] (docs/variants.md §2.1)
         cos, sin = angles.cos(), angles.sin()
         if factor != 1.0:
             cos, sin = cos * factor, sin * factor
@@ -198,9 +198,9 @@ def rotary_partner(x: torch.Tensor, layout: str) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, layout: str) -> torch.Tensor:
     """Rotate the first ``cos.shape[-1]`` features of every head of ``x`` ``[B, H, T, hd]``.
 
-    ``half`` rotates pairs ``(i, i + rd/2)`` (HF rotate_half, spec §2.1); ``interleaved`` rotates
-    pairs ``(2i, 2i + 1)`` (Meta's complex form, ChatGLM2/3, HF GLM, spec §2.2, §6.2, §6.3);
-    ``glm2d`` rotates each half of the head rotate_half-style with its own table (§6.1). With
+    ``half`` rotates pairs ``(i, i + rd/2)`` (HF rotate_half, docs/variants.md §2.1); ``interleaved`` rotates
+    pairs ``(2i, 2i + 1)`` (Meta's complex form, ChatGLM2/3, HF GLM, docs/variants.md §2.2, §6.2, §6.3);
+    ``glm2d`` rotates each half of the head rotate_half-style with its own table (docs/variants.md §6.1). With
     the partner feature p and its signed sine, every output is ``x * cos + p * signed_sin`` — the
     same products and sums, rounded the same way, as transformers' ``q * cos + rotate_half(q) * sin``.
     Features past the rotary dim pass through unchanged (partial rotary).

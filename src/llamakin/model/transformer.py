@@ -1,9 +1,8 @@
-"""The one configurable decoder-only transformer (spec §1, with the knobs of §11)."""
+"""The one configurable decoder-only transformer (docs/variants.md §1, with the knobs of §11)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
@@ -19,15 +18,16 @@ from .rope import Rope, qwen_ntk_alpha
 from .linear import Linear, linear
 from .mlp import make_mlp
 from .norm import make_norm
-from .rope import RotaryEmbedding
+from .positions import position_tracker
+from .rope import Rope, RotaryEmbedding
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x + r * f(norm(x))`` for attention then MLP (spec §1).
+    """Pre-norm block: ``x + r * f(norm(x))`` for attention then MLP (docs/variants.md §1).
 
-    ``r`` is Granite's ``residual_multiplier`` (§4). With ``post_sublayer_norms`` each branch
-    output is normalised again before the residual add (GLM-4's sandwich norms, §6.3). With
-    ``normed_residual_alpha`` the residual is ``alpha * norm(x)`` instead of ``x`` (ChatGLM-6B, §6.1).
+    ``r`` is Granite's ``residual_multiplier`` (docs/variants.md §4). With ``post_sublayer_norms`` each branch
+    output is normalised again before the residual add (GLM-4's sandwich norms, docs/variants.md §6.3). With
+    ``normed_residual_alpha`` the residual is ``alpha * norm(x)`` instead of ``x`` (ChatGLM-6B, docs/variants.md §6.1).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -60,7 +60,7 @@ class Block(nn.Module):
         return self._residual(self._base(x, h), self.mlp(h), self.mlp_out_norm)
 
     def _base(self, x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        """What the residual adds to: the input, or ChatGLM-6B's ``alpha * norm(x)`` (§6.1)."""
+        """What the residual adds to: the input, or ChatGLM-6B's ``alpha * norm(x)`` (docs/variants.md §6.1)."""
         return x if self.normed_residual_alpha is None else normed * self.normed_residual_alpha
 
 
@@ -71,6 +71,9 @@ class Transformer(nn.Module):
     decoding pass a :class:`KVCache` from :meth:`new_cache`; for a batch of prompts of different
     lengths, left-pad them and pass ``attention_mask`` (1 = real token, 0 = padding) covering the
     cached and the new tokens, as in transformers.
+
+    The model knows no checkpoint format: ``llamakin.save_pretrained(model, directory)`` writes
+    one (``model.save_pretrained(directory)`` is the same call, attached by ``llamakin.checkpoint``).
     """
 
     # Recompute each block during backward instead of storing its activations (training only):
@@ -92,7 +95,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Training initialisation: N(0, std) matrices and embeddings, zero biases, unit norms,
-        N(0, 0.1) differential lambdas (spec §7.1), output projections scaled by 1/sqrt(2 * layers)."""
+        N(0, 0.1) differential lambdas (docs/variants.md §7.1), output projections scaled by 1/sqrt(2 * layers)."""
         residual_std = std / math.sqrt(2 * self.config.num_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -126,9 +129,6 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.final_norm.weight.device
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     # -- inference ----------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -187,7 +187,7 @@ class Transformer(nn.Module):
 
     def _ntk_alpha(self, B: int, T: int, key_valid: torch.Tensor | None, past: int,
                    cache: KVCache | None) -> torch.Tensor | None:
-        """Qwen v1's dynamic-NTK alpha per row ``[B]`` (spec §5.1): measured on each row's real
+        """Qwen v1's dynamic-NTK alpha per row ``[B]`` (docs/variants.md §5.1): measured on each row's real
         tokens when a sequence starts (``QWenModel.forward``'s prefill branch: one alpha per row
         from its attention mask) and kept in the cache for every later call of that generation."""
         s = self.config.rope_scaling
@@ -223,7 +223,7 @@ class Transformer(nn.Module):
     def _rope(self, positions: torch.Tensor, ntk_alpha: torch.Tensor | None = None,
               key_positions: torch.Tensor | None = None) -> Rope:
         """cos/sin tables (and those of every cached key when keys are cached before RoPE), and
-        Qwen v1's logn factor on q when it applies (inference only, §5.1)."""
+        Qwen v1's logn factor on q when it applies (inference only, docs/variants.md §5.1)."""
         if self.config.rope_layout == "glm2d" and positions.dim() == 2:
             positions = torch.stack((positions, torch.zeros_like(positions)), 1)
         key_cos = key_sin = None
@@ -258,18 +258,10 @@ class Transformer(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the last block's output ``x`` ``[..., hidden]``: final norm, output projection,
-        Granite's logits scaling (§4)."""
+        Granite's logits scaling (docs/variants.md §4)."""
         x = self.final_norm(x)
         # a head module when untied, or a quantized one (llamakin.quant), else the tied embedding
         logits = self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits
-
-    # -- export -------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, family: str | None = None, **options) -> Path:
-        """Write ``config.json`` + safetensors in the layout of ``family`` (default: the family the
-        model was loaded from, else the first Hugging Face family that expresses its config exactly)."""
-        from ..checkpoint import save_pretrained
-
-        return save_pretrained(self, directory, family=family, **options)

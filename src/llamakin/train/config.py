@@ -131,7 +131,7 @@ _SHAKESPEARE_TINY = TrainConfig(
 # The source article's small Differential Transformer: 8 layers, d_model 512, FFN 1792, lr 6e-4,
 # 120 warmup steps, weight decay 0.1, no dropout, gradient clipping, bf16 on GPU. Its 8 heads are
 # the baseline's: the Diff model halves them into 4 differential pairs (8 heads of 64 in HF's
-# pairing), which keeps every projection the baseline's size (spec §7.1). SmolLM2's 49,152-token
+# pairing), which keeps every projection the baseline's size (docs/variants.md §7.1). SmolLM2's 49,152-token
 # vocabulary with tied embeddings gives the 56M parameters of the issue's benchmark.
 _PAPER_MODEL = dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1792, max_position_embeddings=2048,
                     tie_word_embeddings=True, norm_eps=1e-5)

@@ -14,6 +14,7 @@ import math
 import statistics
 from pathlib import Path
 
+from ..extras import require_extra
 from .config import recipe
 from .data import prepare
 from .loop import train
@@ -44,6 +45,7 @@ def _eval_text(eval_text: str) -> tuple[str, str]:
 
 def diff_vs_baseline(budget_tokens: int, out: str | Path, overrides: list[str] = (), eval_text: str = "wikipedia",
                      eval_windows: int = 64) -> dict:
+    require_extra("plot", "the experiment's curves")  # before training, not after it
     out = Path(out).expanduser()
     eval_name, eval_body = _eval_text(eval_text)
     first = recipe(PAIR[0], list(overrides))
@@ -58,9 +60,10 @@ def diff_vs_baseline(budget_tokens: int, out: str | Path, overrides: list[str] =
         train(cfg, run)
         metrics = read_metrics(run)
         model_config = json.loads((run / "train_config.json").read_text())["model"]
+        import torch
+
         from ..config import ModelConfig
         from ..model import Transformer
-        import torch
 
         with torch.device("meta"):
             params = sum(p.numel() for p in Transformer(ModelConfig.from_dict(model_config)).parameters())

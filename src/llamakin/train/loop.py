@@ -14,9 +14,9 @@ import fnmatch
 import functools
 import itertools
 import json
+import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from ..model import Transformer
 from ..validation import check_plausible_size
 from .config import TrainConfig
 from .data import TokenData, prepare
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(LlamakinError):
@@ -455,9 +457,9 @@ class Trainer:
         per_token = flops_per_token(self.model, cfg.seq_len)
         if self.is_main and self.progress:
             total = sum(p.numel() for p in self.model.parameters())
-            print(f"training {total:,} parameters ({len(self.trained_names)} tensors trained) on "
-                  f"{self.world} x {self.device.type}, {self.precision} (asked: {cfg.precision}; {self.precision_reason}), "
-                  f"{self.tokens_per_step:,} tokens/step, steps {step} -> {self.total_steps}", file=sys.stderr)
+            log.info(f"training {total:,} parameters ({len(self.trained_names)} tensors trained) on "
+                     f"{self.world} x {self.device.type}, {self.precision} (asked: {cfg.precision}; {self.precision_reason}), "
+                     f"{self.tokens_per_step:,} tokens/step, steps {step} -> {self.total_steps}")
         params = [p for p in self.model.parameters() if p.requires_grad]
         bar = tqdm(total=self.total_steps, initial=step, desc="training", unit="step", disable=not self.progress)
         last = {}
@@ -524,13 +526,14 @@ class Trainer:
 
     def export(self) -> Path:
         """The trained model as a Hugging Face directory with its tokenizer (``out/model``)."""
+        from ..checkpoint import save_pretrained
         from ..tokenizer import load_tokenizer
 
         target = self.out / "model"
         state = torch.load(self.out / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
         model = Transformer(self.model.config)
         model.load_state_dict(state)
-        model.save_pretrained(target)
+        save_pretrained(model, target)
         load_tokenizer(self.data_dir / "tokenizer").save(target)
         return target
 

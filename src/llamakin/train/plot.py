@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import LlamakinError
+from ..extras import require_extra
 
 
 def read_metrics(run: str | Path) -> list[dict]:
@@ -34,6 +35,7 @@ def read_metrics(run: str | Path) -> list[dict]:
 
 def plot_runs(runs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
     """Training loss (and validation loss) against tokens, and the global gradient norm, overlaid."""
+    require_extra("plot", "plotting training curves")
     import matplotlib
 
     matplotlib.use("Agg")
