@@ -192,7 +192,7 @@ class LlamakinLM(TemplateLM):
         return results  # type: ignore[return-value]
 
     def get_model_info(self) -> dict:
-        return {"model_num_parameters": self.model.num_parameters(), "model_dtype": str(self.model.dtype),
+        return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()), "model_dtype": str(self.model.dtype),
                 "model_name": self.pretrained}
 
 

@@ -23,6 +23,8 @@ FAMILIES: dict[str, Family] = {
               meta.FAMILY, glm.GLM, glm.GLM4, qwen1.FAMILY, internlm.INTERNLM, internlm.INTERNLM2,
               chatglm.CHATGLM2, chatglm.CHATGLM, diff_unilm.FAMILY, native.FAMILY)
 }
+# The families transformers implements natively (a PEFT adapter names their HF modules).
+HF_FAMILIES = ("llama", "mistral", "granite", "qwen2", "qwen3", "diffllama", "glm", "glm4")
 
 
 def get_family(name: str) -> Family:
@@ -66,4 +68,4 @@ def family_for_export(config: ModelConfig, name: str | None = None) -> Family:
     raise UnsupportedError("no known checkpoint format expresses this model's configuration exactly.")
 
 
-__all__ = ["FAMILIES", "Family", "TensorRule", "detect_family", "family_for_export", "get_family"]
+__all__ = ["FAMILIES", "HF_FAMILIES", "Family", "TensorRule", "detect_family", "family_for_export", "get_family"]

@@ -34,12 +34,13 @@ FORMAT = 1
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:
-    from ..checkpoint import checkpoint_dir, read_json
+    from ..checkpoint import read_json
+    from ..source import resolve_model
 
     p = Path(path).expanduser()
     if not p.exists():
         return False
-    config = checkpoint_dir(p) / "config.json"
+    config = resolve_model(p).path / "config.json"
     return config.is_file() and KEY in read_json(config)
 
 
@@ -90,12 +91,13 @@ def save_quantized(model: nn.Module, directory: str | Path, weights: dict[str, o
 def load_quantized_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device | str,
                               dequantize: bool = False, activation_dtype: torch.dtype | None = None):
     """Read a checkpoint written by :func:`save_quantized` (``dequantize``: into a float model)."""
-    from ..checkpoint import checkpoint_dir, read_json
+    from ..checkpoint import read_json
     from ..families.native import FAMILY
     from ..io.tensors import open_weights
     from ..model import Transformer
+    from ..source import resolve_model
 
-    directory = checkpoint_dir(path)
+    directory = resolve_model(path).path
     raw = read_json(directory / "config.json")
     info = raw[KEY]
     if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("modules"), dict):

@@ -135,15 +135,18 @@ def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | 
     from ..io.gguf import GGUFFile
     from ..io.tensors import open_weights
     from ..model import Transformer
+    from ..source import resolve_model
 
     device = torch.device(device)
-    gguf = ck.is_gguf(path)
+    model_source = resolve_model(path)
+    path = model_source.path
+    gguf = model_source.is_gguf
     if gguf:
         source = GGUFFile(path)
         family, config = ck.read_gguf_config(source)
         where = str(path)
     else:
-        directory = ck.checkpoint_dir(path)
+        directory = path
         family, config = ck.read_checkpoint_config(directory)
         source = open_weights(directory)
         where = str(directory)
