@@ -211,9 +211,10 @@ def main() -> None:
     files = {"Q4_1": pull("smollm2-135m-instruct")}
     for kind in ("F32", "F16", "Q8_0"):
         files[kind] = work / f"smollm2-135m-instruct-{kind}.gguf"
-        if not files[kind].exists() and (kind in args.files or kind != "Q8_0"):
+        needed = kind in args.files or (kind != "Q8_0" and not args.skip_parity)
+        if needed and not files[kind].exists():
             convert_checkpoint(pull("smollm2-135m-instruct"), files[kind], gguf_type=kind)
-        if kind != "Q8_0" and not args.skip_parity and python_path is not None:
+        if needed and kind != "Q8_0" and not args.skip_parity and python_path is not None:
             print(json.dumps(parity(files[kind], python_path)), flush=True)
     if args.skip_speed:
         return
