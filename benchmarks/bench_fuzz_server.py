@@ -26,11 +26,10 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from server_fuzz import MODEL, cases, check, send, tiny_model  # noqa: E402
-
 import llamakin  # noqa: E402
 from llamakin.catalog import pull  # noqa: E402
 from llamakin.serve import Engine, create_app  # noqa: E402
+from server_fuzz import MODEL, cases, check, send, tiny_model  # noqa: E402
 
 
 def cpu_model() -> str:

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import llamakin
+from eval_assets import TEXT, tiny_llama_dir
 from llamakin.errors import LlamakinError
 from llamakin.evaluate import perplexity, sliding_windows
-from eval_assets import TEXT, tiny_llama_dir
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,9 +9,9 @@ import math
 import pytest
 
 import llamakin
+from eval_assets import TEXT
 from llamakin.evaluate import perplexity
 from llamakin.train.experiment import diff_vs_baseline
-from eval_assets import TEXT
 
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
         "model.intermediate_size=64", "model.max_position_embeddings=64", "seq_len=32", "micro_batch=2",

@@ -17,8 +17,17 @@ import torch
 import llamakin
 from llamakin import ConfigError, LlamakinError
 from llamakin.cli import main
-from llamakin.lora import (LoraLinear, LoraSettings, apply_lora, load_adapter, lora_layers, merge, module_names,
-                           hf_family, save_adapter)
+from llamakin.lora import (
+    LoraLinear,
+    LoraSettings,
+    apply_lora,
+    hf_family,
+    load_adapter,
+    lora_layers,
+    merge,
+    module_names,
+    save_adapter,
+)
 from llamakin.model.linear import Linear
 from llamakin.train import recipe, train
 from llamakin.train.loop import param_groups
@@ -365,8 +374,8 @@ def test_bad_adapters_are_refused_in_one_sentence(tmp_path, capsys):
 def test_chat_sft_recipe_on_the_default_model_and_its_shipped_example(tmp_path):
     """``--recipe lora-sft`` as shipped: SmolLM2-135M-Instruct, the example chats, loss on the
     assistant's tokens only; one short step and its exported adapter."""
-    from assets import smollm2_gguf
     from llamakin.train.config import CHAT_EXAMPLE
+    from assets import smollm2_gguf
 
     gguf = smollm2_gguf()
     lines = [json.loads(line) for line in open(CHAT_EXAMPLE)]

@@ -12,7 +12,6 @@ reference reading llamakin's written ``config.json``).
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch

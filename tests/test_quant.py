@@ -19,8 +19,7 @@ from llamakin.quant.files import load_quantized_checkpoint
 from llamakin.quant.gguf_blocks import decode_q4, decode_q8_0, q4_to_int4
 from llamakin.quant.linear import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
 from llamakin.quant.model import load_quantized, quantize_model
-from llamakin.quant.tensors import (Int4Weight, pack_nibbles, quantize_int4, quantize_int8,
-                                    unpack_nibbles)
+from llamakin.quant.tensors import pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
 
 BIASED = dict(q_bias=True, k_bias=True, v_bias=False, o_bias=True, mlp_bias=True)  # partial qkv bias too
 

@@ -11,11 +11,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+import llamakin
 from server_fuzz import MODEL, cases, check, send, tiny_model
 from test_server import Server, post
 from assets import smollm2_gguf
-
-import llamakin
 
 EXAMPLES = int(os.environ.get("LLAMAKIN_FUZZ_EXAMPLES", "60"))
 

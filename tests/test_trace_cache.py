@@ -12,8 +12,8 @@ import torch
 
 import llamakin
 import llamakin.model.decode as decode
-from llamakin.model.cache import KVCache
 from llamakin.generate import GenerationRun, SamplingParams
+from llamakin.model.cache import KVCache
 from llamakin.model.decode import Decoder, TraceCache
 
 

@@ -22,9 +22,8 @@ from .families.gguf import TENSOR_NAMES, gguf_family
 from .io.gguf import GGUFFile
 from .io.tensors import TensorSource, open_weights, write_json, write_safetensors, write_torch
 from .model import Transformer
-from .validation import (check_plausible_size, check_raw_config, is_weight_dtype, parse_device, stored_values,
-                         translated)
 from .source import ModelSource, resolve_model
+from .validation import check_plausible_size, check_raw_config, is_weight_dtype, parse_device, stored_values, translated
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

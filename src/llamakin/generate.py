@@ -7,8 +7,8 @@ transformers' order: repetition penalty, temperature, top-k, top-p, min-p.
 
 from __future__ import annotations
 
-import sys
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence

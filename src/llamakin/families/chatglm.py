@@ -27,7 +27,6 @@ from ..errors import ConfigError, UnsupportedError
 from ..transforms import fused_to_per_head_qkv, per_head_qkv_to_fused
 from .base import Family, TensorRule, rename, require
 
-
 # ChatGLM-6B's residual scale: GLMBlock(num_layers=28) by default, never given the model's depth (docs/variants.md §6.1)
 CHATGLM6B_ALPHA = math.sqrt(2 * 28)
 

@@ -27,7 +27,6 @@ from ..errors import ConfigError
 from ..transforms import adjacent_pairs_to_halves, halves_to_adjacent_pairs
 from .base import Family, TensorRule, meta_style_rules, rename, require
 
-
 UNILM_SUBLN_EPS = 1e-5  # multihead_diffattn.py: RMSNorm(2 * head_dim, eps=1e-5, elementwise_affine=True)
 
 

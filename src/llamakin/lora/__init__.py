@@ -10,8 +10,17 @@
 """
 
 from .layers import LoraLinear, lora_only
-from .model import (DEFAULT_TARGETS, TARGETS, LoraSettings, apply_lora, attach, lora_layers, merge, parse_targets,
-                    projection_parts)
+from .model import (
+                    DEFAULT_TARGETS,
+                    TARGETS,
+                    LoraSettings,
+                    apply_lora,
+                    attach,
+                    lora_layers,
+                    merge,
+                    parse_targets,
+                    projection_parts,
+)
 from .peft_format import hf_family, load_adapter, module_names, read_adapter, save_adapter
 
 __all__ = ["DEFAULT_TARGETS", "TARGETS", "LoraLinear", "LoraSettings", "apply_lora", "attach", "hf_family",

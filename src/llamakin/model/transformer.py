@@ -13,13 +13,11 @@ from ..errors import LlamakinError
 from ..validation import check_token_ids
 from .attention import DifferentialAttention, make_attention
 from .cache import AttentionMask, KVCache, SlotWriter, build_mask, decode_masks, positions_from_valid
-from .positions import position_tracker
-from .rope import Rope, qwen_ntk_alpha
 from .linear import Linear, linear
 from .mlp import make_mlp
 from .norm import make_norm
 from .positions import position_tracker
-from .rope import Rope, RotaryEmbedding
+from .rope import Rope, RotaryEmbedding, qwen_ntk_alpha
 
 
 class Block(nn.Module):

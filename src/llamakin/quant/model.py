@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, LlamakinError
+from ..errors import LlamakinError
 from ..model.attention import Attention
 from .gguf_blocks import BLOCK, KEPT_TYPES, decode_q4, decode_q8_0, q4_to_int4
 from .linear import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear

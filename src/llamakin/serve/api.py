@@ -28,11 +28,11 @@ from ..chat_template import TemplateError
 from ..errors import LlamakinError
 from ..generate import RowResult, SamplingParams
 from .engine import Engine, QueueFull, new_request
+from .logprobs import chat_logprobs, completions_logprobs, token_logprobs
 from .metrics import CountResponses, ServerMetrics
 from .page import add_page_route
 from .schema import APIError, ChatRequest, CompletionRequest, parse_body, sampling_params
 from .tokens import add_token_routes
-from .logprobs import chat_logprobs, completions_logprobs, token_logprobs
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,

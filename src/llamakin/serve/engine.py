@@ -27,8 +27,8 @@ import torch
 
 from ..errors import LlamakinError
 from ..generate import RowResult, SamplingParams, TextStream, next_tokens
-from ..model.cache import KVCache
 from ..model import decode
+from ..model.cache import KVCache
 from ..model.decode import CACHE_BUCKET, Decoder
 from ..tokenizer import Tokenizer
 
