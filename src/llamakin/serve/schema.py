@@ -4,7 +4,7 @@
 :class:`CompletionRequest`, or raises :class:`APIError` with OpenAI's error shape, a sentence that
 names the problem, and ``param`` naming the field:
 
-* the body: valid UTF-8 (RFC 8259 docs/variants.md §8.1), strict JSON (no ``NaN``/``Infinity``, no integer with
+* the body: valid UTF-8 (RFC 8259 section 8.1), strict JSON (no ``NaN``/``Infinity``, no integer with
   more digits than Python converts), nested at most :data:`MAX_JSON_DEPTH` levels, an object;
 * the fields: their types (strict: ``"1"`` is not a number), their ranges, and the ranges the
   sampler can compute with (:data:`MIN_TEMPERATURE`, the ``seed`` range of ``torch.Generator``,
