@@ -75,9 +75,17 @@ def llama_perplexity(binaries: Path, gguf: Path, text: Path, context: int, chunk
     final = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
     if done.returncode != 0 or not final:
         sys.exit(f"llama-perplexity failed:\n{log[-3000:]}")
+    # its speed: "prompt eval time = X ms / N tokens" where printed, else the first pass (n_seq chunks
+    # of the 4 * context batch) from "X seconds per pass"
     rate = re.search(r"prompt eval time =\s*([0-9.]+) ms /\s*(\d+) tokens", log)
-    return {"perplexity": float(final.group(1)), "stderr": float(final.group(2)),
-            "tokens_per_second": int(rate.group(2)) / (float(rate.group(1)) / 1000) if rate else float("nan")}
+    per_pass = re.search(r"([0-9.]+) seconds per pass", log)
+    if rate:
+        tokens_per_second = int(rate.group(2)) / (float(rate.group(1)) / 1000)
+    elif per_pass:
+        tokens_per_second = min(4, chunks) * context / float(per_pass.group(1))
+    else:
+        tokens_per_second = float("nan")
+    return {"perplexity": float(final.group(1)), "stderr": float(final.group(2)), "tokens_per_second": tokens_per_second}
 
 
 LLAMA_CPP_TOKENS = """
