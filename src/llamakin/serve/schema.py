@@ -76,6 +76,7 @@ class TextPart(_Strict):
 class Message(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None  # OpenAI's optional participant name; it does not change the prompt
 
     def text(self) -> str:
         if self.content is None:
