@@ -132,7 +132,7 @@ def test_readme_code_map_matches_the_tree():
     modules = {p.name for p in SRC.rglob("*.py") if p.name != "__init__.py"}
     missing = sorted(modules - named)
     assert not missing, f"the README's code map does not name {missing}"
-    existing = {p.name for folder in (SRC, ROOT / "tests", ROOT / "benchmarks", DOCS)
+    existing = {p.name for folder in (SRC, ROOT / "tests", ROOT / "benchmarks", ROOT / "examples", DOCS)
                 for p in folder.rglob("*") if p.suffix in (".py", ".md")}
     stale = sorted(named - existing)
     assert not stale, f"the README's code map names {stale}, which do not exist"

@@ -8,10 +8,11 @@
     text = llamakin.generate(model, tok, "Once upon a time", max_new_tokens=32, temperature=0.0)
 """
 
-from .checkpoint import load, save_pretrained
+from .checkpoint import save_pretrained
 from .config import ModelConfig, RopeScaling
 from .errors import CheckpointError, ConfigError, LlamakinError, UnsupportedError
 from .generate import SamplingParams, generate, generate_batch
+from .loading import load
 from .model import KVCache, Transformer
 from .tokenizer import Tokenizer, load_tokenizer
 

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ModelConfig
-from .errors import CheckpointError, LlamakinError
+from .errors import CheckpointError
 from .families import Family, TensorRule, detect_family, family_for_export, get_family
 from .families.gguf import TENSOR_NAMES, gguf_family
 from .io.gguf import GGUFFile
@@ -158,39 +158,17 @@ def read_model_config(path: str | Path | ModelSource) -> tuple[Family, ModelConf
     return read_checkpoint_config(model_source.path)
 
 
-def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
-         device: torch.device | str = "cpu", quantize: str | None = None, group_size: int = 32,
-         adapter: str | Path | None = None) -> Transformer:
-    """Load a checkpoint: a ``.gguf`` file, a Hugging Face directory (config.json + safetensors or
-    pytorch_model.bin), a Meta/Mistral native directory (params.json + consolidated.*), llamakin's
-    own format (float or quantized), or the name of a catalog model (pulled on first use); see
-    :mod:`llamakin.source`.
-
-    ``quantize``: ``None`` loads float weights in ``dtype`` (quantized files dequantized);
-    ``"int8"``/``"int4"`` quantize the projections (int4 in groups of ``group_size``); ``"auto"``
-    keeps a file's quantization where it maps onto those layouts (see :mod:`llamakin.quant.model`).
-
-    ``adapter``: a PEFT LoRA adapter directory, merged into the weights (``scale * B @ A`` added
-    in float32; :func:`llamakin.lora.load_adapter` keeps it as separate trainable layers). It
-    needs float weights (``quantize=None``).
-    """
-    from .quant.files import is_quantized_checkpoint, load_quantized_checkpoint
-    from .quant.model import load_quantized, parse_mode
-
+def load(path: str | Path | ModelSource, dtype: torch.dtype | str = torch.float32,
+         device: torch.device | str = "cpu") -> Transformer:
+    """Load float weights of a checkpoint: a ``.gguf`` file (dequantized), a Hugging Face directory
+    (config.json + safetensors or pytorch_model.bin), a Meta/Mistral native directory (params.json +
+    consolidated.*), llamakin's own float format, or the name of a catalog model; see
+    :mod:`llamakin.source`. ``llamakin.load`` (:mod:`llamakin.loading`) adds quantization and
+    adapters on top of this."""
     dtype = parse_dtype(dtype)
-    mode = parse_mode(quantize)
     device = parse_device(device)
     model_source = resolve_model(path)
     path = model_source.path
-    if adapter is not None and mode == "auto":
-        mode = None  # an adapter is merged into float weights
-    if adapter is not None and mode is not None:
-        raise LlamakinError(f"a LoRA adapter is merged into float weights, so it cannot be combined with "
-                            f"quantize={quantize!r}; load with quantize=None (CLI: --quantize none).")
-    if not model_source.is_gguf and is_quantized_checkpoint(path):
-        return load_quantized_checkpoint(path, dtype, device, dequantize=mode is None)
-    if mode is not None:
-        return load_quantized(path, dtype, device, mode, group_size)
     if model_source.is_gguf:
         with GGUFFile(path) as source:
             family, config = read_gguf_config(source)
@@ -205,10 +183,6 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32,
             check_plausible_size(config, str(directory), stored_values(source), dtype, device)
             model = empty_model(config, dtype, device)
             load_weights(model, family.tensor_rules(config), source, family, str(directory))
-    if adapter is not None:
-        from .lora import load_adapter
-
-        load_adapter(model, adapter, merge_weights=True)
     return model.eval()
 
 

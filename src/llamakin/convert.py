@@ -15,10 +15,11 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import empty_model, load, parse_dtype, save_pretrained, stored_dtype
+from .checkpoint import empty_model, parse_dtype, save_pretrained, stored_dtype
 from .config import ROPE_LAYOUTS, ModelConfig, RopeScaling
 from .errors import CheckpointError, ConfigError, UnsupportedError
 from .families import family_for_export, get_family
+from .loading import load
 from .model import Transformer
 from .source import resolve_model, resolve_path
 from .transforms import rope_reorder

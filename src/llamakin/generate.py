@@ -18,8 +18,8 @@ import torch
 from .errors import LlamakinError
 from .model.decode import Decoder, cache_length_for
 from .model.positions import position_tracker
+from .token_ids import check_token_ids
 from .tokenizer import Tokenizer
-from .validation import check_token_ids
 
 
 @dataclass(frozen=True)

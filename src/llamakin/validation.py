@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from .errors import CheckpointError, ConfigError, LlamakinError
+from .token_ids import check_token_ids  # noqa: F401  (re-exported: one place for input checks)
 
 # -- raw config values ------------------------------------------------------------------------------
 # Keys that are counts or sizes wherever they appear (transformers, Meta, ChatGLM, Qwen v1 and GGUF
@@ -241,20 +242,3 @@ def parse_device(device: torch.device | str) -> torch.device:
     elif parsed.type not in ("cpu", "meta"):
         raise LlamakinError(f"device {device!s} is not supported; use cpu, cuda, cuda:N or mps.")
     return parsed
-
-
-def check_token_ids(ids: Iterable[int] | torch.Tensor, vocab_size: int, what: str = "the input") -> None:
-    """Refuse token ids outside ``[0, vocab_size)`` (an embedding lookup would fail on them)."""
-    if isinstance(ids, torch.Tensor):
-        if ids.numel() == 0:
-            return
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise LlamakinError(f"{what} must hold integer token ids, got a {str(ids.dtype).removeprefix('torch.')} "
-                                "tensor.")
-        low, high = (int(v) for v in torch.aminmax(ids))
-        bad = low if low < 0 else high if high >= vocab_size else None
-    else:
-        bad = next((i for i in ids if not _is_int(i) or not 0 <= i < vocab_size), None)
-    if bad is not None:
-        raise LlamakinError(f"{what} holds token id {bad!r}, outside the model's vocabulary of {vocab_size} "
-                            f"(ids 0 to {vocab_size - 1}); encode with the model's own tokenizer.")

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import LlamakinError
-from ..validation import check_token_ids
+from ..token_ids import check_token_ids
 from .attention import DifferentialAttention, make_attention
 from .cache import AttentionMask, KVCache, SlotWriter, build_mask, decode_masks, positions_from_valid
 from .linear import Linear, linear

@@ -17,8 +17,8 @@ from pathlib import Path
 from ..extras import require_extra
 from .config import recipe
 from .data import prepare
-from .loop import train
 from .plot import plot_runs, read_metrics
+from .run import train
 
 PAIR = ("baseline-paper-small", "diff-paper-small")
 

@@ -536,16 +536,3 @@ class Trainer:
         save_pretrained(model, target)
         load_tokenizer(self.data_dir / "tokenizer").save(target)
         return target
-
-
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    if cfg.lora:
-        from ..lora.train import LoraTrainer as trainer_class
-    else:
-        trainer_class = Trainer
-    trainer = trainer_class(cfg, out, resume=resume, progress=progress)
-    try:
-        return trainer.run()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
