@@ -18,7 +18,7 @@ import torch
 from ..errors import LlamakinError, UnsupportedError
 from ..model import Transformer
 from ..train.config import TrainConfig
-from ..train.loop import Trainer, TrainingError, measured_peak_flops
+from ..train.loop import Trainer, TrainingError
 from .model import LoraSettings, apply_lora, merge
 from .peft_format import save_adapter
 
@@ -42,9 +42,6 @@ class LoraTrainer(Trainer):
     save_frozen = False
 
     def _model(self) -> Transformer:
-        # The loop measures the device's peak FLOP/s (random matrices) after restoring the RNG on
-        # resume; measured (and cached) now, it cannot shift the adapter dropout's random stream.
-        measured_peak_flops(self.device, self.precision)
         model = lora_model(self.cfg, self.train_data.vocab_size)
         self.trained_names = [n for n, p in model.named_parameters() if p.requires_grad]
         return model.to(self.device).train()

@@ -335,6 +335,9 @@ class Trainer:
         self.model = self._model()
         self.precision, self.precision_reason = decide_precision(cfg.precision, self.device, self.model.config,
                                                                  cfg.micro_batch * cfg.seq_len)
+        # measured (and cached) now, before run() restores the RNG on resume: its random matrices
+        # would otherwise shift the random stream (dropout) of a resumed run
+        measured_peak_flops(self.device, self.precision)
         self.tokens_per_step = cfg.micro_batch * cfg.grad_accum * self.world * cfg.seq_len
         self.total_steps = (max(1, cfg.budget_tokens // self.tokens_per_step) if cfg.budget_tokens else cfg.max_steps)
 
