@@ -84,8 +84,9 @@ def time_matmul(rows: int, inner: int, outer: int, precision: str, device: torch
     """Seconds of one ``linear`` of float32 activations ``[rows, inner]`` and weights ``[outer, inner]``
     as training runs it: plain, or under bf16 autocast (which casts both on every call, the cost
     that makes bf16 slower than float32 for small models). Fastest of a few after a warm-up."""
-    x = torch.randn(rows, inner, device=device)
-    w = torch.randn(outer, inner, device=device)
+    rng = torch.Generator(device=device).manual_seed(0)  # its own: the run's random stream stays untouched
+    x = torch.randn(rows, inner, device=device, generator=rng)
+    w = torch.randn(outer, inner, device=device, generator=rng)
     cuda = device.type == "cuda"
     fastest, start = math.inf, time.perf_counter()
     for rep in itertools.count():
@@ -155,8 +156,9 @@ def measured_peak_flops(device: torch.device, precision: str) -> float:
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     cuda = device.type == "cuda"
     n, per_timing = (4096, 10) if cuda else (2048, 1)  # GPUs: enough products per timing to hide the sync
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    rng = torch.Generator(device=device).manual_seed(0)  # its own: the run's random stream stays untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
     fastest, start = math.inf, time.perf_counter()
     for rep in itertools.count():
         if cuda:
@@ -335,9 +337,6 @@ class Trainer:
         self.model = self._model()
         self.precision, self.precision_reason = decide_precision(cfg.precision, self.device, self.model.config,
                                                                  cfg.micro_batch * cfg.seq_len)
-        # measured (and cached) now, before run() restores the RNG on resume: its random matrices
-        # would otherwise shift the random stream (dropout) of a resumed run
-        measured_peak_flops(self.device, self.precision)
         self.tokens_per_step = cfg.micro_batch * cfg.grad_accum * self.world * cfg.seq_len
         self.total_steps = (max(1, cfg.budget_tokens // self.tokens_per_step) if cfg.budget_tokens else cfg.max_steps)
 
