@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -30,3 +33,25 @@ def tiny_model(tokenizer: llamakin.Tokenizer, max_position_embeddings: int = 64)
     with torch.no_grad():
         model.embed.weight.normal_(0, 1.0)
     return model
+
+
+def metrics_losses(run: Path) -> list[float]:
+    """The loss of every step a run logged in ``metrics.jsonl``, in step order."""
+    rows = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        rows[record["step"]] = record["loss"]
+    return [rows[s] for s in sorted(rows)]
+
+
+def crash_and_resume(recipe: str, out: Path, settings: list[str]) -> list[float]:
+    """``llamakin train`` of ``recipe`` killed after step 4 (``LLAMAKIN_DIE_AFTER_STEP``), then
+    resumed with ``--resume``; the losses the two processes logged in ``out``."""
+    command = [sys.executable, "-m", "llamakin.cli", "train", "--recipe", recipe, "--out", str(out)]
+    for item in settings:
+        command += ["--set", item]
+    crashed = subprocess.run(command, env={**os.environ, "LLAMAKIN_DIE_AFTER_STEP": "4"}, capture_output=True, text=True)
+    assert crashed.returncode == 17, crashed.stderr
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    return metrics_losses(out)

@@ -31,6 +31,7 @@ from llamakin.lora import (
 from llamakin.model.linear import Linear
 from llamakin.train import recipe, train
 from llamakin.train.loop import param_groups
+from conftest import crash_and_resume, metrics_losses
 from hf_cases import CASES, save_case
 from test_train import corpus  # noqa: F401 - the shared prepared corpus fixture
 
@@ -308,22 +309,8 @@ def test_lora_run_trains_adapters_only_and_exports_a_peft_adapter(corpus, tiny_b
 def test_lora_resume_after_a_crash_is_exact(corpus, tiny_base, tmp_path):  # noqa: F811
     settings = [*LORA_RUN, f"init_from={json.dumps(str(tiny_base))}", f"data={json.dumps(str(corpus[0]))}", "max_steps=6"]
     train(recipe("lora-sft", settings), tmp_path / "whole", progress=False)
-    command = [sys.executable, "-m", "llamakin.cli", "train", "--recipe", "lora-sft", "--out", str(tmp_path / "cut")]
-    for item in settings:
-        command += ["--set", item]
-    crashed = subprocess.run(command, env={**os.environ, "LLAMAKIN_DIE_AFTER_STEP": "4"}, capture_output=True, text=True)
-    assert crashed.returncode == 17, crashed.stderr
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-
-    def losses(run):
-        rows = {}
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            rows[r["step"]] = r["loss"]
-        return [rows[s] for s in sorted(rows)]
-
-    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # bit for bit, dropout included
+    losses = crash_and_resume("lora-sft", tmp_path / "cut", list(settings))
+    assert losses == metrics_losses(tmp_path / "whole")  # bit for bit, dropout included
 
 
 # -- bad input -----------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ non-finite steps, export to transformers, plots."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from llamakin.train.config import TrainConfig
 from llamakin.train.data import shakespeare_texts
 from llamakin.train.loop import TrainingError, lr_at, param_groups
 from assets import smollm2_gguf
+from conftest import crash_and_resume, metrics_losses
 
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
         "model.intermediate_size=64", "seq_len=32", "micro_batch=4", "warmup_steps=2", "eval_interval=3",
@@ -112,22 +112,8 @@ def test_short_run_logs_checkpoints_and_exports(corpus, tmp_path):
 def test_resume_after_a_crash_is_exact(corpus, tmp_path):
     settings = ["max_steps=8"]
     train(run_cfg(corpus, *settings), tmp_path / "whole", progress=False)
-    command = [sys.executable, "-m", "llamakin.cli", "train", "--recipe", "shakespeare-tiny", "--out", str(tmp_path / "cut")]
-    for item in [*TINY, f"data={json.dumps(str(corpus[0]))}", *settings]:
-        command += ["--set", item]
-    crashed = subprocess.run(command, env={**os.environ, "LLAMAKIN_DIE_AFTER_STEP": "4"}, capture_output=True, text=True)
-    assert crashed.returncode == 17, crashed.stderr
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-
-    def losses(run):
-        rows = {}
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            rows[r["step"]] = r["loss"]
-        return [rows[s] for s in sorted(rows)]
-
-    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # bit for bit, every step
+    losses = crash_and_resume("shakespeare-tiny", tmp_path / "cut", [*TINY, f"data={json.dumps(str(corpus[0]))}", *settings])
+    assert losses == metrics_losses(tmp_path / "whole")  # bit for bit, every step
 
 
 def test_train_only_freezes_everything_else(corpus, tmp_path):
