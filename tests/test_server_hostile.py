@@ -74,7 +74,7 @@ def alone(server, prompt: str, max_tokens: int = 24) -> str:
     ("top_k", -2), ("top_k", 1.5), ("min_p", 1.0), ("min_p", -0.1), ("repetition_penalty", 0),
     ("repetition_penalty", 1e-300), ("frequency_penalty", 3), ("max_tokens", 2 ** 70), ("stop", "x" * 5000),
     ("stop", ["a", "b", "c", "d", "e"]), ("stream", "yes"), ("ignore_eos", 1), ("n", 2),
-    ("logprobs", True), ("logit_bias", {"1": 5}), ("tools", [{"type": "function"}]), ("tool_choice", "required"),
+    ("logprobs", "yes"), ("top_logprobs", 10 ** 6), ("logit_bias", {"1": 5}), ("tools", [{"type": "function"}]), ("tool_choice", "required"),
     ("response_format", {"type": "json_object"}), ("frobnicate", 1), ("guided_json", {"type": "object"}),
     ("stream_options", {"include_usage": True, "x": 1}),
 ])
@@ -85,8 +85,8 @@ def test_bad_field_is_a_400_naming_it(server, field, value):
 
 
 def test_unknown_message_field_and_content_part_are_named(server):
-    body = CHAT | {"messages": [{"role": "user", "content": "x", "name": "bob"}]}
-    assert openai_error(post(server, "/v1/chat/completions", body), 400)["param"] == "messages.0.name"
+    body = CHAT | {"messages": [{"role": "user", "content": "x", "nickname": "bob"}]}
+    assert openai_error(post(server, "/v1/chat/completions", body), 400)["param"] == "messages.0.nickname"
     body = CHAT | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
     assert openai_error(post(server, "/v1/chat/completions", body), 400)["param"].startswith("messages.0.content")
 
