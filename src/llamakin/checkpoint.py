@@ -104,6 +104,7 @@ def load_weights(model: Transformer, rules: list[TensorRule], source: TensorSour
         for rule in tqdm(rules, desc="loading", unit="tensor", disable=not show, leave=False):
             value = rule.to_canonical([source.get(n) for n in rule.sources])
             params[rule.canonical].copy_(value)
+            del value  # freed before the next rule's tensors are read: one source tensor alive at a time
 
 
 def read_checkpoint_config(directory: Path) -> tuple[Family, ModelConfig]:

@@ -25,10 +25,44 @@ from typing import Any
 from ..config import ModelConfig
 from ..errors import ConfigError, UnsupportedError
 from ..transforms import fused_to_per_head_qkv, per_head_qkv_to_fused
-from .base import Family, TensorRule, rename, require
+from .base import Family, require
+from .tables import Entry, Transformed, one_source
 
 # ChatGLM-6B's residual scale: GLMBlock(num_layers=28) by default, never given the model's depth (docs/variants.md §6.1)
 CHATGLM6B_ALPHA = math.sqrt(2 * 28)
+
+
+_E = "transformer.encoder.layers.{i}."
+# ChatGLM2/3's names (docs/variants.md §6.2): query_key_value is [q | k | v], dense_h_to_4h gate rows first
+CHATGLM2_TABLE: dict[str, Entry] = {
+    "embed.weight": "transformer.embedding.word_embeddings.weight",
+    "final_norm.weight": "transformer.encoder.final_layernorm.weight",
+    "lm_head.weight": "transformer.output_layer.weight",
+    "layers.{i}.attn_norm.weight": _E + "input_layernorm.weight",
+    "layers.{i}.mlp_norm.weight": _E + "post_attention_layernorm.weight",
+    **{f"layers.{{i}}.attn.qkv.{s}": _E + f"self_attention.query_key_value.{s}" for s in ("weight", "bias")},
+    **{f"layers.{{i}}.attn.o_proj.{s}": _E + f"self_attention.dense.{s}" for s in ("weight", "bias")},
+    **{f"layers.{{i}}.mlp.gate_up.{s}": _E + f"mlp.dense_h_to_4h.{s}" for s in ("weight", "bias")},
+    **{f"layers.{{i}}.mlp.down.{s}": _E + f"mlp.dense_4h_to_h.{s}" for s in ("weight", "bias")},
+}
+
+_T = "transformer.layers.{i}."
+# ChatGLM-6B's query_key_value interleaves q, k, v per head (docs/variants.md §6.1)
+_PER_HEAD = one_source(lambda t, config: per_head_qkv_to_fused(t, config.num_heads),
+                       lambda t, config: fused_to_per_head_qkv(t, config.num_heads))
+CHATGLM6B_TABLE: dict[str, Entry] = {
+    "embed.weight": "transformer.word_embeddings.weight",
+    "lm_head.weight": "lm_head.weight",
+    **{f"final_norm.{s}": f"transformer.final_layernorm.{s}" for s in ("weight", "bias")},
+    **{k: v for s in ("weight", "bias") for k, v in {
+        f"layers.{{i}}.attn_norm.{s}": _T + f"input_layernorm.{s}",
+        f"layers.{{i}}.mlp_norm.{s}": _T + f"post_attention_layernorm.{s}",
+        f"layers.{{i}}.attn.qkv.{s}": Transformed((_T + f"attention.query_key_value.{s}",), _PER_HEAD),
+        f"layers.{{i}}.attn.o_proj.{s}": _T + f"attention.dense.{s}",
+        f"layers.{{i}}.mlp.up.{s}": _T + f"mlp.dense_h_to_4h.{s}",
+        f"layers.{{i}}.mlp.down.{s}": _T + f"mlp.dense_4h_to_h.{s}",
+    }.items()},
+}
 
 
 def _auto_map(version: int) -> dict[str, str]:
@@ -101,28 +135,8 @@ class ChatGLM2Family(Family):
             "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "pad_token_id": config.pad_token_id,
         }
 
-    def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
-        rules = [rename("embed.weight", "transformer.embedding.word_embeddings.weight"),
-                 rename("final_norm.weight", "transformer.encoder.final_layernorm.weight")]
-        if not config.tie_word_embeddings:
-            rules.append(rename("lm_head.weight", "transformer.output_layer.weight"))
-        for i in range(config.num_layers):
-            c, e = f"layers.{i}.", f"transformer.encoder.layers.{i}."
-            rules += [
-                rename(c + "attn_norm.weight", e + "input_layernorm.weight"),
-                rename(c + "mlp_norm.weight", e + "post_attention_layernorm.weight"),
-                rename(c + "attn.qkv.weight", e + "self_attention.query_key_value.weight"),  # [q | k | v]
-                rename(c + "attn.o_proj.weight", e + "self_attention.dense.weight"),
-                rename(c + "mlp.gate_up.weight", e + "mlp.dense_h_to_4h.weight"),  # gate rows first
-                rename(c + "mlp.down.weight", e + "mlp.dense_4h_to_h.weight"),
-            ]
-            if config.q_bias:
-                rules.append(rename(c + "attn.qkv.bias", e + "self_attention.query_key_value.bias"))
-            if config.o_bias:
-                rules += [rename(c + "attn.o_proj.bias", e + "self_attention.dense.bias"),
-                          rename(c + "mlp.gate_up.bias", e + "mlp.dense_h_to_4h.bias"),
-                          rename(c + "mlp.down.bias", e + "mlp.dense_4h_to_h.bias")]
-        return rules
+    def tensor_table(self) -> dict[str, Entry]:
+        return CHATGLM2_TABLE
 
 
 class ChatGLM1Family(Family):
@@ -172,25 +186,8 @@ class ChatGLM1Family(Family):
             "tie_word_embeddings": config.tie_word_embeddings,
         }
 
-    def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
-        H = config.num_heads
-        per_head = (lambda p: per_head_qkv_to_fused(p[0], H), lambda t: [fused_to_per_head_qkv(t, H)])
-        rules = [rename("embed.weight", "transformer.word_embeddings.weight")]
-        rules += [rename(f"final_norm.{s}", f"transformer.final_layernorm.{s}") for s in ("weight", "bias")]
-        if not config.tie_word_embeddings:
-            rules.append(rename("lm_head.weight", "lm_head.weight"))
-        for i in range(config.num_layers):
-            c, t = f"layers.{i}.", f"transformer.layers.{i}."
-            for s in ("weight", "bias"):
-                rules += [
-                    rename(c + f"attn_norm.{s}", t + f"input_layernorm.{s}"),
-                    rename(c + f"mlp_norm.{s}", t + f"post_attention_layernorm.{s}"),
-                    TensorRule(c + f"attn.qkv.{s}", (t + f"attention.query_key_value.{s}",), *per_head),
-                    rename(c + f"attn.o_proj.{s}", t + f"attention.dense.{s}"),
-                    rename(c + f"mlp.up.{s}", t + f"mlp.dense_h_to_4h.{s}"),
-                    rename(c + f"mlp.down.{s}", t + f"mlp.dense_4h_to_h.{s}"),
-                ]
-        return rules
+    def tensor_table(self) -> dict[str, Entry]:
+        return CHATGLM6B_TABLE
 
 
 CHATGLM = ChatGLM1Family(name="chatglm", description="ChatGLM-6B v1 (remote code; 2-D RoPE, prefix LM, alpha residual)",

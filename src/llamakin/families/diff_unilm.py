@@ -25,7 +25,36 @@ import torch
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..transforms import adjacent_pairs_to_halves, halves_to_adjacent_pairs
-from .base import Family, TensorRule, meta_style_rules, rename, require
+from .base import Family, TensorRule, require
+from .tables import Entry, Transformed, meta_style_table
+
+
+def _adjacent_pairs(canonical: str, names: tuple[str, ...], config: ModelConfig) -> TensorRule:
+    """unilm's q, k, v with each differential pair of heads adjacent; v holds ``Hkv/2`` heads of
+    ``2 * head_dim``, the same rows as ``Hkv`` heads of ``head_dim`` in adjacent pairs."""
+    H, Hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    sizes = (H * hd, Hkv * hd, Hkv * hd)
+
+    def to_canonical(parts: list[torch.Tensor]) -> torch.Tensor:
+        q, k, v = parts
+        return torch.cat((adjacent_pairs_to_halves(q, H), adjacent_pairs_to_halves(k, Hkv),
+                          adjacent_pairs_to_halves(v, Hkv)))
+
+    def from_canonical(t: torch.Tensor) -> list[torch.Tensor]:
+        q, k, v = t.split(sizes)
+        return [halves_to_adjacent_pairs(q, H), halves_to_adjacent_pairs(k, Hkv), halves_to_adjacent_pairs(v, Hkv)]
+
+    return TensorRule(canonical, names, to_canonical, from_canonical)
+
+
+_A = "layers.{i}.attn."
+UNILM_TABLE: dict[str, Entry] = {
+    **meta_style_table(),
+    "layers.{i}.attn.qkv.weight": Transformed(tuple(_A + f"{p}_proj.weight" for p in "qkv"), _adjacent_pairs),
+    "layers.{i}.attn.o_proj.weight": _A + "out_proj.weight",
+    "layers.{i}.attn.pair_norm.weight": _A + "subln.weight",
+    **{f"layers.{{i}}.attn.{n}": _A + n for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")},
+}
 
 UNILM_SUBLN_EPS = 1e-5  # multihead_diffattn.py: RMSNorm(2 * head_dim, eps=1e-5, elementwise_affine=True)
 
@@ -61,29 +90,8 @@ class DiffUnilmFamily(Family):
             "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_word_embeddings,
         }
 
-    def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
-        H, Hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
-        sizes = (H * hd, Hkv * hd, Hkv * hd)
-
-        def to_canonical(parts: list[torch.Tensor]) -> torch.Tensor:
-            q, k, v = parts  # v: Hkv/2 heads of 2*hd == Hkv heads of hd in adjacent pairs
-            return torch.cat((adjacent_pairs_to_halves(q, H), adjacent_pairs_to_halves(k, Hkv),
-                              adjacent_pairs_to_halves(v, Hkv)))
-
-        def from_canonical(t: torch.Tensor) -> list[torch.Tensor]:
-            q, k, v = t.split(sizes)
-            return [halves_to_adjacent_pairs(q, H), halves_to_adjacent_pairs(k, Hkv), halves_to_adjacent_pairs(v, Hkv)]
-
-        rules = meta_style_rules(config)
-        for i in range(config.num_layers):
-            c, m = f"layers.{i}.", f"layers.{i}.attn."
-            rules += [
-                TensorRule(c + "attn.qkv.weight", tuple(m + f"{p}_proj.weight" for p in "qkv"), to_canonical, from_canonical),
-                rename(c + "attn.o_proj.weight", m + "out_proj.weight"),
-                rename(c + "attn.pair_norm.weight", m + "subln.weight"),
-            ]
-            rules += [rename(c + f"attn.{n}", m + n) for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")]
-        return rules
+    def tensor_table(self) -> dict[str, Entry]:
+        return UNILM_TABLE
 
 
 FAMILY = DiffUnilmFamily(name="diff_transformer",

@@ -17,17 +17,16 @@ import torch
 from ..config import ModelConfig, RopeScaling
 from ..errors import ConfigError, UnsupportedError
 from ..transforms import half_to_interleaved, interleaved_to_half
-from .base import Family, TensorRule, fused_rows, rename, require
+from .base import Family, TensorRule, require
+from .tables import Entry, Transformed
 
 TENSOR_NAMES = "tensor_names"
 
 
-def _qkv_rule(canonical: str, names: tuple[str, str, str], config: ModelConfig, permute: bool) -> TensorRule:
-    """q, k, v stored separately; q/k rows in interleaved order when ``permute`` (weights or biases)."""
+def _interleaved_qk(canonical: str, names: tuple[str, ...], config: ModelConfig) -> TensorRule:
+    """q, k, v stored separately, the q and k rows in interleaved RoPE order (weights or biases)."""
     H, Hkv, hd, rd = config.num_heads, config.num_kv_heads, config.head_dim, config.rotary_dim
     sizes = (H * hd, Hkv * hd, Hkv * hd)
-    if not permute:
-        return fused_rows(canonical, names, sizes)
 
     def to_canonical(parts: list[torch.Tensor]) -> torch.Tensor:
         q, k, v = parts
@@ -38,6 +37,24 @@ def _qkv_rule(canonical: str, names: tuple[str, str, str], config: ModelConfig, 
         return [half_to_interleaved(q, H, rd), half_to_interleaved(k, Hkv, rd), v]
 
     return TensorRule(canonical, names, to_canonical, from_canonical)
+
+
+_B = "blk.{i}."
+# llama.cpp's tensor names (gguf-py's tensor_mapping), the layout shared by its llama/qwen2/qwen3 graphs
+GGUF_TABLE: dict[str, Entry] = {
+    "embed.weight": "token_embd.weight",
+    "final_norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "layers.{i}.attn_norm.weight": _B + "attn_norm.weight",
+    "layers.{i}.mlp_norm.weight": _B + "ffn_norm.weight",
+    "layers.{i}.attn.qkv.weight": tuple(_B + f"attn_{p}.weight" for p in "qkv"),
+    "layers.{i}.attn.o_proj.weight": _B + "attn_output.weight",
+    "layers.{i}.mlp.gate_up.weight": (_B + "ffn_gate.weight", _B + "ffn_up.weight"),
+    "layers.{i}.mlp.down.weight": _B + "ffn_down.weight",
+}
+QKV_BIAS: dict[str, Entry] = {"layers.{i}.attn.qkv.bias": tuple(_B + f"attn_{p}.bias" for p in "qkv")}
+QK_NORM: dict[str, Entry] = {"layers.{i}.attn.q_norm.weight": _B + "attn_q_norm.weight",
+                             "layers.{i}.attn.k_norm.weight": _B + "attn_k_norm.weight"}
 
 
 @dataclass
@@ -140,29 +157,13 @@ class GGUFFamily(Family):
                                                              original_max_position_embeddings=s.original_max_position_embeddings))
         return super().unsupported(config)
 
-    def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
-        inter = config.intermediate_size
-        rules = [rename("embed.weight", "token_embd.weight"), rename("final_norm.weight", "output_norm.weight")]
-        if not config.tie_word_embeddings:
-            rules.append(rename("lm_head.weight", "output.weight"))
-        for i in range(config.num_layers):
-            c, b = f"layers.{i}.", f"blk.{i}."
-            rules += [
-                rename(c + "attn_norm.weight", b + "attn_norm.weight"),
-                rename(c + "mlp_norm.weight", b + "ffn_norm.weight"),
-                _qkv_rule(c + "attn.qkv.weight", (b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"),
-                          config, self.permute_qk),
-                rename(c + "attn.o_proj.weight", b + "attn_output.weight"),
-                fused_rows(c + "mlp.gate_up.weight", (b + "ffn_gate.weight", b + "ffn_up.weight"), (inter, inter)),
-                rename(c + "mlp.down.weight", b + "ffn_down.weight"),
-            ]
-            if self.qkv_bias:
-                rules.append(_qkv_rule(c + "attn.qkv.bias", (b + "attn_q.bias", b + "attn_k.bias", b + "attn_v.bias"),
-                                       config, self.permute_qk))
-            if self.qk_norm:
-                rules += [rename(c + "attn.q_norm.weight", b + "attn_q_norm.weight"),
-                          rename(c + "attn.k_norm.weight", b + "attn_k_norm.weight")]
-        return rules
+    def tensor_table(self) -> dict[str, Entry]:
+        table = {**GGUF_TABLE, **(QKV_BIAS if self.qkv_bias else {}), **(QK_NORM if self.qk_norm else {})}
+        if self.permute_qk:  # llama.cpp's converter stores llama's q/k rows in Meta's interleaved order
+            for key in ("layers.{i}.attn.qkv.weight", "layers.{i}.attn.qkv.bias"):
+                if key in table:
+                    table[key] = Transformed(table[key], _interleaved_qk)
+        return table
 
 
 LLAMA = GGUFFamily(name="gguf-llama", description="GGUF, llama architecture (LLaMA, Mistral, SmolLM, ...)",

@@ -14,7 +14,8 @@ from typing import Any
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import ConfigError, UnsupportedError
-from .base import Family, TensorRule, fused_rows, fused_rows_partial, rename, require
+from .base import Family, require
+from .tables import Entry
 
 # rope_parameters keys -> RopeScaling fields (transformers' names, docs/variants.md §2.4).
 _ROPE_KEYS = {f.name for f in fields(RopeScaling)} - {"type"}
@@ -79,6 +80,28 @@ def write_rope(config: ModelConfig, always_partial: bool = False) -> dict[str, A
     if "partial_rotary_factor" in params:
         out["partial_rotary_factor"] = partial
     return out
+
+
+_P, _A = "model.layers.{i}.", "model.layers.{i}.self_attn."
+# Llama's tensor names, shared by every transformers class llamakin targets (docs/variants.md §3.2)
+HF_TABLE: dict[str, Entry] = {
+    "embed.weight": "model.embed_tokens.weight",
+    "final_norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "layers.{i}.attn_norm.weight": _P + "input_layernorm.weight",
+    "layers.{i}.mlp_norm.weight": _P + "post_attention_layernorm.weight",
+    **{f"layers.{{i}}.attn.qkv.{s}": tuple(_A + f"{p}_proj.{s}" for p in "qkv") for s in ("weight", "bias")},
+    **{f"layers.{{i}}.attn.o_proj.{s}": _A + f"o_proj.{s}" for s in ("weight", "bias")},
+    "layers.{i}.attn.q_norm.weight": _A + "q_norm.weight",  # Qwen3
+    "layers.{i}.attn.k_norm.weight": _A + "k_norm.weight",
+    **{f"layers.{{i}}.attn.{n}": _A + n for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")},  # DiffLlama
+    "layers.{i}.attn_out_norm.weight": _P + "post_self_attn_layernorm.weight",  # GLM-4-0414
+    "layers.{i}.mlp_out_norm.weight": _P + "post_mlp_layernorm.weight",
+    **{f"layers.{{i}}.mlp.gate_up.{s}": (_P + f"mlp.gate_proj.{s}", _P + f"mlp.up_proj.{s}") for s in ("weight", "bias")},
+    **{f"layers.{{i}}.mlp.down.{s}": _P + f"mlp.down_proj.{s}" for s in ("weight", "bias")},
+}
+# GLM stores gate and up as one matrix, gate rows first (docs/variants.md §6.3)
+GATE_UP_FUSED: dict[str, Entry] = {f"layers.{{i}}.mlp.gate_up.{s}": _P + f"mlp.gate_up_proj.{s}" for s in ("weight", "bias")}
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -164,49 +187,8 @@ class HFDecoderFamily(Family):
         return {}
 
     # -- tensors -----------------------------------------------------------------------------
-    def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
-        rules = [rename("embed.weight", "model.embed_tokens.weight"),
-                 rename("final_norm.weight", "model.norm.weight")]
-        if not config.tie_word_embeddings:
-            rules.append(rename("lm_head.weight", "lm_head.weight"))
-        H, Hkv, hd, inter = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
-        qkv_sizes = (H * hd, Hkv * hd, Hkv * hd)
-        for i in range(config.num_layers):
-            c, p = f"layers.{i}.", f"model.layers.{i}."
-            a = p + "self_attn."
-            rules += [
-                rename(c + "attn_norm.weight", p + "input_layernorm.weight"),
-                rename(c + "mlp_norm.weight", p + "post_attention_layernorm.weight"),
-                fused_rows(c + "attn.qkv.weight", (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-                           qkv_sizes),
-                rename(c + "attn.o_proj.weight", a + "o_proj.weight"),
-                rename(c + "mlp.down.weight", p + "mlp.down_proj.weight"),
-            ]
-            flags = (config.q_bias, config.k_bias, config.v_bias)
-            if any(flags):
-                names = (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
-                rules.append(fused_rows_partial(
-                    c + "attn.qkv.bias", tuple((n if f else None, s) for n, f, s in zip(names, flags, qkv_sizes))))
-            if config.o_bias:
-                rules.append(rename(c + "attn.o_proj.bias", a + "o_proj.bias"))
-            if config.qk_norm:
-                rules += [rename(c + "attn.q_norm.weight", a + "q_norm.weight"),
-                          rename(c + "attn.k_norm.weight", a + "k_norm.weight")]
-            if config.attention_kind == "differential":
-                rules += [rename(c + f"attn.{n}", a + n) for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")]
-            if config.post_sublayer_norms:
-                rules += [rename(c + "attn_out_norm.weight", p + "post_self_attn_layernorm.weight"),
-                          rename(c + "mlp_out_norm.weight", p + "post_mlp_layernorm.weight")]
-            suffixes = ("weight", "bias") if config.mlp_bias else ("weight",)
-            for s in suffixes:
-                if self.fused_gate_up:
-                    rules.append(rename(c + f"mlp.gate_up.{s}", p + f"mlp.gate_up_proj.{s}"))
-                else:
-                    rules.append(fused_rows(c + f"mlp.gate_up.{s}",
-                                            (p + f"mlp.gate_proj.{s}", p + f"mlp.up_proj.{s}"), (inter, inter)))
-            if config.mlp_bias:
-                rules.append(rename(c + "mlp.down.bias", p + "mlp.down_proj.bias"))
-        return rules
+    def tensor_table(self) -> dict[str, Entry]:
+        return {**HF_TABLE, **GATE_UP_FUSED} if self.fused_gate_up else HF_TABLE
 
 
 def sliding_layers_from_types(hf: dict[str, Any], num_layers: int, default_start: int) -> tuple[int, ...]:

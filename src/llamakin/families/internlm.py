@@ -16,8 +16,19 @@ from typing import Any
 from ..config import ModelConfig, RopeScaling
 from ..errors import ConfigError, UnsupportedError
 from ..transforms import fused_qkv_to_grouped, grouped_qkv_to_fused
-from .base import Family, TensorRule, meta_style_rules, rename, require
+from .base import Family, require
 from .hf import HFDecoderFamily
+from .tables import Entry, Transformed, meta_style_table, one_source
+
+_M = "model.layers.{i}.attention."
+# wqkv groups, per KV head, its query heads then one key and one value head (docs/variants.md §5.5)
+_GROUPED = one_source(lambda t, c: grouped_qkv_to_fused(t, c.num_heads, c.num_kv_heads),
+                      lambda t, c: fused_qkv_to_grouped(t, c.num_heads, c.num_kv_heads))
+INTERNLM2_TABLE: dict[str, Entry] = {
+    **meta_style_table(prefix="model."),
+    **{f"layers.{{i}}.attn.qkv.{s}": Transformed((_M + f"wqkv.{s}",), _GROUPED) for s in ("weight", "bias")},
+    **{f"layers.{{i}}.attn.o_proj.{s}": _M + f"wo.{s}" for s in ("weight", "bias")},
+}
 
 
 def _common(c: dict[str, Any], where: str) -> dict[str, Any]:
@@ -105,18 +116,8 @@ class InternLM2Family(Family):
                 "num_key_value_heads": config.num_kv_heads, "bias": config.q_bias, "rope_theta": config.rope_theta,
                 "rope_scaling": None if s.type == "default" else {"type": s.type, "factor": s.factor}}
 
-    def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
-        H, Hkv = config.num_heads, config.num_kv_heads
-        grouped = (lambda w: grouped_qkv_to_fused(w, H, Hkv), lambda w: [fused_qkv_to_grouped(w, H, Hkv)])
-        rules = meta_style_rules(config, prefix="model.")
-        for i in range(config.num_layers):
-            c, m = f"layers.{i}.", f"model.layers.{i}.attention."
-            rules += [TensorRule(c + "attn.qkv.weight", (m + "wqkv.weight",), lambda p: grouped[0](p[0]), grouped[1]),
-                      rename(c + "attn.o_proj.weight", m + "wo.weight")]
-            if config.q_bias:
-                rules += [TensorRule(c + "attn.qkv.bias", (m + "wqkv.bias",), lambda p: grouped[0](p[0]), grouped[1]),
-                          rename(c + "attn.o_proj.bias", m + "wo.bias")]
-        return rules
+    def tensor_table(self) -> dict[str, Entry]:
+        return INTERNLM2_TABLE
 
 
 INTERNLM = InternLMFamily(name="internlm", description="InternLM v1 (remote code; q/k/v/o biases, rotary origin/dynamic)",

@@ -13,7 +13,15 @@ from typing import Any
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import ConfigError
-from .base import Family, TensorRule, fused_rows, meta_style_rules, rename, require
+from .base import Family, require
+from .tables import Entry, meta_style_table
+
+# Meta's llama/model.py names (docs/variants.md §3.2): wq/wk/wv/wo, q and k rows in interleaved RoPE order
+META_TABLE: dict[str, Entry] = {
+    **meta_style_table(),
+    "layers.{i}.attn.qkv.weight": tuple(f"layers.{{i}}.attention.{w}.weight" for w in ("wq", "wk", "wv")),
+    "layers.{i}.attn.o_proj.weight": "layers.{i}.attention.wo.weight",
+}
 
 # Llama 3.1's rope scaling, switched on by ``use_scaled_rope`` (docs/variants.md §2.4).
 LLAMA31_SCALING = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -98,17 +106,8 @@ class MetaFamily(Family):
         config = config.replace(bos_token_id=None, eos_token_ids=(), pad_token_id=None)  # tokenizer's business
         return super().unsupported(config)
 
-    def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
-        H, Hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
-        rules = meta_style_rules(config)
-        for i in range(config.num_layers):
-            c, m = f"layers.{i}.", f"layers.{i}.attention."
-            rules += [
-                fused_rows(c + "attn.qkv.weight", tuple(m + f"{w}.weight" for w in ("wq", "wk", "wv")),
-                           (H * hd, Hkv * hd, Hkv * hd)),
-                rename(c + "attn.o_proj.weight", m + "wo.weight"),
-            ]
-        return rules
+    def tensor_table(self) -> dict[str, Entry]:
+        return META_TABLE
 
 
 FAMILY = MetaFamily(

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import Family, TensorRule, rename
+from .tables import canonical_parameters
 
 FORMAT_KEY = "llamakin_config"
 
@@ -28,11 +27,7 @@ class NativeFamily(Family):
         return {"model_type": self.name, FORMAT_KEY: knobs}
 
     def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
-        from ..model import Transformer
-
-        with torch.device("meta"):
-            names = [n for n, _ in Transformer(config).named_parameters()]
-        return [rename(n, n) for n in names]
+        return [rename(name, name) for name in canonical_parameters(config)]
 
 
 FAMILY = NativeFamily(name="llamakin", description="llamakin's own format (every knob, canonical tensor names)")

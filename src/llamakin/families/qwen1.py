@@ -13,7 +13,22 @@ from typing import Any
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import ConfigError
-from .base import Family, TensorRule, fused_rows, rename, require
+from .base import Family, require
+from .tables import Entry
+
+_H = "transformer.h.{i}."
+QWEN1_TABLE: dict[str, Entry] = {
+    "embed.weight": "transformer.wte.weight",
+    "final_norm.weight": "transformer.ln_f.weight",
+    "lm_head.weight": "lm_head.weight",
+    "layers.{i}.attn_norm.weight": _H + "ln_1.weight",
+    "layers.{i}.mlp_norm.weight": _H + "ln_2.weight",
+    **{f"layers.{{i}}.attn.qkv.{s}": _H + f"attn.c_attn.{s}" for s in ("weight", "bias")},  # already [q | k | v]
+    **{f"layers.{{i}}.attn.o_proj.{s}": _H + f"attn.c_proj.{s}" for s in ("weight", "bias")},
+    # the naming trap: SiLU is applied to w2, so w2 is the gate and w1 the up projection
+    **{f"layers.{{i}}.mlp.gate_up.{s}": (_H + f"mlp.w2.{s}", _H + f"mlp.w1.{s}") for s in ("weight", "bias")},
+    **{f"layers.{{i}}.mlp.down.{s}": _H + f"mlp.c_proj.{s}" for s in ("weight", "bias")},
+}
 
 
 class Qwen1Family(Family):
@@ -66,28 +81,8 @@ class Qwen1Family(Family):
             out["eos_token_id"] = config.eos_token_ids[0]
         return out
 
-    def tensor_rules(self, config: ModelConfig) -> list[TensorRule]:
-        inter = config.intermediate_size
-        rules = [rename("embed.weight", "transformer.wte.weight"), rename("final_norm.weight", "transformer.ln_f.weight")]
-        if not config.tie_word_embeddings:
-            rules.append(rename("lm_head.weight", "lm_head.weight"))
-        for i in range(config.num_layers):
-            c, h = f"layers.{i}.", f"transformer.h.{i}."
-            rules += [
-                rename(c + "attn_norm.weight", h + "ln_1.weight"),
-                rename(c + "mlp_norm.weight", h + "ln_2.weight"),
-                rename(c + "attn.qkv.weight", h + "attn.c_attn.weight"),  # already [q | k | v]
-                rename(c + "attn.qkv.bias", h + "attn.c_attn.bias"),
-                rename(c + "attn.o_proj.weight", h + "attn.c_proj.weight"),
-                # the naming trap: SiLU is applied to w2, so w2 is the gate and w1 the up projection
-                fused_rows(c + "mlp.gate_up.weight", (h + "mlp.w2.weight", h + "mlp.w1.weight"), (inter, inter)),
-                rename(c + "mlp.down.weight", h + "mlp.c_proj.weight"),
-            ]
-            if config.o_bias:
-                rules += [rename(c + "attn.o_proj.bias", h + "attn.c_proj.bias"),
-                          fused_rows(c + "mlp.gate_up.bias", (h + "mlp.w2.bias", h + "mlp.w1.bias"), (inter, inter)),
-                          rename(c + "mlp.down.bias", h + "mlp.c_proj.bias")]
-        return rules
+    def tensor_table(self) -> dict[str, Entry]:
+        return QWEN1_TABLE
 
     def unsupported(self, config: ModelConfig) -> str | None:
         if config.num_kv_heads != config.num_heads:
