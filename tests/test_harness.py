@@ -127,5 +127,28 @@ def test_bad_model_args_are_one_sentence(setup, tmp_path):
 
     with pytest.raises(LlamakinError, match="unknown --model_args for llamakin: colour"):
         LlamakinLM.create_from_arg_string(f"pretrained={model},colour=red")
-    with pytest.raises(LlamakinError, match="dtype must be"):
+    with pytest.raises(LlamakinError, match="unknown dtype 'int3'"):
         LlamakinLM.create_from_arg_string(f"pretrained={model},dtype=int3")
+    with pytest.raises(LlamakinError, match="int3"):
+        LlamakinLM.create_from_arg_string(f"pretrained={model},quantize=int3")
+
+
+def test_quantize_model_arg_runs_quantized_layers(setup):
+    """``quantize=int8`` loads int8 weight-only projections; the scores stay close to the float ones."""
+    from llamakin.harness import LlamakinLM
+    from llamakin.quant.linear import Int8Linear
+
+    model, *_ = setup
+    request = [("Shall I compare thee to a", " summer's day?")]
+    plain = LlamakinLM.create_from_arg_string(f"pretrained={model}")
+    quantized = LlamakinLM.create_from_arg_string(f"pretrained={model},quantize=int8,group_size=32")
+    assert not any(isinstance(m, Int8Linear) for m in plain.model.modules())
+    assert any(isinstance(m, Int8Linear) for m in quantized.model.modules())
+
+    class Request:
+        def __init__(self, args):
+            self.args = args
+
+    (ours, _), = quantized.loglikelihood([Request(r) for r in request])
+    (reference, _), = plain.loglikelihood([Request(r) for r in request])
+    assert ours != reference and ours == pytest.approx(reference, rel=0.02)  # a tiny random model: 0.8% here

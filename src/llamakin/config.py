@@ -332,3 +332,15 @@ class ModelConfig:
             return cls(**d)
         except TypeError as e:  # a required key is missing
             raise ConfigError(f"incomplete model config: {e}.") from None
+
+
+def eos_ids_from_json(value: Any) -> tuple[int, ...]:
+    """A config file's ``eos_token_id``: absent (``null``), one id, or a list of ids."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def eos_ids_to_json(ids: tuple[int, ...]) -> int | list[int] | None:
+    """``eos_token_id`` as transformers writes it: one id alone, several as a list, none as ``null``."""
+    return ids[0] if len(ids) == 1 else (list(ids) or None)

@@ -37,17 +37,19 @@ from tqdm.auto import tqdm
 
 from .evaluate import Window, score_windows
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @register_model("llamakin")
 class LlamakinLM(TemplateLM):
     """``--model_args pretrained=PATH_OR_NAME[,dtype=float32|bfloat16|float16|auto][,device=cpu]
-    [,batch_size=8][,max_length=N][,max_gen_toks=256]``."""
+    [,quantize=none|auto|int8|int4][,group_size=32][,batch_size=8][,max_length=N][,max_gen_toks=256]``.
+
+    ``quantize`` defaults to ``none`` (float weights, comparable with lm-eval's ``hf`` backend);
+    ``auto`` keeps a GGUF's quantization, ``int8``/``int4`` quantize float weights (README,
+    "Quantization")."""
 
     def __init__(self, pretrained: str | None = None, dtype: str = "float32", device: str = "cpu",
                  batch_size: int | str = 8, max_length: int | None = None, max_gen_toks: int = 256,
-                 **unused: Any):
+                 quantize: str = "none", group_size: int | str = 32, **unused: Any):
         super().__init__()
         import llamakin
         from .catalog import DEFAULT_MODEL, resolve
@@ -55,11 +57,10 @@ class LlamakinLM(TemplateLM):
 
         if unused:
             raise LlamakinError(f"unknown --model_args for llamakin: {', '.join(sorted(unused))}; known: pretrained, "
-                                "dtype, device, batch_size, max_length, max_gen_toks.")
-        if dtype not in (*DTYPES, "auto"):
-            raise LlamakinError(f"dtype must be one of {', '.join(DTYPES)} or auto (float32), got {dtype!r}.")
+                                "dtype, device, quantize, group_size, batch_size, max_length, max_gen_toks.")
         path = resolve(pretrained or DEFAULT_MODEL)
-        self.model = llamakin.load(path, dtype=DTYPES.get(dtype, torch.float32), device=device)
+        self.model = llamakin.load(path, dtype="float32" if dtype == "auto" else dtype, device=device,
+                                   quantize=None if quantize == "none" else quantize, group_size=int(group_size))
         self.model.eval()
         self.tok = llamakin.load_tokenizer(path)
         self.pretrained = str(pretrained or DEFAULT_MODEL)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .config import eos_ids_from_json
 from .errors import CheckpointError, LlamakinError
 
 # Pre-tokenizer split patterns (as llama.cpp's llama-vocab.cpp applies them, in sequence).
@@ -430,8 +431,7 @@ def from_directory(directory: Path) -> Tokenizer:
     def special(name: str) -> str | None:
         return _content(config.get(name)) or _content(specials_map.get(name))
 
-    extra_eos = generation.get("eos_token_id")
-    extra_eos = [] if extra_eos is None else (extra_eos if isinstance(extra_eos, list) else [extra_eos])
+    extra_eos = list(eos_ids_from_json(generation.get("eos_token_id")))
     template = _chat_template_from(directory, config)
     eos = [t for t in [special("eos_token")] if t]
     if (directory / "tokenizer.json").is_file():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..config import ModelConfig
+from ..config import ModelConfig, eos_ids_from_json, eos_ids_to_json
 from ..errors import ConfigError, UnsupportedError
 from ..transforms import fused_to_per_head_qkv, per_head_qkv_to_fused
 from .base import Family, require
@@ -77,11 +77,6 @@ def _auto_map(version: int) -> dict[str, str]:
     return out
 
 
-def _eos(c: dict[str, Any]) -> tuple[int, ...]:
-    eos = c.get("eos_token_id")
-    return () if eos is None else tuple(eos if isinstance(eos, list) else [eos])
-
-
 class ChatGLM2Family(Family):
     def config_from_checkpoint(self, c: dict[str, Any]) -> ModelConfig:
         where = "chatglm config.json"
@@ -105,7 +100,7 @@ class ChatGLM2Family(Family):
                 rope_theta=10000.0 * float(c.get("rope_ratio", 1.0)),
                 q_bias=qkv_bias, k_bias=qkv_bias, v_bias=qkv_bias, o_bias=linear_bias, mlp_bias=linear_bias,
                 tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-                eos_token_ids=_eos(c), pad_token_id=c.get("pad_token_id"), family=self.name,
+                eos_token_ids=eos_ids_from_json(c.get("eos_token_id")), pad_token_id=c.get("pad_token_id"), family=self.name,
             )
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
@@ -113,7 +108,6 @@ class ChatGLM2Family(Family):
     def config_to_checkpoint(self, config: ModelConfig) -> dict[str, Any]:
         if config.q_bias != config.k_bias or config.k_bias != config.v_bias:
             raise ConfigError("ChatGLM2 biases q, k and v together.")
-        eos = list(config.eos_token_ids)
         return {
             "architectures": ["ChatGLMModel"], "model_type": "chatglm", "auto_map": _auto_map(2),
             # read by the original code with no default in its config class (forward: config.use_cache)
@@ -132,7 +126,7 @@ class ChatGLM2Family(Family):
             "add_bias_linear": config.o_bias, "add_qkv_bias": config.q_bias,
             "rope_ratio": config.rope_theta / 10000.0, "original_rope": True,
             "tie_word_embeddings": config.tie_word_embeddings,
-            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "pad_token_id": config.pad_token_id,
+            "eos_token_id": eos_ids_to_json(config.eos_token_ids), "pad_token_id": config.pad_token_id,
         }
 
     def tensor_table(self) -> dict[str, Entry]:
@@ -161,7 +155,7 @@ class ChatGLM1Family(Family):
                 sop_token_id=sop, bos_token_id=sop,
                 # no tie_word_embeddings key in the released config: transformers' default (True) ties
                 tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
-                eos_token_ids=_eos(c), pad_token_id=c.get("pad_token_id"), family=self.name,
+                eos_token_ids=eos_ids_from_json(c.get("eos_token_id")), pad_token_id=c.get("pad_token_id"), family=self.name,
             )
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..config import ModelConfig, RopeScaling
+from ..config import ModelConfig, RopeScaling, eos_ids_from_json, eos_ids_to_json
 from ..errors import ConfigError, UnsupportedError
 from .base import Family, require
 from .tables import Entry
@@ -104,12 +104,6 @@ HF_TABLE: dict[str, Entry] = {
 GATE_UP_FUSED: dict[str, Entry] = {f"layers.{{i}}.mlp.gate_up.{s}": _P + f"mlp.gate_up_proj.{s}" for s in ("weight", "bias")}
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-
-
 @dataclass
 class HFDecoderFamily(Family):
     """A transformers ``*ForCausalLM`` whose tensors follow Llama's naming (docs/variants.md §3.2)."""
@@ -143,7 +137,7 @@ class HFDecoderFamily(Family):
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=_eos_ids(hf.get("eos_token_id")),
+            eos_token_ids=eos_ids_from_json(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"),
             family=self.name,
         )
@@ -159,7 +153,6 @@ class HFDecoderFamily(Family):
 
     # -- knobs -> config.json -----------------------------------------------------------------
     def config_to_checkpoint(self, config: ModelConfig) -> dict[str, Any]:
-        eos = list(config.eos_token_ids)
         out: dict[str, Any] = {
             "architectures": [self.architectures[0]],
             "model_type": self.name,
@@ -175,7 +168,7 @@ class HFDecoderFamily(Family):
             "rms_norm_eps": config.norm_eps,
             "tie_word_embeddings": config.tie_word_embeddings,
             "bos_token_id": config.bos_token_id,
-            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+            "eos_token_id": eos_ids_to_json(config.eos_token_ids),
             "pad_token_id": config.pad_token_id,
             "attention_dropout": 0.0,
         }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import ModelConfig, RopeScaling
+from ..config import ModelConfig, RopeScaling, eos_ids_from_json, eos_ids_to_json
 from ..errors import ConfigError, UnsupportedError
 from ..transforms import fused_qkv_to_grouped, grouped_qkv_to_fused
 from .base import Family, require
@@ -36,27 +36,25 @@ def _common(c: dict[str, Any], where: str) -> dict[str, Any]:
     if act != "silu":
         raise UnsupportedError(f"{where}: hidden_act {act!r} is not supported (llamakin's SwiGLU uses silu).")
     heads = require(c, "num_attention_heads", where)
-    eos = c.get("eos_token_id")
     return dict(
         vocab_size=require(c, "vocab_size", where), hidden_size=require(c, "hidden_size", where),
         intermediate_size=require(c, "intermediate_size", where), num_layers=require(c, "num_hidden_layers", where),
         num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
         max_position_embeddings=c.get("max_position_embeddings") or 2048, norm_eps=c.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)), bos_token_id=c.get("bos_token_id"),
-        eos_token_ids=() if eos is None else tuple(eos if isinstance(eos, list) else [eos]),
+        eos_token_ids=eos_ids_from_json(c.get("eos_token_id")),
         pad_token_id=c.get("pad_token_id"),
     )
 
 
 def _common_out(config: ModelConfig) -> dict[str, Any]:
-    eos = list(config.eos_token_ids)
     return {
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads, "hidden_act": "silu",
         "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.norm_eps,
         "tie_word_embeddings": config.tie_word_embeddings, "bos_token_id": config.bos_token_id,
-        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "pad_token_id": config.pad_token_id,
+        "eos_token_id": eos_ids_to_json(config.eos_token_ids), "pad_token_id": config.pad_token_id,
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import ModelConfig, RopeScaling
+from ..config import ModelConfig, RopeScaling, eos_ids_from_json
 from ..errors import ConfigError
 from .base import Family, require
 from .tables import Entry
@@ -54,7 +54,7 @@ class Qwen1Family(Family):
                 logn_attention_length=trained if c.get("use_logn_attn") else None,
                 q_bias=True, k_bias=True, v_bias=True, o_bias=not no_bias, mlp_bias=not no_bias,
                 tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-                eos_token_ids=() if eos is None else (eos,),
+                eos_token_ids=eos_ids_from_json(eos),
                 family=self.name,
             )
         except ConfigError as e:

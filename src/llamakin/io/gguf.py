@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from .atomic import atomic_write
 from .tensors import TensorSource
 
 
@@ -163,12 +164,15 @@ def write_gguf(path: Path, architecture: str, metadata: list[tuple[str, Any, str
                tensors: dict[str, torch.Tensor], quant_types: dict[str, str]) -> None:
     """Write a GGUF file. ``metadata`` holds ``(key, value, kind)`` with kind one of
     ``str``, ``u32``, ``f32``, ``bool``, ``str_array``, ``i32_array``, ``f32_array``;
-    ``quant_types`` maps tensor name to ``F32``, ``F16`` or ``Q8_0``."""
+    ``quant_types`` maps tensor name to ``F32``, ``F16`` or ``Q8_0``; a failure leaves no file."""
+    atomic_write(path, lambda tmp: _write_gguf(tmp, architecture, metadata, tensors, quant_types))
+
+
+def _write_gguf(tmp: Path, architecture: str, metadata: list[tuple[str, Any, str]],
+                tensors: dict[str, torch.Tensor], quant_types: dict[str, str]) -> None:
     import gguf
     from gguf.quants import quantize
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), architecture)
     adders = {"str": writer.add_string, "u32": writer.add_uint32, "f32": writer.add_float32,
               "bool": writer.add_bool, "str_array": writer.add_array, "i32_array": writer.add_array,
@@ -189,4 +193,3 @@ def write_gguf(path: Path, architecture: str, metadata: list[tuple[str, Any, str
         writer.write_tensors_to_file()
     finally:
         writer.close()
-    tmp.replace(path)

