@@ -105,3 +105,29 @@ def test_loading_holds_one_source_tensor_at_a_time(hf_dir):
     assert peak[0] <= largest_rule < total / 3
     ids = torch.randint(0, 128, (1, 6))
     assert (model(ids) - hf(ids).logits).abs().max() < 1e-5
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path, monkeypatch):
+    """GGUF, safetensors and training checkpoints go through one atomic write: a failure half-way
+    (here the disk filling up after the GGUF header was written) leaves the directory as it was."""
+    import gguf
+
+    from llamakin.io.atomic import atomic_write
+    from llamakin.io.gguf import write_gguf
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    with pytest.raises(OSError):
+        write_gguf(tmp_path / "m.gguf", "llama", [("general.name", "x", "str")], {"a": torch.ones(4)}, {"a": "F32"})
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept.txt").write_text("old")
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "kept.txt", fails)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.txt"] and (tmp_path / "kept.txt").read_text() == "old"
