@@ -14,7 +14,7 @@ import torch
 import llamakin
 from eval_assets import TEXT, tiny_llama_dir
 from llamakin.errors import LlamakinError
-from llamakin.evaluate import perplexity, sliding_windows
+from llamakin.evaluate import encode_prefix, perplexity, sliding_windows
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,6 +107,32 @@ def test_batching_and_padding_change_nothing(tiny):
     one = perplexity(model, tok, [TEXT, TEXT[:300]], context=48, stride=20, batch_size=1)
     many = perplexity(model, tok, [TEXT, TEXT[:300]], context=48, stride=20, batch_size=5)
     assert many.perplexity == pytest.approx(one.perplexity, rel=1e-6) and many.tokens == one.tokens
+
+
+@pytest.mark.parametrize("protocol", ["sliding", "llama.cpp"])
+def test_max_chunks_tokenizes_only_the_prefix_it_needs_with_the_same_result(tiny, protocol, monkeypatch):
+    """With --max-chunks only a prefix of the text is tokenized; the ids, and so the perplexity,
+    are those of tokenizing the whole text."""
+    _, _, model, tok = tiny
+    lines = TEXT.splitlines()
+    text = "\n".join(f"{i}. {lines[i % len(lines)]}" for i in range(3000)) + "\n"
+    full = tok.encode(text)
+    calls = []
+
+    def counting(t):
+        calls.append(len(t))
+        return tok.encode(t)
+
+    for needed in (1, 100, 1000, 5000, len(full) - 10, len(full) + 10):
+        calls.clear()
+        assert encode_prefix(counting, text, needed) == full[:needed]
+        assert needed >= len(full) - 100 or max(calls) < len(text)  # never the whole text when a prefix does
+    kwargs = dict(context=64, protocol=protocol, max_chunks=3, batch_size=2)
+    prefix = perplexity(model, tok, text, **kwargs)
+    monkeypatch.setattr("llamakin.evaluate.encode_prefix", lambda encode, t, needed: encode(t))
+    whole = perplexity(model, tok, text, **kwargs)
+    assert (prefix.perplexity, prefix.tokens, prefix.windows) == (whole.perplexity, whole.tokens, whole.windows)
+    assert prefix.text_tokens < whole.text_tokens == len(full) - (protocol == "llama.cpp")
 
 
 def test_bad_arguments_are_one_sentence(tiny):

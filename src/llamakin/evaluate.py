@@ -132,7 +132,7 @@ class PerplexityResult:
     protocol: str
     context: int
     stride: int | None
-    text_tokens: int  # tokens of the text(s)
+    text_tokens: int  # tokens of the text(s) read: with max_chunks, the prefix the chunks need
 
     @property
     def tokens_per_second(self) -> float:
@@ -161,6 +161,30 @@ def adds_bos(tokenizer: Tokenizer) -> bool:
     the tokenizer does it (llamakin's flag or a tokenizer.json post-processor)."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer.encode("a")[:1] == [bos]
+
+
+PREFIX_MARGIN = 64  # tokens beyond what is needed before a prefix's tokens are trusted
+
+
+def encode_prefix(encode, text: str, needed: int | None) -> list[int]:
+    """The first ``needed`` tokens of ``encode(text)`` (all of them when ``needed`` is None or the
+    text is shorter), tokenizing only as much of the text as that takes.
+
+    ``--max-chunks 4`` on a 5 MB corpus would otherwise spend most of its time tokenizing text it
+    never scores. The text is cut at a line end (tokenizers do not merge across a newline) far
+    enough out that ``PREFIX_MARGIN`` tokens more than needed come back, doubling until they do,
+    so only tokens well before the cut are kept: the same ids as tokenizing the whole text.
+    """
+    chars = max(4096, 8 * (needed or 0))
+    while needed is not None and chars < len(text):
+        cut = text.rfind("\n", 0, chars) + 1
+        if cut > 0:
+            ids = encode(text[:cut])
+            if len(ids) >= needed + PREFIX_MARGIN:
+                return ids[:needed]
+        chars *= 2
+    ids = encode(text)
+    return ids if needed is None else ids[:needed]
 
 
 def sliding_windows(ids: list[int], context: int, stride: int) -> list[Window]:
@@ -221,7 +245,9 @@ def perplexity(model, tokenizer: Tokenizer, text: str | Sequence[str], *, contex
     for n, doc in enumerate(documents):
         if protocol == "llama.cpp":
             # `-f FILE` drops one trailing newline (common/arg.cpp)
-            ids = llama_cpp_tokenize(tokenizer, doc[:-1] if doc.endswith("\n") else doc)
+            needed = None if max_chunks is None else max(max_chunks, 2) * context
+            ids = encode_prefix(lambda t: llama_cpp_tokenize(tokenizer, t), doc[:-1] if doc.endswith("\n") else doc,
+                                needed)
             if len(ids) < 2 * context:
                 raise LlamakinError(f"the llama.cpp protocol needs at least {2 * context} tokens for a context of "
                                     f"{context}, but text {n + 1} has only {len(ids)}; give more text or a smaller "
@@ -229,7 +255,8 @@ def perplexity(model, tokenizer: Tokenizer, text: str | Sequence[str], *, contex
             bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
             windows += llama_cpp_chunks(ids, context, bos, max_chunks)
         else:
-            ids = tokenizer.encode(doc)
+            needed = None if max_chunks is None else (max_chunks - 1) * stride + context
+            ids = encode_prefix(tokenizer.encode, doc, needed)
             if len(ids) < 2:
                 raise LlamakinError(f"text {n + 1} has {len(ids)} token(s); perplexity needs at least two.")
             doc_windows = sliding_windows(ids, context, stride)
