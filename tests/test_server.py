@@ -282,6 +282,6 @@ def test_real_default_model_through_the_cli(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
-    # --quantize defaults to auto: int8 weights (uint8 codes for the head) with bfloat16/float32 activations
-    assert (f"serving smollm2-135m-instruct (dtype bfloat16/float32, quantization int8/uint8, device cpu) at "
-            f"http://127.0.0.1:{port} " in process.stderr.read())
+    # --quantize defaults to auto: the catalog file's Q4_1 projections run as int4, its Q8_0 head as int8
+    assert (f"serving smollm2-135m-instruct (dtype float32, quantization int4 (group 32), int8, int8 embedding, "
+            f"device cpu) at http://127.0.0.1:{port} " in process.stderr.read())

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import httpx
@@ -164,3 +165,8 @@ def test_startup_line_names_model_dtype_quantization_and_address(tiny):  # noqa:
     quantized.register_buffer("weight", torch.zeros(4, 4, dtype=torch.int8))
     quantized.register_buffer("scale", torch.ones(4))
     assert weights_summary(quantized) == ("float32", "int8")
+    from llamakin.quant.model import quantize_model
+
+    int4 = quantize_model(copy.deepcopy(model), "int4", group_size=32)
+    dtype, quantization = weights_summary(int4)
+    assert dtype == "float32" and quantization.startswith("int4 (group 32)"), quantization

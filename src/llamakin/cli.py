@@ -275,6 +275,7 @@ def cmd_quantize(args) -> None:
 def cmd_eval_perplexity(args) -> None:
     from .corpora import corpus_file
     from .evaluate import perplexity, read_texts
+    from .quant.model import weights_summary
 
     files = list(args.file or []) + [str(corpus_file(name)) for name in args.corpus or []]
     texts = read_texts(files)
@@ -282,8 +283,9 @@ def cmd_eval_perplexity(args) -> None:
     result = perplexity(model, tokenizer, texts, context=args.context, stride=args.stride, protocol=args.protocol,
                         max_chunks=args.max_chunks, batch_size=args.batch, progress=not args.json)
     if args.json:
+        dtype, quantization = weights_summary(model)
         print(json.dumps({**result.to_dict(), "files": files, "model": args.model or "smollm2-135m-instruct",
-                          "dtype": args.dtype}))
+                          "dtype": dtype, "quantization": quantization}))
         return
     print(f"perplexity {result.perplexity:.4f} +/- {result.stderr:.4f} ({result.protocol} protocol, context "
           f"{result.context}{f', stride {result.stride}' if result.stride else ''}): {result.tokens:,} tokens scored "

@@ -266,3 +266,40 @@ def _embedding(mode: str, source, gguf: bool, rule, config, dtype: torch.dtype, 
         elif head_kind == "int4":
             head = quantize_int4(_float_tensor(source, rule), group_size)
     return embed, head
+
+
+def weights_summary(model: nn.Module) -> tuple[str, str]:
+    """``(dtype, quantization)`` of the model's weights as they are held in memory, for the
+    server's startup line, ``/metrics`` and ``eval --json``.
+
+    llamakin's quantized layers are named with their layout (``int4 (group 32)``, ``int8``,
+    ``int8 embedding``); any other integer weight or tensor subclass (how torchao's quantized
+    weights look) is named by its type; ``"none"`` when every weight is a plain floating-point
+    tensor. ``dtype`` lists the floating-point tensors outside the quantized layers (norms, biases,
+    unquantized projections).
+    """
+    kinds, inside = set(), set()
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            kinds.add(f"int4 (group {module.group_size})")
+        elif isinstance(module, Int8Linear):
+            kinds.add("int8")
+        elif isinstance(module, Int8Embedding):
+            kinds.add("int8 embedding")
+        else:
+            continue
+        inside.update(id(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+    dtypes, other = set(), set()
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in inside:
+            continue
+        data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+        if type(data) is not torch.Tensor:
+            other.add(type(data).__name__)
+        elif not data.is_floating_point():
+            if data.dim() >= 2:  # integer buffers such as position ids are not weights
+                other.add(str(data.dtype).removeprefix("torch."))
+        else:
+            dtypes.add(str(data.dtype).removeprefix("torch."))
+    quantization = ", ".join([*sorted(kinds), *sorted(other)]) or "none"
+    return "/".join(sorted(dtypes)) or "unknown", quantization

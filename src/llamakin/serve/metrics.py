@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import time
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ..quant.model import weights_summary
 
 # Prometheus' text format 0.0.4 (https://prometheus.io/docs/instrumenting/exposition_formats/), which
 # every scraper reads; with names and labels of the classic character set (all of these are) the
@@ -36,27 +37,6 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 ENDPOINTS = frozenset({"/", "/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/v1/completions",
                        "/v1/chat/completions"})
-
-
-def weights_summary(model) -> tuple[str, str]:
-    """``(dtype, quantization)`` of the model's weights as they are held in memory.
-
-    A weight stored as an integer dtype or as a tensor subclass (how torchao's quantized weights
-    look) is quantized; ``"none"`` when every weight is a plain floating-point tensor. Weights read
-    from a quantized GGUF file are dequantized at load, so they count as not quantized here.
-    """
-    dtypes, quantized = set(), set()
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
-        if type(data) is not torch.Tensor:
-            quantized.add(type(data).__name__)
-        elif not data.is_floating_point():
-            if data.dim() >= 2:  # integer buffers such as position ids are not weights
-                quantized.add(str(data.dtype).removeprefix("torch."))
-        else:
-            dtypes.add(str(data.dtype).removeprefix("torch."))
-    dtype = "/".join(sorted(dtypes)) or "unknown"
-    return dtype, ("/".join(sorted(quantized)) or "none")
 
 
 class _EngineState:
