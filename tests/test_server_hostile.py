@@ -73,7 +73,7 @@ def alone(server, prompt: str, max_tokens: int = 24) -> str:
     ("seed", 2 ** 70), ("seed", -(2 ** 70)), ("temperature", 1e-45), ("temperature", 2.5), ("temperature", "1"),
     ("top_k", -2), ("top_k", 1.5), ("min_p", 1.0), ("min_p", -0.1), ("repetition_penalty", 0),
     ("repetition_penalty", 1e-300), ("frequency_penalty", 3), ("max_tokens", 2 ** 70), ("stop", "x" * 5000),
-    ("stop", ["a", "b", "c", "d", "e"]), ("stream", "yes"), ("ignore_eos", 1), ("n", 2),
+    ("stop", ["a", "b", "c", "d", "e"]), ("stream", "yes"), ("ignore_eos", 1), ("n", 0), ("n", 10 ** 6),
     ("logprobs", "yes"), ("top_logprobs", 10 ** 6), ("logit_bias", {"1": 5}), ("tools", [{"type": "function"}]), ("tool_choice", "required"),
     ("response_format", {"type": "json_object"}), ("frobnicate", 1), ("guided_json", {"type": "object"}),
     ("stream_options", {"include_usage": True, "x": 1}),
