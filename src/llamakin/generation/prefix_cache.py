@@ -12,9 +12,11 @@ Memory is bounded: ``budget_bytes`` for all entries, least recently used out. An
 prefix of a newly stored sequence is dropped (the longer one serves every prompt it served).
 Entries are keyed by the row's adapter id too, and forgotten when the model's weights change.
 
-Not exact, so refused (:func:`prefix_reuse_supported`): Qwen v1's dynamic NTK (its alpha depends on
-the whole prompt's length, and the cached keys were rotated with it) and ChatGLM-6B's prefix LM
-(the prompt attends bidirectionally, so early keys depend on later prompt tokens).
+Not exact, so off (:func:`prefix_reuse_supported`): Qwen v1's dynamic NTK (its alpha depends on the
+whole prompt's length, and the cached keys were rotated with it), dynamic NTK scaling (past the
+context the RoPE base grows with the length, so the hidden states behind the stored keys depend on
+how long the sequence was when they were computed) and ChatGLM-6B's prefix LM (the prompt attends
+bidirectionally, so early keys depend on later prompt tokens).
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ import torch
 
 def prefix_reuse_supported(config) -> bool:
     """Whether reused keys/values equal recomputed ones for this model (see the module doc)."""
-    return not config.prefix_lm and config.rope_scaling.type != "qwen_dynamic"
+    return not config.prefix_lm and config.rope_scaling.type not in ("qwen_dynamic", "dynamic")
 
 
 def _weights_stamp(model) -> tuple:
-    return tuple((id(t), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+    """Changes when a parameter or buffer is replaced or modified in place (an inference tensor,
+    which cannot be modified outside inference mode, counts by identity)."""
+    return tuple((id(t), 0 if t.is_inference() else t._version)
+                 for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
