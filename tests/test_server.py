@@ -29,7 +29,8 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model, tokenizer, **options):
-        engine_options = {k: options.pop(k) for k in ("max_batch", "max_queue", "context") if k in options}
+        engine_options = {k: options.pop(k) for k in ("max_batch", "max_queue", "context", "prefix_cache_bytes")
+                          if k in options}
         self.engine = Engine(model, tokenizer, **engine_options)
         app = create_app(self.engine, MODEL, **options)
         self.port = free_port()

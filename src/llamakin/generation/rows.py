@@ -45,8 +45,9 @@ class PrefixLMPosition:
 
     def take(self) -> list:
         """``[[position], [block position]]``, one row of a ``[B, 2, 1]`` tensor."""
+        block = self.length - self.ctx + 1  # the token at index ctx (<sop>) has block position 1
         self.length += 1
-        return [[self.mask_position], [self.length - 1 - self.ctx + 1]]
+        return [[self.mask_position], [block]]
 
 
 @dataclass
