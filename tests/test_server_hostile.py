@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import llamakin
-import llamakin.serve.engine as engine_module
+import llamakin.generation.sampling as sampling_module
 from test_server import MODEL, Server, post, slow_down_steps, tiny, wait_until  # noqa: F401 (tiny: fixture)
 
 openai = pytest.importorskip("openai")
@@ -116,7 +116,7 @@ def test_hostile_requests_do_not_disturb_running_streams(server, monkeypatch):
 
 def fail_sampling_for_seed(monkeypatch, seed: int, after: int) -> None:
     """Make sampling raise for the requests with ``seed`` once they have produced ``after`` tokens."""
-    real = engine_module.next_tokens
+    real = sampling_module.next_tokens
     calls: dict[int, int] = {}
 
     def sampling(logits, params, seen, generator, counts=None):
@@ -126,7 +126,7 @@ def fail_sampling_for_seed(monkeypatch, seed: int, after: int) -> None:
                 raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         return real(logits, params, seen, generator, counts)
 
-    monkeypatch.setattr(engine_module, "next_tokens", sampling)
+    monkeypatch.setattr(sampling_module, "next_tokens", sampling)
 
 
 def test_one_rows_sampling_failure_ends_that_request_alone(server, monkeypatch):

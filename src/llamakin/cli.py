@@ -177,7 +177,7 @@ def cmd_chat(args) -> None:
 
     params = _sampling(args)
     model, tokenizer = _open(args)
-    session = ChatSession(model, tokenizer, params, system=args.system)
+    session = ChatSession(model, tokenizer, params, system=args.system, prefix_cache_bytes=args.prefix_cache_mb << 20)
     interactive = sys.stdin.isatty()
     if interactive:
         print("chatting with", args.model or "the default model", "- /help lists the commands, Ctrl-C stops an "
@@ -366,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="print tokens/s after each reply")
     _add_model_options(p)
     _add_sampling_options(p, temperature=0.7, max_new_tokens=512)
+    p.add_argument("--prefix-cache-mb", type=_non_negative, default=256,
+                   help="memory for the keys/values of earlier turns, reused by the next (0: off)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
