@@ -1,11 +1,18 @@
-"""Server throughput and time-to-first-token with 1, 4 and 16 concurrent streaming clients.
+"""Server throughput and time-to-first-token with 1, 4 and 16 concurrent streaming clients, and
+multi-turn time to first token with and without prefix caching.
 
 Starts ``llamakin serve`` (the default model unless --model) in a subprocess, then runs each
 concurrency level from this process with asyncio + httpx: every client sends --requests
 streaming chat completions back to back. Reported per level: total generated tokens/s (from the
 ``usage`` chunks), and time to first token, median and p95.
 
-    .venv/bin/python benchmarks/bench_server.py [--levels 1 4 16] [--max-tokens 64] [--max-batch 16]
+Multi-turn (``--turns 5``, 0 to skip): one client holds --conversations conversations of --turns
+turns each (a system prompt, then user questions; every turn sends the whole conversation, as chat
+clients do) against a server with ``--prefix-cache-mb 256`` and one with ``--prefix-cache-mb 0``,
+and reports the median time to first token of the last turn for each: what the prefix cache saves
+is the prefill of every earlier turn. Greedy, so both servers generate the same conversation.
+
+    .venv/bin/python benchmarks/bench_server.py [--levels 1 4 16] [--max-tokens 64] [--max-batch 16] [--turns 5]
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -23,6 +32,29 @@ import httpx
 
 TOPICS = ["a lighthouse keeper", "a robot gardener", "the first city on Mars", "a dragon who cannot fly",
           "a detective in Venice", "the last library", "a chess prodigy", "an old fisherman"]
+
+
+SYSTEM = ("You are a patient and knowledgeable assistant. Answer every question in a few clear sentences, "
+          "give an example where one helps, and keep to the facts you are sure of.")
+QUESTIONS = ["What is {topic}?", "Why does it matter?", "Give me an example.", "What could go wrong?",
+             "Summarise what we said.", "What should I read next?", "Any last advice?"]
+
+
+def cpu_description() -> str:
+    """The CPU model, the vector flags that matter for PyTorch's CPU kernels, cores and load."""
+    name, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (f"{name}; flags: {', '.join(wanted) or 'none of avx2/avx512'}; {os.cpu_count()} CPUs; "
+            f"load average {os.getloadavg()} (a shared machine: timings are noisy)")
 
 
 def free_port() -> int:
@@ -70,27 +102,91 @@ async def level(url: str, model: str, clients: int, requests: int, max_tokens: i
             "ttft_median_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(p95, 3)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint or catalog name (default: the default model)")
-    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=2, help="requests per client per level")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=16)
-    args = parser.parse_args()
+async def conversation(url: str, model: str, topic: str, turns: int, max_tokens: int) -> float:
+    """Hold one conversation of ``turns`` turns; the time to first token of the last one."""
+    messages = [{"role": "system", "content": SYSTEM}]
+    last = 0.0
+    async with httpx.AsyncClient(timeout=600) as client:
+        for turn in range(turns):
+            messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)].format(topic=topic)})
+            body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0, "messages": messages}
+            start, first, text = time.perf_counter(), None, ""
+            async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    piece = event["choices"][0]["delta"].get("content") if event.get("choices") else None
+                    if piece and first is None:
+                        first = time.perf_counter() - start
+                    text += piece or ""
+            last = first if first is not None else time.perf_counter() - start
+            messages.append({"role": "assistant", "content": text})
+    return last
+
+
+def start_server(args, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "llamakin.cli", "serve", "--port", str(port), "--max-batch", str(args.max_batch)]
+    command = [sys.executable, "-m", "llamakin.cli", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
+               *extra]
     if args.model:
         command += ["--model", args.model]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.25)
+    return server, url
+
+
+def multi_turn(args) -> None:
+    results = {}
+    for label, megabytes in (("with prefix cache", 256), ("without", 0)):
+        server, url = start_server(args, ["--prefix-cache-mb", str(megabytes)])
+        try:
+            model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+            asyncio.run(level(url, model, 1, 1, 8))  # warm-up (traces the decode step)
+            times = [asyncio.run(conversation(url, model, TOPICS[i % len(TOPICS)], args.turns, args.turn_tokens))
+                     for i in range(args.conversations)]
+            health = httpx.get(url + "/health").json()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        results[label] = statistics.median(times)
+        print(json.dumps({"server": label, f"ttft_turn_{args.turns}_s": [round(t, 3) for t in times],
+                          "median_s": round(results[label], 3), "prefix_cache": health.get("prefix_cache")}),
+              flush=True)
+    cached, plain = results["with prefix cache"], results["without"]
+    print(f"\n| time to first token of turn {args.turns} (median of {args.conversations}) | seconds |\n|---|---|")
+    print(f"| with prefix cache | {cached:.3f} |\n| without | {plain:.3f} |\n| speed-up | {plain / cached:.1f}x |")
+    print(f"(load average after: {os.getloadavg()})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint or catalog name (default: the default model)")
+    parser.add_argument("--levels", type=int, nargs="*", default=[1, 4, 16], help="client counts (none: skip)")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=5, help="multi-turn: turns per conversation (0: skip)")
+    parser.add_argument("--conversations", type=int, default=5, help="multi-turn: conversations per server")
+    parser.add_argument("--turn-tokens", type=int, default=48, help="multi-turn: max_tokens of each answer")
+    args = parser.parse_args()
+    print("CPU:", cpu_description(), flush=True)
+    if args.levels:
+        throughput(args)
+    if args.turns:
+        multi_turn(args)
+
+
+def throughput(args) -> None:
+    server, url = start_server(args, [])
     try:
-        for _ in range(1200):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         asyncio.run(level(url, model, 1, 1, 8))  # warm-up (traces the decode step)
         rows = []

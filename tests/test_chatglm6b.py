@@ -238,3 +238,69 @@ def test_export_is_read_by_the_original_and_refuses_another_alpha(checkpoint, tm
     other = llamakin.Transformer(model.config.replace(normed_residual_alpha=2.0))
     with pytest.raises(llamakin.LlamakinError, match="sqrt\\(56\\)"):
         other.save_pretrained(tmp_path / "bad", family="chatglm")
+
+
+class _Letters(_NoText):
+    """One character per token id, so the served text can be compared, not only the ids."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(0x100 + i) for i in ids)
+
+
+def test_the_server_serves_it_with_the_text_of_generate(checkpoint):
+    """The prefix LM through the server's continuous batch (rows of different lengths in one step,
+    one of them n=2 samples sharing a prefill) gives what llamakin.generate gives for each alone."""
+    import asyncio
+
+    from llamakin.generation import derive_seed
+    from llamakin.serve.engine import Engine, new_request
+
+    model = llamakin.load(checkpoint[0])
+    tok = _Letters()
+    # (a repetition penalty: the tied random model repeats its last token otherwise)
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True, repetition_penalty=5.0)
+    sampled = SamplingParams(max_new_tokens=6, ignore_eos=True, repetition_penalty=5.0, temperature=1.0, seed=3)
+    expected = [llamakin.generate(model, tok, p, max_new_tokens=6, ignore_eos=True, repetition_penalty=5.0)
+                for p in PROMPTS]
+    expected += [llamakin.generate(model, tok, PROMPTS[1], max_new_tokens=6, ignore_eos=True, repetition_penalty=5.0,
+                                   temperature=1.0, seed=derive_seed(3, i)) for i in range(2)]
+    assert all(expected) and expected[3] != expected[4]
+
+    async def serve():
+        engine = Engine(model, tok, max_batch=8, context=64)
+        assert not engine.prefix_caching  # not exact for a prefix LM (its prompt attends both ways)
+        requests = [new_request(p, greedy) for p in PROMPTS] + [new_request(PROMPTS[1], sampled, n=2)]
+        for request in requests:
+            engine.submit(request)
+        texts = []
+        for request in requests[:3] + [requests[3], *requests[3].forks]:
+            while True:
+                kind, payload = await asyncio.wait_for(request.events.get(), 120)
+                assert kind != "error", payload
+                if kind == "done":
+                    texts.append(payload.text)
+                    break
+        engine.stop()
+        return texts
+
+    assert asyncio.run(serve()) == expected
+
+
+@torch.no_grad()
+def test_the_cores_decode_positions_follow_the_original(checkpoint):
+    """Every step's logits through the generation core (what generate and the server run) equal
+    the original's on the growing sequence; a repetition penalty keeps the random model from
+    repeating one token, so the sequence really grows."""
+    directory, _ = checkpoint
+    model = llamakin.load(directory)
+    for prompt in PROMPTS[:2]:
+        logits = []
+        run = GenerationRun(model, _NoText(), [prompt], SamplingParams(max_new_tokens=5, ignore_eos=True,
+                                                                      repetition_penalty=5.0),
+                            processors=[[lambda generated, row_logits: logits.append(row_logits.clone()) or row_logits]])
+        list(run)
+        sequence = list(prompt) + run.results[0].token_ids
+        assert len(set(run.results[0].token_ids)) > 2
+        for step, got in enumerate(logits):
+            want = reference_logits(directory, sequence[:len(prompt) + step])[-1]
+            assert (got - want).abs().max() < 1e-5, step

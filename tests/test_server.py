@@ -29,7 +29,8 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model, tokenizer, **options):
-        engine_options = {k: options.pop(k) for k in ("max_batch", "max_queue", "context") if k in options}
+        engine_options = {k: options.pop(k) for k in ("max_batch", "max_queue", "context", "prefix_cache_bytes")
+                          if k in options}
         self.engine = Engine(model, tokenizer, **engine_options)
         app = create_app(self.engine, MODEL, **options)
         self.port = free_port()
@@ -154,7 +155,7 @@ def post(server, path, body, **kw):
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
     ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),

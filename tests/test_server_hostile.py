@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import llamakin
-import llamakin.serve.engine as engine_module
+import llamakin.generation.sampling as sampling_module
 from test_server import MODEL, Server, post, slow_down_steps, tiny, wait_until  # noqa: F401 (tiny: fixture)
 
 openai = pytest.importorskip("openai")
@@ -73,7 +73,7 @@ def alone(server, prompt: str, max_tokens: int = 24) -> str:
     ("seed", 2 ** 70), ("seed", -(2 ** 70)), ("temperature", 1e-45), ("temperature", 2.5), ("temperature", "1"),
     ("top_k", -2), ("top_k", 1.5), ("min_p", 1.0), ("min_p", -0.1), ("repetition_penalty", 0),
     ("repetition_penalty", 1e-300), ("frequency_penalty", 3), ("max_tokens", 2 ** 70), ("stop", "x" * 5000),
-    ("stop", ["a", "b", "c", "d", "e"]), ("stream", "yes"), ("ignore_eos", 1), ("n", 2),
+    ("stop", ["a", "b", "c", "d", "e"]), ("stream", "yes"), ("ignore_eos", 1), ("n", 0), ("n", 10 ** 6),
     ("logprobs", "yes"), ("top_logprobs", 10 ** 6), ("logit_bias", {"1": 5}), ("tools", [{"type": "function"}]), ("tool_choice", "required"),
     ("response_format", {"type": "json_object"}), ("frobnicate", 1), ("guided_json", {"type": "object"}),
     ("stream_options", {"include_usage": True, "x": 1}),
@@ -116,7 +116,7 @@ def test_hostile_requests_do_not_disturb_running_streams(server, monkeypatch):
 
 def fail_sampling_for_seed(monkeypatch, seed: int, after: int) -> None:
     """Make sampling raise for the requests with ``seed`` once they have produced ``after`` tokens."""
-    real = engine_module.next_tokens
+    real = sampling_module.next_tokens
     calls: dict[int, int] = {}
 
     def sampling(logits, params, seen, generator, counts=None):
@@ -126,7 +126,7 @@ def fail_sampling_for_seed(monkeypatch, seed: int, after: int) -> None:
                 raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         return real(logits, params, seen, generator, counts)
 
-    monkeypatch.setattr(engine_module, "next_tokens", sampling)
+    monkeypatch.setattr(sampling_module, "next_tokens", sampling)
 
 
 def test_one_rows_sampling_failure_ends_that_request_alone(server, monkeypatch):

@@ -13,7 +13,10 @@ from typing import TextIO
 
 from .errors import LlamakinError
 from .generate import GenerationRun, GenerationStats, SamplingParams, encode_prompt
+from .generation import PrefixCache
 from .tokenizer import Tokenizer
+
+DEFAULT_PREFIX_CACHE_BYTES = 256 << 20
 
 
 class ChatSession:
@@ -21,10 +24,16 @@ class ChatSession:
 
     Before each reply the rendered conversation must leave ``max_new_tokens`` of room in the
     context; the oldest exchanges (never the system message) are dropped until it does.
+
+    Each turn sends the whole conversation again; the keys/values of the previous turns are kept
+    in a :class:`~llamakin.generation.PrefixCache` (``prefix_cache_bytes``, 0: off), so a turn
+    computes only what is new: the tokens after the longest start it shares with what was computed.
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None):
+    def __init__(self, model, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         self.model, self.tokenizer, self.params = model, tokenizer, params
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.system: list[dict[str, str]] = []
         self.set_system(system)
         self.turns: list[dict[str, str]] = []
@@ -88,7 +97,7 @@ class ChatSession:
         run = None
         try:
             ids = self._fit()
-            run = GenerationRun(self.model, self.tokenizer, [ids], self.params)
+            run = GenerationRun(self.model, self.tokenizer, [ids], self.params, prefix_cache=self.prefix_cache)
             for _, piece in run:
                 pieces.append(piece)
                 if out is not None:

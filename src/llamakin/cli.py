@@ -177,7 +177,7 @@ def cmd_chat(args) -> None:
 
     params = _sampling(args)
     model, tokenizer = _open(args)
-    session = ChatSession(model, tokenizer, params, system=args.system)
+    session = ChatSession(model, tokenizer, params, system=args.system, prefix_cache_bytes=args.prefix_cache_mb << 20)
     interactive = sys.stdin.isatty()
     if interactive:
         print("chatting with", args.model or "the default model", "- /help lists the commands, Ctrl-C stops an "
@@ -209,6 +209,18 @@ def cmd_chat(args) -> None:
             print("\n[Ctrl-C: /quit or Ctrl-D leaves]", file=sys.stderr, flush=True)
 
 
+def _non_negative(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive whole number, got {text!r}")
+    return value
+
+
 def cmd_serve(args) -> None:
     from .catalog import DEFAULT_MODEL
     from .extras import require_extra
@@ -220,7 +232,7 @@ def cmd_serve(args) -> None:
     model, tokenizer = _open(args)
     run(model, tokenizer, model_name=args.served_name or args.model or DEFAULT_MODEL, host=args.host, port=args.port,
         api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
-        max_body_bytes=args.max_body_bytes, sock=sock)
+        max_body_bytes=args.max_body_bytes, sock=sock, prefix_cache_bytes=args.prefix_cache_mb << 20)
 
 
 def cmd_data_prepare(args) -> None:
@@ -356,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="print tokens/s after each reply")
     _add_model_options(p)
     _add_sampling_options(p, temperature=0.7, max_new_tokens=512)
+    p.add_argument("--prefix-cache-mb", type=_non_negative, default=256,
+                   help="memory for the keys/values of earlier turns, reused by the next (0: off)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
@@ -368,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=2048, help="KV cache length per request (prompt + output)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest accepted request body")
     p.add_argument("--served-name", help="model id clients must send (default: --model or the default model)")
+    p.add_argument("--prefix-cache-mb", type=_non_negative, default=256,
+                   help="memory for keys/values of earlier requests that later prompts start with (0: off)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("data", help="prepare training data")

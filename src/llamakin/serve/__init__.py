@@ -9,7 +9,7 @@ import sys
 
 from ..errors import LlamakinError
 from .api import create_app
-from .engine import Engine, QueueFull, Request
+from .engine import DEFAULT_PREFIX_CACHE_BYTES, Engine, QueueFull, Request
 from .metrics import weights_summary
 
 LOOPBACK = "127.0.0.1"
@@ -67,18 +67,27 @@ def startup_line(model, model_name: str, host: str, port: int, engine: Engine) -
     shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed (RFC 3986 section 3.2.2)
     return (f"llamakin: serving {model_name} (dtype {dtype}, quantization {quantization}, device {model.device}) "
             f"at http://{shown}:{port} - chat page /, API /v1, metrics /metrics "
-            f"(batch {engine.max_batch}, queue {engine.max_queue}, context {engine.context})")
+            f"(batch {engine.max_batch}, queue {engine.max_queue}, context {engine.context}, "
+            f"prefix cache {_prefix_cache_summary(engine)})")
+
+
+def _prefix_cache_summary(engine: Engine) -> str:
+    cache = getattr(engine, "prefix_cache", None)
+    if cache is None:
+        return "off"
+    return f"{cache.budget_bytes >> 20} MB" if engine.prefix_caching else "off for this model"
 
 
 def run(model, tokenizer, model_name: str, host: str = LOOPBACK, port: int = 8000, api_key: str | None = None,
         max_batch: int = 8, max_queue: int = 64, context: int | None = None, max_body_bytes: int = 1 << 20,
-        sock: socket.socket | None = None) -> None:
+        sock: socket.socket | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
     """Serve until interrupted on ``sock`` (from :func:`bind`; bound here when not given). Binds
     to loopback unless another host is asked for explicitly."""
     import uvicorn
 
     sock = sock or bind(host, port)
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context,
+                    prefix_cache_bytes=prefix_cache_bytes)
     app = create_app(engine, model_name, api_key=api_key, max_body_bytes=max_body_bytes)
     if not is_loopback(host) and not api_key:
         print(f"llamakin: warning: serving on {host} without --api-key: anyone who can reach it can use it.",

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_template import TemplateError
 from ..errors import LlamakinError
-from ..generate import RowResult, SamplingParams
+from ..generation import RowResult, SamplingParams
 from .engine import Engine, QueueFull, new_request
 from .logprobs import chat_logprobs, completions_logprobs, token_logprobs
 from .metrics import CountResponses, ServerMetrics
@@ -156,8 +156,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llamakin"}]}
 
-    def submit(prompt_ids: list[int], params: SamplingParams):
-        request = new_request(prompt_ids, params)
+    def submit(prompt_ids: list[int], params: SamplingParams, n: int = 1) -> list:
+        """Queue one generation of ``n`` samples; their requests, in choice order."""
+        if n > engine.max_batch:
+            raise APIError(400, f"n={n} samples need as many rows, but this server decodes at most {engine.max_batch} "
+                                "at once (--max-batch); lower n.", param="n", code="invalid_value")
+        request = new_request(prompt_ids, params, n)
         try:
             engine.submit(request)
         except QueueFull as e:
@@ -166,7 +170,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         except LlamakinError as e:
             raise APIError(400, str(e), code="context_length_exceeded") from None
         metrics.prompt_tokens.inc(len(prompt_ids))
-        return request
+        return [request, *request.forks]
+
+    async def collect_all(requests, http: HTTPRequest) -> list[RowResult]:
+        """Every request's result; all are cancelled if one fails or the client leaves."""
+        try:
+            return [await collect(r, http) for r in requests]
+        except BaseException:
+            for r in requests:
+                r.cancelled.set()
+            raise
 
     async def collect(request, http: HTTPRequest) -> RowResult:
         """Wait for a non-streamed result; cancel the generation if the client goes away first."""
@@ -197,40 +210,62 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             for task in (result, gone):
                 task.cancel()
 
-    def usage(prompt_len: int, result: RowResult) -> dict[str, int]:
-        completion = len(result.token_ids)
+    def total_usage(prompt_len: int, results: list[RowResult]) -> dict[str, int]:
+        """The prompt counted once (it is prefilled once), the completions of every choice summed."""
+        completion = sum(len(r.token_ids) for r in results)
         return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
 
-    async def sse(request, chunk, final, include_usage: bool, prompt_len: int) -> AsyncIterator[str]:
-        """Server-sent events: text chunks, the finishing chunk, optional usage, ``[DONE]``; a
-        failure of this request's generation is one ``error`` event, then the stream ends."""
-        ended = False
+    async def events(requests) -> AsyncIterator[tuple[int, str, object]]:
+        """``(choice index, kind, payload)`` of every request, as they come."""
+        waiting = {asyncio.ensure_future(r.events.get()): i for i, r in enumerate(requests)}
         try:
-            first = chunk(None, role=True)
-            if first is not None:
-                yield f"data: {json.dumps(first)}\n\n"
-            while True:
-                kind, payload = await request.events.get()
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=waiting.get):
+                    index = waiting.pop(task)
+                    kind, payload = task.result()
+                    yield index, kind, payload
+                    if kind == "text":
+                        waiting[asyncio.ensure_future(requests[index].events.get())] = index
+        finally:
+            for task in waiting:
+                task.cancel()
+
+    async def sse(requests, chunk, final, include_usage: bool, prompt_len: int) -> AsyncIterator[str]:
+        """Server-sent events: text chunks of every choice, each choice's finishing chunk, optional
+        usage, ``[DONE]``; a failure of this request's generation is one ``error`` event, then the
+        stream ends."""
+        ended = False
+        results: dict[int, RowResult] = {}
+        try:
+            for index in range(len(requests)):
+                first = chunk(None, index, role=True)
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+            async for index, kind, payload in events(requests):
                 if kind == "text":
-                    yield f"data: {json.dumps(chunk(payload))}\n\n"
+                    yield f"data: {json.dumps(chunk(payload, index))}\n\n"
                 elif kind == "done":
-                    ended = True
+                    results[index] = payload
                     metrics.finished.labels(payload.finish_reason).inc()
-                    yield f"data: {json.dumps(final(payload))}\n\n"
-                    if include_usage:
-                        yield f"data: {json.dumps(final(payload, usage=usage(prompt_len, payload)))}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
+                    yield f"data: {json.dumps(final(payload, index))}\n\n"
+                    if len(results) == len(requests):
+                        ended = True
+                        if include_usage:
+                            yield f"data: {json.dumps(final(payload, index, usage=total_usage(prompt_len, list(results.values()))))}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
                 else:
                     ended = True
                     metrics.finished.labels("error").inc()
                     error = APIError(500, payload, kind="server_error", code="generation_failed").body()
                     yield f"data: {json.dumps(error)}\n\n"
                     return
-        finally:  # the client went away (or we finished): stop generating for it
+        finally:  # the client went away (or we finished, or one choice failed): stop generating for it
             if not ended:
                 metrics.finished.labels("abort").inc()
-            request.cancelled.set()
+            for request in requests:
+                request.cancelled.set()
 
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest):
@@ -250,33 +285,35 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         if not ids:
             raise APIError(400, "the chat renders to no tokens at all; send a message with some text.", param="messages")
         params = sampling_params(body, len(ids), engine.context, "messages")
-        request = submit(ids, params)
-        rid, now = f"chatcmpl-{request.id}", int(time.time())
+        requests = submit(ids, params, body.n)
+        rid, now = f"chatcmpl-{requests[0].id}", int(time.time())
         base = {"id": rid, "created": now, "model": model_name}
         if body.stream:
-            def chunk(text, role=False):
+            def chunk(text, index, role=False):
                 delta = {"role": "assistant", "content": ""} if role else {"content": text}
                 return {**base, "object": "chat.completion.chunk",
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+                        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
-            def final(result, usage=None):
+            def final(result, index, usage=None):
                 if usage is not None:
                     return {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
                 return {**base, "object": "chat.completion.chunk",
-                        "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": result.finish_reason}]}
+                        "choices": [{"index": index, "delta": {}, "logprobs": None,
+                                     "finish_reason": result.finish_reason}]}
 
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(request, chunk, final, include, len(ids)), media_type="text/event-stream")
-        result = await collect(request, http)
-        logprobs = None
-        if body.logprobs:
-            scored = await asyncio.to_thread(token_logprobs, engine.model, ids + result.token_ids, len(ids),
-                                             body.top_logprobs or 0)
-            logprobs = chat_logprobs(engine.tokenizer, scored)
-        return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": logprobs,
-                             "finish_reason": result.finish_reason}],
-                "usage": usage(len(ids), result)}
+            return StreamingResponse(sse(requests, chunk, final, include, len(ids)), media_type="text/event-stream")
+        results = await collect_all(requests, http)
+        choices = []
+        for index, result in enumerate(results):
+            logprobs = None
+            if body.logprobs:
+                scored = await asyncio.to_thread(token_logprobs, engine.model, ids + result.token_ids, len(ids),
+                                                 body.top_logprobs or 0)
+                logprobs = chat_logprobs(engine.tokenizer, scored)
+            choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
+                            "logprobs": logprobs, "finish_reason": result.finish_reason})
+        return {**base, "object": "chat.completion", "choices": choices, "usage": total_usage(len(ids), results)}
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
@@ -306,23 +343,23 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         if not body.stream:
             return await completions_batch(body, [ids], http, text=prompt if isinstance(prompt, str) else None)
         params = sampling_params(body, len(ids), engine.context, "prompt")
-        request = submit(ids, params)
-        rid, now = f"cmpl-{request.id}", int(time.time())
+        requests = submit(ids, params, body.n)
+        rid, now = f"cmpl-{requests[0].id}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
         if body.stream:
-            def chunk(text, role=False):
+            def chunk(text, index, role=False):
                 if role:
                     return None
-                return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
+                return {**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]}
 
-            def final(result, usage=None):
+            def final(result, index, usage=None):
                 if usage is not None:
                     return {**base, "choices": [], "usage": usage}
-                return {**base, "choices": [{"index": 0, "text": "", "logprobs": None,
+                return {**base, "choices": [{"index": index, "text": "", "logprobs": None,
                                              "finish_reason": result.finish_reason}]}
 
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(request, chunk, final, include, len(ids)), media_type="text/event-stream")
+            return StreamingResponse(sse(requests, chunk, final, include, len(ids)), media_type="text/event-stream")
         raise AssertionError("unreachable: non-streamed completions are answered by completions_batch")
 
     async def completions_batch(body: CompletionRequest, prompts: list[list[int]], http: HTTPRequest,
@@ -338,15 +375,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         requests = []
         try:
             for ids in ([] if body.max_tokens == 0 else prompts):
-                requests.append(submit(ids, sampling_params(body, len(ids), engine.context, "prompt")))
-            results = [await collect(r, http) for r in requests] or [RowResult(finish_reason="length") for _ in prompts]
+                requests += submit(ids, sampling_params(body, len(ids), engine.context, "prompt"), body.n)
+            results = [await collect(r, http) for r in requests] or [RowResult(finish_reason="length")
+                                                                     for _ in prompts for _ in range(body.n)]
         except BaseException:
             for r in requests:  # a rejected or abandoned batch frees the rows it already holds
                 r.cancelled.set()
             raise
         rid, now = f"cmpl-{requests[0].id if requests else uuid.uuid4().hex[:24]}", int(time.time())
         choices, prompt_tokens, completion_tokens = [], 0, 0
-        for index, (ids, result) in enumerate(zip(prompts, results)):
+        for index, result in enumerate(results):  # choice p * n + j: sample j of prompt p (OpenAI's order)
+            ids = prompts[index // body.n]
             prompt_text = text if text is not None else engine.tokenizer.decode(ids)
             logprobs = None
             if body.logprobs is not None:
@@ -359,7 +398,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                 logprobs = completions_logprobs(engine.tokenizer, scored)
             choices.append({"index": index, "text": (prompt_text if body.echo else "") + result.text,
                             "logprobs": logprobs, "finish_reason": result.finish_reason})
-            prompt_tokens += len(ids)
+            prompt_tokens += len(ids) if index % body.n == 0 else 0
             completion_tokens += len(result.token_ids)
         return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -1,11 +1,12 @@
 """Continuous batching: one decode loop, in its own thread, shared by every request.
 
 Requests wait in a bounded queue. Between two decode steps the loop admits waiting requests
-into free rows of one preallocated KV cache (each is prefilled on its own, straight into its
-row), drops finished and cancelled ones, and moves the last row into any hole so the active rows
-are always ``0 .. n-1``. A step decodes those rows together, each at its own length (every row
-writes its own cache slot), rounded up to a few batch sizes and cache lengths so the traced step
-is reused. Text reaches each request's asyncio queue as it is produced.
+into free rows of the generation core's :class:`~llamakin.generation.RowBatch` (the same rows,
+sampling, stopping and streaming as :func:`llamakin.generate`), which prefills them (reusing
+cached keys/values of earlier requests that started the same way, see
+:mod:`llamakin.generation.prefix_cache`), drops finished and cancelled ones, and decodes all rows
+together, each at its own length. A request with ``n > 1`` samples is admitted as ``n`` rows
+that share one prefill. Text reaches each request's asyncio queue as it is produced.
 
 A request can fail only itself: an exception while prefilling, sampling or detokenizing one row
 (NaN probabilities, a tokenizer that cannot decode an id, ...) ends that request with an
@@ -26,11 +27,11 @@ from typing import Any
 import torch
 
 from ..errors import LlamakinError
-from ..generate import RowResult, SamplingParams, TextStream, next_tokens
+from ..generation import PrefixCache, Row, RowBatch, RowSampler, SamplingParams, TextStream
 from ..model import decode
-from ..model.cache import KVCache
-from ..model.decode import CACHE_BUCKET, Decoder
 from ..tokenizer import Tokenizer
+
+DEFAULT_PREFIX_CACHE_BYTES = 256 << 20  # --prefix-cache-mb 256
 
 
 class QueueFull(LlamakinError):
@@ -54,6 +55,8 @@ class Request:
     created: float = field(default_factory=time.monotonic)  # for the latency metrics
     first_token_at: float | None = None
     last_token_at: float | None = None
+    index: int = 0  # which of the request's n samples this is (its seed is derived from it)
+    forks: list["Request"] = field(default_factory=list)  # the other samples, prefilled with this one
 
     def emit(self, kind: str, payload: Any) -> None:
         try:
@@ -62,38 +65,21 @@ class Request:
             pass
 
 
-@dataclass
-class _Row:
-    request: Request
-    stream: TextStream
-    result: RowResult
-    length: int  # cache slots filled
-    last_token: int
-    generator: torch.Generator | None
-    seen: torch.Tensor | None  # [V] tokens of prompt and output (repetition penalty)
-    counts: torch.Tensor | None  # [V] generated-token counts (frequency/presence penalties)
-    error: str | None = None  # set when this row failed; it is retired with an error event
-
-
-def _bucket(n: int, limit: int) -> int:
-    """The smallest power of two >= n, at most ``limit``."""
-    return min(1 << (n - 1).bit_length(), limit)
-
-
 class Engine:
-    """Owns the model, the tokenizer and the shared KV cache; serves :class:`Request` objects."""
+    """Owns the model, the tokenizer and the generation core's rows; serves :class:`Request` objects."""
 
     def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 context: int | None = None):
-        if model.config.prefix_lm:
-            raise LlamakinError("prefix-LM models (ChatGLM-6B) are not served yet; use llamakin.generate.")
+                 context: int | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         if max_batch < 1 or max_queue < 1:
             raise LlamakinError("--max-batch and --max-queue must be at least 1.")
+        if prefix_cache_bytes < 0:
+            raise LlamakinError("--prefix-cache-mb must be 0 (off) or a positive number of megabytes.")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(context or model.config.max_position_embeddings, model.config.max_position_embeddings)
-        self.cache = KVCache(model.config, max_batch, self.context, model.dtype, model.device)
-        self.rows: list[_Row] = []
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self.batch = RowBatch(model, tokenizer.eos_token_ids, max_batch, self.context, self.prefix_cache)
+        self.cache = self.batch.cache
         self.waiting: collections.deque[Request] = collections.deque()
         self.lock = threading.Lock()
         self.wakeup = threading.Event()
@@ -103,13 +89,26 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="llamakin-engine", daemon=True)
         self.thread.start()
 
+    @property
+    def rows(self) -> list[Row]:
+        return self.batch.rows
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether prompts reuse earlier keys/values (off by flag, or for a model where it is not exact)."""
+        return self.batch.prefix_cache is not None
+
     # -- called from the server's event loop ---------------------------------------------------------
     def submit(self, request: Request) -> None:
+        """Queue ``request`` (and its ``forks``, the other samples of the same prompt)."""
         if len(request.prompt_ids) + request.params.max_new_tokens > self.context:
             raise LlamakinError(
                 f"the prompt has {len(request.prompt_ids)} tokens and max_tokens is {request.params.max_new_tokens}, "
                 f"together more than this server's context of {self.context} tokens; shorten the prompt or lower max_tokens."
             )
+        if 1 + len(request.forks) > self.max_batch:
+            raise LlamakinError(f"n={1 + len(request.forks)} samples need as many rows, but this server decodes at most "
+                                f"{self.max_batch} (--max-batch); lower n.")
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the server is busy: {len(self.waiting)} requests are already waiting; retry shortly.")
@@ -117,9 +116,12 @@ class Engine:
         self.wakeup.set()
 
     def status(self) -> dict[str, int]:
-        return {"running": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                "context": self.context, "generated_tokens": self.generated_tokens,
-                "decode_traces": len(decode.TRACES), "decode_traces_recorded": decode.TRACES.traced}
+        status = {"running": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                  "context": self.context, "generated_tokens": self.generated_tokens,
+                  "decode_traces": len(decode.TRACES), "decode_traces_recorded": decode.TRACES.traced}
+        if self.prefix_caching:
+            status["prefix_cache"] = self.prefix_cache.stats()
+        return status
 
     def stop(self) -> None:
         self.stopping = True
@@ -140,142 +142,70 @@ class Engine:
                     self._step()
                 except Exception as e:  # noqa: BLE001 - the shared step failed: every running row is lost
                     for row in self.rows:
-                        row.request.emit("error", f"generation failed: {e}")
-                    self.rows = []
+                        row.owner.emit("error", f"generation failed: {e}")
+                    self.rows.clear()
 
     def _admit(self) -> None:
-        while len(self.rows) < self.max_batch:
+        while self.batch.free:
             with self.lock:
                 if not self.waiting:
                     return
-                request = self.waiting.popleft()
-            if request.cancelled.is_set():
+                request = self.waiting[0]
+                if 1 + len(request.forks) > self.batch.free:
+                    return  # the whole group waits for rows enough
+                self.waiting.popleft()
+            group = [request, *request.forks]
+            if all(r.cancelled.is_set() for r in group):
                 continue
             try:
                 self._prefill(request)
             except Exception as e:  # noqa: BLE001 - this request alone fails
-                if self.rows and self.rows[-1].request is request:
-                    self.rows.pop()
-                request.emit("error", _failure(e))
+                for r in group:
+                    r.emit("error", _failure(e))
+
+    def _row(self, request: Request) -> Row:
+        params, model = request.params, self.model
+        sampler = RowSampler(params, model.config.vocab_size, model.device, request.prompt_ids, request.index)
+        return Row(list(request.prompt_ids), params, sampler, TextStream(self.tokenizer, params.stop), owner=request,
+                   on_text=lambda piece: request.emit("text", piece),
+                   on_token=lambda token, kept: self._counted(request, kept),
+                   cancelled=request.cancelled.is_set)
+
+    def _counted(self, request: Request, kept: bool) -> None:
+        if kept:
+            self.generated_tokens += 1
+        if self.metrics is not None:
+            self.metrics.token(request)
 
     def _prefill(self, request: Request) -> None:
-        index = len(self.rows)
-        params = request.params
-        view = self.cache.view(index)
-        ids = torch.tensor([request.prompt_ids], device=self.model.device)
-        logits = self.model(ids, cache=view, last_only=True)[:, -1]
-        vocab = self.model.config.vocab_size
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(device=self.model.device)
-            generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(vocab, dtype=torch.bool, device=self.model.device)
-            seen[ids[0]] = True
-        counts = torch.zeros(vocab, device=self.model.device) if (params.frequency_penalty or params.presence_penalty) else None
-        row = _Row(request, TextStream(self.tokenizer, params.stop), RowResult(), len(request.prompt_ids), -1,
-                   generator, seen, counts)
-        self.rows.append(row)
-        self._accept(index, logits[0])
-
-    def _accept(self, index: int, logits: torch.Tensor) -> None:
-        """Sample row ``index``'s next token; a failure ends this row alone (see the module doc)."""
-        row = self.rows[index]
-        try:
-            self._sample(row, logits)
-        except Exception as e:  # noqa: BLE001
-            row.error = _failure(e)
-
-    def _sample(self, row: _Row, logits: torch.Tensor) -> None:
-        """Sample the row's next token from its logits; emit text; finish the row if done."""
-        params = row.request.params
-        token = int(next_tokens(logits[None], params, None if row.seen is None else row.seen[None], row.generator,
-                                None if row.counts is None else row.counts[None])[0])
-        if row.seen is not None:
-            row.seen[token] = True
-        if row.counts is not None:
-            row.counts[token] += 1
-        if self.metrics is not None:
-            self.metrics.token(row.request)
-        row.last_token = token
-        result = row.result
-        if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
-            result.finish_reason = "stop"
-        else:
-            result.token_ids.append(token)
-            self.generated_tokens += 1
-            piece = row.stream.push(token)
-            if piece:
-                result.text += piece
-                row.request.emit("text", piece)
-            if row.stream.stopped:
-                result.finish_reason = "stop"
-            elif len(result.token_ids) >= params.max_new_tokens:
-                result.finish_reason = "length"
+        """Admit ``request`` and its forks: one prefill, a first token each."""
+        self.batch.admit([self._row(r) for r in (request, *request.forks)])
 
     def _step(self) -> None:
-        n = len(self.rows)
-        batch = _bucket(n, self.max_batch)
-        longest = max(r.length for r in self.rows) + 1
-        length = min(-(-longest // CACHE_BUCKET) * CACHE_BUCKET, self.context)
-        view = self.cache.view(slice(0, batch), length)
-        device = self.model.device
-        pad = batch - n
-        tokens = torch.tensor([r.last_token for r in self.rows] + [0] * pad, device=device)[:, None]
-        lengths = torch.tensor([r.length for r in self.rows] + [0] * pad, device=device)
-        logits = Decoder(self.model, view).step_rows(tokens, lengths[:, None], lengths)
-        for index, row in enumerate(self.rows):
-            row.length += 1
-            if row.result.finish_reason is None and row.error is None:
-                self._accept(index, logits[index])
+        self.batch.step()
         self._retire()
 
     def _retire(self) -> None:
-        """Finish every row that is done and compact the rest into rows ``0 .. n-1``."""
-        index = 0
-        while index < len(self.rows):
-            row = self.rows[index]
-            done = row.result.finish_reason is not None
+        """Finish every row that is done or cancelled and tell its request."""
+        for row in self.batch.retire():
+            request = row.owner
             if row.error is not None:
-                row.request.emit("error", row.error)
-                self._remove(index)
-            elif done or row.request.cancelled.is_set():
-                if done:
-                    self._finish(row)
-                self._remove(index)
-            else:
-                index += 1
-
-    @staticmethod
-    def _finish(row: _Row) -> None:
-        """Hand out the text held back at the end (detokenizing it can fail, for this row alone)."""
-        try:
-            tail = row.stream.finish()
-        except Exception as e:  # noqa: BLE001
-            row.request.emit("error", _failure(e))
-            return
-        if tail:
-            row.result.text += tail
-            row.request.emit("text", tail)
-        row.request.emit("done", row.result)
-
-    def _remove(self, index: int) -> None:
-        last = len(self.rows) - 1
-        if index != last:
-            moved = self.rows[last]
-            self.cache.move_row(last, index, moved.length)  # keys, values and per-row RoPE state
-            self.rows[index] = moved
-        self.rows.pop()
+                request.emit("error", _failure(row.error))
+            elif row.result.finish_reason is not None:
+                request.emit("done", row.result)
 
 
 def _failure(error: Exception) -> str:
     return f"generation failed for this request ({type(error).__name__}: {error}); other requests were not affected."
 
 
-def new_request(prompt_ids: list[int], params: SamplingParams) -> Request:
-    """A request bound to the running event loop."""
-    return Request(prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+def new_request(prompt_ids: list[int], params: SamplingParams, n: int = 1) -> Request:
+    """A request bound to the running event loop; with ``n > 1`` its ``forks`` are the other samples
+    (each with its own event queue, sample index and derived seed)."""
+    loop = asyncio.get_running_loop()
+    request = Request(prompt_ids, params, loop, asyncio.Queue())
+    request.forks = [Request(prompt_ids, params, loop, asyncio.Queue(), id=request.id, index=i) for i in range(1, n)]
+    return request
 
 
 __all__ = ["Engine", "QueueFull", "Request", "new_request"]

@@ -65,6 +65,16 @@ class _EngineState:
                                 value=capacity)
         yield GaugeMetricFamily("llamakin_kv_cache_bytes", "Memory held by the KV cache's keys and values.",
                                 value=self.cache_bytes)
+        prefix = engine.prefix_cache.stats() if getattr(engine, "prefix_caching", False) else None
+        if prefix is not None:
+            yield CounterMetricFamily("llamakin_prefix_cache_hits", "Prompts that reused cached keys/values of an "
+                                      "earlier request.", value=prefix["hits"])
+            yield CounterMetricFamily("llamakin_prefix_cache_reused_tokens", "Prompt tokens whose keys/values were "
+                                      "reused instead of computed.", value=prefix["reused_tokens"])
+            yield GaugeMetricFamily("llamakin_prefix_cache_bytes", "Memory held by the prefix cache.",
+                                    value=prefix["bytes"])
+            yield GaugeMetricFamily("llamakin_prefix_cache_entries", "Sequences in the prefix cache.",
+                                    value=prefix["entries"])
 
 
 class ServerMetrics:

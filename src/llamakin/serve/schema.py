@@ -16,7 +16,8 @@ names the problem, and ``param`` naming the field:
   (https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html#extra-parameters).
 
 :func:`sampling_params` then checks what needs the server's state (the context) and builds the
-engine's :class:`~llamakin.generate.SamplingParams`.
+generation core's :class:`~llamakin.generation.SamplingParams` (the one object the CLI and the
+Python API build too).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from ..errors import LlamakinError
-from ..generate import SamplingParams
+from ..generation import SamplingParams
 from .logprobs import MAX_TOP_LOGPROBS
 
 StrictFloat = Annotated[float, Strict()]  # strict still takes a JSON integer (1 -> 1.0), never a string
@@ -41,6 +42,7 @@ SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed tak
 REPETITION_PENALTY_RANGE = (0.01, 100.0)  # logits / 0.01 stays far inside float32
 MAX_STOP_CHARS = 1000  # per stop string: held-back text is checked against each on every token
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_N = 128  # OpenAI's limit for n
 
 # Fields a client may send that do not change the generated text; anything else unknown is a 400.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
@@ -90,7 +92,7 @@ class _Sampling(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: StrictFloat = Field(1.0, ge=0, le=2)
     top_p: StrictFloat = Field(1.0, gt=0, le=1)
-    n: StrictInt = Field(1, ge=1)
+    n: StrictInt = Field(1, ge=1, le=MAX_N)  # samples of one prompt (at most --max-batch, checked later)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
@@ -251,9 +253,6 @@ def parse_body(raw: bytes, kind: type[_Sampling]):
         if not any(value == n and type(value) is type(n) for n in neutral):
             raise APIError(400, f"'{name}' is not supported by this server; remove it from the request.", param=name,
                            code="unsupported_parameter")
-    if body.n != 1:
-        raise APIError(400, "only n=1 is supported; send several requests instead.", param="n",
-                       code="unsupported_parameter")
     return body
 
 
