@@ -91,6 +91,42 @@ def test_quantized_modules_compute_the_product_of_their_dequantized_weights(rows
         assert (got - F.linear(x, module.dequantize(), b)).abs().max() < 0.06, module
 
 
+@pytest.mark.parametrize("out_features", [64, 96, 72])  # 96: 32-row blocks only; 72: padded to 80, no fast path
+@torch.no_grad()
+def test_int4_many_rows_take_the_float32_gemm_on_the_exact_weight(out_features, monkeypatch):
+    """From ``INT4_DEQUANT_ROWS`` rows the weight is unpacked from the kernel's layout (reshapes
+    checked against a probe) and multiplied in float32: exact to the dequantized weight, whatever
+    the activation dtype the kernel path uses; fewer rows keep the kernel."""
+    from llamakin.quant import kernels
+
+    torch.manual_seed(2)
+    w, b = torch.randn(out_features, 128) * 0.1, torch.randn(out_features)
+    module = Int4Linear(quantize_int4(w, 32), b, torch.bfloat16)
+    x = torch.randn(3, 16, 128)
+    exact = F.linear(x, module.dequantize(), b)
+    q = kernels.unpack_int4_cpu(module.packed, module.packed.shape[0], 128)
+    if q is not None:  # a layout this build packs as documented: the values are the quantized ones
+        assert torch.equal(q[:out_features], module.quantized_weight().q)
+    monkeypatch.setattr(kernels, "INT4_DEQUANT_ROWS", 48)
+    fast = module(x)
+    assert fast.dtype == torch.float32
+    if q is not None:
+        assert torch.allclose(fast, exact, atol=1e-5, rtol=0)
+    else:
+        assert (fast - exact).abs().max() < 0.06  # the kernel path in bf16
+    monkeypatch.setattr(kernels, "INT4_DEQUANT_ROWS", 49)
+    assert (module(x) - exact).abs().max() > 1e-4  # the kernel, bf16 activations
+
+
+def test_int4_cpu_layout_is_recognised_on_this_build():
+    """The reshape-only unpacking matches torch 2.13's CPU packing (AVX2 and, if its blocks are 64
+    rows, AVX-512) for the shapes of real models; a shape it does not know returns None."""
+    from llamakin.quant import kernels
+
+    assert kernels._cpu_block(576, 1536) in (32, 64) and kernels._cpu_block(1536, 576) in (32, 64)
+    assert kernels._cpu_block(48, 64) is None  # 16-row multiple: neither block size divides it
+
+
 @torch.no_grad()
 def test_int4_module_gives_back_its_exact_values():
     torch.manual_seed(1)

@@ -25,6 +25,7 @@ CUDA device was available when they were written, so they are untested.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -57,6 +58,43 @@ def pack_int4(w: Int4Weight, device: torch.device | str = "cpu") -> torch.Tensor
         nibbles = ((w.q[:, 0::2].to(torch.int32) << 4) | w.q[:, 1::2].to(torch.int32)).to(torch.uint8)
         return torch.ops.aten._convert_weight_to_int4pack(nibbles.to(device), 8)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 1)
+
+
+# Many rows at once (a prefill, a perplexity window): the CPU int4 kernel is built for a few rows
+# of activations; with many, unpacking the weight and running the float32 GEMM is faster (MKL),
+# and exact to the dequantized weight. Rows from which that path is taken (README, Quantization):
+INT4_DEQUANT_ROWS = int(os.environ.get("LLAMAKIN_INT4_DEQUANT_ROWS", "32"))
+# The CPU packing (aten/src/ATen/native/cpu/int4mm_kernel.cpp, weight_to_int4pack_kernel): blocks of
+# B output rows, B = 32 on AVX2 and 64 on AVX-512; row k of a full block is B/2 bytes whose low
+# nibbles hold rows 0..B/2-1 and high nibbles rows B/2..B-1 (a partial last block and builds
+# without AVX2 pack neighbouring rows in pairs instead). Which B this build uses is checked once per
+# shape against a probe, so the reshape below is only ever used where it is right.
+_CPU_BLOCKS = (32, 64)
+
+
+def unpack_int4_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """The ``[n, k]`` uint8 values (0..15) inside a CPU-packed int4 weight, by reshaping alone; None
+    when this build of torch packs ``[n, k]`` some other way (checked once per shape against the
+    packing of a probe matrix, so an unknown layout only loses the fast path, never exactness)."""
+    block = _cpu_block(n, k)
+    return None if block is None else _unblock(packed, n, k, block)
+
+
+def _unblock(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    blocks = packed.view(n // block, k, block // 2)
+    return torch.cat((blocks & 0xF, blocks >> 4), dim=-1).transpose(1, 2).reshape(n, k)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_block(n: int, k: int) -> int | None:
+    probe = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(n * 7919 + k))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    if packed.dtype != torch.uint8 or packed.numel() * 2 != n * k:
+        return None
+    for block in _CPU_BLOCKS:
+        if n % block == 0 and torch.equal(_unblock(packed, n, k, block).to(torch.int32), probe):
+            return block
+    return None
 
 
 def scale_and_zero(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:

@@ -10,6 +10,7 @@ activation's dtype. Inputs are cast to the kernel's activation dtype
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -94,6 +95,24 @@ class Int4Linear(QuantizedLinear):
         weight = _pad_rows(weight, kernels.INT4_ROW_MULTIPLE)
         self.register_buffer("packed", kernels.pack_int4(weight, device), persistent=False)
         self.register_buffer("scale_zero", kernels.scale_and_zero(weight, act).to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] >= kernels.INT4_DEQUANT_ROWS and self.packed.device.type == "cpu":
+            weight = self._unpacked_float32()
+            if weight is not None:  # many rows: the float32 GEMM on the exact dequantized weight
+                y = F.linear(rows.float(), weight, None if self.bias is None else self.bias.float()).to(x.dtype)
+                return y.view(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+    def _unpacked_float32(self) -> torch.Tensor | None:
+        """``(q - 8) * s + z`` in float32, from the packed weight (no second copy is kept)."""
+        q = kernels.unpack_int4_cpu(self.packed, self.packed.shape[0], self.in_features)
+        if q is None:
+            return None
+        n, g = self.out_features, self.group_size
+        q = q[:n].view(n, -1, g).float().sub_(8)
+        return q.mul_(self.scales[..., None]).add_(self.zeros[..., None]).view(n, self.in_features)
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         y = kernels.int4_mm(rows, self.packed, self.group_size, self.scale_zero)
