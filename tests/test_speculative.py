@@ -329,15 +329,17 @@ def test_speculative_sampling_matches_plain_sampling_fast():
 # -- the CLI on the real model -------------------------------------------------------------------
 @pytest.mark.slow
 def test_cli_speculation_on_the_real_model():
+    """float32 weights: an int8 model's logits come out of the kernel in bfloat16, where near-ties
+    are common enough that a one-token step and a verification forward can pick differently."""
     from conftest import run_cli
 
     prompt = "List: apple, banana, cherry. Again: apple, banana,"
-    base = run_cli("generate", prompt, "--max-new-tokens", "24", "--ignore-eos", "--quantize", "int8")
+    options = ["--max-new-tokens", "16", "--ignore-eos", "--quantize", "none"]
+    base = run_cli("generate", prompt, *options, timeout=900)
     assert base.returncode == 0, base.stderr
     for mode in ("lookup", "int4"):
-        out = run_cli("generate", prompt, "--max-new-tokens", "24", "--ignore-eos", "--quantize", "int8",
-                      "--speculate", mode, "--draft-tokens", "4")
+        out = run_cli("generate", prompt, *options, "--speculate", mode, "--draft-tokens", "4", timeout=900)
         assert out.returncode == 0, out.stderr
         assert out.stdout == base.stdout and "draft tokens accepted" in out.stderr
-    bad = run_cli("generate", prompt, "--speculate", "lookup", "--draft-tokens", "0")
+    bad = run_cli("generate", prompt, "--speculate", "lookup", "--draft-tokens", "0", timeout=900)
     assert bad.returncode == 2 and "draft_tokens" in bad.stderr and "Traceback" not in bad.stderr

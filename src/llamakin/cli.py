@@ -126,6 +126,10 @@ def cmd_generate(args) -> None:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = _sampling(args)
+    if args.speculate:
+        from .speculative import check_options
+
+        check_options(args.speculate, args.draft_tokens)
     model, tokenizer = _open(args)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \

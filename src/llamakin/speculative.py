@@ -263,11 +263,17 @@ class SpeculativeStats(GenerationStats):
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
-def check_speculation(model, mode: str, draft_tokens: int, prompts: int = 1) -> None:
+def check_options(mode: str, draft_tokens: int) -> None:
+    """Refuse an unknown draft kind or draft length (before any model is loaded)."""
     if mode not in MODES:
         raise LlamakinError(f"unknown speculation {mode!r}; use one of {', '.join(MODES)}.")
-    if not (isinstance(draft_tokens, int) and 1 <= draft_tokens <= MAX_DRAFT_TOKENS):
+    if not (isinstance(draft_tokens, int) and not isinstance(draft_tokens, bool)
+            and 1 <= draft_tokens <= MAX_DRAFT_TOKENS):
         raise LlamakinError(f"draft_tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}; got {draft_tokens!r}.")
+
+
+def check_speculation(model, mode: str, draft_tokens: int, prompts: int = 1) -> None:
+    check_options(mode, draft_tokens)
     if prompts != 1:
         raise LlamakinError(f"speculative decoding runs one prompt at a time, not a batch of {prompts}; "
                             "generate them one by one or without speculation.")
