@@ -100,11 +100,16 @@ def _sampling(args, **defaults):
                           seed=args.seed, stop=tuple(args.stop or ()), ignore_eos=getattr(args, "ignore_eos", False))
 
 
-def _stream(model, tokenizer, prompt_ids, params, out=sys.stdout):
+def _stream(model, tokenizer, prompt_ids, params, out=sys.stdout, speculate=None, draft_tokens=4):
     """Stream one generation to ``out``; return its text and stats."""
     from .generate import GenerationRun
 
-    run = GenerationRun(model, tokenizer, [prompt_ids], params)
+    if speculate:
+        from .speculative import SpeculativeRun
+
+        run = SpeculativeRun(model, tokenizer, prompt_ids, params, speculate, draft_tokens)
+    else:
+        run = GenerationRun(model, tokenizer, [prompt_ids], params)
     for _, piece in run:
         out.write(piece)
         out.flush()
@@ -121,6 +126,10 @@ def cmd_generate(args) -> None:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = _sampling(args)
+    if args.speculate:
+        from .speculative import check_options
+
+        check_options(args.speculate, args.draft_tokens)
     model, tokenizer = _open(args)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -130,9 +139,13 @@ def cmd_generate(args) -> None:
         ids = encode_prompt(tokenizer, prompt)
     if not args.chat:
         sys.stdout.write(prompt)
-    _, stats = _stream(model, tokenizer, ids, params)
+    _, stats = _stream(model, tokenizer, ids, params, speculate=args.speculate, draft_tokens=args.draft_tokens)
     sys.stdout.write("\n")
     _report(stats)
+    if args.speculate:
+        from .speculative import report
+
+        print(report(stats), file=sys.stderr)
 
 
 CHAT_HELP = """commands:
@@ -358,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     p.add_argument("--system", help="system message (with --chat)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    p.add_argument("--speculate", choices=["int4", "lookup"],
+                   help="speculative decoding: draft with the model quantized to int4, or by prompt lookup")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens per draft with --speculate (default 4)")
     _add_model_options(p)
     _add_sampling_options(p, temperature=0.0, max_new_tokens=128)
     p.set_defaults(func=cmd_generate)
