@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -27,32 +26,13 @@ from .generation.sampling import (  # noqa: F401 - the public names of the sampl
     apply_top_p,
     next_tokens,
 )
+from .generation.stats import GenerationStats
 from .model.decode import cache_length_for
 from .token_ids import check_token_ids
 from .tokenizer import Tokenizer
 
 
 # -- the generation loop ---------------------------------------------------------------------------
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    rows: int = 1
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """Tokens per second over all rows, counting only tokens from decode steps (each row's
-        first token comes from the prefill)."""
-        decoded = max(self.generated_tokens - self.rows, 0)
-        return decoded / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-    @property
-    def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
-
-
 def encode_prompt(tokenizer: Tokenizer, prompt: str | list[int] | list[dict[str, Any]]) -> list[int]:
     """Token ids for a plain prompt, pre-tokenized ids, or a chat (list of messages)."""
     if isinstance(prompt, str):

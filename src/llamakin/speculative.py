@@ -52,17 +52,16 @@ import torch
 from torch import nn
 
 from .errors import LlamakinError
-from .generate import (
-    GenerationStats,
-    RowResult,
-    SamplingParams,
-    TextStream,
+from .generation import SamplingParams, TextStream
+from .generation.rows import RowResult
+from .generation.sampling import (
     apply_frequency_presence,
     apply_min_p,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
 )
+from .generation.stats import GenerationStats
 from .model.decode import Decoder, cache_length_for
 from .token_ids import check_token_ids
 from .tokenizer import Tokenizer
