@@ -243,7 +243,8 @@ class GenerationRun:
     """An iterator over ``(row, text piece)`` for a batch of prompts; ``results`` and ``stats``
     are complete once it is exhausted."""
 
-    def __init__(self, model, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams):
+    def __init__(self, model, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams,
+                 logits_processors: Sequence[Any] | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise LlamakinError("every prompt needs at least one token; an empty prompt gives the model nothing to continue.")
         for n, prompt in enumerate(prompts):
@@ -260,6 +261,12 @@ class GenerationRun:
                   f"context of {context}, which its {model.config.rope_scaling.type} RoPE scaling extends.",
                   file=sys.stderr)
         self.model, self.tokenizer, self.prompts, self.params = model, tokenizer, prompts, params
+        # per row: None or (generated ids, logits [V]) -> logits, applied just before sampling
+        # (constrained decoding, llamakin.constrained.TokenConstraint)
+        self.logits_processors = list(logits_processors or [None] * len(prompts))
+        if len(self.logits_processors) != len(prompts):
+            raise LlamakinError(f"{len(self.logits_processors)} logits processors for {len(prompts)} prompts; give one "
+                                "(or None) per prompt.")
         self.results = [RowResult() for _ in prompts]
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), rows=len(prompts))
         self._iterator = self._run()
@@ -312,6 +319,9 @@ class GenerationRun:
         self.stats.prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
         for step in range(params.max_new_tokens):
+            if any(self.logits_processors):
+                logits = torch.stack([proc(self.results[row].token_ids, logits[row]) if proc and row in active
+                                      else logits[row] for row, proc in enumerate(self.logits_processors)])
             chosen = next_tokens(logits, params, seen, generator, counts)
             if seen is not None:
                 seen[torch.arange(B, device=device), chosen] = True
@@ -377,14 +387,18 @@ class TextIterator:
 def generate(model, tokenizer: Tokenizer, prompt: str | list[int] | list[dict[str, Any]], *,
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-             stop: Sequence[str] | str | None = None, ignore_eos: bool = False, stream: bool = False):
+             stop: Sequence[str] | str | None = None, ignore_eos: bool = False, stream: bool = False,
+             logits_processor=None):
     """Continue ``prompt`` (a string, token ids, or chat messages rendered with the model's template).
 
     Returns the generated text, or with ``stream=True`` an iterator of text pieces (a
     :class:`TextIterator`, whose ``stats`` hold token counts and speeds once it is exhausted).
+    ``logits_processor``: ``(generated ids, logits [V]) -> logits`` applied before each sampling,
+    e.g. ``Grammar.json(tokenizer, schema, model.config.vocab_size).constraint()`` from
+    :mod:`llamakin.constrained` for output that is valid JSON for ``schema``.
     """
     params = _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos)
-    run = GenerationRun(model, tokenizer, [encode_prompt(tokenizer, prompt)], params)
+    run = GenerationRun(model, tokenizer, [encode_prompt(tokenizer, prompt)], params, [logits_processor])
     if stream:
         return TextIterator(run)
     for _ in run:

@@ -32,6 +32,7 @@ from .logprobs import chat_logprobs, completions_logprobs, token_logprobs
 from .metrics import CountResponses, ServerMetrics
 from .page import add_page_route
 from .schema import APIError, ChatRequest, CompletionRequest, parse_body, sampling_params
+from .structured import plan_chat_output
 from .tokens import add_token_routes
 
 
@@ -156,8 +157,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llamakin"}]}
 
-    def submit(prompt_ids: list[int], params: SamplingParams):
-        request = new_request(prompt_ids, params)
+    def submit(prompt_ids: list[int], params: SamplingParams, logits_processor=None):
+        request = new_request(prompt_ids, params, logits_processor)
         try:
             engine.submit(request)
         except QueueFull as e:
@@ -205,18 +206,21 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         """Server-sent events: text chunks, the finishing chunk, optional usage, ``[DONE]``; a
         failure of this request's generation is one ``error`` event, then the stream ends."""
         ended = False
+
+        def events(value) -> str:  # chunk and final return one event, a list of them, or None
+            return "".join(f"data: {json.dumps(v)}\n\n" for v in (value if isinstance(value, list) else [value])
+                           if v is not None)
+
         try:
-            first = chunk(None, role=True)
-            if first is not None:
-                yield f"data: {json.dumps(first)}\n\n"
+            yield events(chunk(None, role=True))
             while True:
                 kind, payload = await request.events.get()
                 if kind == "text":
-                    yield f"data: {json.dumps(chunk(payload))}\n\n"
+                    yield events(chunk(payload))
                 elif kind == "done":
                     ended = True
                     metrics.finished.labels(payload.finish_reason).inc()
-                    yield f"data: {json.dumps(final(payload))}\n\n"
+                    yield events(final(payload))
                     if include_usage:
                         yield f"data: {json.dumps(final(payload, usage=usage(prompt_len, payload)))}\n\n"
                     yield "data: [DONE]\n\n"
@@ -241,29 +245,34 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         if body.logprobs and body.stream:
             raise APIError(400, "logprobs are not streamed by this server; send the request without stream.",
                            param="logprobs", code="unsupported_parameter")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
+        output = await asyncio.to_thread(plan_chat_output, body, engine.tokenizer, engine.model.config.vocab_size)
         try:
-            prompt = engine.tokenizer.apply_chat_template(messages)
+            prompt = engine.tokenizer.apply_chat_template(messages, **output.template_kwargs)
         except (TemplateError, LlamakinError) as e:
             raise APIError(400, str(e), param="messages") from None
         ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
         if not ids:
             raise APIError(400, "the chat renders to no tokens at all; send a message with some text.", param="messages")
         params = sampling_params(body, len(ids), engine.context, "messages")
-        request = submit(ids, params)
+        request = submit(ids, params, output.logits_processor())
         rid, now = f"chatcmpl-{request.id}", int(time.time())
         base = {"id": rid, "created": now, "model": model_name}
         if body.stream:
-            def chunk(text, role=False):
-                delta = {"role": "assistant", "content": ""} if role else {"content": text}
+            deltas = output.stream()  # content as it comes, tool calls whole
+
+            def event(delta, finish_reason=None):
                 return {**base, "object": "chat.completion.chunk",
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+            def chunk(text, role=False):
+                return event({"role": "assistant", "content": ""}) if role else [event(d) for d in deltas.feed(text)]
 
             def final(result, usage=None):
                 if usage is not None:
                     return {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
-                return {**base, "object": "chat.completion.chunk",
-                        "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": result.finish_reason}]}
+                return [event(d) for d in deltas.finish()] + [event({}, output.finish_reason(result.finish_reason,
+                                                                                             deltas))]
 
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(request, chunk, final, include, len(ids)), media_type="text/event-stream")
@@ -273,9 +282,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             scored = await asyncio.to_thread(token_logprobs, engine.model, ids + result.token_ids, len(ids),
                                              body.top_logprobs or 0)
             logprobs = chat_logprobs(engine.tokenizer, scored)
+        message = output.message(result.text)
         return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": logprobs,
-                             "finish_reason": result.finish_reason}],
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                             "finish_reason": output.finish_reason(result.finish_reason, message)}],
                 "usage": usage(len(ids), result)}
 
     @app.post("/v1/completions")

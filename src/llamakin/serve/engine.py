@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -54,6 +54,9 @@ class Request:
     created: float = field(default_factory=time.monotonic)  # for the latency metrics
     first_token_at: float | None = None
     last_token_at: float | None = None
+    # constrained decoding: (generated ids, logits [V]) -> logits, applied just before sampling
+    # (a llamakin.constrained.TokenConstraint; stateful, one per row)
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
 
     def emit(self, kind: str, payload: Any) -> None:
         try:
@@ -190,6 +193,8 @@ class Engine:
     def _sample(self, row: _Row, logits: torch.Tensor) -> None:
         """Sample the row's next token from its logits; emit text; finish the row if done."""
         params = row.request.params
+        if row.request.logits_processor is not None:  # the hook of constrained decoding
+            logits = row.request.logits_processor(row.result.token_ids, logits)
         token = int(next_tokens(logits[None], params, None if row.seen is None else row.seen[None], row.generator,
                                 None if row.counts is None else row.counts[None])[0])
         if row.seen is not None:
@@ -273,9 +278,9 @@ def _failure(error: Exception) -> str:
     return f"generation failed for this request ({type(error).__name__}: {error}); other requests were not affected."
 
 
-def new_request(prompt_ids: list[int], params: SamplingParams) -> Request:
+def new_request(prompt_ids: list[int], params: SamplingParams, logits_processor=None) -> Request:
     """A request bound to the running event loop."""
-    return Request(prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+    return Request(prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue(), logits_processor=logits_processor)
 
 
 __all__ = ["Engine", "QueueFull", "Request", "new_request"]
