@@ -79,6 +79,14 @@ def lark_grammar(text: str) -> str:
     return _llguidance().LLMatcher.grammar_from_lark(text)
 
 
+def lark_literal(tokenizer: Tokenizer, text: str) -> str:
+    """``text`` as a Lark item: the token itself (``<[id]>``) when the vocabulary holds it as one
+    token (llguidance treats added tokens such as Qwen's ``<tool_call>`` as special, so they never
+    match a quoted string), else the quoted string."""
+    token = tokenizer.token_to_id(text)
+    return f"<[{token}]>" if token is not None else json.dumps(text)
+
+
 def lark_json(schema: dict[str, Any]) -> str:
     """``schema`` as a Lark ``%json`` rule body, in :data:`JSON_STYLE`."""
     return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE})
@@ -153,4 +161,4 @@ class TokenConstraint:
 
 
 __all__ = ["ANY_JSON_OBJECT", "ConstraintError", "Grammar", "LogitsProcessor", "TokenConstraint", "json_schema_grammar",
-           "lark_grammar", "lark_json", "llg_tokenizer"]
+           "lark_grammar", "lark_json", "lark_literal", "llg_tokenizer"]

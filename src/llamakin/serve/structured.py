@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..constrained import Grammar, lark_grammar
+from ..constrained import Grammar, lark_grammar, lark_literal
 from ..errors import LlamakinError
 from .schema import APIError, ChatRequest
 from .tools import ToolCall, ToolCallFormat, format_for_template
@@ -132,7 +132,7 @@ def plan_chat_output(body: ChatRequest, tokenizer, vocab_size: int) -> ChatOutpu
                             "'none' or drop response_format.", param="response_format",
                        code="unsupported_parameter")
     if forced:
-        grammar = fmt.grammar(tools, parallel=body.parallel_tool_calls is not False)
+        grammar = fmt.grammar(tools, lambda text: lark_literal(tokenizer, text), parallel=body.parallel_tool_calls is not False)
         if grammar is None:
             raise APIError(400, f"tool_choice {choice if isinstance(choice, str) else 'naming a function'} cannot be "
                                 f"enforced for the '{fmt.name}' tool-call format; use 'auto'.", param="tool_choice",

@@ -26,9 +26,11 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..constrained import lark_json
+
+Quote = Callable[[str], str]  # a literal text -> a Lark item for it (llamakin.constrained.lark_literal)
 
 
 @dataclass
@@ -72,9 +74,10 @@ class ToolCallFormat:
         """The calls in the text of one block (between the tags), or None if it is not calls."""
         raise NotImplementedError
 
-    def grammar(self, tools: list[dict[str, Any]], parallel: bool = True) -> str | None:
+    def grammar(self, tools: list[dict[str, Any]], quote: Quote, parallel: bool = True) -> str | None:
         """A Lark grammar (llguidance's dialect) of an answer that is only calls of ``tools``
-        (OpenAI tool objects; one call unless ``parallel``), or None if this format cannot be forced."""
+        (OpenAI tool objects; one call unless ``parallel``), or None if this format cannot be forced.
+        ``quote`` spells a tag for the tokenizer (a special token, or text)."""
         return None
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -181,12 +184,13 @@ class Hermes(ToolCallFormat):
             return None
         return [call] if call else None
 
-    def grammar(self, tools: list[dict[str, Any]], parallel: bool = True) -> str | None:
+    def grammar(self, tools: list[dict[str, Any]], quote: Quote, parallel: bool = True) -> str | None:
         # one JSON shape per tool, so each call's arguments follow that tool's own schema
         rules = [f"call_{i}: {lark_json(_call_schema(tool))}" for i, tool in enumerate(tools)]
         alternatives = " | ".join(f"call_{i}" for i in range(len(tools)))
         start = r'start: block ("\n" block)*' if parallel else "start: block"
-        return "\n".join([start, r'block: "<tool_call>\n" call "\n</tool_call>"', f"call: {alternatives}", *rules])
+        block = f'block: {quote(self.start)} "\\n" call "\\n" {quote(self.end)}'
+        return "\n".join([start, block, f"call: {alternatives}", *rules])
 
 
 class Mistral(ToolCallFormat):
