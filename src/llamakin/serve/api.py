@@ -272,7 +272,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                 if usage is not None:
                     return {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
                 return [event(d) for d in deltas.finish()] + [event({}, output.finish_reason(result.finish_reason,
-                                                                                             deltas))]
+                                                                                             deltas.calls > 0))]
 
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(request, chunk, final, include, len(ids)), media_type="text/event-stream")
@@ -285,7 +285,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         message = output.message(result.text)
         return {**base, "object": "chat.completion",
                 "choices": [{"index": 0, "message": message, "logprobs": logprobs,
-                             "finish_reason": output.finish_reason(result.finish_reason, message)}],
+                             "finish_reason": output.finish_reason(result.finish_reason, "tool_calls" in message)}],
                 "usage": usage(len(ids), result)}
 
     @app.post("/v1/completions")

@@ -49,9 +49,9 @@ class ChatOutput:
             message["tool_calls"] = [c.openai() for c in calls]
         return message
 
-    def finish_reason(self, reason: str | None, message_or_stream: Any) -> str | None:
-        called = (bool(message_or_stream.get("tool_calls")) if isinstance(message_or_stream, dict)
-                  else message_or_stream.calls > 0)
+    @staticmethod
+    def finish_reason(reason: str | None, called: bool) -> str | None:
+        """OpenAI's ``tool_calls`` for an answer that ended (not cut off) with calls."""
         return "tool_calls" if called and reason == "stop" else reason
 
     def stream(self) -> "DeltaStream":
