@@ -13,7 +13,9 @@ names the problem, and ``param`` naming the field:
   accepted; any other unknown field gets a 400 naming it, so a client never silently gets an
   answer computed without the parameter it asked for. vLLM's extra sampling parameters
   ``top_k``, ``min_p``, ``repetition_penalty`` and ``ignore_eos`` are applied
-  (https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html#extra-parameters).
+  (https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html#extra-parameters);
+* the shapes of ``tools``, ``tool_choice``, ``response_format`` and of tool turns in ``messages``
+  (what they mean, and the checks that need the model's template or a grammar: :mod:`.structured`).
 
 :func:`sampling_params` then checks what needs the server's state (the context) and builds the
 engine's :class:`~llamakin.generate.SamplingParams`.
