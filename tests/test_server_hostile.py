@@ -75,7 +75,9 @@ def alone(server, prompt: str, max_tokens: int = 24) -> str:
     ("repetition_penalty", 1e-300), ("frequency_penalty", 3), ("max_tokens", 2 ** 70), ("stop", "x" * 5000),
     ("stop", ["a", "b", "c", "d", "e"]), ("stream", "yes"), ("ignore_eos", 1), ("n", 0), ("n", 10 ** 6),
     ("logprobs", "yes"), ("top_logprobs", 10 ** 6), ("logit_bias", {"1": 5}), ("tools", [{"type": "function"}]), ("tool_choice", "required"),
-    ("response_format", {"type": "json_object"}), ("frobnicate", 1), ("guided_json", {"type": "object"}),
+    ("tool_choice", "sometimes"), ("response_format", {"type": "xml"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}),
+    ("frobnicate", 1), ("guided_json", {"type": "object"}),
     ("stream_options", {"include_usage": True, "x": 1}),
 ])
 def test_bad_field_is_a_400_naming_it(server, field, value):

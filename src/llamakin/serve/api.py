@@ -32,6 +32,7 @@ from .logprobs import chat_logprobs, completions_logprobs, token_logprobs
 from .metrics import CountResponses, ServerMetrics
 from .page import add_page_route
 from .schema import APIError, ChatRequest, CompletionRequest, parse_body, sampling_params
+from .structured import plan_chat_output
 from .tokens import add_token_routes
 
 
@@ -156,12 +157,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llamakin"}]}
 
-    def submit(prompt_ids: list[int], params: SamplingParams, n: int = 1) -> list:
-        """Queue one generation of ``n`` samples; their requests, in choice order."""
+    def submit(prompt_ids: list[int], params: SamplingParams, n: int = 1, make_processor=None) -> list:
+        """Queue one generation of ``n`` samples; their requests, in choice order. ``make_processor``
+        (constrained decoding) makes each sample its own stateful logits processor."""
         if n > engine.max_batch:
             raise APIError(400, f"n={n} samples need as many rows, but this server decodes at most {engine.max_batch} "
                                 "at once (--max-batch); lower n.", param="n", code="invalid_value")
-        request = new_request(prompt_ids, params, n)
+        request = new_request(prompt_ids, params, n, make_processor)
         try:
             engine.submit(request)
         except QueueFull as e:
@@ -215,44 +217,31 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         completion = sum(len(r.token_ids) for r in results)
         return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
 
-    async def events(requests) -> AsyncIterator[tuple[int, str, object]]:
-        """``(choice index, kind, payload)`` of every request, as they come."""
-        waiting = {asyncio.ensure_future(r.events.get()): i for i, r in enumerate(requests)}
-        try:
-            while waiting:
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                for task in sorted(done, key=waiting.get):
-                    index = waiting.pop(task)
-                    kind, payload = task.result()
-                    yield index, kind, payload
-                    if kind == "text":
-                        waiting[asyncio.ensure_future(requests[index].events.get())] = index
-        finally:
-            for task in waiting:
-                task.cancel()
-
     async def sse(requests, chunk, final, include_usage: bool, prompt_len: int) -> AsyncIterator[str]:
         """Server-sent events: text chunks of every choice, each choice's finishing chunk, optional
         usage, ``[DONE]``; a failure of this request's generation is one ``error`` event, then the
-        stream ends."""
+        stream ends. ``chunk`` and ``final`` return one event, a list of them, or None."""
         ended = False
         results: dict[int, RowResult] = {}
+
+        def sent(value) -> str:
+            return "".join(f"data: {json.dumps(v)}\n\n" for v in (value if isinstance(value, list) else [value])
+                           if v is not None)
+
         try:
             for index in range(len(requests)):
-                first = chunk(None, index, role=True)
-                if first is not None:
-                    yield f"data: {json.dumps(first)}\n\n"
+                yield sent(chunk(None, index, role=True))
             async for index, kind, payload in events(requests):
                 if kind == "text":
-                    yield f"data: {json.dumps(chunk(payload, index))}\n\n"
+                    yield sent(chunk(payload, index))
                 elif kind == "done":
                     results[index] = payload
                     metrics.finished.labels(payload.finish_reason).inc()
-                    yield f"data: {json.dumps(final(payload, index))}\n\n"
+                    yield sent(final(payload, index))
                     if len(results) == len(requests):
                         ended = True
                         if include_usage:
-                            yield f"data: {json.dumps(final(payload, index, usage=total_usage(prompt_len, list(results.values()))))}\n\n"
+                            yield sent(final(payload, index, usage=total_usage(prompt_len, list(results.values()))))
                         yield "data: [DONE]\n\n"
                         return
                 else:
@@ -276,30 +265,37 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         if body.logprobs and body.stream:
             raise APIError(400, "logprobs are not streamed by this server; send the request without stream.",
                            param="logprobs", code="unsupported_parameter")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
+        output = await asyncio.to_thread(plan_chat_output, body, engine.tokenizer, engine.model.config.vocab_size)
         try:
-            prompt = engine.tokenizer.apply_chat_template(messages)
+            prompt = engine.tokenizer.apply_chat_template(messages, **output.template_kwargs)
         except (TemplateError, LlamakinError) as e:
             raise APIError(400, str(e), param="messages") from None
         ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
         if not ids:
             raise APIError(400, "the chat renders to no tokens at all; send a message with some text.", param="messages")
         params = sampling_params(body, len(ids), engine.context, "messages")
-        requests = submit(ids, params, body.n)
+        requests = submit(ids, params, body.n, output.logits_processor)
         rid, now = f"chatcmpl-{requests[0].id}", int(time.time())
         base = {"id": rid, "created": now, "model": model_name}
         if body.stream:
-            def chunk(text, index, role=False):
-                delta = {"role": "assistant", "content": ""} if role else {"content": text}
+            deltas = [output.stream() for _ in requests]  # per choice: content as it comes, tool calls whole
+
+            def event(index, delta, finish_reason=None):
                 return {**base, "object": "chat.completion.chunk",
-                        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
+                        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+            def chunk(text, index, role=False):
+                if role:
+                    return event(index, {"role": "assistant", "content": ""})
+                return [event(index, d) for d in deltas[index].feed(text)]
 
             def final(result, index, usage=None):
                 if usage is not None:
                     return {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
-                return {**base, "object": "chat.completion.chunk",
-                        "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                     "finish_reason": result.finish_reason}]}
+                calls = deltas[index]
+                return [event(index, d) for d in calls.finish()] + [
+                    event(index, {}, output.finish_reason(result.finish_reason, calls.calls > 0))]
 
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(requests, chunk, final, include, len(ids)), media_type="text/event-stream")
@@ -311,8 +307,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                 scored = await asyncio.to_thread(token_logprobs, engine.model, ids + result.token_ids, len(ids),
                                                  body.top_logprobs or 0)
                 logprobs = chat_logprobs(engine.tokenizer, scored)
-            choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
-                            "logprobs": logprobs, "finish_reason": result.finish_reason})
+            message = output.message(result.text)
+            choices.append({"index": index, "message": message, "logprobs": logprobs,
+                            "finish_reason": output.finish_reason(result.finish_reason, "tool_calls" in message)})
         return {**base, "object": "chat.completion", "choices": choices, "usage": total_usage(len(ids), results)}
 
     @app.post("/v1/completions")

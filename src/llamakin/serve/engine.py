@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -57,6 +57,9 @@ class Request:
     last_token_at: float | None = None
     index: int = 0  # which of the request's n samples this is (its seed is derived from it)
     forks: list["Request"] = field(default_factory=list)  # the other samples, prefilled with this one
+    # constrained decoding: (generated ids, logits [V]) -> logits, applied just before sampling
+    # (a llamakin.constrained.TokenConstraint; stateful, so each sample has its own)
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
 
     def emit(self, kind: str, payload: Any) -> None:
         try:
@@ -165,7 +168,9 @@ class Engine:
 
     def _row(self, request: Request) -> Row:
         params, model = request.params, self.model
-        sampler = RowSampler(params, model.config.vocab_size, model.device, request.prompt_ids, request.index)
+        processors = [request.logits_processor] if request.logits_processor is not None else []
+        sampler = RowSampler(params, model.config.vocab_size, model.device, request.prompt_ids, request.index,
+                             processors)
         return Row(list(request.prompt_ids), params, sampler, TextStream(self.tokenizer, params.stop), owner=request,
                    on_text=lambda piece: request.emit("text", piece),
                    on_token=lambda token, kept: self._counted(request, kept),
@@ -199,12 +204,15 @@ def _failure(error: Exception) -> str:
     return f"generation failed for this request ({type(error).__name__}: {error}); other requests were not affected."
 
 
-def new_request(prompt_ids: list[int], params: SamplingParams, n: int = 1) -> Request:
+def new_request(prompt_ids: list[int], params: SamplingParams, n: int = 1, make_processor=None) -> Request:
     """A request bound to the running event loop; with ``n > 1`` its ``forks`` are the other samples
-    (each with its own event queue, sample index and derived seed)."""
+    (each with its own event queue, sample index and derived seed). ``make_processor()`` gives each
+    sample its own logits processor (constrained decoding), or None."""
     loop = asyncio.get_running_loop()
-    request = Request(prompt_ids, params, loop, asyncio.Queue())
-    request.forks = [Request(prompt_ids, params, loop, asyncio.Queue(), id=request.id, index=i) for i in range(1, n)]
+    processor = make_processor or (lambda: None)
+    request = Request(prompt_ids, params, loop, asyncio.Queue(), logits_processor=processor())
+    request.forks = [Request(prompt_ids, params, loop, asyncio.Queue(), id=request.id, index=i,
+                             logits_processor=processor()) for i in range(1, n)]
     return request
 
 

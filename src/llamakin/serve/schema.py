@@ -13,7 +13,9 @@ names the problem, and ``param`` naming the field:
   accepted; any other unknown field gets a 400 naming it, so a client never silently gets an
   answer computed without the parameter it asked for. vLLM's extra sampling parameters
   ``top_k``, ``min_p``, ``repetition_penalty`` and ``ignore_eos`` are applied
-  (https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html#extra-parameters).
+  (https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html#extra-parameters);
+* the shapes of ``tools``, ``tool_choice``, ``response_format`` and of tool turns in ``messages``
+  (what they mean, and the checks that need the model's template or a grammar: :mod:`.structured`).
 
 :func:`sampling_params` then checks what needs the server's state (the context) and builds the
 generation core's :class:`~llamakin.generation.SamplingParams` (the one object the CLI and the
@@ -75,15 +77,103 @@ class TextPart(_Strict):
     text: StrictStr
 
 
+class FunctionCall(_Strict):
+    name: StrictStr
+    arguments: StrictStr  # a JSON text, as OpenAI's API carries it
+
+
+class ToolCallIn(_Strict):
+    """A tool call of an earlier assistant turn, sent back in ``messages``."""
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None  # OpenAI's optional participant name; it does not change the prompt
+    tool_call_id: StrictStr | None = None  # role "tool": the call this message answers
+    tool_calls: list[ToolCallIn] | None = None  # role "assistant": the calls it made
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a message with role 'tool' needs 'tool_call_id', the id of the call it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only a message with role 'tool' carries 'tool_call_id'")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only a message with role 'assistant' carries 'tool_calls'")
+        return self
 
     def text(self) -> str:
         if self.content is None:
             return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it (transformers' convention): a tool call's
+        ``arguments`` decoded to an object when they are JSON, as templates ``tojson`` them."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    arguments = call.function.arguments
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": arguments}})
+            out["tool_calls"] = calls
+        return out
+
+
+# -- tools and response_format (what they mean: structured.py) --------------------------------------
+class FunctionDef(_Strict):
+    name: Annotated[str, Strict(), Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule for names
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: StrictBool | None = None  # arguments are always enforced when a call is forced
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: StrictStr
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Annotated[str, Strict(), Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None  # the schema is always enforced
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")]
 
 
 class _Sampling(BaseModel):
@@ -139,11 +229,12 @@ class ChatRequest(_Sampling):
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None  # false: a forced tool choice makes exactly one call
+    response_format: ResponseFormat | None = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
 
     def prompt_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -165,9 +256,7 @@ class CompletionRequest(_Sampling):
 
 # Known parameters this server does not implement, with the values that mean "not used".
 UNSUPPORTED: dict[type, dict[str, tuple]] = {
-    ChatRequest: {"tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
-                  "function_call": (None, "none"),
-                  "logit_bias": (None, {}), "response_format": (None, {"type": "text"})},
+    ChatRequest: {"functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {})},
     CompletionRequest: {"logit_bias": (None, {}), "suffix": (None, ""),
                         "best_of": (None, 1), "top_logprobs": (None,)},
 }

@@ -89,8 +89,7 @@ def add_token_routes(app, engine, check_model) -> None:
         if body.model is not None:
             check_model(body.model)
         if body.messages is not None:
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in body.messages]
+            messages = [m.for_template() for m in body.messages]
             try:
                 text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
             except (TemplateError, LlamakinError) as e:
