@@ -217,6 +217,22 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         completion = sum(len(r.token_ids) for r in results)
         return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
 
+    async def events(requests) -> AsyncIterator[tuple[int, str, object]]:
+        """``(choice index, kind, payload)`` of every request, as they come."""
+        waiting = {asyncio.ensure_future(r.events.get()): i for i, r in enumerate(requests)}
+        try:
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=waiting.get):
+                    index = waiting.pop(task)
+                    kind, payload = task.result()
+                    yield index, kind, payload
+                    if kind == "text":
+                        waiting[asyncio.ensure_future(requests[index].events.get())] = index
+        finally:
+            for task in waiting:
+                task.cancel()
+
     async def sse(requests, chunk, final, include_usage: bool, prompt_len: int) -> AsyncIterator[str]:
         """Server-sent events: text chunks of every choice, each choice's finishing chunk, optional
         usage, ``[DONE]``; a failure of this request's generation is one ``error`` event, then the
