@@ -192,8 +192,11 @@ def test_chat_messages_use_the_template(tiny):
 def test_traced_decode_step_equals_the_eager_step(monkeypatch, dtype, batch):
     """The TorchScript replay computes exactly what ``decode_step`` computes (both CPU paths of
     the projection included: 1 row and 4 rows; in bf16 the widened-weight path)."""
+    from llamakin.model import decode
     from llamakin.model.decode import Decoder
 
+    # a fresh trace cache: the process-wide recording budget may be spent by earlier tests
+    monkeypatch.setattr(decode, "TRACES", decode.TraceCache(4))
     torch.manual_seed(0)
     config = llamakin.ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                   intermediate_size=96, max_position_embeddings=64)
