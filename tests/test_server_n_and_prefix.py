@@ -84,3 +84,49 @@ def test_prefix_caching_off(tiny):  # noqa: F811
         assert "llamakin_prefix_cache" not in httpx.get(s.url + "/metrics").text
     finally:
         s.close()
+
+
+def test_per_row_logits_processors_reach_the_sampler(tiny):  # noqa: F811
+    """The hook constrained decoding attaches to: each row (each of n samples) gets fresh processors
+    from the request's factory, and they decide what is sampled."""
+    import asyncio
+
+    import torch
+
+    from llamakin.generation import SamplingParams
+    from llamakin.serve.engine import Engine, new_request
+
+    model, tok = tiny
+    allowed = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    allowed[tok.encode(" yes no maybe", add_special_tokens=False)] = True
+    made = []
+
+    def make_processors():
+        seen = []
+        made.append(seen)
+
+        def only_allowed(generated, logits):
+            seen.append(len(generated))
+            return logits.masked_fill(~allowed, float("-inf"))
+        return [only_allowed]
+
+    async def serve():
+        engine = Engine(model, tok, max_batch=4, context=128)
+        request = new_request(tok.encode("Answer:"), SamplingParams(max_new_tokens=5, temperature=1.0, seed=1,
+                                                                     ignore_eos=True), n=2,
+                              make_processors=make_processors)
+        engine.submit(request)
+        results = []
+        for r in (request, *request.forks):
+            while True:
+                kind, payload = await asyncio.wait_for(r.events.get(), 120)
+                assert kind != "error", payload
+                if kind == "done":
+                    results.append(payload.token_ids)
+                    break
+        engine.stop()
+        return results
+
+    results = asyncio.run(serve())
+    assert len(made) == 2 and all(seen == [0, 1, 2, 3, 4] for seen in made)  # one fresh list per sample
+    assert all(allowed[t] for ids in results for t in ids)

@@ -158,12 +158,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llamakin"}]}
 
     def submit(prompt_ids: list[int], params: SamplingParams, n: int = 1, make_processor=None) -> list:
-        """Queue one generation of ``n`` samples; their requests, in choice order. ``make_processor``
-        (constrained decoding) makes each sample its own stateful logits processor."""
+        """Queue one generation of ``n`` samples; their requests, in choice order. ``make_processor()``
+        (constrained decoding) gives each sample its own stateful logits processor, or None."""
         if n > engine.max_batch:
             raise APIError(400, f"n={n} samples need as many rows, but this server decodes at most {engine.max_batch} "
                                 "at once (--max-batch); lower n.", param="n", code="invalid_value")
-        request = new_request(prompt_ids, params, n, make_processor)
+
+        def make_processors() -> list:
+            processor = make_processor() if make_processor is not None else None
+            return [] if processor is None else [processor]
+
+        request = new_request(prompt_ids, params, n, make_processors)
         try:
             engine.submit(request)
         except QueueFull as e:

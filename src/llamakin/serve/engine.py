@@ -28,6 +28,7 @@ import torch
 
 from ..errors import LlamakinError
 from ..generation import PrefixCache, Row, RowBatch, RowSampler, SamplingParams, TextStream
+from ..generation.sampling import LogitsProcessor
 from ..model import decode
 from ..tokenizer import Tokenizer
 
@@ -57,9 +58,11 @@ class Request:
     last_token_at: float | None = None
     index: int = 0  # which of the request's n samples this is (its seed is derived from it)
     forks: list["Request"] = field(default_factory=list)  # the other samples, prefilled with this one
-    # constrained decoding: (generated ids, logits [V]) -> logits, applied just before sampling
-    # (a llamakin.constrained.TokenConstraint; stateful, so each sample has its own)
-    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
+    # per-row hooks of the generation core (see llamakin.generation.rows): a factory of this row's
+    # logits processors (called once per row, so stateful ones such as a JSON grammar start fresh for
+    # every sample), and an adapter id (None: the model's own weights)
+    make_processors: Callable[[], list[LogitsProcessor]] | None = None
+    adapter: Any = None
 
     def emit(self, kind: str, payload: Any) -> None:
         try:
@@ -168,10 +171,11 @@ class Engine:
 
     def _row(self, request: Request) -> Row:
         params, model = request.params, self.model
-        processors = [request.logits_processor] if request.logits_processor is not None else []
+        processors = request.make_processors() if request.make_processors is not None else ()
         sampler = RowSampler(params, model.config.vocab_size, model.device, request.prompt_ids, request.index,
                              processors)
         return Row(list(request.prompt_ids), params, sampler, TextStream(self.tokenizer, params.stop), owner=request,
+                   adapter=request.adapter,
                    on_text=lambda piece: request.emit("text", piece),
                    on_token=lambda token, kept: self._counted(request, kept),
                    cancelled=request.cancelled.is_set)
@@ -204,15 +208,14 @@ def _failure(error: Exception) -> str:
     return f"generation failed for this request ({type(error).__name__}: {error}); other requests were not affected."
 
 
-def new_request(prompt_ids: list[int], params: SamplingParams, n: int = 1, make_processor=None) -> Request:
+def new_request(prompt_ids: list[int], params: SamplingParams, n: int = 1,
+                make_processors: Callable[[], list[LogitsProcessor]] | None = None, adapter: Any = None) -> Request:
     """A request bound to the running event loop; with ``n > 1`` its ``forks`` are the other samples
-    (each with its own event queue, sample index and derived seed). ``make_processor()`` gives each
-    sample its own logits processor (constrained decoding), or None."""
+    (each with its own event queue, sample index and derived seed, the same hooks)."""
     loop = asyncio.get_running_loop()
-    processor = make_processor or (lambda: None)
-    request = Request(prompt_ids, params, loop, asyncio.Queue(), logits_processor=processor())
+    request = Request(prompt_ids, params, loop, asyncio.Queue(), make_processors=make_processors, adapter=adapter)
     request.forks = [Request(prompt_ids, params, loop, asyncio.Queue(), id=request.id, index=i,
-                             logits_processor=processor()) for i in range(1, n)]
+                             make_processors=make_processors, adapter=adapter) for i in range(1, n)]
     return request
 
 
