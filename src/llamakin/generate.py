@@ -377,22 +377,14 @@ class TextIterator:
 def generate(model, tokenizer: Tokenizer, prompt: str | list[int] | list[dict[str, Any]], *,
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-             stop: Sequence[str] | str | None = None, ignore_eos: bool = False, stream: bool = False,
-             speculate: str | None = None, draft_tokens: int = 4):
+             stop: Sequence[str] | str | None = None, ignore_eos: bool = False, stream: bool = False):
     """Continue ``prompt`` (a string, token ids, or chat messages rendered with the model's template).
 
     Returns the generated text, or with ``stream=True`` an iterator of text pieces (a
     :class:`TextIterator`, whose ``stats`` hold token counts and speeds once it is exhausted).
-    ``speculate="int4"|"lookup"`` decodes speculatively with ``draft_tokens`` per draft
-    (:mod:`llamakin.speculative`).
     """
     params = _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos)
-    if speculate is not None:
-        from .speculative import SpeculativeRun
-
-        run = SpeculativeRun(model, tokenizer, encode_prompt(tokenizer, prompt), params, speculate, draft_tokens)
-    else:
-        run = GenerationRun(model, tokenizer, [encode_prompt(tokenizer, prompt)], params)
+    run = GenerationRun(model, tokenizer, [encode_prompt(tokenizer, prompt)], params)
     if stream:
         return TextIterator(run)
     for _ in run:
