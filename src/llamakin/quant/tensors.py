@@ -71,33 +71,17 @@ def check_group_size(group_size: int, in_features: int, where: str = "") -> None
 ROWS_PER_SLICE = 4096  # quantizers work on row slices: no float32 copy of a large matrix at once
 
 
-# clipping ratios searched per row by quantize_int8: 1.0 (no clipping) down to 0.70
-CLIP_RATIOS = tuple(1.0 - 0.015 * i for i in range(21))
-
-
 @torch.no_grad()
-def quantize_int8(weight: torch.Tensor, clip_ratios: tuple[float, ...] = CLIP_RATIOS) -> Int8Weight:
-    """Symmetric per-row int8, round to nearest, with the row's scale ``r * max|W[n]| / 127`` for
-    the ratio ``r`` in ``clip_ratios`` that minimises the row's squared error (a clipped range
-    trades a few outliers' error for a finer step everywhere else; ``r = 1`` is plain max
-    scaling, so the error is never larger than its). Measured on SmolLM2-135M's projections
-    (perplexity on the README's text): +0.75% with max scaling, +0.54% with the search."""
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    """Symmetric per-row int8 (round to nearest): ``scale = max|W[n]| / 127``."""
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for start in range(0, weight.shape[0], ROWS_PER_SLICE):
         w = weight[start:start + ROWS_PER_SLICE].detach().to(torch.float32)
-        top = w.abs().amax(dim=1).div(127.0)
-        best, best_error = top, None
-        for ratio in clip_ratios:
-            s = torch.where(top > 0, top * ratio, torch.ones_like(top))
-            error = (torch.round(w / s[:, None]).clamp_(-127, 127) * s[:, None] - w).square_().sum(1)
-            if best_error is None:
-                best, best_error = s, error
-            else:
-                better = error < best_error
-                best, best_error = torch.where(better, s, best), torch.where(better, error, best_error)
-        q[start:start + ROWS_PER_SLICE] = torch.round(w / best[:, None]).clamp_(-127, 127)
-        scales[start:start + ROWS_PER_SLICE] = torch.where(top > 0, best, torch.zeros_like(best))
+        s = w.abs().amax(dim=1).div(127.0)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q[start:start + ROWS_PER_SLICE] = torch.round(w / safe[:, None]).clamp_(-127, 127)
+        scales[start:start + ROWS_PER_SLICE] = s
     return Int8Weight(q, scales)
 
 
