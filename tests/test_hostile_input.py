@@ -109,6 +109,14 @@ def test_gguf_declaring_a_huge_model_is_refused_from_its_header(tmp_path, metada
     one_sentence(str(info.value))
 
 
+@pytest.mark.parametrize("quantize", ["auto", "int8", "int4"])
+def test_quantized_loading_checks_the_size_too(tmp_path, quantize):
+    header_only_gguf(tmp_path / "m.gguf", **{"llama.block_count": 10 ** 6})
+    with no_hang(), pytest.raises(CheckpointError, match="parameters but the file stores only 0 values") as info:
+        llamakin.load(tmp_path / "m.gguf", quantize=quantize)
+    one_sentence(str(info.value))
+
+
 def test_converting_a_gguf_without_tensors(tmp_path):
     header_only_gguf(tmp_path / "m.gguf")
     assert_cli_refuses(run_cli("convert", str(tmp_path / "m.gguf"), str(tmp_path / "out")), "holds no tensors")

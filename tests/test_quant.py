@@ -174,6 +174,17 @@ def test_quantized_model_matches_its_dequantized_twin(mode, tied):
 
 
 @torch.no_grad()
+def test_tied_head_left_in_float_keeps_the_float_table():
+    """head="none" on a tied model: the head reads the embedding's float table, so the embedding
+    stays float (it used to become int8, and the float head then had no table to read)."""
+    model = tiny(tied=True)
+    quantized = quantize_model(copy.deepcopy(model), "int8", head="none")
+    assert quantized.lm_head is None and quantized.embed.weight is not None
+    ids = torch.randint(0, 128, (1, 7))
+    assert (quantized(ids) - model(ids)).abs().max() < 0.1
+
+
+@torch.no_grad()
 def test_quantized_model_decodes_through_the_traced_step(monkeypatch):
     """Greedy generation with quantized modules: the traced decode step and eager decoding agree."""
     model = quantize_model(tiny(**BIASED), "int4", 32)

@@ -99,7 +99,13 @@ def test_greedy_equals_plain_decoding(request, tok, mode, which):
         assert r.stats.generated_tokens == 24 and r.results[0].finish_reason == "length"
         assert r.stats.drafted_tokens > 0, "the test must exercise drafts"
     # and through the public API
-    assert generate(model, tok, ids, max_new_tokens=24, ignore_eos=True, speculate=mode, draft_tokens=3) == plain
+    assert llamakin.generate_speculative(model, tok, ids, max_new_tokens=24, ignore_eos=True, speculate=mode,
+                                         draft_tokens=3) == plain
+    stream = llamakin.generate_speculative(model, tok, ids, max_new_tokens=24, ignore_eos=True, speculate=mode,
+                                           stream=True)
+    assert "".join(stream) == plain and stream.stats.generated_tokens == 24
+    with pytest.raises(LlamakinError, match="unknown generation option"):
+        llamakin.generate_speculative(model, tok, ids, max_tokens=3)
 
 
 class NoisyOracleDraft(LookupDraft):

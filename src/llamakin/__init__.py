@@ -14,12 +14,13 @@ from .errors import CheckpointError, ConfigError, LlamakinError, UnsupportedErro
 from .generate import SamplingParams, generate, generate_batch
 from .loading import load
 from .model import KVCache, Transformer
+from .speculative import generate_speculative
 from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "KVCache", "LlamakinError", "ModelConfig", "RopeScaling", "SamplingParams",
-    "Tokenizer", "Transformer", "UnsupportedError", "generate", "generate_batch", "load", "load_tokenizer",
+    "Tokenizer", "Transformer", "UnsupportedError", "generate", "generate_batch", "generate_speculative", "load", "load_tokenizer",
     "save_pretrained",
 ]

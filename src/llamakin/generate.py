@@ -157,27 +157,19 @@ def generate(model, tokenizer: Tokenizer, prompt: str | list[int] | list[dict[st
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
              stop: Sequence[str] | str | None = None, ignore_eos: bool = False, stream: bool = False,
-             speculate: str | None = None, draft_tokens: int = 4, logits_processor=None):
+             logits_processor=None):
     """Continue ``prompt`` (a string, token ids, or chat messages rendered with the model's template).
 
     Returns the generated text, or with ``stream=True`` an iterator of text pieces (a
     :class:`TextIterator`, whose ``stats`` hold token counts and speeds once it is exhausted).
-    ``speculate="int4"|"lookup"`` decodes speculatively with ``draft_tokens`` per draft
-    (:mod:`llamakin.speculative`). ``logits_processor``: ``(generated ids, logits [V]) -> logits``
-    applied before each sampling, e.g. ``Grammar.json(tokenizer, schema, model.config.vocab_size).constraint()``
-    from :mod:`llamakin.constrained` for output that is valid JSON for ``schema``.
+    ``logits_processor``: ``(generated ids, logits [V]) -> logits`` applied before each sampling, e.g.
+    ``Grammar.json(tokenizer, schema, model.config.vocab_size).constraint()`` from
+    :mod:`llamakin.constrained` for output that is valid JSON for ``schema``. Speculative decoding:
+    :func:`llamakin.generate_speculative`.
     """
     params = _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos)
-    if speculate is not None:
-        if logits_processor is not None:
-            raise LlamakinError("speculative decoding cannot apply a logits processor (constrained decoding); "
-                                "drop speculate or the processor.")
-        from .speculative import SpeculativeRun
-
-        run = SpeculativeRun(model, tokenizer, encode_prompt(tokenizer, prompt), params, speculate, draft_tokens)
-    else:
-        processors = [[logits_processor]] if logits_processor is not None else None
-        run = GenerationRun(model, tokenizer, [encode_prompt(tokenizer, prompt)], params, processors=processors)
+    processors = [[logits_processor]] if logits_processor is not None else None
+    run = GenerationRun(model, tokenizer, [encode_prompt(tokenizer, prompt)], params, processors=processors)
     if stream:
         return TextIterator(run)
     for _ in run:

@@ -410,6 +410,28 @@ class SpeculativeRun:
         return kept + [self._choose(state.logits(logits[len(draft)]), generator)]
 
 
+def generate_speculative(model, tokenizer: Tokenizer, prompt, *, speculate: str = "lookup", draft_tokens: int = 4,
+                         stream: bool = False, **sampling):
+    """:func:`llamakin.generate` with speculative decoding: ``speculate="int4"`` or ``"lookup"``,
+    ``draft_tokens`` per draft; ``sampling`` takes generate's sampling keywords (max_new_tokens,
+    temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos). Returns the
+    text, or with ``stream=True`` a :class:`~llamakin.generate.TextIterator`."""
+    from .generate import TextIterator, _params, encode_prompt
+
+    defaults = dict(max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                    seed=None, stop=None, ignore_eos=False)
+    unknown = set(sampling) - set(defaults)
+    if unknown:
+        raise LlamakinError(f"unknown generation option(s) {', '.join(sorted(unknown))}; use {', '.join(defaults)}.")
+    params = _params(**{**defaults, **sampling})
+    run = SpeculativeRun(model, tokenizer, encode_prompt(tokenizer, prompt), params, speculate, draft_tokens)
+    if stream:
+        return TextIterator(run)
+    for _ in run:
+        pass
+    return run.results[0].text
+
+
 def report(stats: SpeculativeStats) -> str:
     """One line for the CLI."""
     return (f"[speculation: {stats.accepted_tokens}/{stats.drafted_tokens} draft tokens accepted "

@@ -98,7 +98,8 @@ def quantize_model(model: nn.Module, mode: str = "int4", group_size: int = 32, h
         if collect is not None:
             collect[HEAD] = weight
         model.lm_head = _make_module(weight, None, activation_dtype, device)
-    if embedding and isinstance(model.embed, nn.Embedding):
+    # a tied head left in float reads the embedding's float table, so that table stays float too
+    if embedding and isinstance(model.embed, nn.Embedding) and model.lm_head is not None:
         model.embed = Int8Embedding.from_float(model.embed.weight, BLOCK).to(device)
     return model
 
@@ -136,6 +137,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | 
     from ..io.tensors import open_weights
     from ..model import Transformer
     from ..source import resolve_model
+    from ..validation import check_plausible_size, stored_values
 
     device = torch.device(device)
     model_source = resolve_model(path)
@@ -151,6 +153,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | 
         source = open_weights(directory)
         where = str(directory)
     with source:
+        # the size check of the float loader (checkpoint.load): a config the file cannot hold, or a model
+        # the device cannot fit, is refused before anything is built; quantized weights take ~1 byte each
+        check_plausible_size(config, where, stored_values(source), dtype if mode == "auto" and not gguf else torch.int8,
+                             device)
         with torch.device("meta"):
             model = Transformer(config)
         model = model.to(dtype=dtype)
