@@ -42,7 +42,8 @@ def gguf_family_for(model: Transformer) -> GGUFFamily:
 def tokenizer_metadata(source: str | Path | None) -> dict[str, Any]:
     """llama.cpp tokenizer keys for the tokenizer stored with ``source`` (empty if there is none)."""
     from .errors import CheckpointError
-    from .tokenizer import _SentencePiece, load_tokenizer
+    from .tokenizer import load_tokenizer
+    from .tokenizer.base import _SentencePiece
 
     if source is None:
         return {}
