@@ -27,6 +27,7 @@ import torch
 
 from ..errors import LlamakinError
 from ..generate import RowResult, SamplingParams, TextStream, next_tokens
+from ..lora.multi import select_rows
 from ..model import decode
 from ..model.cache import KVCache
 from ..model.decode import CACHE_BUCKET, Decoder
@@ -49,6 +50,7 @@ class Request:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    adapter: int = 0  # the LoRA adapter of this request (llamakin.lora.multi); 0: the base model
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)  # for the latency metrics
@@ -163,6 +165,7 @@ class Engine:
         params = request.params
         view = self.cache.view(index)
         ids = torch.tensor([request.prompt_ids], device=self.model.device)
+        select_rows(self.model, [request.adapter])  # the adapter hook (no-op without adapters)
         logits = self.model(ids, cache=view, last_only=True)[:, -1]
         vocab = self.model.config.vocab_size
         generator = None
@@ -224,6 +227,7 @@ class Engine:
         pad = batch - n
         tokens = torch.tensor([r.last_token for r in self.rows] + [0] * pad, device=device)[:, None]
         lengths = torch.tensor([r.length for r in self.rows] + [0] * pad, device=device)
+        select_rows(self.model, [r.request.adapter for r in self.rows] + [0] * pad)  # the adapter hook, per row
         logits = Decoder(self.model, view).step_rows(tokens, lengths[:, None], lengths)
         for index, row in enumerate(self.rows):
             row.length += 1
@@ -273,9 +277,9 @@ def _failure(error: Exception) -> str:
     return f"generation failed for this request ({type(error).__name__}: {error}); other requests were not affected."
 
 
-def new_request(prompt_ids: list[int], params: SamplingParams) -> Request:
-    """A request bound to the running event loop."""
-    return Request(prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+def new_request(prompt_ids: list[int], params: SamplingParams, adapter: int = 0) -> Request:
+    """A request bound to the running event loop (``adapter``: the index of its LoRA adapter)."""
+    return Request(prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue(), adapter=adapter)
 
 
 __all__ = ["Engine", "QueueFull", "Request", "new_request"]
