@@ -16,10 +16,10 @@ from llamakin.cli import main
 from llamakin.lora import LoraSettings, apply_lora, load_adapter, save_adapter
 from llamakin.lora.multi import MultiLoraLinear, attach_adapters, parse_adapter_options, select_rows, with_adapter
 from llamakin.model.decode import Decoder
-from assets import smollm2_gguf
-from conftest import tiny_model
 from test_lora import randomize_adapters
 from test_server import Server
+from assets import smollm2_gguf
+from conftest import tiny_model
 
 openai = pytest.importorskip("openai")
 MODEL = "tiny-test"

@@ -79,9 +79,8 @@ def _open(args):
     """Model and tokenizer for ``--model`` (default: the catalog's default model, pulled on first use)."""
     import llamakin
     from .catalog import DEFAULT_MODEL
-    from .source import resolve_model
-
     from .lora.multi import parse_adapter_options
+    from .source import resolve_model
 
     source = resolve_model(args.model or DEFAULT_MODEL)
     merged, named = parse_adapter_options(getattr(args, "adapter", None) or [])
@@ -220,9 +219,8 @@ def cmd_serve(args) -> None:
     from .extras import require_extra
 
     require_extra("serve", "llamakin serve")
-    from .serve import bind, run
-
     from .lora.multi import attach_adapters, parse_adapter_options
+    from .serve import bind, run
 
     _, named = parse_adapter_options(args.adapter or [])  # refused before anything loads
     sock = bind(args.host, args.port)  # before loading the model: a busy port or bad host fails at once
