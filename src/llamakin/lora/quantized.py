@@ -165,14 +165,14 @@ def load_quantized_base(path, mode: str, group_size: int = 32, device: torch.dev
     """``path`` (anything :func:`llamakin.load` reads) with a frozen quantized base, read straight into
     the quantized layouts (no whole float copy of the model; a llamakin-quantized checkpoint is
     dequantized and quantized again in ``mode``)."""
-    import llamakin
-    from ..quant.files import is_quantized_checkpoint
+    from ..quant.files import is_quantized_checkpoint, load_quantized_checkpoint
     from ..quant.model import load_quantized
     from ..source import resolve_model
 
     source = resolve_model(path)
     if not source.is_gguf and is_quantized_checkpoint(source.path):
-        return quantize_base(llamakin.load(source, dtype=torch.float32, device=device), mode, group_size)
+        float_model = load_quantized_checkpoint(source.path, torch.float32, device, dequantize=True)
+        return quantize_base(float_model, mode, group_size)
     weights: dict[str, Int4Weight | Int8Weight] = {}
     model = load_quantized(source.path, torch.float32, device, mode, group_size, head="int8", collect=weights)
     for name, weight in weights.items():
