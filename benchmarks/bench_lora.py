@@ -5,7 +5,7 @@ converted from its GGUF once) in float32, put rank-r adapters on the same projec
 so both compute exactly the same function), and run the same step (forward, cross-entropy,
 backward, gradient clipping, fused AdamW over the adapters only) on the same random batches.
 Steps alternate between the two in one process; medians are compared. Peak memory is measured
-in a fresh process per side (peak RSS, and its growth over the loaded model during training), with
+in a fresh process per side (peak RSS in training, and its growth over the loaded model), with
 the bytes the model holds (parameters and buffers: the frozen base plus the adapters).
 
 QLoRA sides (``--sides llamakin,qlora-int4,qlora-int8``): llamakin with the frozen base held as
@@ -39,6 +39,7 @@ from llamakin.catalog import DEFAULT_MODEL, home  # noqa: E402
 from llamakin.lora import LoraSettings, apply_lora  # noqa: E402
 from llamakin.lora.model import parse_targets  # noqa: E402
 from llamakin.lora.quantized import load_quantized_base, quantized_bytes  # noqa: E402
+from llamakin.quant.model import release_freed_memory  # noqa: E402
 
 SIDES = ("llamakin", "peft", "qlora-int4", "qlora-int8")
 HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
@@ -119,6 +120,13 @@ def batches(args, vocab: int):
              torch.randint(0, vocab, (args.batch, args.seq), generator=g)) for _ in range(args.steps + 1)]
 
 
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -127,15 +135,19 @@ def rss_mb() -> float:
 
 
 def memory_child(side: str, directory: Path, args) -> None:
-    """Run in a fresh process: RSS after loading, peak RSS over one training step (activations,
-    gradients and the optimizer's first allocation of its state)."""
+    """Run in a fresh process: RSS after loading (freed memory handed back to the OS), then the peak
+    RSS over one training step (activations, gradients and the optimizer's first allocation of its
+    state), the peak counter reset after loading (``/proc/self/clear_refs``) so that loading's
+    transients do not count."""
     model = build(side, directory, args)
+    release_freed_memory()
     loaded = rss_mb()
     held = quantized_bytes(model) / 2**20
     step, _ = make_step(model, side)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
     for x, y in batches(args, 49152)[:1]:
         step(x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps({"side": side, "model_mb": round(held), "loaded_mb": round(loaded), "peak_mb": round(peak),
                       "training_mb": round(peak - loaded)}))
 

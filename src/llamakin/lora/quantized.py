@@ -166,7 +166,7 @@ def load_quantized_base(path, mode: str, group_size: int = 32, device: torch.dev
     the quantized layouts (no whole float copy of the model; a llamakin-quantized checkpoint is
     dequantized and quantized again in ``mode``)."""
     from ..quant.files import is_quantized_checkpoint, load_quantized_checkpoint
-    from ..quant.model import load_quantized
+    from ..quant.model import load_quantized, release_freed_memory
     from ..source import resolve_model
 
     source = resolve_model(path)
@@ -178,6 +178,8 @@ def load_quantized_base(path, mode: str, group_size: int = 32, device: torch.dev
     for name, weight in weights.items():
         old = model.get_submodule(name)
         model.set_submodule(name, FrozenQuantizedLinear(weight, old.bias))
+    del weights
+    release_freed_memory()  # the kernels' packed copies just dropped
     return _frozen_embedding(model)
 
 
