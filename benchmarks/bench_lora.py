@@ -5,9 +5,14 @@ converted from its GGUF once) in float32, put rank-r adapters on the same projec
 so both compute exactly the same function), and run the same step (forward, cross-entropy,
 backward, gradient clipping, fused AdamW over the adapters only) on the same random batches.
 Steps alternate between the two in one process; medians are compared. Peak memory is measured
-in a fresh process per side (peak RSS, and its growth over the loaded model during training).
+in a fresh process per side (peak RSS in training, and its growth over the loaded model), with
+the bytes the model holds (parameters and buffers: the frozen base plus the adapters).
+
+QLoRA sides (``--sides llamakin,qlora-int4,qlora-int8``): llamakin with the frozen base held as
+int4 (groups of 32) or int8 weight-only (``lora.quantize``), the same adapters in float32.
 
     .venv/bin/python benchmarks/bench_lora.py [--batch 2] [--seq 128] [--steps 5] [--rank 16]
+    .venv/bin/python benchmarks/bench_lora.py --sides llamakin,qlora-int4,qlora-int8 [--no-speed]
 
 The machine may be shared: the load average is printed before and after.
 """
@@ -33,7 +38,10 @@ import llamakin  # noqa: E402
 from llamakin.catalog import DEFAULT_MODEL, home  # noqa: E402
 from llamakin.lora import LoraSettings, apply_lora  # noqa: E402
 from llamakin.lora.model import parse_targets  # noqa: E402
+from llamakin.lora.quantized import load_quantized_base, quantized_bytes  # noqa: E402
+from llamakin.quant.model import release_freed_memory  # noqa: E402
 
+SIDES = ("llamakin", "peft", "qlora-int4", "qlora-int8")
 HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
             "down": "down_proj", "lm_head": "lm_head"}
 
@@ -71,8 +79,9 @@ def hf_directory(model: str) -> Path:
 
 def build(side: str, directory: Path, args):
     targets = parse_targets(args.targets)
-    if side == "llamakin":
-        model = llamakin.load(directory)
+    if side == "llamakin" or side.startswith("qlora-"):
+        model = load_quantized_base(directory, side.removeprefix("qlora-")) if side.startswith("qlora-") \
+            else llamakin.load(directory)
         apply_lora(model, LoraSettings(rank=args.rank, alpha=args.alpha, targets=targets))
         model.gradient_checkpointing = args.checkpointing
     else:
@@ -94,7 +103,7 @@ def make_step(model, side: str):
 
     def step(x, y):
         start = time.perf_counter()
-        logits = model(x) if side == "llamakin" else model(input_ids=x).logits
+        logits = model(input_ids=x).logits if side == "peft" else model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -111,6 +120,13 @@ def batches(args, vocab: int):
              torch.randint(0, vocab, (args.batch, args.seq), generator=g)) for _ in range(args.steps + 1)]
 
 
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -119,15 +135,20 @@ def rss_mb() -> float:
 
 
 def memory_child(side: str, directory: Path, args) -> None:
-    """Run in a fresh process: RSS after loading, peak RSS over one training step (activations,
-    gradients and the optimizer's first allocation of its state)."""
+    """Run in a fresh process: RSS after loading (freed memory handed back to the OS), then the peak
+    RSS over one training step (activations, gradients and the optimizer's first allocation of its
+    state), the peak counter reset after loading (``/proc/self/clear_refs``) so that loading's
+    transients do not count."""
     model = build(side, directory, args)
+    release_freed_memory()
     loaded = rss_mb()
+    held = quantized_bytes(model) / 2**20
     step, _ = make_step(model, side)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
     for x, y in batches(args, 49152)[:1]:
         step(x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"side": side, "loaded_mb": round(loaded), "peak_mb": round(peak),
+    peak = peak_rss_mb()
+    print(json.dumps({"side": side, "model_mb": round(held), "loaded_mb": round(loaded), "peak_mb": round(peak),
                       "training_mb": round(peak - loaded)}))
 
 
@@ -151,7 +172,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-side peak-memory processes")
     parser.add_argument("--no-speed", action="store_true", help="only the peak-memory processes")
-    parser.add_argument("--side", choices=["llamakin", "peft"], help=argparse.SUPPRESS)  # memory child
+    parser.add_argument("--sides", default="llamakin,peft",
+                        help="comma-separated: llamakin, peft, qlora-int4, qlora-int8 (default llamakin,peft)")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # memory child
     args = parser.parse_args()
     directory = hf_directory(args.model)
     if args.side:
@@ -159,16 +182,22 @@ def main() -> None:
         return
     print(cpu_description())
     print(f"load average before: {os.getloadavg()}")
-    sides = ("llamakin", "peft")
+    sides = tuple(args.sides.split(","))
+    if not set(sides) <= set(SIDES) or "llamakin" not in sides:
+        parser.error(f"--sides takes llamakin and any of {', '.join(SIDES)}")
     if args.no_speed:
-        for side in sides:
-            print(memory(side, args))
+        rows = [memory(side, args) for side in sides]
+        print(f"load average after:  {os.getloadavg()}")
+        print("\n| side | model (parameters + buffers) MB | RSS after loading MB | peak RSS MB | growth in training MB |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['side']} | {row['model_mb']} | {row['loaded_mb']} | {row['peak_mb']} | {row['training_mb']} |")
         return
     models = {side: build(side, directory, args) for side in sides}
     steps, trained = {}, {}
     for side in sides:
         steps[side], trained[side] = make_step(models[side], side)
-    assert trained["llamakin"] == trained["peft"], trained  # the same adapters
+    assert len(set(trained.values())) == 1, trained  # the same adapters
     speeds = {side: [] for side in sides}
     losses = {side: [] for side in sides}
     vocab = models["llamakin"].config.vocab_size
@@ -178,27 +207,29 @@ def main() -> None:
             losses[side].append(loss)
             if i:  # the first step warms up allocators and thread pools
                 speeds[side].append(speed)
-    ours, theirs = statistics.median(speeds["llamakin"]), statistics.median(speeds["peft"])
+    medians = {side: statistics.median(speeds[side]) for side in sides}
     print(f"load average after:  {os.getloadavg()}")
-    print(f"first-step losses (same function on both sides): llamakin {losses['llamakin'][0]:.5f}, "
-          f"peft {losses['peft'][0]:.5f}")
+    print("first-step losses (LoRA sides compute the same function; QLoRA sides the quantized base's): "
+          + ", ".join(f"{side} {losses[side][0]:.5f}" for side in sides))
     result = {"model": args.model, "rank": args.rank, "targets": args.targets, "batch": args.batch, "seq": args.seq,
               "adapter_parameters": trained["llamakin"], "checkpointing": args.checkpointing,
-              "llamakin_tok_s": round(ours, 1), "peft_tok_s": round(theirs, 1), "ratio": round(ours / theirs, 2),
-              "llamakin_all": [round(s, 1) for s in speeds["llamakin"]], "peft_all": [round(s, 1) for s in speeds["peft"]]}
+              **{f"{side}_tok_s": round(medians[side], 1) for side in sides},
+              **{f"{side}_all": [round(v, 1) for v in speeds[side]] for side in sides}}
     if not args.no_memory:
         del models, steps
         for side in sides:
             mem = memory(side, args)
-            result[f"{side}_peak_mb"], result[f"{side}_training_mb"] = mem["peak_mb"], mem["training_mb"]
+            for key in ("model_mb", "peak_mb", "training_mb"):
+                result[f"{side}_{key}"] = mem[key]
     print(json.dumps(result))
-    print("\n| side | tokens/s (median) | peak RSS MB | RSS growth in training MB |")
-    print("|---|---|---|---|")
+    print("\n| side | tokens/s (median) | model MB | peak RSS MB | RSS growth in training MB |")
+    print("|---|---|---|---|---|")
     for side in sides:
-        print(f"| {side} | {result[f'{side}_tok_s'] if side == 'llamakin' else result['peft_tok_s']} | "
+        print(f"| {side} | {result[f'{side}_tok_s']} | {result.get(f'{side}_model_mb', '-')} | "
               f"{result.get(f'{side}_peak_mb', '-')} | {result.get(f'{side}_training_mb', '-')} |")
-    print(f"llamakin / peft tokens/s: {result['ratio']}x (batch {args.batch} x {args.seq}, rank {args.rank}, "
-          f"targets {args.targets})")
+    for side in sides[1:]:
+        print(f"llamakin / {side} tokens/s: {medians['llamakin'] / medians[side]:.2f}x (batch {args.batch} x "
+              f"{args.seq}, rank {args.rank}, targets {args.targets})")
 
 
 if __name__ == "__main__":

@@ -79,11 +79,16 @@ def _open(args):
     """Model and tokenizer for ``--model`` (default: the catalog's default model, pulled on first use)."""
     import llamakin
     from .catalog import DEFAULT_MODEL
+    from .lora.multi import parse_adapter_options
     from .source import resolve_model
 
     source = resolve_model(args.model or DEFAULT_MODEL)
+    merged, named = parse_adapter_options(getattr(args, "adapter", None) or [])
+    if named and getattr(args, "func", None) is not cmd_serve:
+        raise LlamakinError("--adapter NAME=DIR serves adapters by name (llamakin serve); here give one --adapter DIR, "
+                            "which is merged into the model.")
     model = llamakin.load(source, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                          group_size=args.group_size, adapter=getattr(args, "adapter", None))
+                          group_size=args.group_size, adapter=merged[0] if merged else None)
     tokenizer = llamakin.load_tokenizer(source)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise LlamakinError(f"the tokenizer of {source.path} has {tokenizer.vocab_size} tokens but the model embeds "
@@ -239,13 +244,20 @@ def cmd_serve(args) -> None:
     from .extras import require_extra
 
     require_extra("serve", "llamakin serve")
+    from .lora.multi import attach_adapters, parse_adapter_options
     from .serve import bind, run
 
+    _, named = parse_adapter_options(args.adapter or [])  # refused before anything loads
     sock = bind(args.host, args.port)  # before loading the model: a busy port or bad host fails at once
     model, tokenizer = _open(args)
-    run(model, tokenizer, model_name=args.served_name or args.model or DEFAULT_MODEL, host=args.host, port=args.port,
+    model_name = args.served_name or args.model or DEFAULT_MODEL
+    if model_name in named:
+        raise LlamakinError(f"--adapter {model_name}=... has the served model's own name; give the adapter another name.")
+    adapters = attach_adapters(model, named) if named else []
+    run(model, tokenizer, model_name=model_name, host=args.host, port=args.port,
         api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
-        max_body_bytes=args.max_body_bytes, sock=sock, prefix_cache_bytes=args.prefix_cache_mb << 20)
+        max_body_bytes=args.max_body_bytes, sock=sock, prefix_cache_bytes=args.prefix_cache_mb << 20,
+        adapters=adapters)
 
 
 def cmd_data_prepare(args) -> None:
@@ -346,7 +358,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="weights: auto keeps a GGUF's Q4_0/Q4_1/Q8_0 quantized (float files stay float), "
                         "none dequantizes to --dtype, int8/int4 quantize every projection (default: auto)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
-    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory, merged into the model")
+    p.add_argument("--adapter", metavar="DIR", action="append",
+                   help="a PEFT LoRA adapter directory, merged into the model; serve also takes NAME=DIR, repeatable: "
+                        "adapters kept unmerged, one chosen per request by its 'model' field")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:

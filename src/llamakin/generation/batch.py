@@ -39,8 +39,12 @@ def bucket(n: int, limit: int) -> int:
 class RowBatch:
     """Up to ``max_rows`` rows of up to ``max_len`` tokens each, over one KV cache."""
 
-    def __init__(self, model, eos_token_ids, max_rows: int, max_len: int, prefix_cache: PrefixCache | None = None):
+    def __init__(self, model, eos_token_ids, max_rows: int, max_len: int, prefix_cache: PrefixCache | None = None,
+                 select_adapters=None):
         self.model = model
+        # called with each row's adapter (``Row.adapter``; padding rows 0) before every forward, in the
+        # forward's row order: how per-row LoRA adapters reach the model (llamakin.lora.multi.select_rows)
+        self.select_adapters = select_adapters or (lambda adapters: None)
         self.eos = set(eos_token_ids)
         self.max_rows, self.max_len = max_rows, max_len
         self.cache = KVCache(model.config, max_rows, max_len, model.dtype, model.device)
@@ -126,6 +130,7 @@ class RowBatch:
             row.position = (PrefixLMPosition(tracker.rows[i].mask_position, tracker.rows[i].ctx, tracker.rows[i].length)
                             if self.model.config.prefix_lm else LinearPosition(len(row.prompt)))
             self.rows.append(row)
+        self.select_adapters([row.adapter for row in rows])
         logits = self.model(ids, attention_mask=mask if padded else None, position_ids=positions, cache=view,
                             last_only=True)[:, -1]
         return {id(row): logits[i] for i, row in enumerate(rows)}
@@ -144,6 +149,7 @@ class RowBatch:
         view = self.cache.view(index, len(row.prompt))
         view.length = reused
         rest = torch.tensor([row.prompt[reused:]], device=self.model.device)
+        self.select_adapters([row.adapter])
         return self.model(rest, cache=view, last_only=True)[0, -1]
 
     # -- decoding -------------------------------------------------------------------------------------
@@ -167,6 +173,7 @@ class RowBatch:
         positions += [[[0], [0]] if self.model.config.prefix_lm else [0]] * pad
         tokens = torch.tensor([r.last_token for r in self.rows] + [0] * pad, device=device)[:, None]
         slots = torch.tensor([r.length for r in self.rows] + [0] * pad, device=device)
+        self.select_adapters([r.adapter for r in self.rows] + [0] * pad)
         logits = Decoder(self.model, view).step_rows(tokens, torch.tensor(positions, device=device), slots)
         for index, row in enumerate(self.rows):
             row.length += 1

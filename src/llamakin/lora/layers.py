@@ -21,6 +21,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import UnsupportedError
 from ..model.linear import Linear, linear
 
 
@@ -32,13 +33,22 @@ class LoraLinear(Linear):
     ``scales`` (``alpha / r``) cover the adapted parts only; the others keep the base rows.
     The layer shares the base layer's ``weight`` and ``bias`` parameters (same names in the
     state dict, no copy) and adds ``lora_A.<part>`` ``[r, in]`` and ``lora_B.<part>`` ``[rows, r]``.
+    A QLoRA base (:class:`~llamakin.lora.quantized.FrozenQuantizedLinear`) is kept as the submodule
+    ``quantized`` instead, which computes the frozen product; the adapters are then float32.
     """
 
     def __init__(self, base: Linear, parts: tuple[tuple[str, int], ...], ranks: dict[str, int],
                  scales: dict[str, float], dropout: float = 0.0):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a new weight
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
+        if isinstance(base, Linear):
+            self.quantized = None
+            self.weight, self.bias = base.weight, base.bias
+            kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        else:  # QLoRA: a frozen quantized base (lora.quantized) computes the product, its bias included
+            self.quantized = base
+            self.weight = self.bias = None
+            kw = dict(device=base.scales.device, dtype=torch.float32)
         if sum(rows for _, rows in parts) != self.out_features:
             raise ValueError(f"parts {parts} do not cover the {self.out_features} output rows")
         self.parts = tuple(parts)
@@ -49,7 +59,6 @@ class LoraLinear(Linear):
             offsets[name] = (start, rows)
             start += rows
         self.offsets = offsets
-        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
         self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(ranks[n], self.in_features, **kw))
                                         for n in self.adapted})
         self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.empty(offsets[n][1], ranks[n], **kw))
@@ -73,7 +82,10 @@ class LoraLinear(Linear):
         return self.scales[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias if bias is None else bias)
+        if self.quantized is not None:
+            y = self.quantized(x, bias)
+        else:
+            y = linear(x, self.weight, self.bias if bias is None else bias)
         if not self.adapted:
             return y
         h = self.dropout(x)
@@ -90,6 +102,8 @@ class LoraLinear(Linear):
 
     def base_layer(self) -> Linear:
         """A plain layer with the same (possibly merged) weight and bias, no adapter."""
+        if self.quantized is not None:
+            return self.quantized
         plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         plain.weight, plain.bias = self.weight, self.bias
         return plain
@@ -97,6 +111,9 @@ class LoraLinear(Linear):
     @torch.no_grad()
     def merge_(self) -> Linear:
         """Add every update into the weight (in float32, rounded once) and return the plain layer."""
+        if self.quantized is not None:
+            raise UnsupportedError("this LoRA layer's base is quantized (QLoRA), so the adapter cannot be folded into "
+                                   "it; merge into the float base instead: llamakin.load(BASE, adapter=ADAPTER_DIR).")
         for name in self.adapted:
             start, rows = self.offsets[name]
             rows_view = self.weight[start:start + rows]

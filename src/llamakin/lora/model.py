@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..model import Transformer
 from .layers import LoraLinear
+from .quantized import check_mode
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -43,12 +44,16 @@ def parse_targets(value: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """Rank, ``alpha`` (the update is scaled by ``alpha / rank``), adapter dropout and targets."""
+    """Rank, ``alpha`` (the update is scaled by ``alpha / rank``), adapter dropout and targets; for
+    QLoRA ``quantize`` (int4/int8: the frozen base held quantized, :mod:`llamakin.lora.quantized`)
+    and the int4 ``group_size``."""
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    quantize: str | None = None
+    group_size: int = 32
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -58,6 +63,7 @@ class LoraSettings:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}.")
         object.__setattr__(self, "targets", parse_targets(self.targets))
+        object.__setattr__(self, "quantize", check_mode(self.quantize, self.group_size))
 
     @property
     def scale(self) -> float:
@@ -65,7 +71,7 @@ class LoraSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LoraSettings":
-        known = {"rank", "alpha", "dropout", "targets"}
+        known = {"rank", "alpha", "dropout", "targets", "quantize", "group_size"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown LoRA setting lora.{unknown[0]}; valid: {', '.join(sorted(known))}.")

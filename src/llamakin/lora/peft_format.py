@@ -200,6 +200,21 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 def load_adapter(model: Transformer, directory: str | Path, merge_weights: bool = False) -> Transformer:
     """Attach a PEFT LoRA adapter to ``model`` (in place): as trainable :class:`LoraLinear`
     layers, or folded into the weights with ``merge_weights`` (plain layers, fastest inference)."""
+    specs, weights, dropout = adapter_weights(model, directory)
+    attach(model, specs, dropout)
+    with torch.no_grad():
+        for (path, part), (a, b) in weights.items():
+            layer: LoraLinear = model.get_submodule(path)
+            layer.lora_A[part].copy_(a)
+            layer.lora_B[part].copy_(b)
+    return merge(model) if merge_weights else model
+
+
+def adapter_weights(model: Transformer, directory: str | Path):
+    """A PEFT LoRA adapter read and checked against ``model``: ``(specs, weights, dropout)`` with
+    ``specs`` as :func:`attach` takes them (module path -> (rank, scale) per part) and ``weights``
+    ``(module path, part) -> (A, B)`` in llamakin's row order (q/k rows permuted for an
+    interleaved-RoPE base)."""
     config, tensors = read_adapter(directory)
     where = str(Path(directory).expanduser() / CONFIG_FILE)
     _check_config(config, where)
@@ -238,13 +253,7 @@ def load_adapter(model: Transformer, directory: str | Path, merge_weights: bool 
         ranks, scales = specs.setdefault(path, ({}, {}))
         ranks[part], scales[part] = r, scale
         weights[(path, part)] = (a, b)
-    attach(model, specs, float(config.get("lora_dropout") or 0.0))
-    with torch.no_grad():
-        for (path, part), (a, b) in weights.items():
-            layer: LoraLinear = model.get_submodule(path)
-            layer.lora_A[part].copy_(a)
-            layer.lora_B[part].copy_(b)
-    return merge(model) if merge_weights else model
+    return specs, weights, float(config.get("lora_dropout") or 0.0)
 
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "hf_family", "load_adapter", "module_names", "read_adapter", "save_adapter"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "adapter_weights", "hf_family", "load_adapter", "module_names", "read_adapter", "save_adapter"]

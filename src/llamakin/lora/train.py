@@ -21,14 +21,19 @@ from ..train.config import TrainConfig
 from ..train.loop import Trainer, TrainingError
 from .model import LoraSettings, apply_lora, merge
 from .peft_format import save_adapter
+from .quantized import load_quantized_base
 
 
-def lora_model(cfg: TrainConfig, vocab_size: int | None = None) -> Transformer:
-    """``init_from`` in float32 with fresh adapters (seeded by ``cfg.seed``), the base frozen."""
+def lora_model(cfg: TrainConfig, vocab_size: int | None = None, float_base: bool = False) -> Transformer:
+    """``init_from`` with fresh adapters (seeded by ``cfg.seed``), the base frozen: in float32, or
+    held as int4/int8 with ``lora.quantize`` (QLoRA; ``float_base`` loads it in float32 anyway)."""
     import llamakin
 
     settings = LoraSettings.from_dict(cfg.lora)
-    model = llamakin.load(cfg.init_from).float()
+    if settings.quantize and not float_base:
+        model = load_quantized_base(cfg.init_from, settings.quantize, settings.group_size)
+    else:
+        model = llamakin.load(cfg.init_from).float()
     if vocab_size is not None and model.config.vocab_size < vocab_size:
         raise TrainingError(f"{cfg.init_from} has {model.config.vocab_size} embeddings but the data's tokenizer has "
                             f"{vocab_size} tokens; prepare the data with the base model's tokenizer.")
@@ -51,8 +56,9 @@ class LoraTrainer(Trainer):
         return export_run(self.out, self.out / "adapter")
 
 
-def run_model(run: str | Path) -> tuple[Transformer, TrainConfig, Path]:
-    """A LoRA run's base with its last checkpoint's adapters (and the run's settings and data dir)."""
+def run_model(run: str | Path, float_base: bool = False) -> tuple[Transformer, TrainConfig, Path]:
+    """A LoRA run's base with its last checkpoint's adapters (and the run's settings and data dir);
+    a QLoRA run's base is quantized as in training unless ``float_base``."""
     run = Path(run).expanduser()
     config_path, checkpoint = run / "train_config.json", run / "ckpt.pt"
     if not config_path.is_file() or not checkpoint.is_file():
@@ -60,7 +66,7 @@ def run_model(run: str | Path) -> tuple[Transformer, TrainConfig, Path]:
     cfg = TrainConfig(**json.loads(config_path.read_text())["train"])
     if not cfg.lora:
         raise LlamakinError(f"{run} is not a LoRA run; its full model is in {run / 'model'}.")
-    model = lora_model(cfg)
+    model = lora_model(cfg, float_base=float_base)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
     adapters = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(adapters - set(state))
@@ -79,7 +85,7 @@ def export_run(run: str | Path, out: str | Path, merged: bool = False) -> Path:
     from ..tokenizer import load_tokenizer
     from .peft_format import hf_family
 
-    model, cfg, data = run_model(run)
+    model, cfg, data = run_model(run, float_base=merged)
     out = Path(out).expanduser()
     if merged:
         merge(model)

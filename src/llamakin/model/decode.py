@@ -70,9 +70,20 @@ class _Step(nn.Module):
         self.cache = cache
 
     def forward(self, tokens, positions, slot, key_valid, keys: list[torch.Tensor], values: list[torch.Tensor],
-                rope_alpha: torch.Tensor):
+                rope_alpha: torch.Tensor, *adapter_ids: torch.Tensor):
         self.cache.keys, self.cache.values, self.cache.rope_alpha = keys, values, rope_alpha
+        if adapter_ids:  # several LoRA adapters chosen per row (llamakin.lora.multi): the indices are an input
+            self.model.adapter_selection.ids = adapter_ids[0]
         return self.model.decode_step(tokens, positions, slot, key_valid, self.cache)
+
+
+def _adapter_inputs(model, batch: int, device) -> tuple[torch.Tensor, ...]:
+    """The per-row adapter indices a multi-adapter model's trace takes (zeros: the base), else nothing."""
+    selection = getattr(model, "adapter_selection", None)
+    if selection is None:
+        return ()
+    ids = selection.ids
+    return (ids if ids is not None else torch.zeros(batch, dtype=torch.long, device=device),)
 
 
 DEFAULT_TRACE_CACHE = 8  # traces kept: the shapes a server uses most (batch sizes x cache lengths)
@@ -173,7 +184,8 @@ class Decoder:
 
     def _trace(self):
         cache = self.cache
-        key = (cache.batch_size, cache.max_len, cache.keys[0].dtype, cache.keys[0].device, self.model.training)
+        key = (cache.batch_size, cache.max_len, cache.keys[0].dtype, cache.keys[0].device, self.model.training,
+               getattr(self.model, "adapter_selection", None) is not None)
         stamp = _weights_stamp(self.model)
         graph = TRACES.get(self.model, key, stamp)
         if graph is None and TRACES.may_record():
@@ -192,7 +204,7 @@ class Decoder:
         example = (torch.zeros(B, 1, dtype=torch.long, device=device),
                    torch.zeros(position_shape, dtype=torch.long, device=device),
                    torch.full((B,), last, dtype=torch.long, device=device), cache.valid, list(cache.keys),
-                   list(cache.values), cache.rope_alpha)
+                   list(cache.values), cache.rope_alpha, *_adapter_inputs(self.model, B, device))
         training = self.model.training
         step = _Step(self.model, _Holder())
         try:
@@ -222,5 +234,6 @@ class Decoder:
         """Rows at their own lengths: row b writes slot ``slots[b]``; the caller tracks lengths."""
         cache = self.cache
         if self._graph is not None:
-            return self._graph(tokens, positions, slots, cache.valid, cache.keys, cache.values, cache.rope_alpha)
+            return self._graph(tokens, positions, slots, cache.valid, cache.keys, cache.values, cache.rope_alpha,
+                               *_adapter_inputs(self.model, tokens.shape[0], tokens.device))
         return self.model.decode_step(tokens, positions, slots, cache.valid, cache)

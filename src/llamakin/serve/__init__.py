@@ -80,19 +80,23 @@ def _prefix_cache_summary(engine: Engine) -> str:
 
 def run(model, tokenizer, model_name: str, host: str = LOOPBACK, port: int = 8000, api_key: str | None = None,
         max_batch: int = 8, max_queue: int = 64, context: int | None = None, max_body_bytes: int = 1 << 20,
-        sock: socket.socket | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
+        sock: socket.socket | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        adapters: list[str] = ()) -> None:
     """Serve until interrupted on ``sock`` (from :func:`bind`; bound here when not given). Binds
-    to loopback unless another host is asked for explicitly."""
+    to loopback unless another host is asked for explicitly. ``adapters``: the names of the LoRA
+    adapters attached to ``model`` (:func:`llamakin.lora.multi.attach_adapters`), served by name."""
     import uvicorn
 
     sock = sock or bind(host, port)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context,
                     prefix_cache_bytes=prefix_cache_bytes)
-    app = create_app(engine, model_name, api_key=api_key, max_body_bytes=max_body_bytes)
+    app = create_app(engine, model_name, api_key=api_key, max_body_bytes=max_body_bytes, adapters=adapters)
     if not is_loopback(host) and not api_key:
         print(f"llamakin: warning: serving on {host} without --api-key: anyone who can reach it can use it.",
               file=sys.stderr)
     print(startup_line(model, model_name, host, port, engine), file=sys.stderr, flush=True)
+    if adapters:
+        print(f"llamakin: LoRA adapters, chosen per request by 'model': {', '.join(adapters)}", file=sys.stderr, flush=True)
     try:
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
     finally:

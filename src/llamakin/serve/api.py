@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..chat_template import TemplateError
 from ..errors import LlamakinError
 from ..generation import RowResult, SamplingParams
+from ..lora.multi import with_adapter
 from .engine import Engine, QueueFull, new_request
 from .logprobs import chat_logprobs, completions_logprobs, token_logprobs
 from .metrics import CountResponses, ServerMetrics
@@ -111,7 +112,9 @@ _STATUS_MESSAGES = {404: "there is no such endpoint; the API is under /v1 (model
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20) -> CountResponses:
+               max_body_bytes: int = 1 << 20, adapters: list[str] = ()) -> CountResponses:
+    """``adapters``: the names of the LoRA adapters attached to the engine's model
+    (:func:`llamakin.lora.multi.attach_adapters`, indices 1, 2, ...); a request's ``model`` picks one."""
     app = FastAPI(title="llamakin", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # a redirect is no answer for an API client: unknown paths are 404
     created = int(time.time())
@@ -136,10 +139,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     async def _unexpected(_, exc: Exception):  # a bug: still OpenAI's shape, and the server keeps serving
         return error_response(500, f"internal error ({type(exc).__name__}: {exc}).", kind="server_error")
 
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(404, f"the model '{name}' does not exist here; this server serves '{model_name}'.",
+    served = {model_name: 0, **{name: index for index, name in enumerate(adapters, start=1)}}
+
+    def check_model(name: str) -> int:
+        """The adapter index of the model a request names (0: the base)."""
+        if name not in served:
+            listed = "', '".join(served)
+            raise APIError(404, f"the model '{name}' does not exist here; this server serves '{listed}'.",
                            param="model", code="model_not_found")
+        return served[name]
 
     @app.get("/health")
     async def health():
@@ -155,11 +163,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llamakin"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llamakin"}]
+                + [{"id": name, "object": "model", "created": created, "owned_by": "llamakin", "parent": model_name}
+                   for name in adapters]}
 
-    def submit(prompt_ids: list[int], params: SamplingParams, n: int = 1, make_processor=None) -> list:
+    def submit(prompt_ids: list[int], params: SamplingParams, n: int = 1, make_processor=None, adapter: int = 0) -> list:
         """Queue one generation of ``n`` samples; their requests, in choice order. ``make_processor()``
-        (constrained decoding) gives each sample its own stateful logits processor, or None."""
+        (constrained decoding) gives each sample its own stateful logits processor, or None;
+        ``adapter``: the index of the LoRA adapter the request names (0: the base model)."""
         if n > engine.max_batch:
             raise APIError(400, f"n={n} samples need as many rows, but this server decodes at most {engine.max_batch} "
                                 "at once (--max-batch); lower n.", param="n", code="invalid_value")
@@ -168,7 +179,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             processor = make_processor() if make_processor is not None else None
             return [] if processor is None else [processor]
 
-        request = new_request(prompt_ids, params, n, make_processors)
+        request = new_request(prompt_ids, params, n, make_processors, adapter)
         try:
             engine.submit(request)
         except QueueFull as e:
@@ -280,7 +291,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest):
         body = parse_body(await http.body(), ChatRequest)
-        check_model(body.model)
+        adapter = check_model(body.model)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
         if body.logprobs and body.stream:
@@ -296,9 +307,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         if not ids:
             raise APIError(400, "the chat renders to no tokens at all; send a message with some text.", param="messages")
         params = sampling_params(body, len(ids), engine.context, "messages")
-        requests = submit(ids, params, body.n, output.logits_processor)
+        requests = submit(ids, params, body.n, output.logits_processor, adapter)
         rid, now = f"chatcmpl-{requests[0].id}", int(time.time())
-        base = {"id": rid, "created": now, "model": model_name}
+        base = {"id": rid, "created": now, "model": body.model}
         if body.stream:
             deltas = [output.stream() for _ in requests]  # per choice: content as it comes, tool calls whole
 
@@ -325,8 +336,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         for index, result in enumerate(results):
             logprobs = None
             if body.logprobs:
-                scored = await asyncio.to_thread(token_logprobs, engine.model, ids + result.token_ids, len(ids),
-                                                 body.top_logprobs or 0)
+                scored = await asyncio.to_thread(with_adapter, engine.model, adapter, token_logprobs, engine.model,
+                                                 ids + result.token_ids, len(ids), body.top_logprobs or 0)
                 logprobs = chat_logprobs(engine.tokenizer, scored)
             message = output.message(result.text)
             choices.append({"index": index, "message": message, "logprobs": logprobs,
@@ -336,12 +347,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
         body = parse_body(await http.body(), CompletionRequest)
-        check_model(body.model)
+        adapter = check_model(body.model)
         prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
         if isinstance(prompt, list) and isinstance(prompt[0], list):  # a batch of token-id prompts
             if body.stream:
                 raise APIError(400, "a batch of prompts cannot be streamed; send them one by one.", param="prompt")
-            return await completions_batch(body, [list(p) for p in prompt], http)
+            return await completions_batch(body, [list(p) for p in prompt], http, adapter=adapter)
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "the prompt is empty; send some text to continue.", param="prompt")
@@ -359,11 +370,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             raise APIError(400, "echo and logprobs are not streamed by this server; send the request without stream.",
                            param="echo" if body.echo else "logprobs", code="unsupported_parameter")
         if not body.stream:
-            return await completions_batch(body, [ids], http, text=prompt if isinstance(prompt, str) else None)
+            return await completions_batch(body, [ids], http, text=prompt if isinstance(prompt, str) else None,
+                                           adapter=adapter)
         params = sampling_params(body, len(ids), engine.context, "prompt")
-        requests = submit(ids, params, body.n)
+        requests = submit(ids, params, body.n, adapter=adapter)
         rid, now = f"cmpl-{requests[0].id}", int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
+        base = {"id": rid, "object": "text_completion", "created": now, "model": body.model}
         if body.stream:
             def chunk(text, index, role=False):
                 if role:
@@ -381,7 +393,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         raise AssertionError("unreachable: non-streamed completions are answered by completions_batch")
 
     async def completions_batch(body: CompletionRequest, prompts: list[list[int]], http: HTTPRequest,
-                                text: str | None = None) -> dict:
+                                text: str | None = None, adapter: int = 0) -> dict:
         """Non-streamed completions of one or more prompts (one choice each, in order), with ``echo``
         and ``logprobs`` (``max_tokens: 0`` with ``echo``: the prompt's own token log-probabilities)."""
         vocab = engine.model.config.vocab_size
@@ -393,7 +405,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         requests = []
         try:
             for ids in ([] if body.max_tokens == 0 else prompts):
-                requests += submit(ids, sampling_params(body, len(ids), engine.context, "prompt"), body.n)
+                requests += submit(ids, sampling_params(body, len(ids), engine.context, "prompt"), body.n,
+                                   adapter=adapter)
             results = [await collect(r, http) for r in requests] or [RowResult(finish_reason="length")
                                                                      for _ in prompts for _ in range(body.n)]
         except BaseException:
@@ -410,15 +423,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                 stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
                 generated = engine.tokenizer.decode(result.token_ids)
                 by_eos = requests and result.finish_reason == "stop" and not any(s in generated for s in stops)
-                scored = await asyncio.to_thread(token_logprobs, engine.model, ids + result.token_ids,
-                                                 0 if body.echo else len(ids), body.logprobs,
+                scored = await asyncio.to_thread(with_adapter, engine.model, adapter, token_logprobs, engine.model,
+                                                 ids + result.token_ids, 0 if body.echo else len(ids), body.logprobs,
                                                  engine.tokenizer.eos_token_ids if by_eos else ())
                 logprobs = completions_logprobs(engine.tokenizer, scored)
             choices.append({"index": index, "text": (prompt_text if body.echo else "") + result.text,
                             "logprobs": logprobs, "finish_reason": result.finish_reason})
             prompt_tokens += len(ids) if index % body.n == 0 else 0
             completion_tokens += len(result.token_ids)
-        return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
+        return {"id": rid, "object": "text_completion", "created": now, "model": body.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 

@@ -29,6 +29,7 @@ import torch
 from ..errors import LlamakinError
 from ..generation import PrefixCache, Row, RowBatch, RowSampler, SamplingParams, TextStream
 from ..generation.sampling import LogitsProcessor
+from ..lora.multi import select_rows
 from ..model import decode
 from ..tokenizer import Tokenizer
 
@@ -60,9 +61,9 @@ class Request:
     forks: list["Request"] = field(default_factory=list)  # the other samples, prefilled with this one
     # per-row hooks of the generation core (see llamakin.generation.rows): a factory of this row's
     # logits processors (called once per row, so stateful ones such as a JSON grammar start fresh for
-    # every sample), and an adapter id (None: the model's own weights)
+    # every sample), and the index of the row's LoRA adapter (llamakin.lora.multi; 0: the base model)
     make_processors: Callable[[], list[LogitsProcessor]] | None = None
-    adapter: Any = None
+    adapter: int = 0
 
     def emit(self, kind: str, payload: Any) -> None:
         try:
@@ -84,7 +85,8 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(context or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
-        self.batch = RowBatch(model, tokenizer.eos_token_ids, max_batch, self.context, self.prefix_cache)
+        self.batch = RowBatch(model, tokenizer.eos_token_ids, max_batch, self.context, self.prefix_cache,
+                              select_adapters=lambda adapters: select_rows(model, [a or 0 for a in adapters]))
         self.cache = self.batch.cache
         self.waiting: collections.deque[Request] = collections.deque()
         self.lock = threading.Lock()
@@ -209,7 +211,7 @@ def _failure(error: Exception) -> str:
 
 
 def new_request(prompt_ids: list[int], params: SamplingParams, n: int = 1,
-                make_processors: Callable[[], list[LogitsProcessor]] | None = None, adapter: Any = None) -> Request:
+                make_processors: Callable[[], list[LogitsProcessor]] | None = None, adapter: int = 0) -> Request:
     """A request bound to the running event loop; with ``n > 1`` its ``forks`` are the other samples
     (each with its own event queue, sample index and derived seed, the same hooks)."""
     loop = asyncio.get_running_loop()

@@ -43,7 +43,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     train_only: list[str] = field(default_factory=list)  # parameter name patterns (fnmatch); empty = all
     init_from: str | None = None  # a checkpoint to start from (fine-tuning) instead of random weights
-    lora: dict[str, Any] = field(default_factory=dict)  # LoRA on a frozen init_from: rank, alpha, dropout, targets
+    lora: dict[str, Any] = field(default_factory=dict)  # LoRA on a frozen init_from: rank, alpha, dropout, targets, quantize, group_size
     gradient_checkpointing: bool = False  # recompute each block in backward instead of keeping its activations
 
     def __post_init__(self) -> None:
@@ -190,7 +190,7 @@ def recipe(name: str, overrides: list[str] = ()) -> TrainConfig:
             values[key] = value
         else:
             raise ConfigError(f"--set {key}: unknown setting; valid: {', '.join(sorted(fields))}, model.<knob> "
-                              "or lora.<rank|alpha|dropout|targets>.")
+                              "or lora.<rank|alpha|dropout|targets|quantize|group_size>.")
     try:
         return TrainConfig(**values)
     except TypeError as e:
