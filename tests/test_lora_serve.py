@@ -79,7 +79,11 @@ def test_rows_on_different_adapters_equal_each_adapter_merged_alone(setup):
 @pytest.mark.parametrize("traced", [True, False])
 def test_decode_steps_carry_the_rows_adapters(setup, traced, monkeypatch):
     """The per-row indices are an input of the frozen decode trace, not a constant recorded in it."""
+    from llamakin.model import decode
+
     monkeypatch.setenv("LLAMAKIN_TRACE", "1" if traced else "0")
+    # a fresh trace cache: the process-wide recording budget may be spent by earlier test files
+    monkeypatch.setattr(decode, "TRACES", decode.TraceCache(4))
     root, _ = setup
     model = multi_model(root)
     merged = {1: llamakin.load(root / "base", adapter=root / "bard"),
