@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import llamakin
 from llamakin.catalog import resolve
 from llamakin.constrained import Grammar, llg_tokenizer
+from llamakin.hardware import describe_cpu
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string"}, "age": {"type": "integer"}, "color": {"type": "string"},
@@ -39,13 +38,7 @@ PROMPT = [{"role": "user", "content": "Describe a cat as a JSON object with its 
 
 
 def cpu_line() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), []))
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return (f"CPU: {model} ({os.cpu_count()} cores; flags: {' '.join(shown) or 'none of avx2/avx512'}) "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, loadavg {os.getloadavg()}")
+    return describe_cpu()
 
 
 class Timed:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import platform
 import socket
 import sys
 import threading
@@ -28,18 +27,13 @@ from hypothesis import HealthCheck, given, settings
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import llamakin  # noqa: E402
 from llamakin.catalog import pull  # noqa: E402
+from llamakin.hardware import describe_cpu  # noqa: E402
 from llamakin.serve import Engine, create_app  # noqa: E402
 from server_fuzz import MODEL, cases, check, send, tiny_model  # noqa: E402
 
 
 def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return describe_cpu()
 
 
 def start_server(model, tokenizer):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import llamakin  # noqa: E402
 from llamakin.catalog import DEFAULT_MODEL, home  # noqa: E402
+from llamakin.hardware import describe_cpu  # noqa: E402
 from llamakin.lora import LoraSettings, apply_lora  # noqa: E402
 from llamakin.lora.model import parse_targets  # noqa: E402
 from llamakin.lora.quantized import load_quantized_base, quantized_bytes  # noqa: E402
@@ -47,20 +47,7 @@ HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": 
 
 
 def cpu_description() -> str:
-    name = platform.processor() or "unknown CPU"
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", "unknown CPU", "x86_64"):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name}; flags: {', '.join(wanted) or 'none of avx2/avx512'}; {os.cpu_count()} CPUs, " \
-           f"{torch.get_num_threads()} torch threads"
+    return describe_cpu()
 
 
 def hf_directory(model: str) -> Path:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -50,20 +49,11 @@ from llamakin.catalog import home, pull  # noqa: E402
 from llamakin.convert import convert_checkpoint  # noqa: E402
 from llamakin.corpora import corpus_file  # noqa: E402
 from llamakin.evaluate import adds_bos, llama_cpp_chunks, llama_cpp_tokenize, perplexity  # noqa: E402
+from llamakin.hardware import describe_cpu  # noqa: E402
 
 
 def cpu_description() -> str:
-    model = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        flags = Path("/proc/cpuinfo").read_text()
-        extras = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    except OSError:
-        extras = []
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(extras) or 'none of avx2/avx512'}"
+    return describe_cpu()
 
 
 # -- llama.cpp ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from llamakin import hardware  # noqa: E402
+from llamakin.hardware import describe_cpu  # noqa: E402
 from llamakin.model.linear import linear as llamakin_linear  # noqa: E402
 from llamakin.quant import kernels  # noqa: E402
 from llamakin.quant.tensors import quantize_int4, quantize_int8  # noqa: E402
@@ -33,12 +33,7 @@ SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)
 
 
 def cpu_line() -> str:
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), "unknown CPU")
-    flags = sorted(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16")
-                   if f in hardware._cpu_flags())
-    return f"{name}; flags: {' '.join(flags)}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); " \
-           f"threads {torch.get_num_threads()}; loadavg {os.getloadavg()}"
+    return describe_cpu()
 
 
 def time_products(fn, weights, x, repeats: int) -> float:

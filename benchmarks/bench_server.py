@@ -1,3 +1,4 @@
+
 """Server throughput and time-to-first-token with 1, 4 and 16 concurrent streaming clients, and
 multi-turn time to first token with and without prefix caching.
 
@@ -21,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -29,6 +29,8 @@ import sys
 import time
 
 import httpx
+
+from llamakin.hardware import describe_cpu
 
 TOPICS = ["a lighthouse keeper", "a robot gardener", "the first city on Mars", "a dragon who cannot fly",
           "a detective in Venice", "the last library", "a chess prodigy", "an old fisherman"]
@@ -41,20 +43,7 @@ QUESTIONS = ["What is {topic}?", "Why does it matter?", "Give me an example.", "
 
 
 def cpu_description() -> str:
-    """The CPU model, the vector flags that matter for PyTorch's CPU kernels, cores and load."""
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return (f"{name}; flags: {', '.join(wanted) or 'none of avx2/avx512'}; {os.cpu_count()} CPUs; "
-            f"load average {os.getloadavg()} (a shared machine: timings are noisy)")
+    return describe_cpu()
 
 
 def free_port() -> int:

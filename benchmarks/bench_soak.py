@@ -1,3 +1,4 @@
+
 """Soak test of ``llamakin serve``: many concurrent streaming clients for a while, then a sweep of
 every batch size and prompt length; errors, 429s, throughput, latency and the server's RSS.
 
@@ -22,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -30,18 +30,14 @@ import time
 
 import httpx
 
+from llamakin.hardware import describe_cpu
+
 TOPICS = ["a lighthouse keeper", "a robot gardener", "the first city on Mars", "a dragon who cannot fly",
           "a detective in Venice", "the last library", "a chess prodigy", "an old fisherman"]
 
 
 def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return describe_cpu()
 
 
 def free_port() -> int:

@@ -1,3 +1,4 @@
+
 """Long-budget fuzzing of hostile checkpoint files (issue 12): mutated GGUF headers (F32 and Q8_0),
 safetensors headers and config.json fields, each of which must load or be refused with a
 LlamakinError within a time and memory bound (the harness is tests/fuzz_files.py; `make test`
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,16 +28,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings, strategies as st  # noqa: E402
 
 import fuzz_files as fz  # noqa: E402
+from llamakin.hardware import describe_cpu  # noqa: E402
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return describe_cpu()
 
 
 def main() -> int:

@@ -10,6 +10,8 @@ half-precision weights for matrix products), never results beyond rounding.
 from __future__ import annotations
 
 import functools
+import os
+import platform
 from pathlib import Path
 
 import torch
@@ -19,6 +21,27 @@ _NATIVE_FLAGS = {
     torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16"),
     torch.float16: ("avx512_fp16", "amx_fp16", "fphp"),
 }
+
+
+@functools.cache
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_cpu() -> str:
+    """What every benchmark prints beside its numbers: the CPU model, the flags that decide the
+    speed paths (AVX2, AVX-512, native bf16), the cores, torch's threads and the load average."""
+    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in _cpu_flags()]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"{_cpu_model()}; flags: {' '.join(wanted) or 'none of avx2/avx512'}; {os.cpu_count()} CPUs, "
+            f"{torch.get_num_threads()} torch threads; load average {load}")
 
 
 @functools.cache
