@@ -107,7 +107,7 @@ def test_int4_many_rows_take_the_float32_gemm_on_the_exact_weight(out_features, 
     q = kernels.unpack_int4_cpu(module.packed, module.packed.shape[0], 128)
     if q is not None:  # a layout this build packs as documented: the values are the quantized ones
         assert torch.equal(q[:out_features], module.quantized_weight().q)
-    monkeypatch.setattr(kernels, "INT4_DEQUANT_ROWS", 48)
+    monkeypatch.setattr(kernels, "INT4_DEQUANT_ROWS", 48)  # 48 rows here: the many-rows path
     fast = module(x)
     assert fast.dtype == torch.float32
     if q is not None:
