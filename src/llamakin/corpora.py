@@ -19,12 +19,11 @@ import bz2
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from .catalog import home
+from .catalog import download_distribution, home
 from .errors import LlamakinError
 
 GENSIM_WHEEL = "gensim==4.4.0"
@@ -65,14 +64,7 @@ def _kjv() -> str:
 
 def _wikipedia() -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
-                                 "--disable-pip-version-check", "-d", tmp, GENSIM_WHEEL],
-                                capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode or not wheels:
-            raise LlamakinError(f"could not download the {GENSIM_WHEEL} wheel from the package index "
-                                f"({(result.stderr or '').strip().splitlines()[-1:]}); check the network.")
-        with zipfile.ZipFile(wheels[0]) as archive:
+        with zipfile.ZipFile(download_distribution(GENSIM_WHEEL, Path(tmp))) as archive:
             xml = bz2.decompress(archive.read(GENSIM_MEMBER)).decode("utf-8")
     return "\n\n".join(f"{title}\n\n{body}" for title, body in wiki_articles(xml)) + "\n"
 

