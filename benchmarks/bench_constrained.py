@@ -29,12 +29,24 @@ from llamakin.catalog import resolve
 from llamakin.constrained import Grammar, llg_tokenizer
 from llamakin.hardware import describe_cpu
 
-SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string"}, "age": {"type": "integer"}, "color": {"type": "string"},
-    "likes": {"type": "array", "items": {"type": "string"}}},
-    "required": ["name", "age", "color", "likes"], "additionalProperties": False}
-PROMPT = [{"role": "user", "content": "Describe a cat as a JSON object with its name, age, color and the things it "
-                                      "likes."}]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "color": {"type": "string"},
+        "likes": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["name", "age", "color", "likes"],
+    "additionalProperties": False,
+}
+PROMPT = [
+    {
+        "role": "user",
+        "content": "Describe a cat as a JSON object with its name, age, color and the things it "
+        "likes.",
+    }
+]
 
 
 def cpu_line() -> str:
@@ -55,8 +67,17 @@ class Timed:
 
 
 def run(model, tok, max_tokens: int, processor=None) -> tuple[float, int, str]:
-    stream = llamakin.generate(model, tok, PROMPT, max_new_tokens=max_tokens, temperature=0.7, seed=1, stream=True,
-                               ignore_eos=processor is None, logits_processor=processor)
+    stream = llamakin.generate(
+        model,
+        tok,
+        PROMPT,
+        max_new_tokens=max_tokens,
+        temperature=0.7,
+        seed=1,
+        stream=True,
+        ignore_eos=processor is None,
+        logits_processor=processor,
+    )
     text = "".join(stream)
     return stream.stats.decode_tokens_per_second, stream.stats.generated_tokens, text
 
@@ -79,12 +100,18 @@ def processor_alone(tok, vocab: int, schema, text: str, repeats: int = 5) -> tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
-                        help="as llamakin serve loads it (default auto)")
+    parser.add_argument(
+        "--quantize",
+        default="auto",
+        choices=["auto", "none", "int8", "int4"],
+        help="as llamakin serve loads it (default auto)",
+    )
     args = parser.parse_args()
     print(cpu_line(), flush=True)
     model = llamakin.load(args.model, quantize=None if args.quantize == "none" else args.quantize)
@@ -92,7 +119,10 @@ def main() -> None:
     vocab = model.config.vocab_size
     start = time.perf_counter()
     llg_tokenizer(tok, vocab)
-    print(f"llguidance tokenizer built once per tokenizer: {time.perf_counter() - start:.2f} s", flush=True)
+    print(
+        f"llguidance tokenizer built once per tokenizer: {time.perf_counter() - start:.2f} s",
+        flush=True,
+    )
     run(model, tok, 8)  # warm-up: traces the decode step
     modes = {"free": None, "json_object": None, "json_schema": SCHEMA}
     speeds: dict[str, list[float]] = {m: [] for m in modes}
@@ -103,7 +133,9 @@ def main() -> None:
         for mode, schema in modes.items():
             processor = None
             if mode != "free":
-                processor = Timed(Grammar.json(tok, schema, vocab).constraint(), processor_seconds[mode])
+                processor = Timed(
+                    Grammar.json(tok, schema, vocab).constraint(), processor_seconds[mode]
+                )
             speed, n, text = run(model, tok, args.max_tokens, processor)
             speeds[mode].append(speed)
             tokens[mode].append(n)
@@ -115,17 +147,27 @@ def main() -> None:
     for mode, text in samples.items():
         print(f"{mode} sample: {text[:160]!r}")
     base = statistics.median(speeds["free"])
-    print(f"\n| decoding | tokens/round (median) | decode tok/s (median of {args.rounds}) | vs free | processor per token "
-          "(median) |\n|---|---|---|---|---|")
+    print(
+        f"\n| decoding | tokens/round (median) | decode tok/s (median of {args.rounds}) | vs free | processor per token "
+        "(median) |\n|---|---|---|---|---|"
+    )
     for mode in modes:
         median = statistics.median(speeds[mode])
-        per_token = (f"{statistics.median(processor_seconds[mode]) * 1e3:.2f} ms" if processor_seconds[mode] else "-")
-        print(f"| {mode} | {statistics.median(tokens[mode])} | {median:.1f} | {median / base:.2f}x | {per_token} |")
+        per_token = (
+            f"{statistics.median(processor_seconds[mode]) * 1e3:.2f} ms"
+            if processor_seconds[mode]
+            else "-"
+        )
+        print(
+            f"| {mode} | {statistics.median(tokens[mode])} | {median:.1f} | {median / base:.2f}x | {per_token} |"
+        )
     print("\nthe processor alone, replaying each constrained sample (fastest of 5 per token):")
     for mode, schema in modes.items():
         if mode != "free":
             seconds, n = processor_alone(tok, vocab, schema, samples[mode])
-            print(f"  {mode}: {seconds * 1e3:.3f} ms per token over {n} tokens (loadavg {os.getloadavg()[0]:.1f})")
+            print(
+                f"  {mode}: {seconds * 1e3:.3f} ms per token over {n} tokens (loadavg {os.getloadavg()[0]:.1f})"
+            )
 
 
 if __name__ == "__main__":

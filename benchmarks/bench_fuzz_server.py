@@ -41,7 +41,9 @@ def start_server(model, tokenizer):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL), host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, MODEL), host="127.0.0.1", port=port, log_level="error")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -50,17 +52,28 @@ def start_server(model, tokenizer):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=600, help="time budget")
     parser.add_argument("--round", type=int, default=200, help="hypothesis examples per round")
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average {os.getloadavg()} (shared machine: "
-          "timings are noisy)", flush=True)
+    print(
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average {os.getloadavg()} (shared machine: "
+        "timings are noisy)",
+        flush=True,
+    )
     tokenizer = llamakin.load_tokenizer(pull(progress=False))
     engine, server, thread, url = start_server(tiny_model(tokenizer), tokenizer)
     client = httpx.Client(timeout=120)
     outcomes: collections.Counter[str] = collections.Counter()
-    body = {"model": MODEL, "prompt": "A calm sea", "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": "A calm sea",
+        "max_tokens": 20,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     expected = client.post(url + "/v1/completions", json=body).json()["choices"][0]["text"]
     stop, bystander_runs, bystander_bad = threading.Event(), [0], []
 
@@ -75,8 +88,12 @@ def main() -> None:
     watcher = threading.Thread(target=bystander, daemon=True)
     watcher.start()
 
-    @settings(max_examples=args.round, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=args.round,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=cases())
     def one(case):
         outcomes[check(send(client, url, case), case)] += 1
@@ -87,8 +104,11 @@ def main() -> None:
         while time.perf_counter() - start < args.seconds:
             one()
             rounds += 1
-            print(f"round {rounds}: {sum(outcomes.values())} cases in {time.perf_counter() - start:.0f} s "
-                  f"({dict(sorted(outcomes.items()))})", flush=True)
+            print(
+                f"round {rounds}: {sum(outcomes.values())} cases in {time.perf_counter() - start:.0f} s "
+                f"({dict(sorted(outcomes.items()))})",
+                flush=True,
+            )
     except Exception as e:  # noqa: BLE001 - hypothesis reports the minimal failing case
         failure = e
     finally:
@@ -98,9 +118,11 @@ def main() -> None:
         thread.join(timeout=30)
         engine.stop()
     seconds = time.perf_counter() - start
-    print(f"\n{sum(outcomes.values())} cases in {seconds:.0f} s ({rounds} rounds of up to {args.round}); answers: "
-          f"{dict(sorted(outcomes.items()))}; bystander streams: {bystander_runs[0]}, wrong: {len(bystander_bad)}; "
-          f"load average {os.getloadavg()}")
+    print(
+        f"\n{sum(outcomes.values())} cases in {seconds:.0f} s ({rounds} rounds of up to {args.round}); answers: "
+        f"{dict(sorted(outcomes.items()))}; bystander streams: {bystander_runs[0]}, wrong: {len(bystander_bad)}; "
+        f"load average {os.getloadavg()}"
+    )
     if failure is not None or bystander_bad:
         print(f"FAILED: {failure or bystander_bad[:3]}")
         sys.exit(1)

@@ -36,7 +36,13 @@ def load_pair(dtype: torch.dtype, device: str, quantize: str | None = None):
     ours = llamakin.load(path, dtype=dtype, device=device, quantize=quantize)
     ours_load = time.perf_counter() - start
     start = time.perf_counter()
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).to(device).eval()
+    theirs = (
+        transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype
+        )
+        .to(device)
+        .eval()
+    )
     theirs_load = time.perf_counter() - start
     return ours, theirs, ours_load, theirs_load
 
@@ -52,7 +58,9 @@ def ours_decode(model, prompt: torch.Tensor, new: int, device: str) -> float:
     from llamakin.generate import GenerationRun, SamplingParams
 
     tok = _DummyTokenizer()
-    run = GenerationRun(model, tok, prompt.tolist(), SamplingParams(max_new_tokens=new, ignore_eos=True))
+    run = GenerationRun(
+        model, tok, prompt.tolist(), SamplingParams(max_new_tokens=new, ignore_eos=True)
+    )
     for _ in run:
         pass
     sync(device)
@@ -109,7 +117,12 @@ def alternate(label: str, ours_fn, theirs_fn, rounds: int) -> dict:
         ours.append(ours_fn())
         theirs.append(theirs_fn())
     o, t = statistics.median(ours), statistics.median(theirs)
-    row = {"measure": label, "llamakin": round(o, 1), "transformers": round(t, 1), "ratio": round(o / t, 2)}
+    row = {
+        "measure": label,
+        "llamakin": round(o, 1),
+        "transformers": round(t, 1),
+        "ratio": round(o / t, 2),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -117,7 +130,7 @@ def alternate(label: str, ours_fn, theirs_fn, rounds: int) -> dict:
 def peak_rss(which: str, dtype: str, quantize: str | None = None) -> float:
     code = f"""
 import resource, torch, sys
-sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'src')!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "src")!r})
 from llamakin.catalog import pull
 path = pull('smollm2-135m-instruct', progress=False)
 if {which!r} == 'llamakin':
@@ -134,21 +147,35 @@ print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fp32 batch-1 decode and prefill only")
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS in subprocesses")
-    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], help="default: both (CUDA: bfloat16)")
-    parser.add_argument("--quantize", choices=["none", "auto", "int8", "int4"], default="none",
-                        help="llamakin's weights (auto: the file's Q4_1 kept as int4; transformers: float)")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        help="default: both (CUDA: bfloat16)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "auto", "int8", "int4"],
+        default="none",
+        help="llamakin's weights (auto: the file's Q4_1 kept as int4; transformers: float)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     quantize = None if args.quantize == "none" else args.quantize
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"llamakin quantize={args.quantize} loadavg={os.getloadavg()}", flush=True)
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"llamakin quantize={args.quantize} loadavg={os.getloadavg()}",
+        flush=True,
+    )
     rows = []
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     if args.device == "cuda":
@@ -158,28 +185,56 @@ def main() -> None:
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
         ours, theirs, ours_load, theirs_load = load_pair(dtype, args.device, quantize)
-        rows.append({"measure": f"load s ({name})", "llamakin": round(ours_load, 2),
-                     "transformers": round(theirs_load, 2), "ratio": round(theirs_load / ours_load, 2)})
+        rows.append(
+            {
+                "measure": f"load s ({name})",
+                "llamakin": round(ours_load, 2),
+                "transformers": round(theirs_load, 2),
+                "ratio": round(theirs_load / ours_load, 2),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         short = torch.randint(100, 40000, (1, 16))
-        rows.append(alternate(f"decode tok/s, batch 1 ({name})", lambda: ours_decode(ours, short, args.new_tokens, args.device),
-                              lambda: theirs_decode(theirs, short, args.new_tokens, args.device), args.rounds))
+        rows.append(
+            alternate(
+                f"decode tok/s, batch 1 ({name})",
+                lambda: ours_decode(ours, short, args.new_tokens, args.device),
+                lambda: theirs_decode(theirs, short, args.new_tokens, args.device),
+                args.rounds,
+            )
+        )
         long = torch.randint(100, 40000, (1, args.prompt_tokens))
-        rows.append(alternate(f"prefill tok/s, {args.prompt_tokens} tokens ({name})",
-                              lambda: ours_prefill(ours, long, args.device),
-                              lambda: theirs_prefill(theirs, long, args.device), args.rounds))
+        rows.append(
+            alternate(
+                f"prefill tok/s, {args.prompt_tokens} tokens ({name})",
+                lambda: ours_prefill(ours, long, args.device),
+                lambda: theirs_prefill(theirs, long, args.device),
+                args.rounds,
+            )
+        )
         if not args.quick:
             batch = 16 if args.device == "cuda" else 8
             many = torch.randint(100, 40000, (batch, 16))
-            rows.append(alternate(f"decode tok/s, batch {batch} ({name})",
-                                  lambda: ours_decode(ours, many, args.new_tokens, args.device),
-                                  lambda: theirs_decode(theirs, many, args.new_tokens, args.device), max(1, args.rounds // 2)))
+            rows.append(
+                alternate(
+                    f"decode tok/s, batch {batch} ({name})",
+                    lambda: ours_decode(ours, many, args.new_tokens, args.device),
+                    lambda: theirs_decode(theirs, many, args.new_tokens, args.device),
+                    max(1, args.rounds // 2),
+                )
+            )
         ours = theirs = None  # free this pair before loading the next
     if args.rss:
         for dtype in ("float32",):
             o, t = peak_rss("llamakin", dtype, quantize), peak_rss("transformers", dtype)
-            rows.append({"measure": f"peak RSS MiB ({dtype})", "llamakin": round(o), "transformers": round(t),
-                         "ratio": round(t / o, 2)})
+            rows.append(
+                {
+                    "measure": f"peak RSS MiB ({dtype})",
+                    "llamakin": round(o),
+                    "transformers": round(t),
+                    "ratio": round(t / o, 2),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     print("\n| measure | llamakin | transformers | ratio |\n|---|---|---|---|")
     for r in rows:

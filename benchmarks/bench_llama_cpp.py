@@ -42,9 +42,15 @@ from llamakin.catalog import home, pull  # noqa: E402
 from llamakin.convert import convert_checkpoint  # noqa: E402
 
 PACKAGE = "llama-cpp-python==0.3.36"
-TOOLS = ("llama-bench", "llama-perplexity")  # built together with the llama library (for the ctypes bindings)
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return",
-           "Shall I compare thee to a summer's day? Thou art more lovely and more temperate: 2024 times!"]
+TOOLS = (
+    "llama-bench",
+    "llama-perplexity",
+)  # built together with the llama library (for the ctypes bindings)
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    return",
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate: 2024 times!",
+]
 
 
 def build_llama_cpp() -> tuple[Path, Path]:
@@ -56,28 +62,83 @@ def build_llama_cpp() -> tuple[Path, Path]:
     if not all((build / "bin" / tool).exists() for tool in TOOLS):
         missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
         if missing:
-            sys.exit(f"building llama.cpp needs {' and '.join(missing)} on PATH (Debian: apt install cmake g++).")
+            sys.exit(
+                f"building llama.cpp needs {' and '.join(missing)} on PATH (Debian: apt install cmake g++)."
+            )
         root.mkdir(parents=True, exist_ok=True)
-        print(f"building llama.cpp from the {PACKAGE} sdist (once; several minutes)...", file=sys.stderr, flush=True)
+        print(
+            f"building llama.cpp from the {PACKAGE} sdist (once; several minutes)...",
+            file=sys.stderr,
+            flush=True,
+        )
         if not source.is_dir() or not any(source.iterdir()):
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE,
-                            "-d", str(root)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    PACKAGE,
+                    "-d",
+                    str(root),
+                ],
+                check=True,
+                capture_output=True,
+            )
             archive = next(root.glob("llama_cpp_python-*.tar.gz"))
             with tarfile.open(archive) as tar:
                 tar.extractall(source, filter="data")
         package = next(source.iterdir())
-        subprocess.run(["cmake", "-S", str(package / "vendor" / "llama.cpp"), "-B", str(build),
-                        "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-                        "-DLLAMA_BUILD_TESTS=OFF"], check=True, capture_output=True)
-        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS,
-                        "llama"], check=True)
+        subprocess.run(
+            [
+                "cmake",
+                "-S",
+                str(package / "vendor" / "llama.cpp"),
+                "-B",
+                str(build),
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DGGML_NATIVE=ON",
+                "-DLLAMA_CURL=OFF",
+                "-DLLAMA_OPENSSL=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                "cmake",
+                "--build",
+                str(build),
+                "-j",
+                str(os.cpu_count() or 2),
+                "--target",
+                *TOOLS,
+                "llama",
+            ],
+            check=True,
+        )
     if not (python_path / "llama_cpp").exists():
         package = next(source.iterdir())
         python_path.mkdir(parents=True, exist_ok=True)
         subprocess.run(["cp", "-r", str(package / "llama_cpp"), str(python_path)], check=True)
         (python_path / "llama_cpp" / "lib").symlink_to(build / "bin")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(python_path), "diskcache"],
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--target",
+                str(python_path),
+                "diskcache",
+            ],
+            check=True,
+        )
     return build / "bin", python_path
 
 
@@ -103,8 +164,13 @@ def parity(gguf: Path, python_path: Path) -> dict:
     out = gguf.parent / (gguf.stem + "-logits")
     out.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(python_path)}
-    done = subprocess.run([sys.executable, "-c", LLAMA_CPP_LOGITS, str(gguf), json.dumps(PROMPTS), str(out)],
-                          env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", LLAMA_CPP_LOGITS, str(gguf), json.dumps(PROMPTS), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     their_ids = json.loads(done.stdout.strip().splitlines()[-1])
     model, tok = llamakin.load(gguf), llamakin.load_tokenizer(gguf)
     worst, same_ids, same_argmax = 0.0, True, True
@@ -115,26 +181,58 @@ def parity(gguf: Path, python_path: Path) -> dict:
         ours = model(torch.tensor([their_ids[str(i)]])).float()[0]
         worst = max(worst, (ours - theirs).abs().max().item())
         same_argmax &= bool((ours.argmax(-1) == theirs.argmax(-1)).all())
-    return {"file": gguf.name, "token ids identical": same_ids, "max |logit diff|": worst,
-            "greedy tokens identical": same_argmax}
+    return {
+        "file": gguf.name,
+        "token ids identical": same_ids,
+        "max |logit diff|": worst,
+        "greedy tokens identical": same_argmax,
+    }
 
 
 def llama_bench(binaries: Path, gguf: Path) -> dict[str, float]:
     """tokens/s of llama.cpp's pp512 and tg128 (one repetition)."""
-    done = subprocess.run([str(binaries / "llama-bench"), "-m", str(gguf), "-t", "2", "-p", "512", "-n", "128",
-                           "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [
+            str(binaries / "llama-bench"),
+            "-m",
+            str(gguf),
+            "-t",
+            "2",
+            "-p",
+            "512",
+            "-n",
+            "128",
+            "-r",
+            "1",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = json.loads(done.stdout)
     return {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in rows}
 
 
-def speed(binaries: Path, gguf: Path, dtype: torch.dtype, rounds: int, quantize: str | None = "auto",
-          label: str | None = None) -> list[dict]:
+def speed(
+    binaries: Path,
+    gguf: Path,
+    dtype: torch.dtype,
+    rounds: int,
+    quantize: str | None = "auto",
+    label: str | None = None,
+) -> list[dict]:
     model = llamakin.load(gguf, dtype=dtype, quantize=quantize)
     one, long = torch.randint(100, 40000, (1, 1)), torch.randint(100, 40000, (1, 512))
     eight = torch.randint(100, 40000, (8, 1))
     ours: dict[str, list[float]] = {"prefill": [], "decode": [], "decode8": []}
     theirs: dict[str, list[float]] = {"prefill": [], "decode": []}
-    ours_prefill(model, long, "cpu"), ours_decode(model, one, 8, "cpu"), ours_decode(model, eight, 4, "cpu")  # warm-up
+    (
+        ours_prefill(model, long, "cpu"),
+        ours_decode(model, one, 8, "cpu"),
+        ours_decode(model, eight, 4, "cpu"),
+    )  # warm-up
     for _ in range(rounds):
         ours["prefill"].append(ours_prefill(model, long, "cpu"))
         ours["decode"].append(ours_decode(model, one, 128, "cpu"))
@@ -144,13 +242,28 @@ def speed(binaries: Path, gguf: Path, dtype: torch.dtype, rounds: int, quantize:
     rows = []
     kind = label or gguf.stem.split("-")[-1].split(".")[-1]
     name = str(dtype).removeprefix("torch.") + (f", quantize={quantize}" if quantize else "")
-    for key, what in (("prefill", "prefill tok/s, 512 tokens"), ("decode", "decode tok/s, batch 1, 128 tokens")):
+    for key, what in (
+        ("prefill", "prefill tok/s, 512 tokens"),
+        ("decode", "decode tok/s, batch 1, 128 tokens"),
+    ):
         o, t = statistics.median(ours[key]), statistics.median(theirs[key])
-        rows.append({"measure": f"{what} ({kind} file, llamakin {name})",
-                     "llamakin": round(o, 1), "llama.cpp": round(t, 1), "ratio": round(o / t, 2)})
+        rows.append(
+            {
+                "measure": f"{what} ({kind} file, llamakin {name})",
+                "llamakin": round(o, 1),
+                "llama.cpp": round(t, 1),
+                "ratio": round(o / t, 2),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    rows.append({"measure": f"decode tok/s, batch 8 ({kind} file, llamakin {name})",
-                 "llamakin": round(statistics.median(ours["decode8"]), 1), "llama.cpp": "-", "ratio": "-"})
+    rows.append(
+        {
+            "measure": f"decode tok/s, batch 8 ({kind} file, llamakin {name})",
+            "llamakin": round(statistics.median(ours["decode8"]), 1),
+            "llama.cpp": "-",
+            "ratio": "-",
+        }
+    )
     print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -176,13 +289,40 @@ def peak_rss(binaries: Path, gguf: Path) -> dict:
     """Peak resident memory (MiB) of llamakin loading the file and generating 16 tokens, and of
     llama.cpp's llama-bench decoding 16 tokens (both fresh processes)."""
     src = str(Path(__file__).resolve().parents[1] / "src")
-    ours = subprocess.run([sys.executable, "-c", RSS_OURS.format(src=src, path=str(gguf), quantize="auto")],
-                          capture_output=True, text=True, check=True)
-    theirs = subprocess.run([sys.executable, "-c", RSS_THEIRS, str(binaries / "llama-bench"), "-m", str(gguf),
-                             "-t", "2", "-p", "0", "-n", "16", "-r", "1"], capture_output=True, text=True, check=True)
+    ours = subprocess.run(
+        [sys.executable, "-c", RSS_OURS.format(src=src, path=str(gguf), quantize="auto")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    theirs = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RSS_THEIRS,
+            str(binaries / "llama-bench"),
+            "-m",
+            str(gguf),
+            "-t",
+            "2",
+            "-p",
+            "0",
+            "-n",
+            "16",
+            "-r",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     o, t = float(ours.stdout.split()[-1]), float(theirs.stdout.split()[-1])
-    row = {"measure": f"peak RSS MiB ({gguf.name}; llamakin quantize=auto incl. Python + torch)",
-           "llamakin": round(o), "llama.cpp": round(t), "ratio": round(o / t, 2)}
+    row = {
+        "measure": f"peak RSS MiB ({gguf.name}; llamakin quantize=auto incl. Python + torch)",
+        "llamakin": round(o),
+        "llama.cpp": round(t),
+        "ratio": round(o / t, 2),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -194,12 +334,21 @@ def cpu_description() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-parity", action="store_true")
-    parser.add_argument("--llama-cpp", type=Path, help="directory of already built llama.cpp binaries")
-    parser.add_argument("--files", nargs="+", default=["Q4_1", "Q8_0", "F16", "F32"], choices=["Q4_1", "Q8_0", "F16", "F32"])
+    parser.add_argument(
+        "--llama-cpp", type=Path, help="directory of already built llama.cpp binaries"
+    )
+    parser.add_argument(
+        "--files",
+        nargs="+",
+        default=["Q4_1", "Q8_0", "F16", "F32"],
+        choices=["Q4_1", "Q8_0", "F16", "F32"],
+    )
     args = parser.parse_args()
     print(json.dumps({"cpu": cpu_description(), "loadavg": os.getloadavg()}), flush=True)
     if args.llama_cpp:
@@ -219,8 +368,12 @@ def main() -> None:
     if args.skip_speed:
         return
     rows = []
-    settings = {"Q4_1": (torch.float32, "auto"), "Q8_0": (torch.float32, "auto"),
-                "F32": (torch.float32, None), "F16": (torch.bfloat16, None)}
+    settings = {
+        "Q4_1": (torch.float32, "auto"),
+        "Q8_0": (torch.float32, "auto"),
+        "F32": (torch.float32, None),
+        "F16": (torch.bfloat16, None),
+    }
     for kind in args.files:
         dtype, quantize = settings[kind]
         rows += speed(binaries, files[kind], dtype, args.rounds, quantize, label=kind)

@@ -42,8 +42,16 @@ from llamakin.lora.quantized import load_quantized_base, quantized_bytes  # noqa
 from llamakin.quant.model import release_freed_memory  # noqa: E402
 
 SIDES = ("llamakin", "peft", "qlora-int4", "qlora-int8")
-HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-            "down": "down_proj", "lm_head": "lm_head"}
+HF_NAMES = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+    "lm_head": "lm_head",
+}
 
 
 def cpu_description() -> str:
@@ -67,8 +75,11 @@ def hf_directory(model: str) -> Path:
 def build(side: str, directory: Path, args):
     targets = parse_targets(args.targets)
     if side == "llamakin" or side.startswith("qlora-"):
-        model = load_quantized_base(directory, side.removeprefix("qlora-")) if side.startswith("qlora-") \
+        model = (
+            load_quantized_base(directory, side.removeprefix("qlora-"))
+            if side.startswith("qlora-")
             else llamakin.load(directory)
+        )
         apply_lora(model, LoraSettings(rank=args.rank, alpha=args.alpha, targets=targets))
         model.gradient_checkpointing = args.checkpointing
     else:
@@ -77,9 +88,16 @@ def build(side: str, directory: Path, args):
 
         base = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         if args.checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        config = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                                 target_modules=[HF_NAMES[t] for t in targets], task_type="CAUSAL_LM")
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        config = peft.LoraConfig(
+            r=args.rank,
+            lora_alpha=args.alpha,
+            lora_dropout=0.0,
+            target_modules=[HF_NAMES[t] for t in targets],
+            task_type="CAUSAL_LM",
+        )
         model = peft.get_peft_model(base, config)
     return model.train()
 
@@ -103,8 +121,13 @@ def make_step(model, side: str):
 
 def batches(args, vocab: int):
     g = torch.Generator().manual_seed(0)
-    return [(torch.randint(0, vocab, (args.batch, args.seq), generator=g),
-             torch.randint(0, vocab, (args.batch, args.seq), generator=g)) for _ in range(args.steps + 1)]
+    return [
+        (
+            torch.randint(0, vocab, (args.batch, args.seq), generator=g),
+            torch.randint(0, vocab, (args.batch, args.seq), generator=g),
+        )
+        for _ in range(args.steps + 1)
+    ]
 
 
 def peak_rss_mb() -> float:
@@ -135,20 +158,50 @@ def memory_child(side: str, directory: Path, args) -> None:
     for x, y in batches(args, 49152)[:1]:
         step(x, y)
     peak = peak_rss_mb()
-    print(json.dumps({"side": side, "model_mb": round(held), "loaded_mb": round(loaded), "peak_mb": round(peak),
-                      "training_mb": round(peak - loaded)}))
+    print(
+        json.dumps(
+            {
+                "side": side,
+                "model_mb": round(held),
+                "loaded_mb": round(loaded),
+                "peak_mb": round(peak),
+                "training_mb": round(peak - loaded),
+            }
+        )
+    )
 
 
 def memory(side: str, args) -> dict:
-    command = [sys.executable, __file__, "--side", side, "--model", args.model, "--rank", str(args.rank),
-               "--alpha", str(args.alpha), "--targets", args.targets, "--batch", str(args.batch),
-               "--seq", str(args.seq)] + (["--checkpointing"] if args.checkpointing else [])
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    command = [
+        sys.executable,
+        __file__,
+        "--side",
+        side,
+        "--model",
+        args.model,
+        "--rank",
+        str(args.rank),
+        "--alpha",
+        str(args.alpha),
+        "--targets",
+        args.targets,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+    ] + (["--checkpointing"] if args.checkpointing else [])
+    out = (
+        subprocess.run(command, capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     return json.loads(out)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
@@ -156,11 +209,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
-    parser.add_argument("--no-memory", action="store_true", help="skip the per-side peak-memory processes")
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="gradient checkpointing on both sides"
+    )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the per-side peak-memory processes"
+    )
     parser.add_argument("--no-speed", action="store_true", help="only the peak-memory processes")
-    parser.add_argument("--sides", default="llamakin,peft",
-                        help="comma-separated: llamakin, peft, qlora-int4, qlora-int8 (default llamakin,peft)")
+    parser.add_argument(
+        "--sides",
+        default="llamakin,peft",
+        help="comma-separated: llamakin, peft, qlora-int4, qlora-int8 (default llamakin,peft)",
+    )
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # memory child
     args = parser.parse_args()
     directory = hf_directory(args.model)
@@ -175,10 +235,14 @@ def main() -> None:
     if args.no_speed:
         rows = [memory(side, args) for side in sides]
         print(f"load average after:  {os.getloadavg()}")
-        print("\n| side | model (parameters + buffers) MB | RSS after loading MB | peak RSS MB | growth in training MB |")
+        print(
+            "\n| side | model (parameters + buffers) MB | RSS after loading MB | peak RSS MB | growth in training MB |"
+        )
         print("|---|---|---|---|---|")
         for row in rows:
-            print(f"| {row['side']} | {row['model_mb']} | {row['loaded_mb']} | {row['peak_mb']} | {row['training_mb']} |")
+            print(
+                f"| {row['side']} | {row['model_mb']} | {row['loaded_mb']} | {row['peak_mb']} | {row['training_mb']} |"
+            )
         return
     models = {side: build(side, directory, args) for side in sides}
     steps, trained = {}, {}
@@ -196,12 +260,21 @@ def main() -> None:
                 speeds[side].append(speed)
     medians = {side: statistics.median(speeds[side]) for side in sides}
     print(f"load average after:  {os.getloadavg()}")
-    print("first-step losses (LoRA sides compute the same function; QLoRA sides the quantized base's): "
-          + ", ".join(f"{side} {losses[side][0]:.5f}" for side in sides))
-    result = {"model": args.model, "rank": args.rank, "targets": args.targets, "batch": args.batch, "seq": args.seq,
-              "adapter_parameters": trained["llamakin"], "checkpointing": args.checkpointing,
-              **{f"{side}_tok_s": round(medians[side], 1) for side in sides},
-              **{f"{side}_all": [round(v, 1) for v in speeds[side]] for side in sides}}
+    print(
+        "first-step losses (LoRA sides compute the same function; QLoRA sides the quantized base's): "
+        + ", ".join(f"{side} {losses[side][0]:.5f}" for side in sides)
+    )
+    result = {
+        "model": args.model,
+        "rank": args.rank,
+        "targets": args.targets,
+        "batch": args.batch,
+        "seq": args.seq,
+        "adapter_parameters": trained["llamakin"],
+        "checkpointing": args.checkpointing,
+        **{f"{side}_tok_s": round(medians[side], 1) for side in sides},
+        **{f"{side}_all": [round(v, 1) for v in speeds[side]] for side in sides},
+    }
     if not args.no_memory:
         del models, steps
         for side in sides:
@@ -212,11 +285,15 @@ def main() -> None:
     print("\n| side | tokens/s (median) | model MB | peak RSS MB | RSS growth in training MB |")
     print("|---|---|---|---|---|")
     for side in sides:
-        print(f"| {side} | {result[f'{side}_tok_s']} | {result.get(f'{side}_model_mb', '-')} | "
-              f"{result.get(f'{side}_peak_mb', '-')} | {result.get(f'{side}_training_mb', '-')} |")
+        print(
+            f"| {side} | {result[f'{side}_tok_s']} | {result.get(f'{side}_model_mb', '-')} | "
+            f"{result.get(f'{side}_peak_mb', '-')} | {result.get(f'{side}_training_mb', '-')} |"
+        )
     for side in sides[1:]:
-        print(f"llamakin / {side} tokens/s: {medians['llamakin'] / medians[side]:.2f}x (batch {args.batch} x "
-              f"{args.seq}, rank {args.rank}, targets {args.targets})")
+        print(
+            f"llamakin / {side} tokens/s: {medians['llamakin'] / medians[side]:.2f}x (batch {args.batch} x "
+            f"{args.seq}, rank {args.rank}, targets {args.targets})"
+        )
 
 
 if __name__ == "__main__":

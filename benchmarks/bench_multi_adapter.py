@@ -45,7 +45,9 @@ def random_adapter(model_name: str, directory: Path, seed: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=4)
@@ -53,13 +55,19 @@ def main() -> None:
     print(cpu_description())
     print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = {name: random_adapter(args.model, Path(tmp) / name, seed) for seed, name in enumerate(("a", "b"))}
+        adapters = {
+            name: random_adapter(args.model, Path(tmp) / name, seed)
+            for seed, name in enumerate(("a", "b"))
+        }
         base = llamakin.load(args.model).eval()
         multi = llamakin.load(args.model).eval()
         attach_adapters(multi, adapters)
     ids = [(1, 2, 0, 1)[i % 4] for i in range(args.rows)]
-    configs = {"base, traced": (base, "1"), "2 adapters per row, traced": (multi, "1"),
-               "2 adapters per row, eager": (multi, "0")}
+    configs = {
+        "base, traced": (base, "1"),
+        "2 adapters per row, traced": (multi, "1"),
+        "2 adapters per row, eager": (multi, "0"),
+    }
     times = {name: [] for name in configs}
     decoders = {}
     token = torch.full((args.rows, 1), 42)
@@ -78,7 +86,9 @@ def main() -> None:
                     times[name].append(time.perf_counter() - start)
     print(f"load average after:  {os.getloadavg()}")
     base_ms = statistics.median(times["base, traced"]) * 1e3
-    print(f"\n| {args.rows} rows, cache 256 | ms per decode step (median of {args.steps}) | vs base |")
+    print(
+        f"\n| {args.rows} rows, cache 256 | ms per decode step (median of {args.steps}) | vs base |"
+    )
     print("|---|---|---|")
     for name in configs:
         ms = statistics.median(times[name]) * 1e3

@@ -58,9 +58,31 @@ def cpu_description() -> str:
 
 # -- llama.cpp ---------------------------------------------------------------------------------------
 def llama_perplexity(binaries: Path, gguf: Path, text: Path, context: int, chunks: int) -> dict:
-    done = subprocess.run([str(binaries / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", str(context),
-                           "--chunks", str(chunks), "-t", "2", "-b", str(4 * context), "-ctk", "f32", "-ctv", "f32",
-                           "-fa", "off"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            str(binaries / "llama-perplexity"),
+            "-m",
+            str(gguf),
+            "-f",
+            str(text),
+            "-c",
+            str(context),
+            "--chunks",
+            str(chunks),
+            "-t",
+            "2",
+            "-b",
+            str(4 * context),
+            "-ctk",
+            "f32",
+            "-ctv",
+            "f32",
+            "-fa",
+            "off",
+        ],
+        capture_output=True,
+        text=True,
+    )
     log = done.stdout + done.stderr
     final = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
     if done.returncode != 0 or not final:
@@ -75,7 +97,11 @@ def llama_perplexity(binaries: Path, gguf: Path, text: Path, context: int, chunk
         tokens_per_second = min(4, chunks) * context / float(per_pass.group(1))
     else:
         tokens_per_second = float("nan")
-    return {"perplexity": float(final.group(1)), "stderr": float(final.group(2)), "tokens_per_second": tokens_per_second}
+    return {
+        "perplexity": float(final.group(1)),
+        "stderr": float(final.group(2)),
+        "tokens_per_second": tokens_per_second,
+    }
 
 
 LLAMA_CPP_TOKENS = """
@@ -89,8 +115,12 @@ print(json.dumps(vocab.tokenize(text.encode(), add_bos=True, special=False)))
 
 
 def llama_cpp_token_ids(python_path: Path, gguf: Path, text: Path) -> list[int]:
-    done = subprocess.run([sys.executable, "-c", LLAMA_CPP_TOKENS, str(gguf), str(text)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(python_path)})
+    done = subprocess.run(
+        [sys.executable, "-c", LLAMA_CPP_TOKENS, str(gguf), str(text)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(python_path)},
+    )
     if done.returncode != 0:
         return []
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -104,7 +134,9 @@ def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
     blocks = x.float().reshape(-1, 32)
     d = blocks.abs().amax(-1, keepdim=True) / 127
     inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    q = torch.round(blocks * inverse)  # roundf: half away from zero; torch.round: half to even (ties are rare)
+    q = torch.round(
+        blocks * inverse
+    )  # roundf: half away from zero; torch.round: half to even (ties are rare)
     return (q * d.half().float()).reshape(shape).to(x.dtype)
 
 
@@ -118,8 +150,16 @@ class EmulatedActivationQuantization:
     def __enter__(self):
         for module in self.model.modules():
             if isinstance(module, torch.nn.Linear):
-                self.handles.append(module.register_forward_pre_hook(lambda m, args: (quantize_activations_q8(args[0]),)))
-        self.handles.append(self.model.final_norm.register_forward_hook(lambda m, args, out: quantize_activations_q8(out)))
+                self.handles.append(
+                    module.register_forward_pre_hook(
+                        lambda m, args: (quantize_activations_q8(args[0]),)
+                    )
+                )
+        self.handles.append(
+            self.model.final_norm.register_forward_hook(
+                lambda m, args, out: quantize_activations_q8(out)
+            )
+        )
         return self
 
     def __exit__(self, *exc):
@@ -134,13 +174,16 @@ def transformers_perplexity(hf, windows, batch_size: int) -> tuple[float, float]
     total, count = 0.0, 0
     start = time.perf_counter()
     for s in range(0, len(windows), batch_size):
-        batch = windows[s:s + batch_size]
+        batch = windows[s : s + batch_size]
         ids = torch.tensor([w.ids for w in batch])
         labels = ids.clone()
-        labels[:, :batch[0].score_from + 1] = -100  # positions predicted from the first half's logits
+        labels[
+            :, : batch[0].score_from + 1
+        ] = -100  # positions predicted from the first half's logits
         logits = hf(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                                 reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum"
+        )
         total += loss.item()
         count += int((labels[:, 1:] != -100).sum())
     seconds = time.perf_counter() - start
@@ -150,16 +193,28 @@ def transformers_perplexity(hf, windows, batch_size: int) -> tuple[float, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", default="wikipedia", choices=["wikipedia", "shakespeare", "kjv"])
-    parser.add_argument("--chars", type=int, default=200_000, help="characters of the corpus written to the text file")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--corpus", default="wikipedia", choices=["wikipedia", "shakespeare", "kjv"]
+    )
+    parser.add_argument(
+        "--chars",
+        type=int,
+        default=200_000,
+        help="characters of the corpus written to the text file",
+    )
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(f"CPU: {cpu_description()}; torch {torch.__version__}; load average {os.getloadavg()}", flush=True)
+    print(
+        f"CPU: {cpu_description()}; torch {torch.__version__}; load average {os.getloadavg()}",
+        flush=True,
+    )
     binaries, python_path = build_llama_cpp()
     work = home() / "llama.cpp" / "exports"
     work.mkdir(parents=True, exist_ok=True)
@@ -167,10 +222,15 @@ def main() -> None:
     if not files["F32"].exists():
         convert_checkpoint(files["Q4_1"], files["F32"], gguf_type="F32")
     text_file = work / f"{args.corpus}-{args.chars}.txt"
-    text_file.write_text(corpus_file(args.corpus).read_text(encoding="utf-8")[:args.chars], encoding="utf-8")
+    text_file.write_text(
+        corpus_file(args.corpus).read_text(encoding="utf-8")[: args.chars], encoding="utf-8"
+    )
     text = text_file.read_text(encoding="utf-8")
-    print(f"text: the first {args.chars:,} characters of the {args.corpus} corpus ({text_file}); context "
-          f"{args.context}, {args.chunks} chunks, batch {args.batch}", flush=True)
+    print(
+        f"text: the first {args.chars:,} characters of the {args.corpus} corpus ({text_file}); context "
+        f"{args.context}, {args.chunks} chunks, batch {args.batch}",
+        flush=True,
+    )
 
     rows, speed = [], []
     for kind, gguf in files.items():
@@ -178,29 +238,51 @@ def main() -> None:
         ours_ids = llama_cpp_tokenize(tok, text[:-1] if text.endswith("\n") else text)
         theirs_ids = llama_cpp_token_ids(python_path, gguf, text_file)
         same = ours_ids == theirs_ids
-        print(f"{kind}: token ids identical to llama.cpp's: {same} ({len(ours_ids):,} tokens)", flush=True)
-        run = dict(context=args.context, protocol="llama.cpp", max_chunks=args.chunks, batch_size=args.batch)
+        print(
+            f"{kind}: token ids identical to llama.cpp's: {same} ({len(ours_ids):,} tokens)",
+            flush=True,
+        )
+        run = dict(
+            context=args.context,
+            protocol="llama.cpp",
+            max_chunks=args.chunks,
+            batch_size=args.batch,
+        )
         perplexity(model, tok, text[:20000], **{**run, "max_chunks": 1})  # warm-up
         ours_runs, theirs_runs = [], []
         for _ in range(args.rounds):
             ours_runs.append(perplexity(model, tok, text, **run))
-            theirs_runs.append(llama_perplexity(binaries, gguf, text_file, args.context, args.chunks))
+            theirs_runs.append(
+                llama_perplexity(binaries, gguf, text_file, args.context, args.chunks)
+            )
         ours, theirs = ours_runs[-1], theirs_runs[-1]
         with EmulatedActivationQuantization(model):
             emulated = perplexity(model, tok, text, **run) if kind == "Q4_1" else None
         ratio = ours.perplexity / theirs["perplexity"]
         tolerance = 0.002 if kind == "F32" else 0.01
-        row = {"file": kind, "llamakin": round(ours.perplexity, 4), "llamakin stderr": round(ours.stderr, 4),
-               "llama.cpp": theirs["perplexity"], "llama.cpp stderr": theirs["stderr"], "ratio": round(ratio, 5),
-               "within": f"{tolerance:.1%}", "agrees": abs(ratio - 1) <= tolerance, "tokens scored": ours.tokens}
+        row = {
+            "file": kind,
+            "llamakin": round(ours.perplexity, 4),
+            "llamakin stderr": round(ours.stderr, 4),
+            "llama.cpp": theirs["perplexity"],
+            "llama.cpp stderr": theirs["stderr"],
+            "ratio": round(ratio, 5),
+            "within": f"{tolerance:.1%}",
+            "agrees": abs(ratio - 1) <= tolerance,
+            "tokens scored": ours.tokens,
+        }
         if emulated is not None:
             gap = theirs["perplexity"] - ours.perplexity
             row["llamakin with llama.cpp's activation rounding"] = round(emulated.perplexity, 4)
-            row["share of the gap explained"] = round((emulated.perplexity - ours.perplexity) / gap, 3) if gap else None
+            row["share of the gap explained"] = (
+                round((emulated.perplexity - ours.perplexity) / gap, 3) if gap else None
+            )
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-        windows = llama_cpp_chunks(ours_ids, args.context, tok.bos_token_id if adds_bos(tok) else None, args.chunks)
+        windows = llama_cpp_chunks(
+            ours_ids, args.context, tok.bos_token_id if adds_bos(tok) else None, args.chunks
+        )
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             import transformers
@@ -213,21 +295,35 @@ def main() -> None:
         ours_rate = statistics.median(r.tokens_per_second for r in ours_runs)
         hf_rate = statistics.median(tokens / s for _, s in hf_runs)
         cpp_rate = statistics.median(r["tokens_per_second"] for r in theirs_runs)
-        speed.append({"file": kind, "llamakin tok/s": round(ours_rate, 1), "transformers tok/s": round(hf_rate, 1),
-                      "vs transformers": round(ours_rate / hf_rate, 2), "llama.cpp tok/s": round(cpp_rate, 1),
-                      "vs llama.cpp": round(ours_rate / cpp_rate, 2), "transformers perplexity": round(hf_ppl, 4)})
+        speed.append(
+            {
+                "file": kind,
+                "llamakin tok/s": round(ours_rate, 1),
+                "transformers tok/s": round(hf_rate, 1),
+                "vs transformers": round(ours_rate / hf_rate, 2),
+                "llama.cpp tok/s": round(cpp_rate, 1),
+                "vs llama.cpp": round(ours_rate / cpp_rate, 2),
+                "transformers perplexity": round(hf_ppl, 4),
+            }
+        )
         print(json.dumps(speed[-1]), flush=True)
         del model, hf
 
     print(f"\nload average after: {os.getloadavg()}")
     print("\n| file | llamakin | llama.cpp | ratio | target |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['file']} | {r['llamakin']} ± {r['llamakin stderr']} | {r['llama.cpp']} ± {r['llama.cpp stderr']} | "
-              f"{r['ratio']} | {r['within']} ({'met' if r['agrees'] else 'NOT met'}) |")
-    print("\n| file | llamakin tok/s | transformers tok/s | ratio | llama.cpp tok/s | ratio |\n|---|---|---|---|---|---|")
+        print(
+            f"| {r['file']} | {r['llamakin']} ± {r['llamakin stderr']} | {r['llama.cpp']} ± {r['llama.cpp stderr']} | "
+            f"{r['ratio']} | {r['within']} ({'met' if r['agrees'] else 'NOT met'}) |"
+        )
+    print(
+        "\n| file | llamakin tok/s | transformers tok/s | ratio | llama.cpp tok/s | ratio |\n|---|---|---|---|---|---|"
+    )
     for s in speed:
-        print(f"| {s['file']} | {s['llamakin tok/s']} | {s['transformers tok/s']} | {s['vs transformers']}x | "
-              f"{s['llama.cpp tok/s']} | {s['vs llama.cpp']}x |")
+        print(
+            f"| {s['file']} | {s['llamakin tok/s']} | {s['transformers tok/s']} | {s['vs transformers']}x | "
+            f"{s['llama.cpp tok/s']} | {s['vs llama.cpp']}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -50,18 +50,26 @@ def time_products(fn, weights, x, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kernels", nargs="*", default=None, help="subset of kernel names to run")
-    parser.add_argument("--layers", type=int, default=30, help="fewer layers for quicker prefill rows")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (1 gives stable rankings on a machine shared with other work)")
+    parser.add_argument(
+        "--layers", type=int, default=30, help="fewer layers for quicker prefill rows"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (1 gives stable rankings on a machine shared with other work)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     global SHAPES
-    SHAPES = SHAPES[:4 * args.layers] + SHAPES[-1:]
+    SHAPES = SHAPES[: 4 * args.layers] + SHAPES[-1:]
     print(cpu_line(), flush=True)
     torch.manual_seed(0)
     floats = [torch.randn(n, k) * 0.05 for n, k in SHAPES]
@@ -77,33 +85,65 @@ def main() -> None:
     }
     for act in (torch.float32, torch.bfloat16, torch.float16):
         name = str(act).removeprefix("torch.")
-        candidates[f"int8pack_mm {name}"] = (lambda x, q: torch.ops.aten._weight_int8pack_mm(x, q.qweight, q.scales.to(x.dtype)), int8, act)
+        candidates[f"int8pack_mm {name}"] = (
+            lambda x, q: torch.ops.aten._weight_int8pack_mm(x, q.qweight, q.scales.to(x.dtype)),
+            int8,
+            act,
+        )
         candidates[f"int4pack_mm {name}"] = (kernels.int4_product_fn(act), int4, act)
     if kernels.fbgemm_available():
-        candidates["fbgemm linear_dynamic fp32"] = (kernels.fbgemm_linear, [kernels.pack_fbgemm(q) for q in int8], torch.float32)
+        candidates["fbgemm linear_dynamic fp32"] = (
+            kernels.fbgemm_linear,
+            [kernels.pack_fbgemm(q) for q in int8],
+            torch.float32,
+        )
     candidates["int4 dequant->fp32 slices"] = (kernels.int4_dequant_product, int4, torch.float32)
 
     for rows in args.rows:
         xs = {k: torch.randn(rows, k) for k in (576, 1536)}
-        chosen = {n: c for n, c in candidates.items() if not args.kernels or any(n.startswith(k) for k in args.kernels)}
+        chosen = {
+            n: c
+            for n, c in candidates.items()
+            if not args.kernels or any(n.startswith(k) for k in args.kernels)
+        }
         times: dict[str, list[float]] = {n: [] for n in chosen}
         errors: dict[str, float] = {}
         with torch.no_grad():
             for name, (fn, weights, act) in chosen.items():
                 x = {k: v.to(act) for k, v in xs.items()}
                 # error on the first (qkv) matrix against its dequantized weight in float32
-                ref_w = int8_deq[0] if "int8" in name or "fbgemm" in name else int4_deq[0] if "int4" in name else floats[0]
-                errors[name] = (fn(x[576], weights[0]).float() - F.linear(xs[576], ref_w)).abs().max().item()
-            for _ in range(args.repeats):  # kernels interleaved, so load changes hit all of them alike
+                ref_w = (
+                    int8_deq[0]
+                    if "int8" in name or "fbgemm" in name
+                    else int4_deq[0]
+                    if "int4" in name
+                    else floats[0]
+                )
+                errors[name] = (
+                    (fn(x[576], weights[0]).float() - F.linear(xs[576], ref_w)).abs().max().item()
+                )
+            for _ in range(
+                args.repeats
+            ):  # kernels interleaved, so load changes hit all of them alike
                 for name, (fn, weights, act) in chosen.items():
                     x = {k: v.to(act) for k, v in xs.items()}
                     pairs = [(w, w_k) for w, (_, w_k) in zip(weights, SHAPES)]
                     times[name].append(time_products(fn, pairs, x, 1))
         for name in chosen:
-            print(json.dumps({"rows": rows, "kernel": name, "ms per token (median)": round(statistics.median(times[name]), 2),
-                              "min": round(min(times[name]), 2),
-                              "max err vs fp32 of the same weight": float(f"{errors[name]:.3g}")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "rows": rows,
+                        "kernel": name,
+                        "ms per token (median)": round(statistics.median(times[name]), 2),
+                        "min": round(min(times[name]), 2),
+                        "max err vs fp32 of the same weight": float(f"{errors[name]:.3g}"),
+                    }
+                ),
+                flush=True,
+            )
     print(f"loadavg after: {os.getloadavg()}")
+
 
 if __name__ == "__main__":
     main()

@@ -48,19 +48,36 @@ def perplexity(model, ids: list[int], window: int, windows: int) -> tuple[float,
     (llama-perplexity's way) only the second half of each window."""
     all_nll, half_nll = [], []
     for w in range(windows):
-        chunk = torch.tensor([ids[w * window:(w + 1) * window]])
+        chunk = torch.tensor([ids[w * window : (w + 1) * window]])
         logp = torch.log_softmax(model(chunk).float()[0, :-1], dim=-1)
         token_nll = -logp.gather(-1, chunk[0, 1:, None])[:, 0]
         all_nll.append(token_nll)
-        half_nll.append(token_nll[window // 2 - 1:])
+        half_nll.append(token_nll[window // 2 - 1 :])
     return math.exp(torch.cat(all_nll).mean().item()), math.exp(torch.cat(half_nll).mean().item())
 
 
 def llama_cpp_perplexity(binaries: Path, gguf: Path, text: str, window: int, windows: int) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(text)
-    done = subprocess.run([str(binaries / "llama-perplexity"), "-m", str(gguf), "-f", f.name, "-c", str(window),
-                           "--chunks", str(windows), "-t", "2", "-b", str(window)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            str(binaries / "llama-perplexity"),
+            "-m",
+            str(gguf),
+            "-f",
+            f.name,
+            "-c",
+            str(window),
+            "--chunks",
+            str(windows),
+            "-t",
+            "2",
+            "-b",
+            str(window),
+        ],
+        capture_output=True,
+        text=True,
+    )
     os.unlink(f.name)
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
     if not found:
@@ -69,11 +86,17 @@ def llama_cpp_perplexity(binaries: Path, gguf: Path, text: str, window: int, win
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--llama-cpp", type=Path, help="directory with llama.cpp's llama-perplexity")
-    parser.add_argument("--rows", nargs="*", default=["none", "auto", "int8", "int4-32", "int4-64", "int4-128"])
+    parser.add_argument(
+        "--llama-cpp", type=Path, help="directory with llama.cpp's llama-perplexity"
+    )
+    parser.add_argument(
+        "--rows", nargs="*", default=["none", "auto", "int8", "int4-32", "int4-64", "int4-128"]
+    )
     args = parser.parse_args()
     print(json.dumps({"cpu": _cpu(), "loadavg": os.getloadavg()}), flush=True)
     path = pull("smollm2-135m-instruct")
@@ -86,7 +109,9 @@ def main() -> None:
     results = {}
     for row in args.rows:
         mode, _, group = row.partition("-")
-        model = llamakin.load(path, quantize=None if mode == "none" else mode, group_size=int(group or 32))
+        model = llamakin.load(
+            path, quantize=None if mode == "none" else mode, group_size=int(group or 32)
+        )
         full, half = perplexity(model, ids, args.window, args.windows)
         results[row] = {"ppl": full, "ppl, llama.cpp-style (second half of each window)": half}
         base = results.get("none", results[row])
@@ -96,9 +121,16 @@ def main() -> None:
     if args.llama_cpp:
         theirs = llama_cpp_perplexity(args.llama_cpp, path, text, args.window, args.windows)
         ours = results.get("auto", {}).get("ppl, llama.cpp-style (second half of each window)")
-        print(json.dumps({"llama.cpp perplexity (same file, same text)": theirs,
-                          "llamakin auto, same scoring": ours,
-                          "difference": None if ours is None else f"{100 * (ours / theirs - 1):+.2f}%"}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "llama.cpp perplexity (same file, same text)": theirs,
+                    "llamakin auto, same scoring": ours,
+                    "difference": None if ours is None else f"{100 * (ours / theirs - 1):+.2f}%",
+                }
+            ),
+            flush=True,
+        )
     print(f"loadavg after: {os.getloadavg()}")
 
 

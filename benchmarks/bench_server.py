@@ -1,4 +1,3 @@
-
 """Server throughput and time-to-first-token with 1, 4 and 16 concurrent streaming clients, and
 multi-turn time to first token with and without prefix caching.
 
@@ -32,14 +31,31 @@ import httpx
 
 from llamakin.hardware import describe_cpu
 
-TOPICS = ["a lighthouse keeper", "a robot gardener", "the first city on Mars", "a dragon who cannot fly",
-          "a detective in Venice", "the last library", "a chess prodigy", "an old fisherman"]
+TOPICS = [
+    "a lighthouse keeper",
+    "a robot gardener",
+    "the first city on Mars",
+    "a dragon who cannot fly",
+    "a detective in Venice",
+    "the last library",
+    "a chess prodigy",
+    "an old fisherman",
+]
 
 
-SYSTEM = ("You are a patient and knowledgeable assistant. Answer every question in a few clear sentences, "
-          "give an example where one helps, and keep to the facts you are sure of.")
-QUESTIONS = ["What is {topic}?", "Why does it matter?", "Give me an example.", "What could go wrong?",
-             "Summarise what we said.", "What should I read next?", "Any last advice?"]
+SYSTEM = (
+    "You are a patient and knowledgeable assistant. Answer every question in a few clear sentences, "
+    "give an example where one helps, and keep to the facts you are sure of."
+)
+QUESTIONS = [
+    "What is {topic}?",
+    "Why does it matter?",
+    "Give me an example.",
+    "What could go wrong?",
+    "Summarise what we said.",
+    "What should I read next?",
+    "Any last advice?",
+]
 
 
 def cpu_description() -> str:
@@ -53,9 +69,15 @@ def free_port() -> int:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, topic: str, max_tokens: int):
-    body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.7, "seed": hash(topic) % 1000,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": f"Write a long story about {topic}."}]}
+    body = {
+        "model": model,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "seed": hash(topic) % 1000,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": f"Write a long story about {topic}."}],
+    }
     start = time.perf_counter()
     first = None
     tokens = 0
@@ -65,7 +87,11 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, topic: st
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if event.get("choices") and event["choices"][0]["delta"].get("content") and first is None:
+            if (
+                event.get("choices")
+                and event["choices"][0]["delta"].get("content")
+                and first is None
+            ):
                 first = time.perf_counter() - start
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
@@ -74,10 +100,13 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, topic: st
 
 async def level(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     async with httpx.AsyncClient(timeout=600) as client:
+
         async def worker(i):
             results = []
             for r in range(requests):
-                results.append(await one_request(client, url, model, TOPICS[(i + r) % len(TOPICS)], max_tokens))
+                results.append(
+                    await one_request(client, url, model, TOPICS[(i + r) % len(TOPICS)], max_tokens)
+                )
             return results
 
         start = time.perf_counter()
@@ -86,9 +115,14 @@ async def level(url: str, model: str, clients: int, requests: int, max_tokens: i
     flat = [x for results in done for x in results]
     ttft = sorted(t for _, t in flat)
     p95 = ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))]
-    return {"clients": clients, "requests": len(flat), "tokens": sum(n for n, _ in flat),
-            "tokens_per_s": round(sum(n for n, _ in flat) / wall, 1),
-            "ttft_median_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(p95, 3)}
+    return {
+        "clients": clients,
+        "requests": len(flat),
+        "tokens": sum(n for n, _ in flat),
+        "tokens_per_s": round(sum(n for n, _ in flat) / wall, 1),
+        "ttft_median_s": round(statistics.median(ttft), 3),
+        "ttft_p95_s": round(p95, 3),
+    }
 
 
 async def conversation(url: str, model: str, topic: str, turns: int, max_tokens: int) -> float:
@@ -97,8 +131,16 @@ async def conversation(url: str, model: str, topic: str, turns: int, max_tokens:
     last = 0.0
     async with httpx.AsyncClient(timeout=600) as client:
         for turn in range(turns):
-            messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)].format(topic=topic)})
-            body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0, "messages": messages}
+            messages.append(
+                {"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)].format(topic=topic)}
+            )
+            body = {
+                "model": model,
+                "stream": True,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "messages": messages,
+            }
             start, first, text = time.perf_counter(), None, ""
             async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
                 response.raise_for_status()
@@ -106,7 +148,11 @@ async def conversation(url: str, model: str, topic: str, turns: int, max_tokens:
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     event = json.loads(line[6:])
-                    piece = event["choices"][0]["delta"].get("content") if event.get("choices") else None
+                    piece = (
+                        event["choices"][0]["delta"].get("content")
+                        if event.get("choices")
+                        else None
+                    )
                     if piece and first is None:
                         first = time.perf_counter() - start
                     text += piece or ""
@@ -117,8 +163,17 @@ async def conversation(url: str, model: str, topic: str, turns: int, max_tokens:
 
 def start_server(args, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "llamakin.cli", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
-               *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "llamakin.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(args.max_batch),
+        *extra,
+    ]
     if args.model:
         command += ["--model", args.model]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -139,32 +194,58 @@ def multi_turn(args) -> None:
         try:
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
             asyncio.run(level(url, model, 1, 1, 8))  # warm-up (traces the decode step)
-            times = [asyncio.run(conversation(url, model, TOPICS[i % len(TOPICS)], args.turns, args.turn_tokens))
-                     for i in range(args.conversations)]
+            times = [
+                asyncio.run(
+                    conversation(url, model, TOPICS[i % len(TOPICS)], args.turns, args.turn_tokens)
+                )
+                for i in range(args.conversations)
+            ]
             health = httpx.get(url + "/health").json()
         finally:
             server.terminate()
             server.wait(timeout=30)
         results[label] = statistics.median(times)
-        print(json.dumps({"server": label, f"ttft_turn_{args.turns}_s": [round(t, 3) for t in times],
-                          "median_s": round(results[label], 3), "prefix_cache": health.get("prefix_cache")}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "server": label,
+                    f"ttft_turn_{args.turns}_s": [round(t, 3) for t in times],
+                    "median_s": round(results[label], 3),
+                    "prefix_cache": health.get("prefix_cache"),
+                }
+            ),
+            flush=True,
+        )
     cached, plain = results["with prefix cache"], results["without"]
-    print(f"\n| time to first token of turn {args.turns} (median of {args.conversations}) | seconds |\n|---|---|")
-    print(f"| with prefix cache | {cached:.3f} |\n| without | {plain:.3f} |\n| speed-up | {plain / cached:.1f}x |")
+    print(
+        f"\n| time to first token of turn {args.turns} (median of {args.conversations}) | seconds |\n|---|---|"
+    )
+    print(
+        f"| with prefix cache | {cached:.3f} |\n| without | {plain:.3f} |\n| speed-up | {plain / cached:.1f}x |"
+    )
     print(f"(load average after: {os.getloadavg()})")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="checkpoint or catalog name (default: the default model)")
-    parser.add_argument("--levels", type=int, nargs="*", default=[1, 4, 16], help="client counts (none: skip)")
+    parser.add_argument(
+        "--levels", type=int, nargs="*", default=[1, 4, 16], help="client counts (none: skip)"
+    )
     parser.add_argument("--requests", type=int, default=2, help="requests per client per level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=5, help="multi-turn: turns per conversation (0: skip)")
-    parser.add_argument("--conversations", type=int, default=5, help="multi-turn: conversations per server")
-    parser.add_argument("--turn-tokens", type=int, default=48, help="multi-turn: max_tokens of each answer")
+    parser.add_argument(
+        "--turns", type=int, default=5, help="multi-turn: turns per conversation (0: skip)"
+    )
+    parser.add_argument(
+        "--conversations", type=int, default=5, help="multi-turn: conversations per server"
+    )
+    parser.add_argument(
+        "--turn-tokens", type=int, default=48, help="multi-turn: max_tokens of each answer"
+    )
     args = parser.parse_args()
     print("CPU:", cpu_description(), flush=True)
     if args.levels:
@@ -183,9 +264,13 @@ def throughput(args) -> None:
             rows.append(asyncio.run(level(url, model, clients, args.requests, args.max_tokens)))
             print(json.dumps(rows[-1]), flush=True)
         base = rows[0]["tokens_per_s"]
-        print("\n| concurrent clients | generated tok/s | vs 1 client | TTFT median (s) | TTFT p95 (s) |\n|---|---|---|---|---|")
+        print(
+            "\n| concurrent clients | generated tok/s | vs 1 client | TTFT median (s) | TTFT p95 (s) |\n|---|---|---|---|---|"
+        )
         for r in rows:
-            print(f"| {r['clients']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base:.1f}x | {r['ttft_median_s']} | {r['ttft_p95_s']} |")
+            print(
+                f"| {r['clients']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base:.1f}x | {r['ttft_median_s']} | {r['ttft_p95_s']} |"
+            )
     finally:
         server.terminate()
         server.wait(timeout=30)

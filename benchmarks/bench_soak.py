@@ -1,4 +1,3 @@
-
 """Soak test of ``llamakin serve``: many concurrent streaming clients for a while, then a sweep of
 every batch size and prompt length; errors, 429s, throughput, latency and the server's RSS.
 
@@ -32,8 +31,16 @@ import httpx
 
 from llamakin.hardware import describe_cpu
 
-TOPICS = ["a lighthouse keeper", "a robot gardener", "the first city on Mars", "a dragon who cannot fly",
-          "a detective in Venice", "the last library", "a chess prodigy", "an old fisherman"]
+TOPICS = [
+    "a lighthouse keeper",
+    "a robot gardener",
+    "the first city on Mars",
+    "a dragon who cannot fly",
+    "a detective in Venice",
+    "the last library",
+    "a chess prodigy",
+    "an old fisherman",
+]
 
 
 def cpu_model() -> str:
@@ -56,11 +63,25 @@ def rss_mb(pid: int) -> float:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+    return (
+        ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+        if ordered
+        else float("nan")
+    )
 
 
-async def soak(url: str, model: str, clients: int, seconds: float, max_tokens: int, pid: int) -> dict:
-    stats = {"requests": 0, "errors": 0, "http_429": 0, "tokens": 0, "latency": [], "ttft": [], "first_error": None}
+async def soak(
+    url: str, model: str, clients: int, seconds: float, max_tokens: int, pid: int
+) -> dict:
+    stats = {
+        "requests": 0,
+        "errors": 0,
+        "http_429": 0,
+        "tokens": 0,
+        "latency": [],
+        "ttft": [],
+        "first_error": None,
+    }
     rss = {"start": rss_mb(pid)}
     deadline = time.perf_counter() + seconds
 
@@ -68,19 +89,34 @@ async def soak(url: str, model: str, clients: int, seconds: float, max_tokens: i
         n = 0
         while time.perf_counter() < deadline:
             n += 1
-            body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.7, "seed": i * 1000 + n,
-                    "stream_options": {"include_usage": True},
-                    "messages": [{"role": "user", "content": f"Write a story about {TOPICS[(i + n) % len(TOPICS)]}."}]}
+            body = {
+                "model": model,
+                "stream": True,
+                "max_tokens": max_tokens,
+                "temperature": 0.7,
+                "seed": i * 1000 + n,
+                "stream_options": {"include_usage": True},
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": f"Write a story about {TOPICS[(i + n) % len(TOPICS)]}.",
+                    }
+                ],
+            }
             start, first, done = time.perf_counter(), None, False
             try:
-                async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                async with client.stream(
+                    "POST", url + "/v1/chat/completions", json=body
+                ) as response:
                     if response.status_code == 429:
                         stats["http_429"] += 1
                         await response.aread()
                         await asyncio.sleep(float(response.headers.get("retry-after", "1")))
                         continue
                     if response.status_code != 200:
-                        raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+                        raise RuntimeError(
+                            f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                        )
                     async for line in response.aiter_lines():
                         if not line.startswith("data: "):
                             continue
@@ -90,7 +126,11 @@ async def soak(url: str, model: str, clients: int, seconds: float, max_tokens: i
                         event = json.loads(line[6:])
                         if "error" in event:
                             raise RuntimeError(event["error"]["message"])
-                        if first is None and event.get("choices") and event["choices"][0]["delta"].get("content"):
+                        if (
+                            first is None
+                            and event.get("choices")
+                            and event["choices"][0]["delta"].get("content")
+                        ):
                             first = time.perf_counter() - start
                         if event.get("usage"):
                             stats["tokens"] += event["usage"]["completion_tokens"]
@@ -113,27 +153,47 @@ async def soak(url: str, model: str, clients: int, seconds: float, max_tokens: i
         await asyncio.gather(sample_middle(), *(client_loop(i, client) for i in range(clients)))
         wall = time.perf_counter() - start
     rss["end"] = rss_mb(pid)
-    return {"clients": clients, "seconds": round(wall, 1), "requests": stats["requests"], "errors": stats["errors"],
-            "http_429": stats["http_429"], "generated_tokens": stats["tokens"],
-            "tokens_per_s": round(stats["tokens"] / wall, 1),
-            "latency_p50_s": round(percentile(stats["latency"], 0.5), 2),
-            "latency_p95_s": round(percentile(stats["latency"], 0.95), 2),
-            "ttft_p50_s": round(percentile(stats["ttft"], 0.5), 2), "ttft_p95_s": round(percentile(stats["ttft"], 0.95), 2),
-            "rss_mb": {k: round(v) for k, v in rss.items()}, "first_error": stats["first_error"]}
+    return {
+        "clients": clients,
+        "seconds": round(wall, 1),
+        "requests": stats["requests"],
+        "errors": stats["errors"],
+        "http_429": stats["http_429"],
+        "generated_tokens": stats["tokens"],
+        "tokens_per_s": round(stats["tokens"] / wall, 1),
+        "latency_p50_s": round(percentile(stats["latency"], 0.5), 2),
+        "latency_p95_s": round(percentile(stats["latency"], 0.95), 2),
+        "ttft_p50_s": round(percentile(stats["ttft"], 0.5), 2),
+        "ttft_p95_s": round(percentile(stats["ttft"], 0.95), 2),
+        "rss_mb": {k: round(v) for k, v in rss.items()},
+        "first_error": stats["first_error"],
+    }
 
 
-async def sweep_one(client: httpx.AsyncClient, url: str, model: str, batch: int, length: int) -> list[int]:
+async def sweep_one(
+    client: httpx.AsyncClient, url: str, model: str, batch: int, length: int
+) -> list[int]:
     """One prompt of ``length`` token ids plus ``batch - 1`` short ones, sent together."""
+
     def body(n: int, salt: int) -> dict:
-        return {"model": model, "prompt": [100 + (salt * 31 + j * 7) % 5000 for j in range(n)], "max_tokens": 4,
-                "temperature": 0, "ignore_eos": True}
+        return {
+            "model": model,
+            "prompt": [100 + (salt * 31 + j * 7) % 5000 for j in range(n)],
+            "max_tokens": 4,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
 
     bodies = [body(length, 0)] + [body(8, s) for s in range(1, batch)]
-    responses = await asyncio.gather(*(client.post(url + "/v1/completions", json=b) for b in bodies))
+    responses = await asyncio.gather(
+        *(client.post(url + "/v1/completions", json=b) for b in bodies)
+    )
     return [r.status_code for r in responses]
 
 
-async def sweep(url: str, model: str, batches: list[int], lengths: list[int], pid: int, passes: int) -> list[dict]:
+async def sweep(
+    url: str, model: str, batches: list[int], lengths: list[int], pid: int, passes: int
+) -> list[dict]:
     rows = []
     async with httpx.AsyncClient(timeout=httpx.Timeout(1200)) as client:
         for p in range(1, passes + 1):
@@ -141,15 +201,24 @@ async def sweep(url: str, model: str, batches: list[int], lengths: list[int], pi
                 for batch in batches:
                     start = time.perf_counter()
                     statuses = await sweep_one(client, url, model, batch, length)
-                    rows.append({"pass": p, "batch": batch, "prompt_tokens": length,
-                                 "seconds": round(time.perf_counter() - start, 2), "rss_mb": round(rss_mb(pid)),
-                                 "non_200": sum(s != 200 for s in statuses)})
+                    rows.append(
+                        {
+                            "pass": p,
+                            "batch": batch,
+                            "prompt_tokens": length,
+                            "seconds": round(time.perf_counter() - start, 2),
+                            "rss_mb": round(rss_mb(pid)),
+                            "non_200": sum(s != 200 for s in statuses),
+                        }
+                    )
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="checkpoint or catalog name (default: the default model)")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60)
@@ -158,16 +227,37 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--passes", type=int, default=2, help="sweep passes (0: no sweep)")
-    parser.add_argument("--batches", type=int, nargs="+", help="sweep batch sizes (default 1..--max-batch)")
-    parser.add_argument("--lengths", type=int, nargs="+",
-                        help="sweep prompt lengths (default: one in every 256-slot cache bucket up to --context)")
+    parser.add_argument(
+        "--batches", type=int, nargs="+", help="sweep batch sizes (default 1..--max-batch)"
+    )
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        help="sweep prompt lengths (default: one in every 256-slot cache bucket up to --context)",
+    )
     parser.add_argument("--trace-cache", type=int, help="LLAMAKIN_TRACE_CACHE for the server")
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average before: {os.getloadavg()} "
-          "(a shared machine: timings are noisy)", flush=True)
+    print(
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average before: {os.getloadavg()} "
+        "(a shared machine: timings are noisy)",
+        flush=True,
+    )
     port = free_port()
-    command = [sys.executable, "-m", "llamakin.cli", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
-               "--max-queue", str(args.max_queue), "--context", str(args.context)]
+    command = [
+        sys.executable,
+        "-m",
+        "llamakin.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(args.max_batch),
+        "--max-queue",
+        str(args.max_queue),
+        "--context",
+        str(args.context),
+    ]
     if args.model:
         command += ["--model", args.model]
     environment = dict(os.environ)
@@ -184,7 +274,9 @@ def main() -> None:
                 time.sleep(0.25)
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         print(f"server up, RSS {rss_mb(server.pid):.0f} MB", flush=True)
-        result = asyncio.run(soak(url, model, args.clients, args.seconds, args.max_tokens, server.pid))
+        result = asyncio.run(
+            soak(url, model, args.clients, args.seconds, args.max_tokens, server.pid)
+        )
         result["load_average_after"] = [round(x, 1) for x in os.getloadavg()]
         print("SOAK " + json.dumps(result), flush=True)
         if args.passes:
@@ -194,11 +286,16 @@ def main() -> None:
             rows = asyncio.run(sweep(url, model, batches, lengths, server.pid, args.passes))
             first = [r["rss_mb"] for r in rows if r["pass"] == 1]
             later = [r["rss_mb"] for r in rows if r["pass"] > 1]
-            summary = {"combinations": len(rows), "non_200": sum(r["non_200"] for r in rows),
-                       "rss_mb_pass1_first": first[0], "rss_mb_pass1_max": max(first),
-                       "rss_mb_later_passes_min": min(later, default=None),
-                       "rss_mb_later_passes_max": max(later, default=None),
-                       "health": httpx.get(url + "/health").json(), "load_average_after": os.getloadavg()}
+            summary = {
+                "combinations": len(rows),
+                "non_200": sum(r["non_200"] for r in rows),
+                "rss_mb_pass1_first": first[0],
+                "rss_mb_pass1_max": max(first),
+                "rss_mb_later_passes_min": min(later, default=None),
+                "rss_mb_later_passes_max": max(later, default=None),
+                "health": httpx.get(url + "/health").json(),
+                "load_average_after": os.getloadavg(),
+            }
             print("SWEEP " + json.dumps(summary), flush=True)
     finally:
         server.terminate()

@@ -30,13 +30,16 @@ from llamakin.catalog import pull  # noqa: E402
 from llamakin.generate import GenerationRun, SamplingParams, encode_prompt  # noqa: E402
 from llamakin.speculative import SpeculativeRun  # noqa: E402
 
-PASSAGE = ("def mean(values):\n    total = 0\n    for value in values:\n        total += value\n"
-           "    return total / len(values)\n\n"
-           "def variance(values):\n    m = mean(values)\n    total = 0\n    for value in values:\n"
-           "        total += (value - m) ** 2\n    return total / len(values)\n")
+PASSAGE = (
+    "def mean(values):\n    total = 0\n    for value in values:\n        total += value\n"
+    "    return total / len(values)\n\n"
+    "def variance(values):\n    m = mean(values)\n    total = 0\n    for value in values:\n"
+    "        total += (value - m) ** 2\n    return total / len(values)\n"
+)
 PROMPTS = {
     "normal": "Write a short story about a robot who learns to paint.",
-    "repeat": "Rewrite this Python code, renaming the variable `total` to `acc`. Output only the code.\n\n" + PASSAGE,
+    "repeat": "Rewrite this Python code, renaming the variable `total` to `acc`. Output only the code.\n\n"
+    + PASSAGE,
 }
 
 
@@ -55,7 +58,9 @@ def one(model, tok, ids, params, mode, k):
 def main() -> None:
     from bench_quant_kernels import cpu_line
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--draft-tokens", type=int, default=4)
@@ -85,12 +90,24 @@ def main() -> None:
             base = statistics.median(times["plain"])
             for mode in modes:
                 tps = statistics.median(times[mode])
-                print(json.dumps({"target": target, "prompt": name, "mode": mode, "tokens": len(outputs[mode]),
-                                  "tok/s (median, prefill included)": round(tps, 1),
-                                  "vs plain": round(tps / base, 2),
-                                  "acceptance": None if acceptance[mode] is None else round(acceptance[mode], 2),
-                                  "same text as plain": outputs[mode] == outputs["plain"],
-                                  "loadavg": os.getloadavg()[0]}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "target": target,
+                            "prompt": name,
+                            "mode": mode,
+                            "tokens": len(outputs[mode]),
+                            "tok/s (median, prefill included)": round(tps, 1),
+                            "vs plain": round(tps / base, 2),
+                            "acceptance": None
+                            if acceptance[mode] is None
+                            else round(acceptance[mode], 2),
+                            "same text as plain": outputs[mode] == outputs["plain"],
+                            "loadavg": os.getloadavg()[0],
+                        }
+                    ),
+                    flush=True,
+                )
         del model
     print(json.dumps({"loadavg after": os.getloadavg(), "threads": torch.get_num_threads()}))
 

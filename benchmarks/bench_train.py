@@ -33,10 +33,18 @@ VOCAB = 49152  # SmolLM2's tokenizer, as the recipes use
 def transformers_twin(config):
     import transformers
 
-    common = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                  num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-                  num_key_value_heads=config.num_kv_heads, max_position_embeddings=config.max_position_embeddings,
-                  rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_word_embeddings, head_dim=config.head_dim)
+    common = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings,
+        head_dim=config.head_dim,
+    )
     if config.attention_kind == "differential":
         return transformers.DiffLlamaForCausalLM(transformers.DiffLlamaConfig(**common))
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
@@ -48,7 +56,9 @@ def sync(device: str) -> None:
 
 
 def make_step(model, hf: bool, precision: str, device: str = "cpu"):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)  # as `llamakin train`
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, weight_decay=0.1, fused=True
+    )  # as `llamakin train`
 
     def step(x, y):
         x, y = x.to(device), y.to(device)
@@ -68,19 +78,32 @@ def make_step(model, hf: bool, precision: str, device: str = "cpu"):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--recipes", nargs="+", default=["baseline-paper-small", "diff-paper-small"])
+    parser.add_argument(
+        "--recipes", nargs="+", default=["baseline-paper-small", "diff-paper-small"]
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--no-bf16", action="store_true", help="skip llamakin's CPU bf16-vs-fp32 row (slow on CPUs that emulate bf16)")
+    parser.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="skip llamakin's CPU bf16-vs-fp32 row (slow on CPUs that emulate bf16)",
+    )
     args = parser.parse_args()
     precision = "bfloat16" if args.device == "cuda" else "float32"
     peak = measured_peak_flops(torch.device(args.device), precision)
     torch.manual_seed(0)
-    batches = [(torch.randint(0, VOCAB, (args.batch, args.seq)), torch.randint(0, VOCAB, (args.batch, args.seq)))
-               for _ in range(args.steps + 1)]
+    batches = [
+        (
+            torch.randint(0, VOCAB, (args.batch, args.seq)),
+            torch.randint(0, VOCAB, (args.batch, args.seq)),
+        )
+        for _ in range(args.steps + 1)
+    ]
     rows = []
     for name in args.recipes:
         config = RECIPES[name].model_config(VOCAB)
@@ -88,8 +111,10 @@ def main() -> None:
         n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
         assert n_ours == n_theirs, (n_ours, n_theirs)
         ours, theirs = ours.to(args.device), theirs.to(args.device)
-        steps = {"llamakin": make_step(ours, False, precision, args.device),
-                 "transformers": make_step(theirs, True, precision, args.device)}
+        steps = {
+            "llamakin": make_step(ours, False, precision, args.device),
+            "transformers": make_step(theirs, True, precision, args.device),
+        }
         speeds = {k: [] for k in steps}
         for i, (x, y) in enumerate(batches):
             for key, step in steps.items():
@@ -98,9 +123,17 @@ def main() -> None:
                     speeds[key].append(speed)
         o, t = statistics.median(speeds["llamakin"]), statistics.median(speeds["transformers"])
         per_token = flops_per_token(ours, args.seq)
-        rows.append({"recipe": name, "parameters": n_ours, "llamakin tok/s": round(o, 1),
-                     "transformers tok/s": round(t, 1), "ratio": round(o / t, 2),
-                     "llamakin MFU": round(o * per_token / peak, 3), "transformers MFU": round(t * per_token / peak, 3)})
+        rows.append(
+            {
+                "recipe": name,
+                "parameters": n_ours,
+                "llamakin tok/s": round(o, 1),
+                "transformers tok/s": round(t, 1),
+                "ratio": round(o / t, 2),
+                "llamakin MFU": round(o * per_token / peak, 3),
+                "transformers MFU": round(t * per_token / peak, 3),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         if args.device == "cuda" or args.no_bf16:
             continue
@@ -110,15 +143,21 @@ def main() -> None:
         rows[-1]["bf16 speed-up"] = round(statistics.median(bf16_speeds) / o, 2)
         print(json.dumps(rows[-1]), flush=True)
         del ours, theirs
-    print(f"\nbatch {args.batch} x {args.seq}, {args.device}, {precision} unless noted, "
-          f"measured matmul peak {peak / 1e12:.2f} TFLOP/s, {torch.get_num_threads()} CPU threads")
-    print("| recipe | parameters | llamakin tok/s | transformers tok/s | ratio | MFU llamakin / transformers "
-          "| llamakin bf16 tok/s | bf16 vs fp32 |")
+    print(
+        f"\nbatch {args.batch} x {args.seq}, {args.device}, {precision} unless noted, "
+        f"measured matmul peak {peak / 1e12:.2f} TFLOP/s, {torch.get_num_threads()} CPU threads"
+    )
+    print(
+        "| recipe | parameters | llamakin tok/s | transformers tok/s | ratio | MFU llamakin / transformers "
+        "| llamakin bf16 tok/s | bf16 vs fp32 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['parameters']:,} | {r['llamakin tok/s']} | {r['transformers tok/s']} | "
-              f"{r['ratio']}x | {r['llamakin MFU']} / {r['transformers MFU']} | "
-              f"{r.get('llamakin bf16 tok/s', '-')} | {str(r['bf16 speed-up']) + 'x' if 'bf16 speed-up' in r else '-'} |")
+        print(
+            f"| {r['recipe']} | {r['parameters']:,} | {r['llamakin tok/s']} | {r['transformers tok/s']} | "
+            f"{r['ratio']}x | {r['llamakin MFU']} / {r['transformers MFU']} | "
+            f"{r.get('llamakin bf16 tok/s', '-')} | {str(r['bf16 speed-up']) + 'x' if 'bf16 speed-up' in r else '-'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-
 """Long-budget fuzzing of hostile checkpoint files (issue 12): mutated GGUF headers (F32 and Q8_0),
 safetensors headers and config.json fields, each of which must load or be refused with a
 LlamakinError within a time and memory bound (the harness is tests/fuzz_files.py; `make test`
@@ -39,12 +38,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=2000, help="cases per target")
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random)")
-    parser.add_argument("--only", choices=["gguf-F32", "gguf-Q8_0", "safetensors", "config.json"], action="append",
-                        help="run only these targets (repeatable)")
+    parser.add_argument(
+        "--only",
+        choices=["gguf-F32", "gguf-Q8_0", "safetensors", "config.json"],
+        action="append",
+        help="run only these targets (repeatable)",
+    )
     args = parser.parse_args()
     print(f"CPU: {cpu_model()}; load average at start: {os.getloadavg()}")
-    runs = settings(max_examples=args.examples, deadline=None, database=None, print_blob=True,
-                    suppress_health_check=list(HealthCheck))
+    runs = settings(
+        max_examples=args.examples,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=list(HealthCheck),
+    )
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -60,6 +68,7 @@ def main() -> int:
                 mutated, _ = data.draw(fz.gguf_mutations(original), label="mutation")
                 (tmp / "m.gguf").write_bytes(mutated)
                 fz.check_load(tmp / "m.gguf", f"gguf-{quant}")
+
             return case
 
         @given(st.data())
@@ -76,8 +85,12 @@ def main() -> int:
             (tmp / "ckpt" / "config.json").write_text(json.dumps(mutated))
             fz.check_load(tmp / "ckpt", "config.json")
 
-        targets = {"gguf-F32": gguf_target("F32"), "gguf-Q8_0": gguf_target("Q8_0"),
-                   "safetensors": safetensors_case, "config.json": config_case}
+        targets = {
+            "gguf-F32": gguf_target("F32"),
+            "gguf-Q8_0": gguf_target("Q8_0"),
+            "safetensors": safetensors_case,
+            "config.json": config_case,
+        }
         for name, case in targets.items():
             if args.only and name not in args.only:
                 continue
@@ -93,12 +106,19 @@ def main() -> int:
                     raise
                 status = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 failures.append((name, e))
-            print(f"{name:12s} {fz.STATS.by_target.get(name, 0):6d} cases in {time.perf_counter() - start:6.1f} s  {status}")
-    print(f"total: {fz.STATS.cases} cases, {fz.STATS.loaded} loaded, {fz.STATS.refused} refused with a LlamakinError, "
-          f"{len(failures)} target(s) failed; load average at end: {os.getloadavg()}")
+            print(
+                f"{name:12s} {fz.STATS.by_target.get(name, 0):6d} cases in {time.perf_counter() - start:6.1f} s  {status}"
+            )
+    print(
+        f"total: {fz.STATS.cases} cases, {fz.STATS.loaded} loaded, {fz.STATS.refused} refused with a LlamakinError, "
+        f"{len(failures)} target(s) failed; load average at end: {os.getloadavg()}"
+    )
     for name, e in failures:
-        where = [f"{f.filename.split('/src/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(e.__traceback__)
-                 if "/src/llamakin/" in f.filename]
+        where = [
+            f"{f.filename.split('/src/')[-1]}:{f.lineno} {f.name}"
+            for f in traceback.extract_tb(e.__traceback__)
+            if "/src/llamakin/" in f.filename
+        ]
         print(f"--- {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         print("    raised at: " + " <- ".join(reversed(where[-4:])))
         for note in getattr(e, "__notes__", []):

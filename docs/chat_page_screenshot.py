@@ -59,16 +59,21 @@ def main() -> None:
             try:
                 browser.open(url + "/")
                 browser.wait_for("document.getElementById('model').textContent !== 'connecting…'")
-                browser.evaluate(f"document.getElementById('system').value = {json.dumps(SYSTEM)}; "
-                                 "document.getElementById('settings-box').open = true; "
-                                 "document.getElementById('temperature-value').value = '0'; "
-                                 "document.getElementById('temperature').value = '0'; "
-                                 "document.getElementById('max-tokens').value = '96'; true")
+                browser.evaluate(
+                    f"document.getElementById('system').value = {json.dumps(SYSTEM)}; "
+                    "document.getElementById('settings-box').open = true; "
+                    "document.getElementById('temperature-value').value = '0'; "
+                    "document.getElementById('temperature').value = '0'; "
+                    "document.getElementById('max-tokens').value = '96'; true"
+                )
                 for turn, question in enumerate(QUESTIONS, 1):
                     browser.type_text("#input", question)
                     browser.press_enter()
-                    browser.wait_for(f"document.querySelectorAll('.msg.assistant').length === {turn} && "
-                                     "document.body.dataset.state === 'idle'", timeout=300)
+                    browser.wait_for(
+                        f"document.querySelectorAll('.msg.assistant').length === {turn} && "
+                        "document.body.dataset.state === 'idle'",
+                        timeout=300,
+                    )
                 Path(args.out).write_bytes(browser.screenshot())
             finally:
                 browser.close()

@@ -35,19 +35,41 @@ PROMPT = "KING HENRY.\n"
 def write_heldout(data: Path, out: Path) -> Path:
     """The validation split as text: each play's held-out tail, decoded, separated by blank lines."""
     meta = json.loads((data / "meta.json").read_text())
-    tokens = np.fromfile(data / meta["val"]["shards"][0], dtype=np.dtype(meta["dtype"])).astype(np.int64)
+    tokens = np.fromfile(data / meta["val"]["shards"][0], dtype=np.dtype(meta["dtype"])).astype(
+        np.int64
+    )
     tokenizer = llamakin.load_tokenizer(data / "tokenizer")
     cuts = np.flatnonzero(tokens == meta["eos_token_id"])
     pieces = np.split(tokens, cuts + 1)
-    text = "\n\n".join(tokenizer.decode([int(t) for t in p if t != meta["eos_token_id"]]).strip() for p in pieces)
+    text = "\n\n".join(
+        tokenizer.decode([int(t) for t in p if t != meta["eos_token_id"]]).strip() for p in pieces
+    )
     out.write_text(text.strip() + "\n")
     return out
 
 
-def eval_perplexity(model: str, heldout: Path, seq_len: int, windows: int, adapter: Path | None = None) -> dict:
+def eval_perplexity(
+    model: str, heldout: Path, seq_len: int, windows: int, adapter: Path | None = None
+) -> dict:
     """``llamakin eval perplexity`` on the held-out text, as a user runs it."""
-    command = [sys.executable, "-m", "llamakin.cli", "eval", "perplexity", "--model", model, "--file", str(heldout),
-               "--context", str(seq_len), "--stride", str(seq_len), "--max-chunks", str(windows), "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "llamakin.cli",
+        "eval",
+        "perplexity",
+        "--model",
+        model,
+        "--file",
+        str(heldout),
+        "--context",
+        str(seq_len),
+        "--stride",
+        str(seq_len),
+        "--max-chunks",
+        str(windows),
+        "--json",
+    ]
     if adapter is not None:
         command += ["--adapter", str(adapter)]
     print("$", " ".join(command[1:]), flush=True)
@@ -56,13 +78,19 @@ def eval_perplexity(model: str, heldout: Path, seq_len: int, windows: int, adapt
 
 
 def sample(model, tokenizer) -> str:
-    return PROMPT + llamakin.generate(model, tokenizer, PROMPT, max_new_tokens=80, temperature=0.8, top_k=50, seed=3)
+    return PROMPT + llamakin.generate(
+        model, tokenizer, PROMPT, max_new_tokens=80, temperature=0.8, top_k=50, seed=3
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/lora-shakespeare")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides"
+    )
     parser.add_argument("--eval-windows", type=int, default=40)
     args = parser.parse_args()
     out = Path(args.out)
@@ -83,26 +111,40 @@ def main() -> None:
     train_started = time.perf_counter()
     last = train(cfg, out)
     train_seconds = time.perf_counter() - train_started
-    after = eval_perplexity(cfg.init_from, heldout, cfg.seq_len, args.eval_windows, adapter=out / "adapter")
+    after = eval_perplexity(
+        cfg.init_from, heldout, cfg.seq_len, args.eval_windows, adapter=out / "adapter"
+    )
     tuned = llamakin.load(cfg.init_from, adapter=out / "adapter")
     sample_after = sample(tuned, tokenizer)
     plot_runs([out], out / "curves.png", labels=["LoRA on SmolLM2-135M-Instruct"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    result = {"steps": last["step"], "tokens": last["tokens"], "train_seconds": round(train_seconds, 1),
-              "total_seconds": round(time.perf_counter() - started, 1),
-              "median_tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows[1:] or rows])),
-              "final_loss": last["loss"], "final_val_loss": last.get("val_loss"),
-              "perplexity_before": round(before["perplexity"], 3), "perplexity_after": round(after["perplexity"], 3),
-              "stderr_before": round(before["stderr"], 3), "stderr_after": round(after["stderr"], 3),
-              "eval_tokens": after["tokens"], "load_average_start": load_start, "load_average_end": os.getloadavg(),
-              "threads": torch.get_num_threads(), "sample_before": sample_before, "sample_after": sample_after}
+    result = {
+        "steps": last["step"],
+        "tokens": last["tokens"],
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "median_tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows[1:] or rows])),
+        "final_loss": last["loss"],
+        "final_val_loss": last.get("val_loss"),
+        "perplexity_before": round(before["perplexity"], 3),
+        "perplexity_after": round(after["perplexity"], 3),
+        "stderr_before": round(before["stderr"], 3),
+        "stderr_after": round(after["stderr"], 3),
+        "eval_tokens": after["tokens"],
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "threads": torch.get_num_threads(),
+        "sample_before": sample_before,
+        "sample_after": sample_after,
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(
         f"| | held-out perplexity ({result['eval_tokens']:,} tokens) |\n|---|---|\n"
         f"| SmolLM2-135M-Instruct | {result['perplexity_before']} +/- {result['stderr_before']} |\n"
         f"| + LoRA, {result['steps']} steps, {result['tokens']:,} tokens, {result['train_seconds']} s | "
         f"{result['perplexity_after']} +/- {result['stderr_after']} |\n\nBefore:\n\n```\n{sample_before}\n```\n\n"
-        f"After:\n\n```\n{sample_after}\n```\n")
+        f"After:\n\n```\n{sample_after}\n```\n"
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -37,8 +37,22 @@ def pypi_file(requirement: str, member: str, sdist: bool = False) -> Path:
     archives = list(downloads.iterdir())
     if not archives:
         kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-        _fetch([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *kind, "--disable-pip-version-check",
-                "-d", str(downloads), requirement], requirement)
+        _fetch(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                *kind,
+                "--disable-pip-version-check",
+                "-d",
+                str(downloads),
+                requirement,
+            ],
+            requirement,
+        )
         archives = list(downloads.iterdir())
     archive = archives[0]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -75,8 +89,11 @@ LLAMA_CPP = "llama-cpp-python==0.3.36"
 def llama_cpp_vocab(name: str) -> tuple[Path, Path, Path]:
     """llama.cpp's vocab-only GGUF and its expected-token test vectors (.inp/.out)."""
     base = f"vendor/llama.cpp/models/ggml-vocab-{name}.gguf"
-    return (pypi_file(LLAMA_CPP, base, sdist=True), pypi_file(LLAMA_CPP, base + ".inp", sdist=True),
-            pypi_file(LLAMA_CPP, base + ".out", sdist=True))
+    return (
+        pypi_file(LLAMA_CPP, base, sdist=True),
+        pypi_file(LLAMA_CPP, base + ".inp", sdist=True),
+        pypi_file(LLAMA_CPP, base + ".out", sdist=True),
+    )
 
 
 def qwen3_tokenizer_dir() -> Path:

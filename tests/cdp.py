@@ -31,28 +31,60 @@ class CDPError(RuntimeError):
 class Browser:
     """One headless Chromium with one page, closed by :meth:`close`."""
 
-    def __init__(self, executable: str, profile: Path, width: int = 1000, height: int = 760, timeout: float = 60.0):
+    def __init__(
+        self,
+        executable: str,
+        profile: Path,
+        width: int = 1000,
+        height: int = 760,
+        timeout: float = 60.0,
+    ):
         import websocket  # websocket-client
 
         self.log = open(profile.parent / f"{profile.name}-chromium.log", "wb")
         self.process = subprocess.Popen(
-            [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--mute-audio",
-             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", f"--user-data-dir={profile}",
-             f"--window-size={width},{height}", "about:blank"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                executable,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--mute-audio",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self.width, self.height, self.next_id = width, height, 0
         try:
             port = self._port(profile / "DevToolsActivePort", timeout)
-            targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout))
+            targets = json.load(
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout)
+            )
             page = next(t for t in targets if t["type"] == "page")
             # no Origin header: Chromium refuses websocket clients from origins it was not told to allow
-            self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=timeout, suppress_origin=True)
+            self.ws = websocket.create_connection(
+                page["webSocketDebuggerUrl"], timeout=timeout, suppress_origin=True
+            )
             self.call("Page.enable")
             self.call("Runtime.enable")
-            self.call("Emulation.setFocusEmulationEnabled", enabled=True)  # a headless page counts as focused
-            self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                      mobile=False)
+            self.call(
+                "Emulation.setFocusEmulationEnabled", enabled=True
+            )  # a headless page counts as focused
+            self.call(
+                "Emulation.setDeviceMetricsOverride",
+                width=width,
+                height=height,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
         except Exception:
             self.close()
             raise
@@ -61,13 +93,17 @@ class Browser:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise CDPError(f"chromium exited with status {self.process.returncode}; see {self.log.name}")
+                raise CDPError(
+                    f"chromium exited with status {self.process.returncode}; see {self.log.name}"
+                )
             if path.exists():
                 first = path.read_text().split("\n")[0].strip()
                 if first.isdigit():
                     return int(first)
             time.sleep(0.1)
-        raise CDPError(f"chromium did not open its DevTools port within {timeout} s; see {self.log.name}")
+        raise CDPError(
+            f"chromium did not open its DevTools port within {timeout} s; see {self.log.name}"
+        )
 
     def call(self, method: str, **params):
         """Send one command and wait for its answer (events in between are dropped)."""
@@ -82,16 +118,24 @@ class Browser:
 
     def evaluate(self, expression: str):
         """The value of a JavaScript expression in the page (promises awaited)."""
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        result = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         if "exceptionDetails" in result:
             details = result["exceptionDetails"]
-            raise CDPError(f"{expression!r} threw: {details.get('exception', {}).get('description') or details}")
+            raise CDPError(
+                f"{expression!r} threw: {details.get('exception', {}).get('description') or details}"
+            )
         return result["result"].get("value")
 
     def open(self, url: str, timeout: float = 30.0) -> None:
         self.call("Page.navigate", url=url)
-        self.wait_for("document.readyState === 'complete' && location.href.startsWith(" + json.dumps(url) + ")",
-                      timeout)
+        self.wait_for(
+            "document.readyState === 'complete' && location.href.startsWith("
+            + json.dumps(url)
+            + ")",
+            timeout,
+        )
 
     def wait_for(self, expression: str, timeout: float = 30.0, interval: float = 0.05):
         """Poll a JavaScript expression until it is truthy; its value, or :class:`CDPError`."""
@@ -110,15 +154,30 @@ class Browser:
 
     def press_enter(self) -> None:
         for kind in ("keyDown", "keyUp"):
-            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13,
-                      nativeVirtualKeyCode=13)
+            self.call(
+                "Input.dispatchKeyEvent",
+                type=kind,
+                key="Enter",
+                code="Enter",
+                windowsVirtualKeyCode=13,
+                nativeVirtualKeyCode=13,
+            )
 
     def click(self, selector: str) -> None:
         """A real mouse click in the middle of the element."""
-        box = self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
-                            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        box = self.evaluate(
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
         for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+            self.call(
+                "Input.dispatchMouseEvent",
+                type=kind,
+                x=box[0],
+                y=box[1],
+                button="left",
+                clickCount=1,
+            )
 
     def screenshot(self) -> bytes:
         return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])

@@ -16,19 +16,35 @@ import torch
 import llamakin
 
 
-def run_cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, stdin: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """``llamakin ARGS...`` in a fresh process (exit codes, stderr and tracebacks as a user sees them)."""
-    return subprocess.run([sys.executable, "-m", "llamakin.cli", *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "llamakin.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def tiny_model(tokenizer: llamakin.Tokenizer, max_position_embeddings: int = 64) -> llamakin.Transformer:
+def tiny_model(
+    tokenizer: llamakin.Tokenizer, max_position_embeddings: int = 64
+) -> llamakin.Transformer:
     """A 2-layer random model (GQA, tied embeddings) over ``tokenizer``'s vocabulary, seeded; the
     embeddings are widened to N(0, 1) so greedy decoding does not collapse to one token."""
     torch.manual_seed(0)
-    config = llamakin.ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
-                                  num_kv_heads=2, intermediate_size=64,
-                                  max_position_embeddings=max_position_embeddings, tie_word_embeddings=True)
+    config = llamakin.ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+    )
     model = llamakin.Transformer(config).eval()
     with torch.no_grad():
         model.embed.weight.normal_(0, 1.0)
@@ -50,7 +66,9 @@ def crash_and_resume(recipe: str, out: Path, settings: list[str]) -> list[float]
     command = [sys.executable, "-m", "llamakin.cli", "train", "--recipe", recipe, "--out", str(out)]
     for item in settings:
         command += ["--set", item]
-    crashed = subprocess.run(command, env={**os.environ, "LLAMAKIN_DIE_AFTER_STEP": "4"}, capture_output=True, text=True)
+    crashed = subprocess.run(
+        command, env={**os.environ, "LLAMAKIN_DIE_AFTER_STEP": "4"}, capture_output=True, text=True
+    )
     assert crashed.returncode == 17, crashed.stderr
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr

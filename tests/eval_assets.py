@@ -19,8 +19,10 @@ and darkness was upon the face of the deep. And the Spirit of God moved upon the
 And God said, Let there be light: and there was light. 0123456789 + - = ( ) [ ] { } ! ? ; : , .
 """
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def tiny_llama_dir(root: Path, context: int = 96, seed: int = 0, bos: bool = False) -> Path:
@@ -38,25 +40,50 @@ def tiny_llama_dir(root: Path, context: int = 96, seed: int = 0, bos: bool = Fal
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([TEXT] * 4, trainer=trainer)
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     target.mkdir(parents=True)
     tok.save(str(target / "tokenizer.json"))
-    (target / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-        **({"bos_token": "<s>"} if bos else {}), "chat_template": CHATML, "model_max_length": context}))
+    (target / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                **({"bos_token": "<s>"} if bos else {}),
+                "chat_template": CHATML,
+                "model_max_length": context,
+            }
+        )
+    )
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=context, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                                      bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("<|endoftext|>"),
-                                      pad_token_id=tok.token_to_id("<|endoftext|>"))
+    config = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("<|endoftext|>"),
+        pad_token_id=tok.token_to_id("<|endoftext|>"),
+    )
     model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():  # larger weights than the default init: sharper, more varied distributions
+    with (
+        torch.no_grad()
+    ):  # larger weights than the default init: sharper, more varied distributions
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)

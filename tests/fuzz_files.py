@@ -35,14 +35,67 @@ from llamakin import LlamakinError
 CASE_SECONDS = 30  # a liveness bound per case (the slowest legitimate case takes well under 1 s)
 MEMORY_HEADROOM = 3 << 30  # address space a case may add to what the process already maps
 
-INTERESTING_INTS = [0, 1, 2, 3, 7, 31, 32, 33, 64, 255, 256, 2 ** 15, 2 ** 16 - 1, 2 ** 20, 2 ** 31 - 1, 2 ** 31,
-                    2 ** 32 - 1, 2 ** 32, 2 ** 40, 2 ** 53 + 1, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1]
+INTERESTING_INTS = [
+    0,
+    1,
+    2,
+    3,
+    7,
+    31,
+    32,
+    33,
+    64,
+    255,
+    256,
+    2**15,
+    2**16 - 1,
+    2**20,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**40,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+]
 JSON_VALUES = st.one_of(
-    st.sampled_from([0, -1, 1, 2, 3, 2 ** 20, 2 ** 31, 2 ** 64, 10 ** 30, 1.5, 0.0, -0.5, 1e-300, 1e300, "64", "abc", "",
-                     None, True, False, [], {}, [1, 2], [0], {"rope_type": "linear", "factor": "x"},
-                     {"rope_type": "yarn", "factor": 0}, {"rope_type": "llama3", "factor": 8.0},
-                     {"type": "dynamic", "factor": -1}, {"rope_type": 7}, {"a": {"b": 1}}]),
-    st.integers(-(2 ** 70), 2 ** 70),
+    st.sampled_from(
+        [
+            0,
+            -1,
+            1,
+            2,
+            3,
+            2**20,
+            2**31,
+            2**64,
+            10**30,
+            1.5,
+            0.0,
+            -0.5,
+            1e-300,
+            1e300,
+            "64",
+            "abc",
+            "",
+            None,
+            True,
+            False,
+            [],
+            {},
+            [1, 2],
+            [0],
+            {"rope_type": "linear", "factor": "x"},
+            {"rope_type": "yarn", "factor": 0},
+            {"rope_type": "llama3", "factor": 8.0},
+            {"type": "dynamic", "factor": -1},
+            {"rope_type": 7},
+            {"a": {"b": 1}},
+        ]
+    ),
+    st.integers(-(2**70), 2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=8),
 )
@@ -65,12 +118,23 @@ def make_seeds(root: Path) -> dict[str, Path]:
     from llamakin.cli import main
 
     torch.manual_seed(0)
-    config = llamakin.ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=96, max_position_embeddings=64, norm_eps=1e-5)
+    config = llamakin.ModelConfig(
+        vocab_size=64,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        norm_eps=1e-5,
+    )
     model = llamakin.Transformer(config)
     model.save_pretrained(root / "hf", family="llama")
     for quant in ("F32", "Q8_0"):
-        assert main(["convert", str(root / "hf"), str(root / f"m-{quant}.gguf"), "--gguf-type", quant]) == 0
+        assert (
+            main(["convert", str(root / "hf"), str(root / f"m-{quant}.gguf"), "--gguf-type", quant])
+            == 0
+        )
     return {"hf": root / "hf", "F32": root / "m-F32.gguf", "Q8_0": root / "m-Q8_0.gguf"}
 
 
@@ -79,6 +143,7 @@ def make_seeds(root: Path) -> dict[str, Path]:
 def bounded(seconds: int = CASE_SECONDS):
     """Fail a case that runs past ``seconds`` (SIGALRM) or maps more than :data:`MEMORY_HEADROOM`
     beyond what the process has now (RLIMIT_AS, restored afterwards)."""
+
     def late(*_):
         raise TimeoutError(f"a fuzz case ran longer than {seconds} s")
 
@@ -118,14 +183,28 @@ def check_load(path: Path, target: str) -> None:
             with torch.no_grad():
                 model(torch.tensor([[1, 2, 3]]) % model.config.vocab_size)
         except LlamakinError as e:
-            assert str(e) and "\n" not in str(e).strip(), f"a LlamakinError of more than one line: {e}"
+            assert str(e) and "\n" not in str(e).strip(), (
+                f"a LlamakinError of more than one line: {e}"
+            )
             STATS.refused += 1
             return
     STATS.loaded += 1
 
 
 # -- GGUF -----------------------------------------------------------------------------------------------
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALAR = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 
 
 def gguf_fields(data: bytes) -> tuple[list[tuple[str, int, str]], int]:
@@ -144,7 +223,7 @@ def gguf_fields(data: bytes) -> tuple[list[tuple[str, int, str]], int]:
     def string() -> str:
         nonlocal pos
         n = take("<Q")
-        s = data[pos:pos + n].decode("utf-8", "replace")
+        s = data[pos : pos + n].decode("utf-8", "replace")
         pos += n
         return s
 
@@ -192,15 +271,19 @@ def gguf_mutations(draw, data: bytes):
         if kind == "field":
             what, offset, fmt = draw(st.sampled_from(fields))
             if fmt in ("<f", "<d"):
-                v = draw(st.sampled_from([0.0, -1.0, 1e-45, 1e38, float("inf"), float("nan"), 2.0 ** 20]))
+                v = draw(
+                    st.sampled_from([0.0, -1.0, 1e-45, 1e38, float("inf"), float("nan"), 2.0**20])
+                )
             elif fmt == "<?":
                 v = draw(st.booleans())
             else:
                 bits = 8 * struct.calcsize(fmt)
-                raw = draw(st.one_of(st.sampled_from(INTERESTING_INTS), st.integers(0, 2 ** bits - 1)))
-                v = raw % (2 ** bits)
+                raw = draw(
+                    st.one_of(st.sampled_from(INTERESTING_INTS), st.integers(0, 2**bits - 1))
+                )
+                v = raw % (2**bits)
                 if fmt.islower() or fmt[-1] in "bhiq":  # signed formats
-                    v = v - 2 ** bits if v >= 2 ** (bits - 1) else v
+                    v = v - 2**bits if v >= 2 ** (bits - 1) else v
             struct.pack_into(fmt, out, offset, v)
             done.append(f"{what}={v!r}")
         elif kind == "flip":
@@ -222,38 +305,71 @@ DTYPES = ["F32", "F16", "BF16", "F64", "I32", "I64", "BOOL", "U8", "F8_E4M3", "X
 @st.composite
 def safetensors_mutations(draw, data: bytes):
     n = struct.unpack_from("<Q", data, 0)[0]
-    header = json.loads(data[8:8 + n])
-    body = data[8 + n:]
+    header = json.loads(data[8 : 8 + n])
+    body = data[8 + n :]
     names = sorted(k for k in header if k != "__metadata__")
     done = []
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["dtype", "shape", "offsets", "drop", "add", "metadata", "prefix", "truncate"]))
+        kind = draw(
+            st.sampled_from(
+                ["dtype", "shape", "offsets", "drop", "add", "metadata", "prefix", "truncate"]
+            )
+        )
         name = draw(st.sampled_from(names))
         entry = header.get(name)
         if kind == "dtype" and isinstance(entry, dict):
             entry["dtype"] = draw(st.sampled_from(DTYPES))
         elif kind == "shape" and isinstance(entry, dict):
-            entry["shape"] = draw(st.one_of(
-                st.lists(st.one_of(st.sampled_from(INTERESTING_INTS), st.integers(-5, 5)), max_size=4),
-                st.sampled_from(["64", None, [1.5], [[2]]])))
+            entry["shape"] = draw(
+                st.one_of(
+                    st.lists(
+                        st.one_of(st.sampled_from(INTERESTING_INTS), st.integers(-5, 5)), max_size=4
+                    ),
+                    st.sampled_from(["64", None, [1.5], [[2]]]),
+                )
+            )
         elif kind == "offsets" and isinstance(entry, dict):
-            entry["data_offsets"] = draw(st.one_of(
-                st.lists(st.one_of(st.sampled_from(INTERESTING_INTS), st.integers(-10, len(body) + 10)),
-                         min_size=0, max_size=3),
-                st.sampled_from(["0", None])))
+            entry["data_offsets"] = draw(
+                st.one_of(
+                    st.lists(
+                        st.one_of(
+                            st.sampled_from(INTERESTING_INTS), st.integers(-10, len(body) + 10)
+                        ),
+                        min_size=0,
+                        max_size=3,
+                    ),
+                    st.sampled_from(["0", None]),
+                )
+            )
         elif kind == "drop":
             header.pop(name, None)
         elif kind == "add":
-            header[draw(st.sampled_from(["model.layers.0.self_attn.q_proj.weight", "x", "lm_head.weight", ""]))] = \
-                draw(st.sampled_from([{"dtype": "F32", "shape": [64, 64], "data_offsets": [0, 16384]},
-                                      {"dtype": "F32", "shape": [2 ** 40], "data_offsets": [0, 4]}, 5, "x", None]))
+            header[
+                draw(
+                    st.sampled_from(
+                        ["model.layers.0.self_attn.q_proj.weight", "x", "lm_head.weight", ""]
+                    )
+                )
+            ] = draw(
+                st.sampled_from(
+                    [
+                        {"dtype": "F32", "shape": [64, 64], "data_offsets": [0, 16384]},
+                        {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 4]},
+                        5,
+                        "x",
+                        None,
+                    ]
+                )
+            )
         elif kind == "metadata":
-            header["__metadata__"] = draw(st.sampled_from([{"format": "pt"}, {"format": 3}, [], "x", None]))
+            header["__metadata__"] = draw(
+                st.sampled_from([{"format": "pt"}, {"format": 3}, [], "x", None])
+            )
         done.append(f"{kind} {name}")
     encoded = json.dumps(header).encode()
     prefix = len(encoded)
     if draw(st.integers(0, 9)) == 0:
-        prefix = draw(st.sampled_from([0, 1, prefix - 1, prefix + 1, 2 ** 63, 2 ** 64 - 1]))
+        prefix = draw(st.sampled_from([0, 1, prefix - 1, prefix + 1, 2**63, 2**64 - 1]))
         done.append(f"length prefix {prefix}")
     out = struct.pack("<Q", prefix) + encoded + body
     if draw(st.integers(0, 9)) == 0:
@@ -264,9 +380,24 @@ def safetensors_mutations(draw, data: bytes):
 
 
 # -- config.json ------------------------------------------------------------------------------------------
-EXTRA_KEYS = ["rope_scaling", "rope_parameters", "head_dim", "sliding_window", "partial_rotary_factor",
-              "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "eos_token_id", "model_type",
-              "architectures", "hidden_act", "attention_bias", "mlp_bias", "layer_types", "max_window_layers"]
+EXTRA_KEYS = [
+    "rope_scaling",
+    "rope_parameters",
+    "head_dim",
+    "sliding_window",
+    "partial_rotary_factor",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "eos_token_id",
+    "model_type",
+    "architectures",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "layer_types",
+    "max_window_layers",
+]
 
 
 @st.composite

@@ -48,7 +48,9 @@ class QwenV1:
         self.dtype = dtype
         self.ntk_alpha_cached_list = [1.0]  # RotaryEmbedding._ntk_alpha_cached_list
         L = self.config.seq_length
-        self.logn = torch.tensor([math.log(i, L) if i > L else 1 for i in range(1, 32768)])[None, :, None, None]
+        self.logn = torch.tensor([math.log(i, L) if i > L else 1 for i in range(1, 32768)])[
+            None, :, None, None
+        ]
 
     def get_ntk_alpha(self, true_seq_len):
         context_value = math.log(true_seq_len / self.config.seq_length, 2) + 1
@@ -96,7 +98,9 @@ class QwenV1:
         else:
             alphas = []
             if attention_mask is not None and kv_seq_len > c.seq_length:
-                true_seq_lens = attention_mask.squeeze(1).squeeze(1).eq(0).sum(dim=-1, dtype=torch.int32)
+                true_seq_lens = (
+                    attention_mask.squeeze(1).squeeze(1).eq(0).sum(dim=-1, dtype=torch.int32)
+                )
                 for i in range(B):
                     alphas.append(self.get_ntk_alpha(true_seq_lens[i].item()))
             else:
@@ -117,17 +121,22 @@ class QwenV1:
                 qs, ks = [], []
                 for b, (cos, sin) in enumerate(rotary_list):
                     cos, sin = cos[:, -T:], sin[:, -T:]
-                    qs.append(self.apply_rotary(q[b:b + 1], cos, sin))
-                    ks.append(self.apply_rotary(k[b:b + 1], cos, sin))
+                    qs.append(self.apply_rotary(q[b : b + 1], cos, sin))
+                    ks.append(self.apply_rotary(k[b : b + 1], cos, sin))
                 q, k = torch.cat(qs), torch.cat(ks)
             if past is not None:
                 k, v = torch.cat((past[i][0], k), 1), torch.cat((past[i][1], v), 1)
             presents.append((k, v))
             key_size = k.shape[1]
             if key_size > c.seq_length and c.use_logn_attn:
-                q = q * self.logn[:, key_size - T:key_size].type_as(q).expand_as(q)
-            causal = torch.tril(torch.ones(key_size, key_size, dtype=torch.bool)).view(1, 1, key_size, key_size) \
-                if T == key_size else None
+                q = q * self.logn[:, key_size - T : key_size].type_as(q).expand_as(q)
+            causal = (
+                torch.tril(torch.ones(key_size, key_size, dtype=torch.bool)).view(
+                    1, 1, key_size, key_size
+                )
+                if T == key_size
+                else None
+            )
             q, kk, vv = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
             if attention_mask is not None:
                 mask = attention_mask.expand(-1, -1, T, -1)
@@ -136,15 +145,23 @@ class QwenV1:
             else:
                 mask = causal
             out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask).transpose(1, 2)
-            out = linear(out.reshape(B, T, H * hd), w[p + "attn.c_proj.weight"], w.get(p + "attn.c_proj.bias"))
+            out = linear(
+                out.reshape(B, T, H * hd),
+                w[p + "attn.c_proj.weight"],
+                w.get(p + "attn.c_proj.bias"),
+            )
             hidden = hidden + out
             x = self.rms(hidden, p + "ln_2.weight")
             a1 = linear(x, w[p + "mlp.w1.weight"], w.get(p + "mlp.w1.bias"))
             a2 = linear(x, w[p + "mlp.w2.weight"], w.get(p + "mlp.w2.bias"))
-            hidden = hidden + linear(a1 * F.silu(a2), w[p + "mlp.c_proj.weight"], w.get(p + "mlp.c_proj.bias"))
+            hidden = hidden + linear(
+                a1 * F.silu(a2), w[p + "mlp.c_proj.weight"], w.get(p + "mlp.c_proj.bias")
+            )
         return linear(self.rms(hidden, "transformer.ln_f.weight"), w["lm_head.weight"]), presents
 
-    def greedy(self, rows: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    def greedy(
+        self, rows: list[list[int]], new_tokens: int
+    ) -> tuple[list[list[int]], list[torch.Tensor]]:
         """HF-style greedy generation of a left-padded batch with the cache; the step logits too."""
         T = max(len(r) for r in rows)
         ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
@@ -194,7 +211,7 @@ class InternLMV1:
 
     @staticmethod
     def rotate_half(x):
-        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+        return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), dim=-1)
 
     def decoder_mask(self, attention_mask, B, T, past_length):
         """``_prepare_decoder_attention_mask``: ``_make_causal_mask`` + ``_expand_mask``."""
@@ -208,7 +225,9 @@ class InternLMV1:
             if past_length > 0:
                 mask = torch.cat([torch.zeros(T, past_length, dtype=dtype), mask], dim=-1)
             causal = mask[None, None].expand(B, 1, T, T + past_length)
-        expanded = attention_mask[:, None, None, :].expand(B, 1, T, attention_mask.shape[1]).to(dtype)
+        expanded = (
+            attention_mask[:, None, None, :].expand(B, 1, T, attention_mask.shape[1]).to(dtype)
+        )
         inverted = 1.0 - expanded
         expanded = inverted.masked_fill(inverted.to(torch.bool), big)
         return expanded if causal is None else expanded + causal
@@ -228,14 +247,23 @@ class InternLMV1:
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
             x = self.rms(hidden, p + "input_layernorm.weight")
-            q, k, v = (linear(x, w[p + f"self_attn.{n}_proj.weight"], w.get(p + f"self_attn.{n}_proj.bias"))
-                       .view(B, T, H, hd).transpose(1, 2) for n in "qkv")
+            q, k, v = (
+                linear(
+                    x, w[p + f"self_attn.{n}_proj.weight"], w.get(p + f"self_attn.{n}_proj.bias")
+                )
+                .view(B, T, H, hd)
+                .transpose(1, 2)
+                for n in "qkv"
+            )
             if past is not None:
                 k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
             presents.append((k, v))  # keys cached BEFORE RoPE
             S = k.shape[-2]
             cos, sin = self.rotary(S, v.dtype)
-            cos, sin = cos[0, 0][None, None].expand(B, -1, -1, -1), sin[0, 0][None, None].expand(B, -1, -1, -1)
+            cos, sin = (
+                cos[0, 0][None, None].expand(B, -1, -1, -1),
+                sin[0, 0][None, None].expand(B, -1, -1, -1),
+            )
             if q.shape[2] == 1:
                 q = q * cos[:, :, -1, :] + self.rotate_half(q) * sin[:, :, -1, :]
             else:
@@ -245,21 +273,45 @@ class InternLMV1:
             scores = torch.max(scores + mask, torch.tensor(torch.finfo(scores.dtype).min))
             probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             out = torch.matmul(probs, v).transpose(1, 2).reshape(B, T, c.hidden_size)
-            hidden = hidden + linear(out, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
+            hidden = hidden + linear(
+                out, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias")
+            )
             x = self.rms(hidden, p + "post_attention_layernorm.weight")
-            gate, up = linear(x, w[p + "mlp.gate_proj.weight"]), linear(x, w[p + "mlp.up_proj.weight"])
+            gate, up = (
+                linear(x, w[p + "mlp.gate_proj.weight"]),
+                linear(x, w[p + "mlp.up_proj.weight"]),
+            )
             hidden = hidden + linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"])
         return linear(self.rms(hidden, "model.norm.weight"), w["lm_head.weight"]), presents
 
 
 # -- ChatGLM2-6B ---------------------------------------------------------------------------------------
 CHATGLM2_CONFIG_DEFAULTS = dict(  # ChatGLMConfig.__init__'s defaults (configuration_chatglm.py)
-    num_layers=28, padded_vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696, kv_channels=128,
-    num_attention_heads=32, seq_length=2048, hidden_dropout=0.0, classifier_dropout=None, attention_dropout=0.0,
-    layernorm_epsilon=1e-5, rmsnorm=True, apply_residual_connection_post_layernorm=False, post_layer_norm=True,
-    add_bias_linear=False, add_qkv_bias=False, bias_dropout_fusion=True, multi_query_attention=False,
-    multi_query_group_num=1, apply_query_key_layer_scaling=True, attention_softmax_in_fp32=True,
-    fp32_residual_connection=False, quantization_bit=0, pre_seq_len=None, prefix_projection=False,
+    num_layers=28,
+    padded_vocab_size=65024,
+    hidden_size=4096,
+    ffn_hidden_size=13696,
+    kv_channels=128,
+    num_attention_heads=32,
+    seq_length=2048,
+    hidden_dropout=0.0,
+    classifier_dropout=None,
+    attention_dropout=0.0,
+    layernorm_epsilon=1e-5,
+    rmsnorm=True,
+    apply_residual_connection_post_layernorm=False,
+    post_layer_norm=True,
+    add_bias_linear=False,
+    add_qkv_bias=False,
+    bias_dropout_fusion=True,
+    multi_query_attention=False,
+    multi_query_group_num=1,
+    apply_query_key_layer_scaling=True,
+    attention_softmax_in_fp32=True,
+    fp32_residual_connection=False,
+    quantization_bit=0,
+    pre_seq_len=None,
+    prefix_projection=False,
     initializer_range=0.02,
 )
 
@@ -282,13 +334,17 @@ class ChatGLM2:
         raw, _ = load_original(directory, torch.float32)
         self.config = chatglm2_config(raw)
         dtype = self.config.torch_dtype or torch.float32
-        self.w = {k: v.to(dtype) for k, v in load_file(Path(directory) / "model.safetensors").items()}
+        self.w = {
+            k: v.to(dtype) for k, v in load_file(Path(directory) / "model.safetensors").items()
+        }
         self.dtype = dtype
 
     def rope_cache(self):
         """``RotaryEmbedding(rotary_dim // 2, dtype=config.torch_dtype).forward(seq_length)``."""
         c = self.config
-        rotary_dim = c.hidden_size // c.num_attention_heads if c.kv_channels is None else c.kv_channels
+        rotary_dim = (
+            c.hidden_size // c.num_attention_heads if c.kv_channels is None else c.kv_channels
+        )
         n_elem, dtype = rotary_dim // 2, self.dtype
         theta = 1.0 / (10000 ** (torch.arange(0, n_elem, 2, dtype=dtype) / n_elem))
         seq_idx = torch.arange(c.seq_length, dtype=dtype)
@@ -306,13 +362,20 @@ class ChatGLM2:
         rope_cache = rope_cache[:sq]
         xshaped = x.reshape(sq, -1, np_, rot_dim // 2, 2)
         rope_cache = rope_cache.view(sq, -1, 1, xshaped.size(3), 2)
-        out = torch.stack([xshaped[..., 0] * rope_cache[..., 0] - xshaped[..., 1] * rope_cache[..., 1],
-                           xshaped[..., 1] * rope_cache[..., 0] + xshaped[..., 0] * rope_cache[..., 1]], -1)
+        out = torch.stack(
+            [
+                xshaped[..., 0] * rope_cache[..., 0] - xshaped[..., 1] * rope_cache[..., 1],
+                xshaped[..., 1] * rope_cache[..., 0] + xshaped[..., 0] * rope_cache[..., 1],
+            ],
+            -1,
+        )
         return torch.cat((out.flatten(3), x_pass), dim=-1)
 
     def rms(self, x, name):
         variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        return (self.w[name] * (x * torch.rsqrt(variance + self.config.layernorm_epsilon))).to(x.dtype)
+        return (self.w[name] * (x * torch.rsqrt(variance + self.config.layernorm_epsilon))).to(
+            x.dtype
+        )
 
     @staticmethod
     def get_masks(input_ids, past, padding_mask):
@@ -330,35 +393,60 @@ class ChatGLM2:
     @torch.no_grad()
     def forward(self, input_ids, position_ids, attention_mask=None, past=None, use_cache=None):
         c, w = self.config, self.w
-        use_cache = use_cache if use_cache is not None else c.use_cache  # AttributeError without the key
+        use_cache = (
+            use_cache if use_cache is not None else c.use_cache
+        )  # AttributeError without the key
         B, T = input_ids.shape
-        hidden = w["transformer.embedding.word_embeddings.weight"][input_ids].transpose(0, 1)  # [T, B, d]
+        hidden = w["transformer.embedding.word_embeddings.weight"][input_ids].transpose(
+            0, 1
+        )  # [T, B, d]
         full_mask = None
         if (attention_mask is not None and not attention_mask.all()) or (past and T != 1):
             full_mask = self.get_masks(input_ids, past, attention_mask)
         rope = self.rope_cache()[position_ids].transpose(0, 1).contiguous()
-        H, G = c.num_attention_heads, (c.multi_query_group_num if c.multi_query_attention else c.num_attention_heads)
+        H, G = (
+            c.num_attention_heads,
+            (c.multi_query_group_num if c.multi_query_attention else c.num_attention_heads),
+        )
         hd = c.kv_channels
         presents = []
         for i in range(c.num_layers):
             p = f"transformer.encoder.layers.{i}."
             x = self.rms(hidden, p + "input_layernorm.weight")
-            mixed = linear(x, w[p + "self_attention.query_key_value.weight"], w.get(p + "self_attention.query_key_value.bias"))
+            mixed = linear(
+                x,
+                w[p + "self_attention.query_key_value.weight"],
+                w.get(p + "self_attention.query_key_value.bias"),
+            )
             q, k, v = mixed.split([H * hd, G * hd, G * hd], dim=-1)
             q, k, v = q.view(T, B, H, hd), k.view(T, B, G, hd), v.view(T, B, G, hd)
             q, k = self.apply_rope(q, rope), self.apply_rope(k, rope)
             if past is not None:
                 k, v = torch.cat((past[i][0], k), dim=0), torch.cat((past[i][1], v), dim=0)
             presents.append((k, v) if use_cache else None)
-            k = k.unsqueeze(-2).expand(-1, -1, -1, H // G, -1).contiguous().view(k.shape[0], B, H, hd)
-            v = v.unsqueeze(-2).expand(-1, -1, -1, H // G, -1).contiguous().view(v.shape[0], B, H, hd)
+            k = (
+                k.unsqueeze(-2)
+                .expand(-1, -1, -1, H // G, -1)
+                .contiguous()
+                .view(k.shape[0], B, H, hd)
+            )
+            v = (
+                v.unsqueeze(-2)
+                .expand(-1, -1, -1, H // G, -1)
+                .contiguous()
+                .view(v.shape[0], B, H, hd)
+            )
             qq, kk, vv = (t.permute(1, 2, 0, 3) for t in (q, k, v))
             if full_mask is None and qq.shape[2] == kk.shape[2]:
                 ctx = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
             else:
-                ctx = F.scaled_dot_product_attention(qq, kk, vv, None if full_mask is None else ~full_mask)
+                ctx = F.scaled_dot_product_attention(
+                    qq, kk, vv, None if full_mask is None else ~full_mask
+                )
             ctx = ctx.permute(2, 0, 1, 3).reshape(T, B, H * hd)
-            out = linear(ctx, w[p + "self_attention.dense.weight"], w.get(p + "self_attention.dense.bias"))
+            out = linear(
+                ctx, w[p + "self_attention.dense.weight"], w.get(p + "self_attention.dense.bias")
+            )
             hidden = hidden + out
             y = self.rms(hidden, p + "post_attention_layernorm.weight")
             z = linear(y, w[p + "mlp.dense_h_to_4h.weight"])
@@ -405,7 +493,7 @@ class ChatGLM6B:
     def table(self, seq_len):
         """``RotaryEmbedding``: inv_freq created ``.half()``, then a buffer in the model's dtype."""
         dim = self.config.hidden_size // (self.config.num_attention_heads * 2)
-        inv_freq = (1. / (10000 ** (torch.arange(0, dim, 2).float() / dim))).half().to(self.dtype)
+        inv_freq = (1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))).half().to(self.dtype)
         t = torch.arange(seq_len, dtype=inv_freq.dtype)
         freqs = torch.einsum("i,j->ij", t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -413,13 +501,21 @@ class ChatGLM6B:
 
     @staticmethod
     def rotate(x, cos, sin, position_id):  # x [sq, b, np, hn], position_id [sq, b]
-        cos, sin = F.embedding(position_id, cos).unsqueeze(2), F.embedding(position_id, sin).unsqueeze(2)
-        x1, x2 = x[..., :x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        cos, sin = (
+            F.embedding(position_id, cos).unsqueeze(2),
+            F.embedding(position_id, sin).unsqueeze(2),
+        )
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
         return x * cos + torch.cat((-x2, x1), dim=x1.ndim - 1) * sin
 
     def ln(self, x, name):
-        return F.layer_norm(x, (x.shape[-1],), self.w[name + ".weight"], self.w[name + ".bias"],
-                            self.config.layernorm_epsilon)
+        return F.layer_norm(
+            x,
+            (x.shape[-1],),
+            self.w[name + ".weight"],
+            self.w[name + ".bias"],
+            self.config.layernorm_epsilon,
+        )
 
     @torch.no_grad()
     def forward(self, ids, position_ids, attention_mask, past=None):
@@ -427,7 +523,9 @@ class ChatGLM6B:
         B, T = ids.shape
         H = c.num_attention_heads
         hn = c.hidden_size // H
-        alpha = (2 * 28) ** 0.5  # GLMBlock(num_layers=28): ChatGLMModel.get_layer never passes its depth
+        alpha = (
+            2 * 28
+        ) ** 0.5  # GLMBlock(num_layers=28): ChatGLMModel.get_layer never passes its depth
         hidden = w["transformer.word_embeddings.weight"][ids].transpose(0, 1)  # [T, B, d]
         cos, sin = self.table(int(position_ids.max()) + 1)
         pos, block = position_ids[:, 0, :].transpose(0, 1), position_ids[:, 1, :].transpose(0, 1)
@@ -435,20 +533,33 @@ class ChatGLM6B:
         for i in range(c.num_layers):
             t = f"transformer.layers.{i}."
             x = self.ln(hidden, t + "input_layernorm")
-            mixed = linear(x, w[t + "attention.query_key_value.weight"], w[t + "attention.query_key_value.bias"])
+            mixed = linear(
+                x,
+                w[t + "attention.query_key_value.weight"],
+                w[t + "attention.query_key_value.bias"],
+            )
             q, k, v = mixed.view(T, B, H, 3 * hn).split(hn, dim=-1)
             q1, q2 = q.chunk(2, dim=-1)
             k1, k2 = k.chunk(2, dim=-1)
-            q = torch.cat([self.rotate(q1, cos, sin, pos), self.rotate(q2, cos, sin, block)], dim=-1)
-            k = torch.cat([self.rotate(k1, cos, sin, pos), self.rotate(k2, cos, sin, block)], dim=-1)
+            q = torch.cat(
+                [self.rotate(q1, cos, sin, pos), self.rotate(q2, cos, sin, block)], dim=-1
+            )
+            k = torch.cat(
+                [self.rotate(k1, cos, sin, pos), self.rotate(k2, cos, sin, block)], dim=-1
+            )
             if past is not None:
                 k, v = torch.cat((past[i][0], k), dim=0), torch.cat((past[i][1], v), dim=0)
             presents.append((k, v))
             S = k.shape[0]
             coeff = float(i + 1)
             q = q / (math.sqrt(hn) * coeff)
-            scores = torch.baddbmm(torch.zeros(1, 1, 1, dtype=q.dtype), q.reshape(T, B * H, hn).transpose(0, 1),
-                                   k.reshape(S, B * H, hn).transpose(0, 1).transpose(1, 2), beta=0.0, alpha=1.0)
+            scores = torch.baddbmm(
+                torch.zeros(1, 1, 1, dtype=q.dtype),
+                q.reshape(T, B * H, hn).transpose(0, 1),
+                k.reshape(S, B * H, hn).transpose(0, 1).transpose(1, 2),
+                beta=0.0,
+                alpha=1.0,
+            )
             scores = scores.view(B, H, T, S)
             if not (attention_mask == 0).all():
                 scores = scores.masked_fill(attention_mask, -10000.0)
@@ -460,10 +571,16 @@ class ChatGLM6B:
             hidden = x * alpha + attn
             y = self.ln(hidden, t + "post_attention_layernorm")
             up = linear(y, w[t + "mlp.dense_h_to_4h.weight"], w[t + "mlp.dense_h_to_4h.bias"])
-            gelu = 0.5 * up * (1.0 + torch.tanh(0.7978845608028654 * up * (1.0 + 0.044715 * up * up)))
-            hidden = y * alpha + linear(gelu, w[t + "mlp.dense_4h_to_h.weight"], w[t + "mlp.dense_4h_to_h.bias"])
+            gelu = (
+                0.5 * up * (1.0 + torch.tanh(0.7978845608028654 * up * (1.0 + 0.044715 * up * up)))
+            )
+            hidden = y * alpha + linear(
+                gelu, w[t + "mlp.dense_4h_to_h.weight"], w[t + "mlp.dense_4h_to_h.bias"]
+            )
         hidden = self.ln(hidden, "transformer.final_layernorm")
-        head = w.get("lm_head.weight", w["transformer.word_embeddings.weight"])  # tied when not stored
+        head = w.get(
+            "lm_head.weight", w["transformer.word_embeddings.weight"]
+        )  # tied when not stored
         return linear(hidden, head).permute(1, 0, 2).contiguous(), presents
 
     def greedy(self, rows, new_tokens):
@@ -507,7 +624,9 @@ class InternLM2:
         dim = c.hidden_size // c.num_attention_heads
         if scaling.get("type") == "dynamic" and seq_len > c.max_position_embeddings:
             factor = scaling["factor"]
-            base = c.rope_theta * ((factor * seq_len / c.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+            base = c.rope_theta * (
+                (factor * seq_len / c.max_position_embeddings) - (factor - 1)
+            ) ** (dim / (dim - 2))
             self.inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
         t = torch.arange(self.max_seq_len_cached, dtype=self.inv_freq.dtype)
         if scaling.get("type") == "linear":
@@ -534,7 +653,9 @@ class InternLM2:
         past_length = past[0][0].shape[2] if past is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, T + past_length, dtype=torch.bool)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, -T:]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[
+            :, -T:
+        ]
         mask = InternLMV1.decoder_mask(self, attention_mask, B, T, past_length)
         H, Hkv = c.num_attention_heads, c.num_key_value_heads
         hd, n_rep = c.hidden_size // H, H // Hkv
@@ -559,8 +680,13 @@ class InternLM2:
             scores = torch.matmul(q, kk.transpose(2, 3)) / math.sqrt(hd) + mask
             probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             out = torch.matmul(probs, vv).transpose(1, 2).reshape(B, T, c.hidden_size)
-            hidden = hidden + linear(out, w[p + "attention.wo.weight"], w.get(p + "attention.wo.bias"))
+            hidden = hidden + linear(
+                out, w[p + "attention.wo.weight"], w.get(p + "attention.wo.bias")
+            )
             x = self.rms(hidden, p + "ffn_norm.weight")
-            hidden = hidden + linear(F.silu(linear(x, w[p + "feed_forward.w1.weight"])) * linear(x, w[p + "feed_forward.w3.weight"]),
-                                     w[p + "feed_forward.w2.weight"])
+            hidden = hidden + linear(
+                F.silu(linear(x, w[p + "feed_forward.w1.weight"]))
+                * linear(x, w[p + "feed_forward.w3.weight"]),
+                w[p + "feed_forward.w2.weight"],
+            )
         return linear(self.rms(hidden, "model.norm.weight"), w["output.weight"]), presents

@@ -34,20 +34,23 @@ def one_sentence(message: str) -> None:
 
 
 # -- configs ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("changes,fragment", [
-    (dict(hidden_size=65), "not divisible by num_heads"),
-    (dict(num_kv_heads=3), "multiple of num_kv_heads"),
-    (dict(norm_type="batchnorm"), "norm_type='batchnorm' is not supported"),
-    (dict(rope_layout="complex"), "rope_layout='complex'"),
-    (dict(num_layers=0), "num_layers must be a positive integer"),
-    (dict(vocab_size=-5), "vocab_size must be a positive integer"),
-    (dict(norm_eps=0.0), "norm_eps must be a positive"),
-    (dict(rotary_dim=7), "rotary_dim (7) must be even"),
-    (dict(attention_kind="differential", num_heads=4, num_kv_heads=1), "must both be even"),
-    (dict(sliding_window_layers=(0,)), "sliding_window is not"),
-    (dict(sliding_window=4, sliding_window_layers=(9,)), "outside"),
-    (dict(mlp_type="relu"), "mlp_type='relu'"),
-])
+@pytest.mark.parametrize(
+    "changes,fragment",
+    [
+        (dict(hidden_size=65), "not divisible by num_heads"),
+        (dict(num_kv_heads=3), "multiple of num_kv_heads"),
+        (dict(norm_type="batchnorm"), "norm_type='batchnorm' is not supported"),
+        (dict(rope_layout="complex"), "rope_layout='complex'"),
+        (dict(num_layers=0), "num_layers must be a positive integer"),
+        (dict(vocab_size=-5), "vocab_size must be a positive integer"),
+        (dict(norm_eps=0.0), "norm_eps must be a positive"),
+        (dict(rotary_dim=7), "rotary_dim (7) must be even"),
+        (dict(attention_kind="differential", num_heads=4, num_kv_heads=1), "must both be even"),
+        (dict(sliding_window_layers=(0,)), "sliding_window is not"),
+        (dict(sliding_window=4, sliding_window_layers=(9,)), "outside"),
+        (dict(mlp_type="relu"), "mlp_type='relu'"),
+    ],
+)
 def test_invalid_configs_are_refused_with_one_sentence(changes, fragment):
     base = dict(vocab_size=10, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=8)
     with pytest.raises(ConfigError) as info:
@@ -80,25 +83,55 @@ def edit_weights(directory, fn):
     save_file(tensors, path)
 
 
-@pytest.mark.parametrize("mutate,error,fragment", [
-    (lambda d: edit_config(d, model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"]), UnsupportedError,
-     "model_type 'gpt_neox', which llamakin does not know"),
-    (lambda d: edit_config(d, hidden_size=None), ConfigError, "has no 'hidden_size'"),
-    (lambda d: edit_config(d, num_key_value_heads=3), ConfigError, "multiple of num_kv_heads"),
-    (lambda d: edit_config(d, hidden_act="gelu"), UnsupportedError, "hidden_act 'gelu'"),
-    (lambda d: edit_config(d, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), UnsupportedError,
-     "'longrope' is not supported"),
-    (lambda d: (d / "config.json").write_text("{not json"), CheckpointError, "is not valid JSON"),
-    (lambda d: (d / "config.json").unlink(), CheckpointError, "has no config.json"),
-    (lambda d: (d / "model.safetensors").unlink(), CheckpointError, "has no model.safetensors"),
-    (lambda d: edit_weights(d, lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj" not in k}),
-     CheckpointError, "lacks tensor 'model.layers.1.mlp.up_proj.weight'"),
-    (lambda d: edit_weights(d, lambda t: {**t, "model.layers.0.self_attn.extra.weight": torch.zeros(2)}),
-     CheckpointError, "has tensor 'model.layers.0.self_attn.extra.weight' that a llama model"),
-    (lambda d: edit_weights(d, lambda t: {**t, "model.norm.weight": torch.ones(63)}),
-     CheckpointError, "has shape [63] but the config implies [64]"),
-    (lambda d: edit_config(d, intermediate_size=100), CheckpointError, "the config does not match the weights"),
-])
+@pytest.mark.parametrize(
+    "mutate,error,fragment",
+    [
+        (
+            lambda d: edit_config(d, model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"]),
+            UnsupportedError,
+            "model_type 'gpt_neox', which llamakin does not know",
+        ),
+        (lambda d: edit_config(d, hidden_size=None), ConfigError, "has no 'hidden_size'"),
+        (lambda d: edit_config(d, num_key_value_heads=3), ConfigError, "multiple of num_kv_heads"),
+        (lambda d: edit_config(d, hidden_act="gelu"), UnsupportedError, "hidden_act 'gelu'"),
+        (
+            lambda d: edit_config(d, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}),
+            UnsupportedError,
+            "'longrope' is not supported",
+        ),
+        (
+            lambda d: (d / "config.json").write_text("{not json"),
+            CheckpointError,
+            "is not valid JSON",
+        ),
+        (lambda d: (d / "config.json").unlink(), CheckpointError, "has no config.json"),
+        (lambda d: (d / "model.safetensors").unlink(), CheckpointError, "has no model.safetensors"),
+        (
+            lambda d: edit_weights(
+                d, lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj" not in k}
+            ),
+            CheckpointError,
+            "lacks tensor 'model.layers.1.mlp.up_proj.weight'",
+        ),
+        (
+            lambda d: edit_weights(
+                d, lambda t: {**t, "model.layers.0.self_attn.extra.weight": torch.zeros(2)}
+            ),
+            CheckpointError,
+            "has tensor 'model.layers.0.self_attn.extra.weight' that a llama model",
+        ),
+        (
+            lambda d: edit_weights(d, lambda t: {**t, "model.norm.weight": torch.ones(63)}),
+            CheckpointError,
+            "has shape [63] but the config implies [64]",
+        ),
+        (
+            lambda d: edit_config(d, intermediate_size=100),
+            CheckpointError,
+            "the config does not match the weights",
+        ),
+    ],
+)
 def test_broken_checkpoints_are_refused(good, tmp_path, mutate, error, fragment):
     directory = clone(good, tmp_path)
     mutate(directory)
@@ -144,7 +177,10 @@ def test_pickle_with_code_is_never_executed(good, tmp_path):
 
 def test_missing_shard(good, tmp_path):
     directory = clone(good, tmp_path)
-    index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"},
+    }
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="missing: model-00002-of-00002.safetensors"):
         llamakin.load(directory)
@@ -163,11 +199,14 @@ def test_prompt_longer_than_cache(good):
 
 
 # -- CLI ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args,fragment", [
-    (["inspect", "/no/such/dir"], "does not exist"),
-    (["arch-diff", "llama", "gpt5"], "neither a checkpoint path nor a known reference"),
-    (["convert", "/no/such/dir", "/tmp/x"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["inspect", "/no/such/dir"], "does not exist"),
+        (["arch-diff", "llama", "gpt5"], "neither a checkpoint path nor a known reference"),
+        (["convert", "/no/such/dir", "/tmp/x"], "does not exist"),
+    ],
+)
 def test_cli_errors_exit_2_without_traceback(args, fragment):
     result = run_cli(*args)
     assert result.returncode == 2
@@ -177,8 +216,14 @@ def test_cli_errors_exit_2_without_traceback(args, fragment):
 
 
 def test_cli_convert_refuses_inexpressible_target(good, tmp_path):
-    result = run_cli("convert", str(good), str(tmp_path / "out"), "--rope-layout", "interleaved", "--to", "qwen3")
-    assert result.returncode == 2 and "cannot save as qwen3" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli(
+        "convert", str(good), str(tmp_path / "out"), "--rope-layout", "interleaved", "--to", "qwen3"
+    )
+    assert (
+        result.returncode == 2
+        and "cannot save as qwen3" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 

@@ -28,28 +28,54 @@ GMASK, MASK, SOP, EOS = 90, 91, 92, 93
 
 
 def make_checkpoint(directory, layers: int = LAYERS, seed: int = 0):
-    config = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "vocab_size": V, "hidden_size": D,
-              "num_layers": layers, "num_attention_heads": H, "inner_hidden_size": INNER, "layernorm_epsilon": 1e-5,
-              "max_sequence_length": 256, "position_encoding_2d": True, "bos_token_id": SOP, "eos_token_id": EOS,
-              "mask_token_id": MASK, "gmask_token_id": GMASK, "pad_token_id": 3, "use_cache": True,
-              "torch_dtype": "float16"}
+    config = {
+        "architectures": ["ChatGLMModel"],
+        "model_type": "chatglm",
+        "vocab_size": V,
+        "hidden_size": D,
+        "num_layers": layers,
+        "num_attention_heads": H,
+        "inner_hidden_size": INNER,
+        "layernorm_epsilon": 1e-5,
+        "max_sequence_length": 256,
+        "position_encoding_2d": True,
+        "bos_token_id": SOP,
+        "eos_token_id": EOS,
+        "mask_token_id": MASK,
+        "gmask_token_id": GMASK,
+        "pad_token_id": 3,
+        "use_cache": True,
+        "torch_dtype": "float16",
+    }
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=None):
-        return torch.randn(*shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
+        return torch.randn(*shape, generator=g) * (
+            scale if scale is not None else shape[-1] ** -0.5
+        )
 
     w = {"transformer.word_embeddings.weight": rand(V, D, scale=1.0)}
     for i in range(layers):
         t = f"transformer.layers.{i}."
-        w |= {t + "input_layernorm.weight": 1 + rand(D, scale=0.2), t + "input_layernorm.bias": rand(D, scale=0.1),
-              t + "attention.query_key_value.weight": rand(3 * D, D), t + "attention.query_key_value.bias": rand(3 * D, scale=0.1),
-              t + "attention.dense.weight": rand(D, D), t + "attention.dense.bias": rand(D, scale=0.1),
-              t + "post_attention_layernorm.weight": 1 + rand(D, scale=0.2),
-              t + "post_attention_layernorm.bias": rand(D, scale=0.1),
-              t + "mlp.dense_h_to_4h.weight": rand(INNER, D), t + "mlp.dense_h_to_4h.bias": rand(INNER, scale=0.1),
-              t + "mlp.dense_4h_to_h.weight": rand(D, INNER), t + "mlp.dense_4h_to_h.bias": rand(D, scale=0.1),
-              t + "attention.rotary_emb.inv_freq": torch.ones(HD // 4)}  # a buffer the loader must skip
-    w |= {"transformer.final_layernorm.weight": 1 + rand(D, scale=0.2), "transformer.final_layernorm.bias": rand(D, scale=0.1)}
+        w |= {
+            t + "input_layernorm.weight": 1 + rand(D, scale=0.2),
+            t + "input_layernorm.bias": rand(D, scale=0.1),
+            t + "attention.query_key_value.weight": rand(3 * D, D),
+            t + "attention.query_key_value.bias": rand(3 * D, scale=0.1),
+            t + "attention.dense.weight": rand(D, D),
+            t + "attention.dense.bias": rand(D, scale=0.1),
+            t + "post_attention_layernorm.weight": 1 + rand(D, scale=0.2),
+            t + "post_attention_layernorm.bias": rand(D, scale=0.1),
+            t + "mlp.dense_h_to_4h.weight": rand(INNER, D),
+            t + "mlp.dense_h_to_4h.bias": rand(INNER, scale=0.1),
+            t + "mlp.dense_4h_to_h.weight": rand(D, INNER),
+            t + "mlp.dense_4h_to_h.bias": rand(D, scale=0.1),
+            t + "attention.rotary_emb.inv_freq": torch.ones(HD // 4),
+        }  # a buffer the loader must skip
+    w |= {
+        "transformer.final_layernorm.weight": 1 + rand(D, scale=0.2),
+        "transformer.final_layernorm.bias": rand(D, scale=0.1),
+    }
     directory.mkdir(parents=True, exist_ok=True)
     save_file(w, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config))
@@ -61,19 +87,31 @@ def checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("chatglm6b"))
 
 
-def reference_logits(directory, tokens: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def reference_logits(
+    directory, tokens: list[int], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """All positions' logits for one sequence, from the re-implemented original (``original_code.py``)."""
     reference = ChatGLM6B(directory, dtype)
     return reference.forward(*reference.encode([tokens]))[0][0]
 
 
-PROMPTS = [[5, 17, 33, 8, 41, GMASK, SOP], [12, 7, GMASK, SOP], [30, 31, 32, 33, 34, 35, 36, 37, GMASK, SOP]]
+PROMPTS = [
+    [5, 17, 33, 8, 41, GMASK, SOP],
+    [12, 7, GMASK, SOP],
+    [30, 31, 32, 33, 34, 35, 36, 37, GMASK, SOP],
+]
 
 
 def test_config_and_knobs(checkpoint):
     model = llamakin.load(checkpoint[0])
     c = model.config
-    assert (c.family, c.rope_layout, c.norm_type, c.mlp_type, c.prefix_lm) == ("chatglm", "glm2d", "layernorm", "gelu_tanh", True)
+    assert (c.family, c.rope_layout, c.norm_type, c.mlp_type, c.prefix_lm) == (
+        "chatglm",
+        "glm2d",
+        "layernorm",
+        "gelu_tanh",
+        True,
+    )
     assert c.normed_residual_alpha == math.sqrt(56)  # whatever the depth (2 layers here)
     assert (c.rope_inv_freq_dtype, c.rope_table_dtype) == ("float16", "model")
 
@@ -93,13 +131,15 @@ def test_generation_follows_the_2d_position_protocol(checkpoint):
     directory, w = checkpoint
     model = llamakin.load(directory)
     for prompt in PROMPTS:
-        run = GenerationRun(model, _NoText(), [prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))
+        run = GenerationRun(
+            model, _NoText(), [prompt], SamplingParams(max_new_tokens=6, ignore_eos=True)
+        )
         for _ in run:
             pass
         sequence = list(prompt)
         for _ in range(6):
             sequence.append(int(reference_logits(directory, sequence)[-1].argmax()))
-        assert run.results[0].token_ids == sequence[len(prompt):]
+        assert run.results[0].token_ids == sequence[len(prompt) :]
 
 
 @torch.no_grad()
@@ -148,7 +188,10 @@ def test_inspect_and_arch_diff_cover_it(checkpoint, capsys):
     assert main(["inspect", str(checkpoint[0])]) == 0
     out = capsys.readouterr().out
     assert "chatglm" in out and "normed_residual_alpha" in out and "glm2d" in out
-    assert main(["arch-diff", str(checkpoint[0]), "chatglm2", "qwen", "internlm2", "diff-transformer"]) == 0
+    assert (
+        main(["arch-diff", str(checkpoint[0]), "chatglm2", "qwen", "internlm2", "diff-transformer"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "prefix LM" in out and "2-D (two position streams)" in out and "pair-norm weight" in out
 
@@ -171,8 +214,15 @@ def _llamakin_steps(model, prompts, new_tokens):
     tracker = position_tracker(model.config)
     positions, _ = tracker.prompt(ids, mask.bool() if padded else None)
     with torch.inference_mode():
-        steps = [model(ids, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
-                       last_only=True)[:, -1]]
+        steps = [
+            model(
+                ids,
+                attention_mask=mask if padded else None,
+                position_ids=positions,
+                cache=cache,
+                last_only=True,
+            )[:, -1]
+        ]
         decoder = Decoder(model, cache)
         for _ in range(new_tokens):
             steps.append(decoder.step(steps[-1].argmax(-1)[:, None], tracker.step()))
@@ -194,8 +244,13 @@ def test_residual_alpha_is_sqrt_56_at_every_depth(tmp_path):
     model = llamakin.load(directory)
     assert model.config.normed_residual_alpha == math.sqrt(56)
     prompt = PROMPTS[0]
-    assert (model(torch.tensor([prompt]))[0] - reference_logits(directory, prompt)).abs().max() < 1e-5
-    assert _step_diff(_llamakin_steps(model, PROMPTS, 4), ChatGLM6B(directory).greedy(PROMPTS, 4)) < 1e-5
+    assert (
+        model(torch.tensor([prompt]))[0] - reference_logits(directory, prompt)
+    ).abs().max() < 1e-5
+    assert (
+        _step_diff(_llamakin_steps(model, PROMPTS, 4), ChatGLM6B(directory).greedy(PROMPTS, 4))
+        < 1e-5
+    )
 
 
 @torch.no_grad()
@@ -228,13 +283,31 @@ def test_export_is_read_by_the_original_and_refuses_another_alpha(checkpoint, tm
     model = llamakin.load(directory)
     model.save_pretrained(tmp_path / "out")
     written = json.loads((tmp_path / "out" / "config.json").read_text())
-    released = {"architectures", "auto_map", "bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id",
-                "pad_token_id", "hidden_size", "inner_hidden_size", "layernorm_epsilon", "max_sequence_length",
-                "model_type", "num_attention_heads", "num_layers", "position_encoding_2d", "torch_dtype",
-                "use_cache", "vocab_size"}  # THUDM/chatglm-6b's config.json, less _name_or_path/transformers_version
+    released = {
+        "architectures",
+        "auto_map",
+        "bos_token_id",
+        "eos_token_id",
+        "mask_token_id",
+        "gmask_token_id",
+        "pad_token_id",
+        "hidden_size",
+        "inner_hidden_size",
+        "layernorm_epsilon",
+        "max_sequence_length",
+        "model_type",
+        "num_attention_heads",
+        "num_layers",
+        "position_encoding_2d",
+        "torch_dtype",
+        "use_cache",
+        "vocab_size",
+    }  # THUDM/chatglm-6b's config.json, less _name_or_path/transformers_version
     assert released <= set(written), released - set(written)
     with torch.no_grad():
-        assert (model(torch.tensor([PROMPTS[1]]))[0] - reference_logits(tmp_path / "out", PROMPTS[1])).abs().max() < 1e-5
+        assert (
+            model(torch.tensor([PROMPTS[1]]))[0] - reference_logits(tmp_path / "out", PROMPTS[1])
+        ).abs().max() < 1e-5
     other = llamakin.Transformer(model.config.replace(normed_residual_alpha=2.0))
     with pytest.raises(llamakin.LlamakinError, match="sqrt\\(56\\)"):
         other.save_pretrained(tmp_path / "bad", family="chatglm")
@@ -259,17 +332,34 @@ def test_the_server_serves_it_with_the_text_of_generate(checkpoint):
     tok = _Letters()
     # (a repetition penalty: the tied random model repeats its last token otherwise)
     greedy = SamplingParams(max_new_tokens=6, ignore_eos=True, repetition_penalty=5.0)
-    sampled = SamplingParams(max_new_tokens=6, ignore_eos=True, repetition_penalty=5.0, temperature=1.0, seed=3)
-    expected = [llamakin.generate(model, tok, p, max_new_tokens=6, ignore_eos=True, repetition_penalty=5.0)
-                for p in PROMPTS]
-    expected += [llamakin.generate(model, tok, PROMPTS[1], max_new_tokens=6, ignore_eos=True, repetition_penalty=5.0,
-                                   temperature=1.0, seed=derive_seed(3, i)) for i in range(2)]
+    sampled = SamplingParams(
+        max_new_tokens=6, ignore_eos=True, repetition_penalty=5.0, temperature=1.0, seed=3
+    )
+    expected = [
+        llamakin.generate(model, tok, p, max_new_tokens=6, ignore_eos=True, repetition_penalty=5.0)
+        for p in PROMPTS
+    ]
+    expected += [
+        llamakin.generate(
+            model,
+            tok,
+            PROMPTS[1],
+            max_new_tokens=6,
+            ignore_eos=True,
+            repetition_penalty=5.0,
+            temperature=1.0,
+            seed=derive_seed(3, i),
+        )
+        for i in range(2)
+    ]
     assert all(expected) and expected[3] != expected[4]
 
     async def serve():
         engine = Engine(model, tok, max_batch=8, context=64)
         assert not engine.prefix_caching  # not exact for a prefix LM (its prompt attends both ways)
-        requests = [new_request(p, greedy) for p in PROMPTS] + [new_request(PROMPTS[1], sampled, n=2)]
+        requests = [new_request(p, greedy) for p in PROMPTS] + [
+            new_request(PROMPTS[1], sampled, n=2)
+        ]
         for request in requests:
             engine.submit(request)
         texts = []
@@ -295,12 +385,18 @@ def test_the_cores_decode_positions_follow_the_original(checkpoint):
     model = llamakin.load(directory)
     for prompt in PROMPTS[:2]:
         logits = []
-        run = GenerationRun(model, _NoText(), [prompt], SamplingParams(max_new_tokens=5, ignore_eos=True,
-                                                                      repetition_penalty=5.0),
-                            processors=[[lambda generated, row_logits: logits.append(row_logits.clone()) or row_logits]])
+        run = GenerationRun(
+            model,
+            _NoText(),
+            [prompt],
+            SamplingParams(max_new_tokens=5, ignore_eos=True, repetition_penalty=5.0),
+            processors=[
+                [lambda generated, row_logits: logits.append(row_logits.clone()) or row_logits]
+            ],
+        )
         list(run)
         sequence = list(prompt) + run.results[0].token_ids
         assert len(set(run.results[0].token_ids)) > 2
         for step, got in enumerate(logits):
-            want = reference_logits(directory, sequence[:len(prompt) + step])[-1]
+            want = reference_logits(directory, sequence[: len(prompt) + step])[-1]
             assert (got - want).abs().max() < 1e-5, step

@@ -19,8 +19,17 @@ def test_inspect_card(tmp_path, capsys):
     save_case(next(c for c in CASES if c.name == "granite"), tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for fragment in ("granite", "float32", "parameters: total", "differs from plain LLaMA", "embedding_multiplier",
-                     "logits_scaling", "num_kv_heads", "memory: weights", "KV cache"):
+    for fragment in (
+        "granite",
+        "float32",
+        "parameters: total",
+        "differs from plain LLaMA",
+        "embedding_multiplier",
+        "logits_scaling",
+        "num_kv_heads",
+        "memory: weights",
+        "KV cache",
+    ):
         assert fragment in out, fragment
 
 
@@ -53,19 +62,25 @@ def test_arch_diff_accepts_paths(tmp_path, capsys):
     assert "per-head RMSNorm" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("knobs,family", [
-    ({}, "llama"),
-    (dict(q_bias=True, k_bias=True, v_bias=True, o_bias=True, mlp_bias=True), "llama"),
-    (dict(attention_kind="differential"), "diffllama"),
-    (dict(q_bias=True, k_bias=True, v_bias=True), "qwen2"),
-    (dict(qk_norm=True), "qwen3"),
-    (dict(sliding_window=16), "mistral"),
-    (dict(embedding_multiplier=2.0), "granite"),
-    (dict(rope_layout="interleaved"), "meta"),
-    (dict(rope_layout="interleaved", rotary_dim=8, q_bias=True, k_bias=True, v_bias=True), "glm"),
-    (dict(rope_layout="interleaved", q_bias=True), "llamakin"),
-    (dict(norm_type="layernorm", mlp_type="gelu_tanh", mlp_bias=True), "llamakin"),
-])
+@pytest.mark.parametrize(
+    "knobs,family",
+    [
+        ({}, "llama"),
+        (dict(q_bias=True, k_bias=True, v_bias=True, o_bias=True, mlp_bias=True), "llama"),
+        (dict(attention_kind="differential"), "diffllama"),
+        (dict(q_bias=True, k_bias=True, v_bias=True), "qwen2"),
+        (dict(qk_norm=True), "qwen3"),
+        (dict(sliding_window=16), "mistral"),
+        (dict(embedding_multiplier=2.0), "granite"),
+        (dict(rope_layout="interleaved"), "meta"),
+        (
+            dict(rope_layout="interleaved", rotary_dim=8, q_bias=True, k_bias=True, v_bias=True),
+            "glm",
+        ),
+        (dict(rope_layout="interleaved", q_bias=True), "llamakin"),
+        (dict(norm_type="layernorm", mlp_type="gelu_tanh", mlp_bias=True), "llamakin"),
+    ],
+)
 def test_export_picks_the_first_exact_format(knobs, family, tmp_path):
     config = llamakin.ModelConfig(**BASE, **knobs)
     assert family_for_export(config).name == family
@@ -82,8 +97,13 @@ def test_export_picks_the_first_exact_format(knobs, family, tmp_path):
 
 
 def test_config_dict_round_trip():
-    config = llamakin.ModelConfig(**BASE, rope_scaling=llamakin.RopeScaling(type="yarn", factor=4.0),
-                                  sliding_window=8, sliding_window_layers=(1,), eos_token_ids=(1, 2))
+    config = llamakin.ModelConfig(
+        **BASE,
+        rope_scaling=llamakin.RopeScaling(type="yarn", factor=4.0),
+        sliding_window=8,
+        sliding_window_layers=(1,),
+        eos_token_ids=(1, 2),
+    )
     assert llamakin.ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(llamakin.ConfigError, match="unknown ModelConfig keys"):
         llamakin.ModelConfig.from_dict({**config.to_dict(), "hiden_size": 3})

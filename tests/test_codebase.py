@@ -25,7 +25,7 @@ def citations(text: str) -> list[tuple[int, str | None, str]]:
     found = []
     for number, line in enumerate(text.splitlines(), 1):
         for match in SECTION.finditer(line):
-            named = DOC_FILE.findall(line[:match.start()])
+            named = DOC_FILE.findall(line[: match.start()])
             found.append((number, named[-1] if named else None, match.group(1)))
     return found
 
@@ -38,7 +38,9 @@ def test_every_section_citation_in_src_names_a_docs_file_and_resolves():
             count += 1
             where = f"{path.relative_to(ROOT)}:{line} §{section}"
             if page is None:
-                problems.append(f"{where} does not name its docs file (write 'docs/variants.md §{section}')")
+                problems.append(
+                    f"{where} does not name its docs file (write 'docs/variants.md §{section}')"
+                )
             elif page not in sections:
                 problems.append(f"{where} cites docs/{page}, which does not exist")
             elif section not in sections[page]:
@@ -51,7 +53,10 @@ def test_citation_check_catches_what_it_should():
     sections = doc_sections(DOCS / "variants.md")
     assert {"1.1", "5.1", "6.1", "7.4", "12"} <= sections and "13.9" not in sections
     assert citations("x (docs/variants.md §1.1, §6.2).\ny (§4)") == [
-        (1, "variants.md", "1.1"), (1, "variants.md", "6.2"), (2, None, "4")]
+        (1, "variants.md", "1.1"),
+        (1, "variants.md", "6.2"),
+        (2, None, "4"),
+    ]
     assert citations("spec §2.3.") == [(1, None, "2.3")]
 
 
@@ -94,7 +99,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -123,7 +128,7 @@ def test_cycle_finder_finds_a_cycle():
 
 def readme_code_map() -> str:
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Layout of the code"):]
+    section = readme[readme.index("## Layout of the code") :]
     return section.split("```")[1]
 
 
@@ -133,8 +138,12 @@ def test_readme_code_map_matches_the_tree():
     modules = {p.name for p in SRC.rglob("*.py") if p.name != "__init__.py"}
     missing = sorted(modules - named)
     assert not missing, f"the README's code map does not name {missing}"
-    existing = {p.name for folder in (SRC, ROOT / "tests", ROOT / "benchmarks", ROOT / "examples", DOCS)
-                for p in folder.rglob("*") if p.suffix in (".py", ".md")}
+    existing = {
+        p.name
+        for folder in (SRC, ROOT / "tests", ROOT / "benchmarks", ROOT / "examples", DOCS)
+        for p in folder.rglob("*")
+        if p.suffix in (".py", ".md")
+    }
     stale = sorted(named - existing)
     assert not stale, f"the README's code map names {stale}, which do not exist"
     folders = {p.name + "/" for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}

@@ -22,13 +22,18 @@ jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
 openai = pytest.importorskip("openai")
 
-PERSON = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 6},
-    "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    "member": {"type": "boolean"},
-    "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
-    "score": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "null"}]},
-}, "required": ["name", "age", "member", "tags", "score"], "additionalProperties": False}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "member": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+        "score": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "null"}]},
+    },
+    "required": ["name", "age", "member", "tags", "score"],
+    "additionalProperties": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,11 @@ def test_eos_only_when_the_json_is_complete(tiny):  # noqa: F811
     assert not constraint.allowed(unfinished)[eos] and not constraint.is_complete(unfinished)
     finished = _ids(tok, '{"a": [1, 2]}')
     allowed = constraint.allowed(finished)
-    assert constraint.is_complete(finished) and allowed[eos] and allowed.sum() == len(tok.eos_token_ids)
+    assert (
+        constraint.is_complete(finished)
+        and allowed[eos]
+        and allowed.sum() == len(tok.eos_token_ids)
+    )
 
 
 def test_masked_logits_keep_allowed_values_and_drop_the_rest(tiny):  # noqa: F811
@@ -64,11 +73,15 @@ def test_masked_logits_keep_allowed_values_and_drop_the_rest(tiny):  # noqa: F81
     masked = constraint([], logits)
     kept = torch.isfinite(masked)
     assert torch.equal(masked[kept], logits[kept])
-    assert all("true".startswith(tok.decode([int(i)])) or "false".startswith(tok.decode([int(i)]))
-               for i in kept.nonzero())
+    assert all(
+        "true".startswith(tok.decode([int(i)])) or "false".startswith(tok.decode([int(i)]))
+        for i in kept.nonzero()
+    )
 
 
-def _sample_with_preference(tok, constraint, preferred: str, steps: int, generator) -> tuple[str, bool]:
+def _sample_with_preference(
+    tok, constraint, preferred: str, steps: int, generator
+) -> tuple[str, bool]:
     """Sample ``steps`` tokens whose logits favour the tokens of ``preferred`` (a text that is NOT
     valid JSON) strongly, plus noise; only the constraint stands between it and invalid output."""
     vocab = constraint.vocab_size
@@ -89,17 +102,22 @@ def test_a_model_that_wants_invalid_json_writes_valid_json(tiny, preferred):  # 
     model, tok = tiny
     grammar = Grammar.json(tok, PERSON, model.config.vocab_size)
     for seed in range(2):
-        text, ended = _sample_with_preference(tok, grammar.constraint(), preferred, 200, torch.Generator().manual_seed(seed))
+        text, ended = _sample_with_preference(
+            tok, grammar.constraint(), preferred, 200, torch.Generator().manual_seed(seed)
+        )
         assert ended, text
         jsonschema.validate(json.loads(text), PERSON)
 
 
-@pytest.mark.parametrize("schema,fragment", [
-    ({"type": "object", "not": {"required": ["a"]}}, "not"),
-    ({"type": "string", "if": {"maxLength": 2}, "then": {"pattern": "a"}}, "if"),
-    ({"$ref": "#/definitions/missing"}, "missing"),
-    ({"type": "wizard"}, "wizard"),
-])
+@pytest.mark.parametrize(
+    "schema,fragment",
+    [
+        ({"type": "object", "not": {"required": ["a"]}}, "not"),
+        ({"type": "string", "if": {"maxLength": 2}, "then": {"pattern": "a"}}, "if"),
+        ({"$ref": "#/definitions/missing"}, "missing"),
+        ({"type": "wizard"}, "wizard"),
+    ],
+)
 def test_schemas_that_cannot_be_enforced_are_refused_naming_the_problem(tiny, schema, fragment):  # noqa: F811
     model, tok = tiny
     with pytest.raises(ConstraintError, match=fragment):
@@ -110,19 +128,34 @@ def test_generate_takes_the_constraint(tiny):  # noqa: F811
     model, tok = tiny
     grammar = Grammar.json(tok, PERSON, model.config.vocab_size)
     for seed in range(2):
-        text = llamakin.generate(model, tok, "Describe a person:", max_new_tokens=120, temperature=1.0, seed=seed,
-                                 logits_processor=grammar.constraint())
+        text = llamakin.generate(
+            model,
+            tok,
+            "Describe a person:",
+            max_new_tokens=120,
+            temperature=1.0,
+            seed=seed,
+            logits_processor=grammar.constraint(),
+        )
         jsonschema.validate(json.loads(text), PERSON)
 
 
 # -- response_format on the server --------------------------------------------------------------------
 def test_json_schema_responses_parse_and_validate(server):
     client = server.client(timeout=120)
-    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": PERSON, "strict": True},
+    }
     for seed in range(4):
-        out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "A person, as JSON"}],
-                                             temperature=1.0, seed=seed, max_tokens=150,
-                                             response_format=response_format)
+        out = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "A person, as JSON"}],
+            temperature=1.0,
+            seed=seed,
+            max_tokens=150,
+            response_format=response_format,
+        )
         choice = out.choices[0]
         assert choice.finish_reason == "stop", choice
         jsonschema.validate(json.loads(choice.message.content), PERSON)
@@ -130,11 +163,20 @@ def test_json_schema_responses_parse_and_validate(server):
 
 def test_json_schema_streamed_equals_whole(server):
     client = server.client(timeout=120)
-    body = dict(model=MODEL, messages=[{"role": "user", "content": "JSON"}], temperature=1.0, seed=7, max_tokens=150,
-                response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    body = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "JSON"}],
+        temperature=1.0,
+        seed=7,
+        max_tokens=150,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+    )
     whole = client.chat.completions.create(**body).choices[0].message.content
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**body, stream=True)
-                       if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**body, stream=True)
+        if c.choices
+    )
     assert streamed == whole
     jsonschema.validate(json.loads(streamed), PERSON)
 
@@ -142,8 +184,14 @@ def test_json_schema_streamed_equals_whole(server):
 def test_json_object_mode_starts_an_object_and_stops_at_max_tokens_with_length(server):
     client = server.client(timeout=120)
     for seed in range(3):
-        out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON"}], seed=seed,
-                                             temperature=1.0, max_tokens=6, response_format={"type": "json_object"})
+        out = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "JSON"}],
+            seed=seed,
+            temperature=1.0,
+            max_tokens=6,
+            response_format={"type": "json_object"},
+        )
         choice = out.choices[0]
         assert choice.message.content.startswith("{"), choice
         if choice.finish_reason == "length":  # cut off mid-document: never a complete-looking lie
@@ -157,22 +205,48 @@ def test_unconstrained_answers_are_unchanged(server, tiny):  # noqa: F811
     model, tok = tiny
     messages = [{"role": "user", "content": "Hello there"}]
     expected = llamakin.generate(model, tok, messages, max_new_tokens=10)
-    out = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                                  response_format={"type": "text"})
+    out = server.client().chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        response_format={"type": "text"},
+    )
     assert out.choices[0].message.content == expected
 
 
-@pytest.mark.parametrize("response_format,fragment", [
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "not": {"type": "null"}}}},
-     '"not"'),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": "zero"}}}, ""),
-    ({"type": "xml"}, ""),
-    ({"type": "json_schema"}, ""),
-    ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}, ""),
-])
+@pytest.mark.parametrize(
+    "response_format,fragment",
+    [
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object", "not": {"type": "null"}}},
+            },
+            '"not"',
+        ),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": "zero"}},
+            },
+            "",
+        ),
+        ({"type": "xml"}, ""),
+        ({"type": "json_schema"}, ""),
+        ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}, ""),
+    ],
+)
 def test_bad_response_formats_are_400s(server, response_format, fragment):
-    r = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                              "response_format": response_format})
+    r = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": response_format,
+        },
+    )
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"].split(".")[0] == "response_format" and fragment in error["message"], error
@@ -180,6 +254,14 @@ def test_bad_response_formats_are_400s(server, response_format, fragment):
 
 
 def test_response_format_with_ignore_eos_is_refused(server):
-    r = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                              "ignore_eos": True, "response_format": {"type": "json_object"}})
+    r = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "ignore_eos": True,
+            "response_format": {"type": "json_object"},
+        },
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos", r.text

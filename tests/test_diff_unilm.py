@@ -17,35 +17,64 @@ from llamakin.cli import main
 V, E, LAYERS, FFN = 80, 64, 2, 96
 
 
-def make_checkpoint(directory, pairs: int, kv_pairs: int, seed: int = 0, norm_eps: float = 1e-5) -> dict:
+def make_checkpoint(
+    directory, pairs: int, kv_pairs: int, seed: int = 0, norm_eps: float = 1e-5
+) -> dict:
     hd = E // pairs // 2
     n_rep = pairs // kv_pairs
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=None):
-        return torch.randn(*shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
+        return torch.randn(*shape, generator=g) * (
+            scale if scale is not None else shape[-1] ** -0.5
+        )
 
-    w = {"tok_embeddings.weight": rand(V, E, scale=1.0), "norm.weight": 1 + rand(E, scale=0.2), "output.weight": rand(V, E)}
+    w = {
+        "tok_embeddings.weight": rand(V, E, scale=1.0),
+        "norm.weight": 1 + rand(E, scale=0.2),
+        "output.weight": rand(V, E),
+    }
     for i in range(LAYERS):
         m = f"layers.{i}."
-        w |= {m + "attention_norm.weight": 1 + rand(E, scale=0.2), m + "ffn_norm.weight": 1 + rand(E, scale=0.2),
-              m + "attn.q_proj.weight": rand(E, E), m + "attn.k_proj.weight": rand(E // n_rep, E),
-              m + "attn.v_proj.weight": rand(E // n_rep, E), m + "attn.out_proj.weight": rand(E, E),
-              m + "attn.subln.weight": 1 + rand(2 * hd, scale=0.3),
-              m + "feed_forward.w1.weight": rand(FFN, E), m + "feed_forward.w3.weight": rand(FFN, E),
-              m + "feed_forward.w2.weight": rand(E, FFN)}
+        w |= {
+            m + "attention_norm.weight": 1 + rand(E, scale=0.2),
+            m + "ffn_norm.weight": 1 + rand(E, scale=0.2),
+            m + "attn.q_proj.weight": rand(E, E),
+            m + "attn.k_proj.weight": rand(E // n_rep, E),
+            m + "attn.v_proj.weight": rand(E // n_rep, E),
+            m + "attn.out_proj.weight": rand(E, E),
+            m + "attn.subln.weight": 1 + rand(2 * hd, scale=0.3),
+            m + "feed_forward.w1.weight": rand(FFN, E),
+            m + "feed_forward.w3.weight": rand(FFN, E),
+            m + "feed_forward.w2.weight": rand(E, FFN),
+        }
         w |= {m + f"attn.lambda_{n}": rand(hd, scale=0.1) for n in ("q1", "k1", "q2", "k2")}
-    config = {"model_type": "diff_transformer", "vocab_size": V, "embed_dim": E, "num_layers": LAYERS,
-              "num_heads": pairs, "num_kv_heads": kv_pairs, "ffn_dim": FFN, "norm_eps": norm_eps, "rope_theta": 10000.0,
-              "max_positions": 64}
+    config = {
+        "model_type": "diff_transformer",
+        "vocab_size": V,
+        "embed_dim": E,
+        "num_layers": LAYERS,
+        "num_heads": pairs,
+        "num_kv_heads": kv_pairs,
+        "ffn_dim": FFN,
+        "norm_eps": norm_eps,
+        "rope_theta": 10000.0,
+        "max_positions": 64,
+    }
     directory.mkdir(parents=True, exist_ok=True)
     save_file(w, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config))
     return w
 
 
-def reference(w: dict, ids: torch.Tensor, pairs: int, kv_pairs: int, mistake: str | None = None,
-              norm_eps: float = 1e-5) -> torch.Tensor:
+def reference(
+    w: dict,
+    ids: torch.Tensor,
+    pairs: int,
+    kv_pairs: int,
+    mistake: str | None = None,
+    norm_eps: float = 1e-5,
+) -> torch.Tensor:
     """unilm's model, attention as multihead_flashdiff_2 computes it (spec §7.1), one sequence.
 
     ``mistake`` switches in one of the errors of spec §7.4 to show this reference notices it.
@@ -63,7 +92,9 @@ def reference(w: dict, ids: torch.Tensor, pairs: int, kv_pairs: int, mistake: st
     def rope(x):  # interleaved pairs (2i, 2i+1) -- GPT-J style, as unilm's rotary
         x2 = x.view(T, hd // 2, 2)
         a, b = x2[..., 0], x2[..., 1]
-        return torch.stack([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1).view(T, hd)
+        return torch.stack([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1).view(
+            T, hd
+        )
 
     def softmax_map(q, k):
         return (rope(q) @ rope(k).T / math.sqrt(hd) + causal).softmax(-1)
@@ -89,7 +120,10 @@ def reference(w: dict, ids: torch.Tensor, pairs: int, kv_pairs: int, mistake: st
             if mistake == "feature_split":  # one 2hd-wide head cut in two along its features
                 both = torch.cat([q1, q2], -1)
                 q1, q2 = both[:, :hd].contiguous(), both[:, hd:].contiguous()
-                q1, q2 = torch.cat([q1[:, : hd // 2], q2[:, : hd // 2]], -1), torch.cat([q1[:, hd // 2:], q2[:, hd // 2:]], -1)
+                q1, q2 = (
+                    torch.cat([q1[:, : hd // 2], q2[:, : hd // 2]], -1),
+                    torch.cat([q1[:, hd // 2 :], q2[:, hd // 2 :]], -1),
+                )
             value = v[:, i // n_rep]
             if mistake == "subtract_before_softmax":
                 s1 = rope(q1) @ rope(k1).T / math.sqrt(hd)
@@ -100,7 +134,9 @@ def reference(w: dict, ids: torch.Tensor, pairs: int, kv_pairs: int, mistake: st
             heads.append(out)
         o = torch.stack(heads, 1)  # [T, P, 2hd]
         if mistake == "norm_over_model_dim":
-            o = rms(o.reshape(T, -1), w[m + "attn.subln.weight"].repeat(pairs), eps=1e-5).view(T, pairs, 2 * hd)
+            o = rms(o.reshape(T, -1), w[m + "attn.subln.weight"].repeat(pairs), eps=1e-5).view(
+                T, pairs, 2 * hd
+            )
         else:
             # per pair over 2hd, after the difference; RMSNorm(2 * head_dim, eps=1e-5) in unilm
             o = rms(o, w[m + "attn.subln.weight"], eps=1e-5)
@@ -125,12 +161,16 @@ def test_unilm_checkpoint_matches_the_reference(unilm):
     model = llamakin.load(tmp_path / "unilm")
     c = model.config
     assert (c.num_heads, c.num_kv_heads, c.head_dim) == (2 * pairs, 2 * kv_pairs, E // pairs // 2)
-    assert c.attention_kind == "differential" and c.diff_norm_affine and c.rope_layout == "interleaved"
+    assert (
+        c.attention_kind == "differential" and c.diff_norm_affine and c.rope_layout == "interleaved"
+    )
     ids = torch.randint(0, V, (13,))
     expected = reference(w, ids, pairs, kv_pairs)
     assert (model(ids[None])[0] - expected).abs().max() < 1e-5
     cache = model.new_cache(1, 16)
-    steps = [model(ids[None, :5], cache=cache)] + [model(ids[None, t:t + 1], cache=cache) for t in range(5, 13)]
+    steps = [model(ids[None, :5], cache=cache)] + [
+        model(ids[None, t : t + 1], cache=cache) for t in range(5, 13)
+    ]
     assert (torch.cat(steps, 1)[0] - expected).abs().max() < 1e-5
 
 
@@ -138,7 +178,9 @@ def test_unilm_checkpoint_matches_the_reference(unilm):
 def test_exact_conversion_to_diffllama_and_back(unilm, capsys):
     tmp_path, w, pairs, kv_pairs = unilm
     transformers = pytest.importorskip("transformers")
-    assert main(["convert", str(tmp_path / "unilm"), str(tmp_path / "hf"), "--to", "diffllama"]) == 0
+    assert (
+        main(["convert", str(tmp_path / "unilm"), str(tmp_path / "hf"), "--to", "diffllama"]) == 0
+    )
     out = capsys.readouterr().out
     assert "folded into o_proj" in out and "rotate_half" in out
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -146,13 +188,24 @@ def test_exact_conversion_to_diffllama_and_back(unilm, capsys):
     ids = torch.randint(0, V, (11,))
     expected = reference(w, ids, pairs, kv_pairs)
     assert (hf(ids[None]).logits[0] - expected).abs().max() < 1e-5
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "diff_transformer"]) == 0
+    assert (
+        main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "diff_transformer"])
+        == 0
+    )
     back = llamakin.load(tmp_path / "back")
     assert (back(ids[None])[0] - expected).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("mistake", ["feature_split", "subtract_before_softmax", "norm_over_model_dim",
-                                     "one_based_lambda_init", "naive_gqa_mapping"])
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        "feature_split",
+        "subtract_before_softmax",
+        "norm_over_model_dim",
+        "one_based_lambda_init",
+        "naive_gqa_mapping",
+    ],
+)
 @torch.no_grad()
 def test_each_known_mistake_would_be_caught(mistake, tmp_path):
     """spec §7.4: each mistake changes the logits far beyond the tolerance the tests above use."""

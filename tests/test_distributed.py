@@ -17,17 +17,39 @@ pytestmark = pytest.mark.slow
 
 
 def command(prepared, out, *extra, processes: int = 1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
-        if processes > 1 else [sys.executable]
-    args = launcher + ["-m", "llamakin.cli", "train", "--recipe", "shakespeare-tiny", "--out", str(out)]
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+        ]
+        if processes > 1
+        else [sys.executable]
+    )
+    args = launcher + [
+        "-m",
+        "llamakin.cli",
+        "train",
+        "--recipe",
+        "shakespeare-tiny",
+        "--out",
+        str(out),
+    ]
     for item in [*TINY, f"data={json.dumps(str(prepared[0]))}", *extra]:
         args += ["--set", item]
     return args
 
 
 def run(args, **env):
-    result = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-                            timeout=600)
+    result = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        timeout=600,
+    )
     return result
 
 
@@ -46,7 +68,11 @@ def weights(out):
 def test_ddp_step_equals_single_process_step(corpus, tmp_path):  # noqa: F811
     single = run(command(corpus, tmp_path / "one", "max_steps=3", "micro_batch=2", "grad_accum=2"))
     assert single.returncode == 0, single.stderr
-    ddp = run(command(corpus, tmp_path / "ddp", "max_steps=3", "micro_batch=2", "grad_accum=1", processes=2))
+    ddp = run(
+        command(
+            corpus, tmp_path / "ddp", "max_steps=3", "micro_batch=2", "grad_accum=1", processes=2
+        )
+    )
     assert ddp.returncode == 0, ddp.stderr
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "ddp")
@@ -58,7 +84,9 @@ def test_resume_under_ddp(corpus, tmp_path):  # noqa: F811
     settings = ["max_steps=6", "micro_batch=2"]
     whole = run(command(corpus, tmp_path / "whole", *settings, processes=2))
     assert whole.returncode == 0, whole.stderr
-    crashed = run(command(corpus, tmp_path / "cut", *settings, processes=2), LLAMAKIN_DIE_AFTER_STEP="4")
+    crashed = run(
+        command(corpus, tmp_path / "cut", *settings, processes=2), LLAMAKIN_DIE_AFTER_STEP="4"
+    )
     assert crashed.returncode != 0
     resumed = run(command(corpus, tmp_path / "cut", *settings, processes=2) + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
@@ -67,7 +95,16 @@ def test_resume_under_ddp(corpus, tmp_path):  # noqa: F811
 
 def test_fsdp_trains_like_ddp(corpus, tmp_path):  # noqa: F811
     ddp = run(command(corpus, tmp_path / "ddp", "max_steps=3", "micro_batch=2", processes=2))
-    fsdp = run(command(corpus, tmp_path / "fsdp", "max_steps=3", "micro_batch=2", "parallel=\"fsdp\"", processes=2))
+    fsdp = run(
+        command(
+            corpus,
+            tmp_path / "fsdp",
+            "max_steps=3",
+            "micro_batch=2",
+            'parallel="fsdp"',
+            processes=2,
+        )
+    )
     assert ddp.returncode == 0, ddp.stderr
     assert fsdp.returncode == 0, fsdp.stderr
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-4)

@@ -34,12 +34,19 @@ def hf_token_nll(hf, ids: list[int]) -> torch.Tensor:
 
 
 def test_sliding_windows_score_every_token_exactly_once():
-    for n, context, stride in [(1000, 64, 32), (1000, 64, 64), (1000, 64, 1), (10, 64, 32), (65, 64, 63), (200, 7, 3)]:
+    for n, context, stride in [
+        (1000, 64, 32),
+        (1000, 64, 64),
+        (1000, 64, 1),
+        (10, 64, 32),
+        (65, 64, 63),
+        (200, 7, 3),
+    ]:
         ids = list(range(n))
         scored = []
         for w in sliding_windows(ids, context, stride):
             assert len(w.ids) <= context
-            scored += w.ids[w.score_from + 1:]
+            scored += w.ids[w.score_from + 1 :]
             if w.ids[0] != 0:  # a later window: its first context - stride tokens are history only
                 assert w.score_from + 1 == max(context - stride, 1)
         if stride < context:
@@ -59,7 +66,7 @@ def test_sliding_protocol_matches_hugging_face_recipe(tiny):
         end = min(begin + context, len(ids))
         window = ids[begin:end]
         new = end - previous_end  # tokens this window scores (the last `new` positions)
-        nll.append(hf_token_nll(hf, window)[-min(new, len(window) - 1):])
+        nll.append(hf_token_nll(hf, window)[-min(new, len(window) - 1) :])
         previous_end = end
         if end == len(ids):
             break
@@ -67,7 +74,9 @@ def test_sliding_protocol_matches_hugging_face_recipe(tiny):
     result = perplexity(model, tok, TEXT * 2, context=context, stride=stride, batch_size=3)
     assert result.tokens == len(ids) - 1 == nll.numel()
     assert result.perplexity == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
-    expected_stderr = math.exp(nll.mean()) * math.sqrt(nll.var(unbiased=False).item() / (nll.numel() - 1))
+    expected_stderr = math.exp(nll.mean()) * math.sqrt(
+        nll.var(unbiased=False).item() / (nll.numel() - 1)
+    )
     assert result.stderr == pytest.approx(expected_stderr, rel=1e-4)
 
 
@@ -84,10 +93,12 @@ def test_llama_cpp_protocol_matches_perplexity_cpp(tiny):
     count = 0
     first = n_ctx // 2
     for i in range(len(tokens) // n_ctx):
-        chunk = tokens[i * n_ctx:(i + 1) * n_ctx]
+        chunk = tokens[i * n_ctx : (i + 1) * n_ctx]
         if add_bos:
             chunk = [tok.bos_token_id] + chunk[1:]
-        x = hf_token_nll(hf, chunk)[first:]  # logits at first..n_ctx-2 predict tokens first+1..n_ctx-1
+        x = hf_token_nll(hf, chunk)[
+            first:
+        ]  # logits at first..n_ctx-2 predict tokens first+1..n_ctx-1
         nll += x.sum().item()
         nll2 += (x * x).sum().item()
         count += n_ctx - first - 1
@@ -110,7 +121,9 @@ def test_batching_and_padding_change_nothing(tiny):
 
 
 @pytest.mark.parametrize("protocol", ["sliding", "llama.cpp"])
-def test_max_chunks_tokenizes_only_the_prefix_it_needs_with_the_same_result(tiny, protocol, monkeypatch):
+def test_max_chunks_tokenizes_only_the_prefix_it_needs_with_the_same_result(
+    tiny, protocol, monkeypatch
+):
     """With --max-chunks only a prefix of the text is tokenized; the ids, and so the perplexity,
     are those of tokenizing the whole text."""
     _, _, model, tok = tiny
@@ -126,12 +139,18 @@ def test_max_chunks_tokenizes_only_the_prefix_it_needs_with_the_same_result(tiny
     for needed in (1, 100, 1000, 5000, len(full) - 10, len(full) + 10):
         calls.clear()
         assert encode_prefix(counting, text, needed) == full[:needed]
-        assert needed >= len(full) - 100 or max(calls) < len(text)  # never the whole text when a prefix does
+        assert needed >= len(full) - 100 or max(calls) < len(
+            text
+        )  # never the whole text when a prefix does
     kwargs = dict(context=64, protocol=protocol, max_chunks=3, batch_size=2)
     prefix = perplexity(model, tok, text, **kwargs)
     monkeypatch.setattr("llamakin.evaluate.encode_prefix", lambda encode, t, needed: encode(t))
     whole = perplexity(model, tok, text, **kwargs)
-    assert (prefix.perplexity, prefix.tokens, prefix.windows) == (whole.perplexity, whole.tokens, whole.windows)
+    assert (prefix.perplexity, prefix.tokens, prefix.windows) == (
+        whole.perplexity,
+        whole.tokens,
+        whole.windows,
+    )
     assert prefix.text_tokens < whole.text_tokens == len(full) - (protocol == "llama.cpp")
 
 
@@ -159,25 +178,49 @@ def test_cli_json_and_errors(tmp_path_factory, capsys):
     assert {"perplexity", "stderr", "tokens", "tokens_per_second", "protocol"} <= set(out)
     model, tok = llamakin.load(path), llamakin.load_tokenizer(path)
     assert out["perplexity"] == pytest.approx(
-        perplexity(model, tok, TEXT * 2, context=32, protocol="llama.cpp").perplexity, rel=1e-6)
+        perplexity(model, tok, TEXT * 2, context=32, protocol="llama.cpp").perplexity, rel=1e-6
+    )
     assert main(base + ["--file", str(root / "t.txt")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("perplexity ") and "tokens/s" in printed and "sliding" in printed
     assert main(base + ["--file", str(root / "missing.txt")]) == 2
-    assert capsys.readouterr().err.strip() == f"llamakin: error: {root / 'missing.txt'} is not a file; give a text " \
-                                              "file to evaluate on."
-    done = subprocess.run([sys.executable, "-m", "llamakin.cli", "eval", "perplexity", "--model", str(path),
-                           "--file", str(root / "t.txt"), "--context", "9999"], capture_output=True, text=True)
+    assert (
+        capsys.readouterr().err.strip()
+        == f"llamakin: error: {root / 'missing.txt'} is not a file; give a text "
+        "file to evaluate on."
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llamakin.cli",
+            "eval",
+            "perplexity",
+            "--model",
+            str(path),
+            "--file",
+            str(root / "t.txt"),
+            "--context",
+            "9999",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr and "context" in done.stderr
 
 
 def test_wiki_markup_is_stripped_to_prose():
     from llamakin.corpora import strip_wiki_markup
 
-    wikitext = ("{{Infobox person|name=Ada {{nowrap|Lovelace}}}}\n'''Ada Lovelace''' was an [[England|English]] "
-                "[[mathematician]].<ref>Source {{cite}}</ref>\n== Early life ==\n[[File:Ada.jpg|thumb|A [[portrait]]]]\n"
-                "{| class=wikitable\n|-\n| cell\n|}\n* a list item\nShe wrote<!-- hidden --> notes.")
-    assert strip_wiki_markup(wikitext) == "Ada Lovelace was an English mathematician.\nEarly life\nShe wrote notes."
+    wikitext = (
+        "{{Infobox person|name=Ada {{nowrap|Lovelace}}}}\n'''Ada Lovelace''' was an [[England|English]] "
+        "[[mathematician]].<ref>Source {{cite}}</ref>\n== Early life ==\n[[File:Ada.jpg|thumb|A [[portrait]]]]\n"
+        "{| class=wikitable\n|-\n| cell\n|}\n* a list item\nShe wrote<!-- hidden --> notes."
+    )
+    assert (
+        strip_wiki_markup(wikitext)
+        == "Ada Lovelace was an English mathematician.\nEarly life\nShe wrote notes."
+    )
 
 
 @pytest.mark.slow
@@ -186,5 +229,7 @@ def test_wikipedia_corpus_from_the_gensim_wheel():
 
     text = corpus_file("wikipedia").read_text()
     assert len(text) > 1_000_000
-    assert text.count("{{") + text.count("[[") < 1e-4 * len(text)  # a few nested-caption leftovers at most
+    assert text.count("{{") + text.count("[[") < 1e-4 * len(
+        text
+    )  # a few nested-caption leftovers at most
     assert "Anarchism" in text[:2000]

@@ -17,7 +17,9 @@ from llamakin.extras import require_extra
 
 def pretend_missing(monkeypatch, *modules):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in modules else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in modules else real(name, *a)
+    )
 
 
 def test_missing_serve_extra_is_one_sentence(monkeypatch, capsys):
@@ -40,9 +42,13 @@ def test_missing_plot_extra_is_refused_before_any_work(monkeypatch, tmp_path):
 
 
 def test_import_llamakin_loads_no_optional_dependency():
-    code = ("import sys, llamakin, llamakin.cli; "
-            "print(sorted(m for m in ('fastapi', 'uvicorn', 'matplotlib', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sys, llamakin, llamakin.cli; "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'matplotlib', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 

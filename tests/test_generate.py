@@ -88,7 +88,10 @@ def test_repetition_penalty(logits, penalty):
     seen = torch.zeros_like(logits, dtype=torch.bool)
     for row, tokens in enumerate(history):
         seen[row, tokens] = True
-    assert torch.equal(apply_repetition_penalty(logits, seen, penalty), reference_repetition(logits, history, penalty))
+    assert torch.equal(
+        apply_repetition_penalty(logits, seen, penalty),
+        reference_repetition(logits, history, penalty),
+    )
 
 
 def test_processors_agree_with_transformers(logits):
@@ -101,16 +104,30 @@ def test_processors_agree_with_transformers(logits):
     ]
     seen = torch.zeros_like(logits, dtype=torch.bool)
     seen[:, [1, 2, 7]] = True
-    cases.append((apply_repetition_penalty(logits, seen, 1.3),
-                  transformers.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())))
+    cases.append(
+        (
+            apply_repetition_penalty(logits, seen, 1.3),
+            transformers.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()),
+        )
+    )
     for ours, theirs in cases:
         assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
         finite = torch.isfinite(ours)
         assert torch.allclose(ours[finite], theirs[finite])
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
-                                 dict(min_p=1.0), dict(repetition_penalty=0), dict(max_new_tokens=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-2),
+        dict(min_p=1.0),
+        dict(repetition_penalty=0),
+        dict(max_new_tokens=0),
+    ],
+)
 def test_invalid_sampling_parameters(bad):
     with pytest.raises(LlamakinError):
         SamplingParams(**bad)
@@ -137,7 +154,9 @@ def test_greedy_is_deterministic_and_streaming_equals_plain(tiny):
 
 def test_seeded_sampling_is_reproducible(tiny):
     model, tok = tiny
-    kwargs = dict(max_new_tokens=16, temperature=5.0, top_p=0.95, ignore_eos=True)  # the tiny model is peaked
+    kwargs = dict(
+        max_new_tokens=16, temperature=5.0, top_p=0.95, ignore_eos=True
+    )  # the tiny model is peaked
     a = generate(model, tok, PROMPTS[1], seed=7, **kwargs)
     assert a == generate(model, tok, PROMPTS[1], seed=7, **kwargs)
     assert any(generate(model, tok, PROMPTS[1], seed=s, **kwargs) != a for s in range(8, 12))
@@ -153,9 +172,11 @@ def test_stop_strings_end_generation(tiny):
     model, tok = tiny
     full = generate(model, tok, PROMPTS[0], max_new_tokens=20, ignore_eos=True)
     cut = len(full) // 2
-    stop = full[cut:cut + 3]
-    expected = full[:full.index(stop)]
-    stream = generate(model, tok, PROMPTS[0], max_new_tokens=20, ignore_eos=True, stop=[stop], stream=True)
+    stop = full[cut : cut + 3]
+    expected = full[: full.index(stop)]
+    stream = generate(
+        model, tok, PROMPTS[0], max_new_tokens=20, ignore_eos=True, stop=[stop], stream=True
+    )
     assert "".join(stream) == expected and stream.finish_reason == "stop"
 
 
@@ -182,8 +203,9 @@ def test_chat_messages_use_the_template(tiny):
     model, tok = tiny
     messages = [{"role": "user", "content": "hi"}]
     ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
-    assert generate(model, tok, messages, max_new_tokens=5, ignore_eos=True) == \
-        generate(model, tok, ids, max_new_tokens=5, ignore_eos=True)
+    assert generate(model, tok, messages, max_new_tokens=5, ignore_eos=True) == generate(
+        model, tok, ids, max_new_tokens=5, ignore_eos=True
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -198,8 +220,15 @@ def test_traced_decode_step_equals_the_eager_step(monkeypatch, dtype, batch):
     # a fresh trace cache: the process-wide recording budget may be spent by earlier tests
     monkeypatch.setattr(decode, "TRACES", decode.TraceCache(4))
     torch.manual_seed(0)
-    config = llamakin.ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=96, max_position_embeddings=64)
+    config = llamakin.ModelConfig(
+        vocab_size=97,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=64,
+    )
     model = llamakin.Transformer(config).eval().to(dtype)
     prompt = torch.randint(0, 97, (batch, 5))
     steps = torch.randint(0, 97, (batch, 6))
@@ -210,8 +239,12 @@ def test_traced_decode_step_equals_the_eager_step(monkeypatch, dtype, batch):
         model(prompt, cache=cache)
         decoder = Decoder(model, cache)
         assert (decoder._graph is not None) == (trace == "1")
-        logits[trace] = torch.stack([decoder.step(steps[:, t:t + 1], torch.full((batch, 1), 5 + t))
-                                     for t in range(steps.shape[1])])
+        logits[trace] = torch.stack(
+            [
+                decoder.step(steps[:, t : t + 1], torch.full((batch, 1), 5 + t))
+                for t in range(steps.shape[1])
+            ]
+        )
     assert logits["1"].dtype == dtype and torch.equal(logits["1"], logits["0"])
 
 
@@ -223,8 +256,17 @@ def test_frozen_traces_follow_weight_changes_and_keep_the_training_flag(monkeypa
 
     monkeypatch.setenv("LLAMAKIN_TRACE", "1")
     torch.manual_seed(0)
-    config = llamakin.ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64, q_bias=True, k_bias=True)
+    config = llamakin.ModelConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        q_bias=True,
+        k_bias=True,
+    )
     model = llamakin.Transformer(config).train()
 
     def decode_logits(traced: bool):

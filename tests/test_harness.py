@@ -18,13 +18,34 @@ from eval_assets import TEXT, tiny_llama_dir
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
-MC = [{"question": "Shall I compare thee to a", "choices": [" summer's day?", " winter night", " darling bud"], "answer": 0},
-      {"question": "In the beginning God created the", "choices": [" heaven", " earth and sea", " light"], "answer": 0},
-      {"question": "And God said, Let there be", "choices": [" light", " darkness upon the deep"], "answer": 0},
-      {"question": "Rough winds do shake ", "choices": ["the darling buds", "of May"], "answer": 1}]  # trailing space
-ROLLING = [{"text": TEXT}, {"text": TEXT[:200]}, {"text": "So long lives this, and this gives life to thee."}]
-GEN = [{"question": "Shall I compare thee", "answer": "x"}, {"question": "And the earth was", "answer": "x"},
-       {"question": "So long as men can", "answer": "x"}]
+MC = [
+    {
+        "question": "Shall I compare thee to a",
+        "choices": [" summer's day?", " winter night", " darling bud"],
+        "answer": 0,
+    },
+    {
+        "question": "In the beginning God created the",
+        "choices": [" heaven", " earth and sea", " light"],
+        "answer": 0,
+    },
+    {
+        "question": "And God said, Let there be",
+        "choices": [" light", " darkness upon the deep"],
+        "answer": 0,
+    },
+    {"question": "Rough winds do shake ", "choices": ["the darling buds", "of May"], "answer": 1},
+]  # trailing space
+ROLLING = [
+    {"text": TEXT},
+    {"text": TEXT[:200]},
+    {"text": "So long lives this, and this gives life to thee."},
+]
+GEN = [
+    {"question": "Shall I compare thee", "answer": "x"},
+    {"question": "And the earth was", "answer": "x"},
+    {"question": "So long as men can", "answer": "x"},
+]
 
 
 def write_tasks(root: Path) -> Path:
@@ -37,45 +58,99 @@ def write_tasks(root: Path) -> Path:
     def yaml(name: str, body: str) -> None:
         (tasks / f"{name}.yaml").write_text(
             f"task: lk_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / (name + '.json')}\n"
-            f"test_split: test\n{body}")
+            f"test_split: test\n{body}"
+        )
 
-    yaml("mc", "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-               "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
-    yaml("rolling", "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-                    "metric_list:\n  - metric: word_perplexity\n")
-    yaml("gen", "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
-                "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 12\n  do_sample: false\n"
-                "metric_list:\n  - metric: exact_match\n")
+    yaml(
+        "mc",
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n",
+    )
+    yaml(
+        "rolling",
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n",
+    )
+    yaml(
+        "gen",
+        "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 12\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n",
+    )
     return tasks
 
 
 def offline_env(root: Path) -> dict:
-    return {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "HF_HOME": str(root / "hf-home"), "HF_DATASETS_CACHE": str(root / "hf-datasets")}
+    return {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(root / "hf-home"),
+        "HF_DATASETS_CACHE": str(root / "hf-datasets"),
+    }
 
 
-def run_llamakin(model: Path, tasks: Path, out: Path, env: dict, *extra: str) -> dict[str, list[dict]]:
-    done = subprocess.run([sys.executable, "-m", "llamakin.cli", "eval", "harness", "--model", "llamakin",
-                           "--model_args", f"pretrained={model},dtype=float32", "--tasks", "lk_mc,lk_rolling,lk_gen",
-                           "--include_path", str(tasks), "--batch_size", "3", "--log_samples", "--output_path", str(out),
-                           *extra], capture_output=True, text=True, env=env, timeout=600)
+def run_llamakin(
+    model: Path, tasks: Path, out: Path, env: dict, *extra: str
+) -> dict[str, list[dict]]:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llamakin.cli",
+            "eval",
+            "harness",
+            "--model",
+            "llamakin",
+            "--model_args",
+            f"pretrained={model},dtype=float32",
+            "--tasks",
+            "lk_mc,lk_rolling,lk_gen",
+            "--include_path",
+            str(tasks),
+            "--batch_size",
+            "3",
+            "--log_samples",
+            "--output_path",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     samples = {}
     for path in out.rglob("samples_*.jsonl"):
-        task = path.name[len("samples_"):].rsplit("_", 1)[0]
-        samples[task] = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
+        task = path.name[len("samples_") :].rsplit("_", 1)[0]
+        samples[task] = sorted(
+            (json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"]
+        )
     return samples
 
 
 def run_hf(model: Path, tasks: Path, env: dict, **kwargs) -> dict[str, list[dict]]:
-    os.environ.update({k: env[k] for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_CACHE")})
+    os.environ.update(
+        {k: env[k] for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_CACHE")}
+    )
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    results = simple_evaluate(model="hf", model_args=f"pretrained={model},dtype=float32", tasks=["lk_mc", "lk_rolling", "lk_gen"],
-                              task_manager=TaskManager(include_path=str(tasks)), batch_size=3, log_samples=True, device="cpu",
-                              **kwargs)
-    return {task: sorted(rows, key=lambda s: s["doc_id"]) for task, rows in results["samples"].items()}
+    results = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={model},dtype=float32",
+        tasks=["lk_mc", "lk_rolling", "lk_gen"],
+        task_manager=TaskManager(include_path=str(tasks)),
+        batch_size=3,
+        log_samples=True,
+        device="cpu",
+        **kwargs,
+    )
+    return {
+        task: sorted(rows, key=lambda s: s["doc_id"]) for task, rows in results["samples"].items()
+    }
 
 
 def numbers(sample: dict) -> list[float]:
@@ -115,8 +190,11 @@ def test_loglikelihoods_and_generations_equal_the_hf_backend(setup):
 def test_chat_template_runs_equal_the_hf_backend(setup):
     model, tasks, env, root = setup
     ours = run_llamakin(model, tasks, root / "out-chat", env, "--apply_chat_template")
-    assert "<|im_start|>" in ours["lk_gen"][0]["arguments"][0][0] if isinstance(ours["lk_gen"][0]["arguments"], list) \
+    assert (
+        "<|im_start|>" in ours["lk_gen"][0]["arguments"][0][0]
+        if isinstance(ours["lk_gen"][0]["arguments"], list)
         else "<|im_start|>" in json.dumps(ours["lk_gen"][0]["arguments"])
+    )
     compare(ours, run_hf(model, tasks, env, apply_chat_template=True))
 
 
@@ -149,6 +227,8 @@ def test_quantize_model_arg_runs_quantized_layers(setup):
         def __init__(self, args):
             self.args = args
 
-    (ours, _), = quantized.loglikelihood([Request(r) for r in request])
-    (reference, _), = plain.loglikelihood([Request(r) for r in request])
-    assert ours != reference and ours == pytest.approx(reference, rel=0.02)  # a tiny random model: 0.8% here
+    ((ours, _),) = quantized.loglikelihood([Request(r) for r in request])
+    ((reference, _),) = plain.loglikelihood([Request(r) for r in request])
+    assert ours != reference and ours == pytest.approx(
+        reference, rel=0.02
+    )  # a tiny random model: 0.8% here

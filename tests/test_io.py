@@ -41,7 +41,10 @@ def test_sharded_safetensors_both_ways(hf_dir, tmp_path):
     assert (back(ids).logits - hf(ids).logits).abs().max() == 0
     # saving a single file into the same directory removes the stale shards and index
     ours.save_pretrained(tmp_path / "ours_sharded")
-    assert sorted(p.name for p in (tmp_path / "ours_sharded").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ours_sharded").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
     assert logits_close(llamakin.load(tmp_path / "ours_sharded"), ours, ids)
 
 
@@ -51,7 +54,9 @@ def test_pytorch_bin_loads_with_weights_only(hf_dir, tmp_path):
     target.mkdir()
     (target / "config.json").write_text((directory / "config.json").read_text())
     state = dict(hf.state_dict())
-    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old HF checkpoints carry it
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(
+        8
+    )  # old HF checkpoints carry it
     torch.save(state, target / "pytorch_model.bin")
     ours = llamakin.load(target)
     ids = torch.randint(0, 128, (2, 7))
@@ -61,7 +66,9 @@ def test_pytorch_bin_loads_with_weights_only(hf_dir, tmp_path):
 def test_dtype_and_device_arguments(hf_dir):
     directory, hf = hf_dir
     model = llamakin.load(directory, dtype="bfloat16", device="cpu")
-    assert model.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.dtype == torch.bfloat16 and all(
+        p.dtype == torch.bfloat16 for p in model.parameters()
+    )
     logits = model(torch.randint(0, 128, (1, 5)))
     assert logits.dtype == torch.bfloat16 and logits.shape == (1, 5, 128)
     assert stored_dtype(directory) == "float32"
@@ -100,7 +107,9 @@ def test_loading_holds_one_source_tensor_at_a_time(hf_dir):
     rules = family.tensor_rules(config)
     with open_weights(directory) as source:
         load_weights(model, rules, Watched(source), family, "test")
-    largest_rule = max(sum(p.numel() * 4 for p in [hf.state_dict()[n] for n in r.sources]) for r in rules)
+    largest_rule = max(
+        sum(p.numel() * 4 for p in [hf.state_dict()[n] for n in r.sources]) for r in rules
+    )
     total = sum(p.numel() * 4 for p in model.parameters())
     assert peak[0] <= largest_rule < total / 3
     ids = torch.randint(0, 128, (1, 6))
@@ -120,7 +129,13 @@ def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path, monk
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
     with pytest.raises(OSError):
-        write_gguf(tmp_path / "m.gguf", "llama", [("general.name", "x", "str")], {"a": torch.ones(4)}, {"a": "F32"})
+        write_gguf(
+            tmp_path / "m.gguf",
+            "llama",
+            [("general.name", "x", "str")],
+            {"a": torch.ones(4)},
+            {"a": "F32"},
+        )
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "kept.txt").write_text("old")
 
@@ -130,4 +145,6 @@ def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path, monk
 
     with pytest.raises(OSError):
         atomic_write(tmp_path / "kept.txt", fails)
-    assert [p.name for p in tmp_path.iterdir()] == ["kept.txt"] and (tmp_path / "kept.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.txt"] and (
+        tmp_path / "kept.txt"
+    ).read_text() == "old"

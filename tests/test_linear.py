@@ -27,9 +27,15 @@ def test_decode_linear_equals_f_linear(rows, out_features):
 @pytest.mark.parametrize("rows", [4, 9, 40])
 @torch.no_grad()
 def test_upcast_linear_is_the_float32_product_rounded_once(monkeypatch, dtype, rows):
-    monkeypatch.setattr(linear_module, "UPCAST_SLICE_ELEMENTS", 7 * 40)  # several slices, the last one short
+    monkeypatch.setattr(
+        linear_module, "UPCAST_SLICE_ELEMENTS", 7 * 40
+    )  # several slices, the last one short
     torch.manual_seed(0)
-    x, w, b = torch.randn(2, rows, 40).to(dtype), torch.randn(45, 40).to(dtype), torch.randn(45).to(dtype)
+    x, w, b = (
+        torch.randn(2, rows, 40).to(dtype),
+        torch.randn(45, 40).to(dtype),
+        torch.randn(45).to(dtype),
+    )
     for bias in (None, b):
         got = upcast_linear(x, w, bias)
         exact = F.linear(x.double(), w.double(), None if bias is None else bias.double())
@@ -45,7 +51,9 @@ def test_linear_dispatches_half_weights_by_rows_and_cpu(monkeypatch):
     torch.manual_seed(0)
     w = torch.randn(32, 16).bfloat16()
     calls = []
-    monkeypatch.setattr(linear_module, "upcast_linear", lambda *a: calls.append(a[0].shape) or F.linear(*a))
+    monkeypatch.setattr(
+        linear_module, "upcast_linear", lambda *a: calls.append(a[0].shape) or F.linear(*a)
+    )
     for native in (False, True):
         monkeypatch.setattr(hardware, "cpu_has_native", lambda dtype, native=native: native)
         for rows in (1, 3, 4, 64):
@@ -57,8 +65,14 @@ def test_linear_dispatches_half_weights_by_rows_and_cpu(monkeypatch):
 def test_bfloat16_model_decodes_like_the_float32_model(monkeypatch):
     """A bf16 model whose products are upcast agrees with PyTorch's bf16 kernels and with float32."""
     torch.manual_seed(0)
-    config = llamakin.ModelConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=96)
+    config = llamakin.ModelConfig(
+        vocab_size=101,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=96,
+    )
     model = llamakin.Transformer(config).eval()
     ids = torch.randint(0, 101, (8, 12))
     reference = model(ids)
@@ -67,8 +81,12 @@ def test_bfloat16_model_decodes_like_the_float32_model(monkeypatch):
     for native in (False, True):
         monkeypatch.setattr(hardware, "cpu_has_native", lambda dtype, native=native: native)
         cache = model.new_cache(8, 16)
-        steps = [model(ids[:, :9], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(9, 12)]
+        steps = [model(ids[:, :9], cache=cache)] + [
+            model(ids[:, t : t + 1], cache=cache) for t in range(9, 12)
+        ]
         logits[native] = torch.cat(steps, 1).float()
-    scale = reference.abs().max()  # bf16 keeps 8 significant bits: ~0.4% per rounding, a few roundings deep
+    scale = (
+        reference.abs().max()
+    )  # bf16 keeps 8 significant bits: ~0.4% per rounding, a few roundings deep
     assert (logits[False] - reference).abs().max() < 0.02 * scale
     assert (logits[False] - logits[True]).abs().max() < 0.01 * scale

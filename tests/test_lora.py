@@ -56,16 +56,29 @@ def randomize_adapters(model, seed=0, scale=0.5):
 def test_layer_computes_base_plus_scaled_low_rank_update():
     torch.manual_seed(0)
     base = Linear(12, 10, bias=True)
-    layer = LoraLinear(base, (("a", 6), ("b", 4)), ranks={"a": 3, "b": 2}, scales={"a": 2.0, "b": 0.5})
+    layer = LoraLinear(
+        base, (("a", 6), ("b", 4)), ranks={"a": 3, "b": 2}, scales={"a": 2.0, "b": 0.5}
+    )
     x = torch.randn(2, 5, 12)
     assert torch.equal(layer(x), base(x))  # B = 0 at initialisation: the base model exactly
-    bound = 1 / math.sqrt(12)  # kaiming_uniform(a=sqrt(5)) on fan_in 12, PEFT's (and nn.Linear's) default
+    bound = 1 / math.sqrt(
+        12
+    )  # kaiming_uniform(a=sqrt(5)) on fan_in 12, PEFT's (and nn.Linear's) default
     assert layer.lora_A["a"].abs().max() <= bound and layer.lora_A["a"].abs().max() > 0.5 * bound
     with torch.no_grad():
         layer.lora_B["a"].normal_()
         layer.lora_B["b"].normal_()
-    expected = x @ base.weight.T + base.bias + torch.cat(
-        (2.0 * x @ layer.lora_A["a"].T @ layer.lora_B["a"].T, 0.5 * x @ layer.lora_A["b"].T @ layer.lora_B["b"].T), -1)
+    expected = (
+        x @ base.weight.T
+        + base.bias
+        + torch.cat(
+            (
+                2.0 * x @ layer.lora_A["a"].T @ layer.lora_B["a"].T,
+                0.5 * x @ layer.lora_A["b"].T @ layer.lora_B["b"].T,
+            ),
+            -1,
+        )
+    )
     assert (layer(x) - expected).abs().max() < 1e-5
     assert layer.weight is base.weight  # shared, not copied
 
@@ -73,8 +86,13 @@ def test_layer_computes_base_plus_scaled_low_rank_update():
 def test_untargeted_parts_keep_the_base_rows_and_dropout_hits_the_adapter_input_only():
     torch.manual_seed(0)
     base = Linear(8, 9, bias=False)
-    layer = LoraLinear(base, (("q", 3), ("k", 3), ("v", 3)), ranks={"q": 2, "v": 2}, scales={"q": 1.0, "v": 1.0},
-                       dropout=0.5)
+    layer = LoraLinear(
+        base,
+        (("q", 3), ("k", 3), ("v", 3)),
+        ranks={"q": 2, "v": 2},
+        scales={"q": 1.0, "v": 1.0},
+        dropout=0.5,
+    )
     with torch.no_grad():
         layer.lora_B["q"].normal_()
         layer.lora_B["v"].normal_()
@@ -84,13 +102,26 @@ def test_untargeted_parts_keep_the_base_rows_and_dropout_hits_the_adapter_input_
     assert torch.equal(y[:, 3:6], base(x)[:, 3:6])
     layer.eval()
     assert not torch.equal(y[:, :3], layer(x)[:, :3])  # dropout active in training only
-    assert set(dict(layer.named_parameters())) == {"weight", "lora_A.q", "lora_A.v", "lora_B.q", "lora_B.v"}
+    assert set(dict(layer.named_parameters())) == {
+        "weight",
+        "lora_A.q",
+        "lora_A.v",
+        "lora_B.q",
+        "lora_B.v",
+    }
 
 
 def tiny_model(**knobs):
     torch.manual_seed(0)
-    config = llamakin.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=48, **knobs)
+    config = llamakin.ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=48,
+        **knobs,
+    )
     return llamakin.Transformer(config)
 
 
@@ -98,9 +129,12 @@ def test_fused_matrices_get_one_adapter_per_projection_and_the_base_is_frozen():
     model = tiny_model()
     apply_lora(model, LoraSettings(rank=4, alpha=8, targets="q,v,up,lm_head"))
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trained == {f"layers.{i}.{m}.lora_{ab}.{p}" for i in range(2) for ab in "AB"
-                       for m, p in (("attn.qkv", "q"), ("attn.qkv", "v"), ("mlp.gate_up", "up"))} | \
-        {f"lm_head.lora_{ab}.lm_head" for ab in "AB"}
+    assert trained == {
+        f"layers.{i}.{m}.lora_{ab}.{p}"
+        for i in range(2)
+        for ab in "AB"
+        for m, p in (("attn.qkv", "q"), ("attn.qkv", "v"), ("mlp.gate_up", "up"))
+    } | {f"lm_head.lora_{ab}.lm_head" for ab in "AB"}
     assert model.layers[0].attn.qkv.lora_B["q"].shape == (4 * 8, 4)
     assert model.layers[0].attn.qkv.lora_B["v"].shape == (2 * 8, 4)
     optimized = {id(p) for group in param_groups(model, 0.0) for p in group["params"]}
@@ -144,8 +178,15 @@ def test_exported_adapter_gives_the_same_logits_in_peft(name, tmp_path):
     save_adapter(ours, tmp_path / "adapter", base_model=str(tmp_path / "hf"))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 12
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"} | ({"lm_head"} if ours.lm_head is not None else set())
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    } | ({"lm_head"} if ours.lm_head is not None else set())
     from safetensors.torch import load_file
 
     keys = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
@@ -163,9 +204,15 @@ def test_exported_adapter_gives_the_same_logits_in_peft(name, tmp_path):
 def test_adapter_made_by_peft_loads_with_rank_and_alpha_patterns(tmp_path):
     peft = pytest.importorskip("peft")
     save_case(case("qwen2-window"), tmp_path / "hf")
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "up_proj"],
-                             rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}, init_lora_weights=False,
-                             lora_dropout=0.1)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj", "up_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 3},
+        init_lora_weights=False,
+        lora_dropout=0.1,
+    )
     torch.manual_seed(0)
     made = peft.get_peft_model(hf_model(tmp_path / "hf"), config).eval()
     made.save_pretrained(tmp_path / "adapter")
@@ -182,14 +229,29 @@ def test_adapter_made_by_peft_loads_with_rank_and_alpha_patterns(tmp_path):
     # and out again: llamakin writes the per-module ranks and alphas as PEFT's patterns
     save_adapter(separate, tmp_path / "again")
     written = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
-    assert written["r"] == 4 and set(written["rank_pattern"].values()) == {2} and written["alpha_pattern"]
+    assert (
+        written["r"] == 4
+        and set(written["rank_pattern"].values()) == {2}
+        and written["alpha_pattern"]
+    )
     assert (peft_logits(tmp_path / "hf", tmp_path / "again", ids) - expected).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("name", ["llama", "granite-code-bias-llama3"])
 def test_interleaved_rope_base_permutes_the_adapter_q_k_rows(name, tmp_path):
     hf = save_case(case(name), tmp_path / "hf")
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "inter"), "--rope-layout", "interleaved"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "hf"),
+                str(tmp_path / "inter"),
+                "--rope-layout",
+                "interleaved",
+            ]
+        )
+        == 0
+    )
     inter = llamakin.load(tmp_path / "inter")
     assert inter.config.rope_layout == "interleaved"
     targets = ALL + (",lm_head" if inter.lm_head is not None else "")
@@ -213,7 +275,8 @@ def test_interleaved_rope_base_permutes_the_adapter_q_k_rows(name, tmp_path):
         for i, layer in enumerate(back.layers):
             for part in ("q", "k"):
                 layer.attn.qkv.lora_B[part].copy_(
-                    stored[f"base_model.model.model.layers.{i}.self_attn.{part}_proj.lora_B.weight"])
+                    stored[f"base_model.model.model.layers.{i}.self_attn.{part}_proj.lora_B.weight"]
+                )
         assert (back(ids) - expected).abs().max() > 1e-3
         assert (hf(ids).logits - expected).abs().max() > 1e-3  # and the adapter matters
 
@@ -249,30 +312,65 @@ def tiny_base(corpus, tmp_path_factory):  # noqa: F811
     """A small random llama (HF directory with the corpus's tokenizer) to adapt."""
     directory = tmp_path_factory.mktemp("base")
     torch.manual_seed(3)
-    model = llamakin.Transformer(llamakin.ModelConfig(vocab_size=400, hidden_size=32, num_layers=2, num_heads=4,
-                                                      num_kv_heads=2, intermediate_size=64, max_position_embeddings=64))
+    model = llamakin.Transformer(
+        llamakin.ModelConfig(
+            vocab_size=400,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     model.save_pretrained(directory, family="llama")
     llamakin.load_tokenizer(corpus[0] / "tokenizer").save(directory)
     return directory
 
 
-LORA_RUN = ["seq_len=32", "micro_batch=4", "grad_accum=2", "warmup_steps=2", "eval_interval=3", "eval_batches=2",
-            "save_interval=2", "lr=1e-2", "lora.rank=4", "lora.alpha=8", f"lora.targets={ALL}", "lora.dropout=0.1"]
+LORA_RUN = [
+    "seq_len=32",
+    "micro_batch=4",
+    "grad_accum=2",
+    "warmup_steps=2",
+    "eval_interval=3",
+    "eval_batches=2",
+    "save_interval=2",
+    "lr=1e-2",
+    "lora.rank=4",
+    "lora.alpha=8",
+    f"lora.targets={ALL}",
+    "lora.dropout=0.1",
+]
 
 
 def lora_cfg(corpus, base, *extra):  # noqa: F811
-    return recipe("lora-sft", [*LORA_RUN, f"init_from={json.dumps(str(base))}", f"data={json.dumps(str(corpus[0]))}",
-                               *extra])
+    return recipe(
+        "lora-sft",
+        [
+            *LORA_RUN,
+            f"init_from={json.dumps(str(base))}",
+            f"data={json.dumps(str(corpus[0]))}",
+            *extra,
+        ],
+    )
 
 
 def test_lora_run_trains_adapters_only_and_exports_a_peft_adapter(corpus, tiny_base, tmp_path):  # noqa: F811
-    last = train(lora_cfg(corpus, tiny_base, "max_steps=6", "gradient_checkpointing=true"), tmp_path / "run",
-                 progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = train(
+        lora_cfg(corpus, tiny_base, "max_steps=6", "gradient_checkpointing=true"),
+        tmp_path / "run",
+        progress=False,
+    )
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in rows] == list(range(1, 7)) and "val_loss" in rows[2]
     assert last["loss"] < rows[0]["loss"]
     state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert state["model"] and all(".lora_A." in n or ".lora_B." in n for n in state["model"])  # adapters only
+    assert state["model"] and all(
+        ".lora_A." in n or ".lora_B." in n for n in state["model"]
+    )  # adapters only
     assert len(state["model"]) == 2 * 2 * 7
     # the export is PEFT's: transformers + peft give llamakin's logits with the trained adapter
     from llamakin.lora.train import run_model
@@ -294,12 +392,27 @@ def test_lora_run_trains_adapters_only_and_exports_a_peft_adapter(corpus, tiny_b
     assert (hf_model(tmp_path / "merged")(ids).logits.detach() - expected).abs().max() < 1e-5
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
     assert main(["export-adapter", str(tmp_path / "run"), str(tmp_path / "again")]) == 0
-    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
     # generate --adapter: the base with the adapter merged, greedy, is the adapted model's continuation
-    out = subprocess.run([sys.executable, "-m", "llamakin.cli", "generate", "To be", "--model", str(tiny_base),
-                          "--adapter", str(tmp_path / "run" / "adapter"), "--max-new-tokens", "6"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llamakin.cli",
+            "generate",
+            "To be",
+            "--model",
+            str(tiny_base),
+            "--adapter",
+            str(tmp_path / "run" / "adapter"),
+            "--max-new-tokens",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     tok = llamakin.load_tokenizer(tiny_base)
     expected_text = llamakin.generate(model, tok, "To be", max_new_tokens=6)
@@ -307,7 +420,12 @@ def test_lora_run_trains_adapters_only_and_exports_a_peft_adapter(corpus, tiny_b
 
 
 def test_lora_resume_after_a_crash_is_exact(corpus, tiny_base, tmp_path):  # noqa: F811
-    settings = [*LORA_RUN, f"init_from={json.dumps(str(tiny_base))}", f"data={json.dumps(str(corpus[0]))}", "max_steps=6"]
+    settings = [
+        *LORA_RUN,
+        f"init_from={json.dumps(str(tiny_base))}",
+        f"data={json.dumps(str(corpus[0]))}",
+        "max_steps=6",
+    ]
     train(recipe("lora-sft", settings), tmp_path / "whole", progress=False)
     losses = crash_and_resume("lora-sft", tmp_path / "cut", list(settings))
     assert losses == metrics_losses(tmp_path / "whole")  # bit for bit, dropout included
@@ -337,7 +455,9 @@ def test_bad_adapters_are_refused_in_one_sentence(tmp_path, capsys):
     def variant(name, **changes):
         d = tmp_path / name
         d.mkdir()
-        (d / "adapter_model.safetensors").write_bytes((tmp_path / "good" / "adapter_model.safetensors").read_bytes())
+        (d / "adapter_model.safetensors").write_bytes(
+            (tmp_path / "good" / "adapter_model.safetensors").read_bytes()
+        )
         (d / "adapter_config.json").write_text(json.dumps({**config, **changes}))
         return d
 
@@ -345,13 +465,27 @@ def test_bad_adapters_are_refused_in_one_sentence(tmp_path, capsys):
         llamakin.load(tmp_path / "hf", adapter=variant("dora", use_dora=True))
     with pytest.raises(LlamakinError, match="is a IA3 adapter"):
         llamakin.load(tmp_path / "hf", adapter=variant("ia3", peft_type="IA3"))
-    with pytest.raises(LlamakinError, match="has no adapter_config.json; it is not a PEFT adapter directory"):
+    with pytest.raises(
+        LlamakinError, match="has no adapter_config.json; it is not a PEFT adapter directory"
+    ):
         llamakin.load(tmp_path / "hf", adapter=tmp_path / "hf")
     other = tmp_path / "other"
     save_case(case("llama-mha-tied"), other)
     with pytest.raises(LlamakinError, match="trained for another model"):
         llamakin.load(other, adapter=tmp_path / "good")
-    assert main(["generate", "hi", "--model", str(tmp_path / "hf"), "--adapter", str(tmp_path / "nowhere")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "hi",
+                "--model",
+                str(tmp_path / "hf"),
+                "--adapter",
+                str(tmp_path / "nowhere"),
+            ]
+        )
+        == 2
+    )
     assert "is not a directory" in capsys.readouterr().err
     assert main(["export-adapter", str(tmp_path / "hf"), str(tmp_path / "x")]) == 2
     assert "is not a finished or checkpointed training run" in capsys.readouterr().err
@@ -367,12 +501,27 @@ def test_chat_sft_recipe_on_the_default_model_and_its_shipped_example(tmp_path):
     gguf = smollm2_gguf()
     lines = [json.loads(line) for line in open(CHAT_EXAMPLE)]
     assert len(lines) >= 40 and all(m["messages"][-1]["role"] == "assistant" for m in lines)
-    cfg = recipe("lora-sft", [f"init_from={json.dumps(str(gguf))}", "max_steps=1", "seq_len=64", "micro_batch=1",
-                              "grad_accum=1", "eval_interval=1", "eval_batches=1", "save_interval=1"])
+    cfg = recipe(
+        "lora-sft",
+        [
+            f"init_from={json.dumps(str(gguf))}",
+            "max_steps=1",
+            "seq_len=64",
+            "micro_batch=1",
+            "grad_accum=1",
+            "eval_interval=1",
+            "eval_batches=1",
+            "save_interval=1",
+        ],
+    )
     last = train(cfg, tmp_path / "sft", progress=False)
     meta = json.loads((tmp_path / "sft" / "data" / "meta.json").read_text())
     assert meta["sft"] and meta["documents"] == len(lines)
-    mask = torch.from_numpy(__import__("numpy").fromfile(tmp_path / "sft" / "data" / "train_mask_000.bin", dtype="uint8"))
+    mask = torch.from_numpy(
+        __import__("numpy").fromfile(
+            tmp_path / "sft" / "data" / "train_mask_000.bin", dtype="uint8"
+        )
+    )
     assert 0.2 < mask.float().mean() < 0.8  # prompts and templates are masked out, answers are not
     assert math.isfinite(last["loss"]) and math.isfinite(last["val_loss"])
     adapter = tmp_path / "sft" / "adapter"
@@ -384,31 +533,67 @@ def test_chat_sft_recipe_on_the_default_model_and_its_shipped_example(tmp_path):
 def test_lora_under_torchrun_equals_one_process(corpus, tiny_base, tmp_path):  # noqa: F811
     """2 CPU processes (gloo) at the same global batch as one process: DDP gives the same losses and
     adapters, FSDP2 the same losses."""
+
     def command(out, processes, *extra):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
-            if processes > 1 else [sys.executable]
+        launcher = (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={processes}",
+            ]
+            if processes > 1
+            else [sys.executable]
+        )
         args = launcher + ["-m", "llamakin.cli", "train", "--recipe", "lora-sft", "--out", str(out)]
-        for item in [*LORA_RUN, f"init_from={json.dumps(str(tiny_base))}", f"data={json.dumps(str(corpus[0]))}",
-                     "max_steps=3", "micro_batch=2", "lora.dropout=0", *extra]:
+        for item in [
+            *LORA_RUN,
+            f"init_from={json.dumps(str(tiny_base))}",
+            f"data={json.dumps(str(corpus[0]))}",
+            "max_steps=3",
+            "micro_batch=2",
+            "lora.dropout=0",
+            *extra,
+        ]:
             args += ["--set", item]
         return args
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(command(tmp_path / "one", 1, "grad_accum=2"), capture_output=True, text=True, env=env)
+    one = subprocess.run(
+        command(tmp_path / "one", 1, "grad_accum=2"), capture_output=True, text=True, env=env
+    )
     assert one.returncode == 0, one.stderr
-    ddp = subprocess.run(command(tmp_path / "ddp", 2, "grad_accum=1"), capture_output=True, text=True, env=env,
-                         timeout=600)
+    ddp = subprocess.run(
+        command(tmp_path / "ddp", 2, "grad_accum=1"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert ddp.returncode == 0, ddp.stderr
 
     def losses(run):
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
-    a, b = (torch.load(run / "ckpt.pt", weights_only=True)["model"] for run in (tmp_path / "one", tmp_path / "ddp"))
+    a, b = (
+        torch.load(run / "ckpt.pt", weights_only=True)["model"]
+        for run in (tmp_path / "one", tmp_path / "ddp")
+    )
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").is_file()
-    fsdp = subprocess.run(command(tmp_path / "fsdp", 2, "grad_accum=1", 'parallel="fsdp"'), capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert fsdp.returncode == 0, fsdp.stderr  # FSDP2 shards blocks that hold frozen and trained tensors
+    fsdp = subprocess.run(
+        command(tmp_path / "fsdp", 2, "grad_accum=1", 'parallel="fsdp"'),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert fsdp.returncode == 0, (
+        fsdp.stderr
+    )  # FSDP2 shards blocks that hold frozen and trained tensors
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-4)
     assert (tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors").is_file()

@@ -14,7 +14,13 @@ import llamakin
 from llamakin import LlamakinError
 from llamakin.cli import main
 from llamakin.lora import LoraSettings, apply_lora, load_adapter, save_adapter
-from llamakin.lora.multi import MultiLoraLinear, attach_adapters, parse_adapter_options, select_rows, with_adapter
+from llamakin.lora.multi import (
+    MultiLoraLinear,
+    attach_adapters,
+    parse_adapter_options,
+    select_rows,
+    with_adapter,
+)
 from llamakin.model.decode import Decoder
 from test_lora import randomize_adapters
 from test_server import Server
@@ -33,8 +39,10 @@ def setup(tmp_path_factory):
     tok = llamakin.load_tokenizer(smollm2_gguf())
     tiny_model(tok, max_position_embeddings=256).save_pretrained(root / "base", family="llama")
     tok.save(root / "base")
-    for name, settings, seed in (("bard", LoraSettings(rank=4, alpha=8, targets="q,v,down"), 1),
-                                 ("pirate", LoraSettings(rank=2, alpha=6, targets="q,k,v,o,gate,up,down"), 2)):
+    for name, settings, seed in (
+        ("bard", LoraSettings(rank=4, alpha=8, targets="q,v,down"), 1),
+        ("pirate", LoraSettings(rank=2, alpha=6, targets="q,k,v,o,gate,up,down"), 2),
+    ):
         model = llamakin.load(root / "base")
         apply_lora(model, settings)
         randomize_adapters(model, seed=seed, scale=2.0)
@@ -44,7 +52,10 @@ def setup(tmp_path_factory):
 
 def multi_model(root):
     model = llamakin.load(root / "base").eval()
-    assert attach_adapters(model, {"bard": root / "bard", "pirate": root / "pirate"}) == ["bard", "pirate"]
+    assert attach_adapters(model, {"bard": root / "bard", "pirate": root / "pirate"}) == [
+        "bard",
+        "pirate",
+    ]
     return model
 
 
@@ -55,7 +66,9 @@ def test_rows_on_different_adapters_equal_each_adapter_merged_alone(setup):
     bard = llamakin.load(root / "base", adapter=root / "bard")
     pirate = llamakin.load(root / "base", adapter=root / "pirate")
     base = llamakin.load(root / "base")
-    ids = torch.randint(0, model.config.vocab_size, (4, 10), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (4, 10), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         select_rows(model, [1, 2, 0, 1])
         out = model(ids)
@@ -69,9 +82,11 @@ def test_rows_on_different_adapters_equal_each_adapter_merged_alone(setup):
         # unmerged alone (LoraLinear: its own product order, per-part B, scale applied to A x): the same
         for row, name in ((0, "bard"), (1, "pirate")):
             alone = load_adapter(llamakin.load(root / "base"), root / name)
-            assert (out[row] - alone(ids[row:row + 1])[0]).abs().max() < 1e-4, name
+            assert (out[row] - alone(ids[row : row + 1])[0]).abs().max() < 1e-4, name
         assert torch.equal(out[2], base(ids)[2])  # no adapter: the base, bit for bit
-        assert (bard(ids[:1]) - base(ids[:1])).abs().max() > 1e-2  # the adapters do change the model
+        assert (
+            bard(ids[:1]) - base(ids[:1])
+        ).abs().max() > 1e-2  # the adapters do change the model
         assert torch.equal(model(ids), base(ids))  # nothing selected: the base
         assert (with_adapter(model, 2, model, ids[1:2]) - pirate(ids[1:2])).abs().max() < 1e-4
 
@@ -86,9 +101,14 @@ def test_decode_steps_carry_the_rows_adapters(setup, traced, monkeypatch):
     monkeypatch.setattr(decode, "TRACES", decode.TraceCache(4))
     root, _ = setup
     model = multi_model(root)
-    merged = {1: llamakin.load(root / "base", adapter=root / "bard"),
-              2: llamakin.load(root / "base", adapter=root / "pirate"), 0: llamakin.load(root / "base")}
-    prompt = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    merged = {
+        1: llamakin.load(root / "base", adapter=root / "bard"),
+        2: llamakin.load(root / "base", adapter=root / "pirate"),
+        0: llamakin.load(root / "base"),
+    }
+    prompt = torch.randint(
+        0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1)
+    )
     with torch.inference_mode():
         for order in ([1, 2, 0], [0, 1, 2]):  # the same trace, other adapters per row
             cache = model.new_cache(3, 256)
@@ -101,11 +121,17 @@ def test_decode_steps_carry_the_rows_adapters(setup, traced, monkeypatch):
             lengths = torch.full((3,), prompt.shape[1])
             select_rows(model, order)
             logits = decoder.step_rows(token, lengths[:, None], lengths)
-            expected = {a: m(torch.cat([prompt, token[:1]], dim=1))[0, -1] for a, m in merged.items()}
+            expected = {
+                a: m(torch.cat([prompt, token[:1]], dim=1))[0, -1] for a, m in merged.items()
+            }
             for row, adapter in enumerate(order):
                 # float32 rounding on logits of magnitude ~10 (measured 1e-4); another adapter is 1e-2+ away
                 assert (logits[row] - expected[adapter]).abs().max() < 3e-4, (order, row)
-                assert all((logits[row] - expected[other]).abs().max() > 1e-2 for other in expected if other != adapter)
+                assert all(
+                    (logits[row] - expected[other]).abs().max() > 1e-2
+                    for other in expected
+                    if other != adapter
+                )
 
 
 @pytest.fixture(scope="module")
@@ -123,34 +149,53 @@ def test_server_lists_the_adapters_and_serves_each_request_with_its_own(server, 
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL, "bard", "pirate"]
     assert models[1].model_extra.get("parent") == MODEL
-    expected = {MODEL: llamakin.load(root / "base"), "bard": llamakin.load(root / "base", adapter=root / "bard"),
-                "pirate": llamakin.load(root / "base", adapter=root / "pirate")}
-    expected = {name: llamakin.generate(m, tok, "Once upon a time", max_new_tokens=10, ignore_eos=True)
-                for name, m in expected.items()}
+    expected = {
+        MODEL: llamakin.load(root / "base"),
+        "bard": llamakin.load(root / "base", adapter=root / "bard"),
+        "pirate": llamakin.load(root / "base", adapter=root / "pirate"),
+    }
+    expected = {
+        name: llamakin.generate(m, tok, "Once upon a time", max_new_tokens=10, ignore_eos=True)
+        for name, m in expected.items()
+    }
     assert len(set(expected.values())) == 3  # three different models
 
     def ask(name):
-        out = client.completions.create(model=name, prompt="Once upon a time", max_tokens=10, temperature=0)
+        out = client.completions.create(
+            model=name, prompt="Once upon a time", max_tokens=10, temperature=0
+        )
         return out.model, out.choices[0].text
 
     names = [MODEL, "bard", "pirate"] * 2
     with ThreadPoolExecutor(6) as pool:  # concurrent: rows of one batch on different adapters
         answers = list(pool.map(ask, names))
     for name, (echoed, text) in zip(names, answers):
-        assert echoed == name and expected[name].startswith(text) and text, (name, text, expected[name])
-    chat = client.chat.completions.create(model="pirate", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                          temperature=0, logprobs=True)
+        assert echoed == name and expected[name].startswith(text) and text, (
+            name,
+            text,
+            expected[name],
+        )
+    chat = client.chat.completions.create(
+        model="pirate",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+    )
     assert chat.model == "pirate" and chat.choices[0].logprobs.content
     with pytest.raises(openai.NotFoundError) as caught:
         client.completions.create(model="nobody", prompt="x", max_tokens=2)
-    assert caught.value.body["param"] == "model" and "'bard', 'pirate'" in caught.value.body["message"]
+    assert (
+        caught.value.body["param"] == "model" and "'bard', 'pirate'" in caught.value.body["message"]
+    )
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
 def test_logprobs_of_an_adapter_request_are_that_adapters(server, setup):
     root, tok = setup
-    out = server.client().completions.create(model="bard", prompt="To be or not", max_tokens=0, echo=True,
-                                             logprobs=0, temperature=0)
+    out = server.client().completions.create(
+        model="bard", prompt="To be or not", max_tokens=0, echo=True, logprobs=0, temperature=0
+    )
     ids = tok.encode("To be or not")
     bard = llamakin.load(root / "base", adapter=root / "bard")
     with torch.no_grad():
@@ -170,8 +215,27 @@ def test_adapter_options(setup, capsys):
         parse_adapter_options(["x", "y"])
     with pytest.raises(LlamakinError, match="given twice"):
         parse_adapter_options(["a=x", "a=y"])
-    assert main(["generate", "hi", "--model", str(root / "base"), "--adapter", f"bard={root / 'bard'}"]) == 2
+    assert (
+        main(
+            ["generate", "hi", "--model", str(root / "base"), "--adapter", f"bard={root / 'bard'}"]
+        )
+        == 2
+    )
     assert "serves adapters by name" in capsys.readouterr().err
-    assert main(["serve", "--model", str(root / "base"), "--adapter", f"{root / 'bard'}", "--adapter",
-                 f"p={root / 'pirate'}", "--port", "1"]) == 2
+    assert (
+        main(
+            [
+                "serve",
+                "--model",
+                str(root / "base"),
+                "--adapter",
+                f"{root / 'bard'}",
+                "--adapter",
+                f"p={root / 'pirate'}",
+                "--port",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "cannot be mixed" in capsys.readouterr().err

@@ -8,7 +8,9 @@ import torch
 import llamakin
 from llamakin.model.attention import lambda_init_for
 
-BASE = dict(vocab_size=101, hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2, intermediate_size=64)
+BASE = dict(
+    vocab_size=101, hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2, intermediate_size=64
+)
 
 
 def randomized(config):
@@ -20,8 +22,15 @@ def randomized(config):
     return model
 
 
-@pytest.mark.parametrize("knobs", [{}, dict(sliding_window=3), dict(attention_kind="differential"),
-                                   dict(rope_layout="interleaved", rotary_dim=4, qk_norm=True)])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {},
+        dict(sliding_window=3),
+        dict(attention_kind="differential"),
+        dict(rope_layout="interleaved", rotary_dim=4, qk_norm=True),
+    ],
+)
 @torch.no_grad()
 def test_chunked_prefill_and_decode_equal_full_forward(knobs):
     model = randomized(llamakin.ModelConfig(**BASE, **knobs))
@@ -29,7 +38,7 @@ def test_chunked_prefill_and_decode_equal_full_forward(knobs):
     full = model(ids)
     cache = model.new_cache(2, 32)
     pieces = [model(ids[:, :5], cache=cache), model(ids[:, 5:9], cache=cache)]
-    pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(9, 17)]
+    pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(9, 17)]
     assert (torch.cat(pieces, 1) - full).abs().max() < 1e-5
     cache.reset()
     assert (model(ids, cache=cache) - full).abs().max() < 1e-5
@@ -49,7 +58,9 @@ def test_padding_never_leaks_into_real_tokens():
     cache = model.new_cache(1, 16)
     model(padded, attention_mask=mask, cache=cache)
     nxt = torch.tensor([[5]])
-    step = model(nxt, attention_mask=torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1), cache=cache)
+    step = model(
+        nxt, attention_mask=torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1), cache=cache
+    )
     assert (step[0, -1] - model(torch.cat([ids, nxt], 1))[0, -1]).abs().max() < 1e-5
 
 
@@ -77,7 +88,9 @@ def test_training_init_and_gradients_flow():
     assert abs(loss.item() - torch.log(torch.tensor(101.0)).item()) < 0.3
     bias_grad = model.layers[0].attn.qkv.bias.grad
     q, k = 6 * 8, 2 * 8
-    assert bias_grad[:q + k].abs().sum() > 0 and bias_grad[q + k:].abs().sum() == 0  # no v bias: stays zero
+    assert (
+        bias_grad[: q + k].abs().sum() > 0 and bias_grad[q + k :].abs().sum() == 0
+    )  # no v bias: stays zero
 
 
 def test_rmsnorm_rounding_orders_match_their_references():
@@ -100,8 +113,13 @@ def test_rmsnorm_rounding_orders_match_their_references():
 
 def test_layernorm_gelu_model_matches_a_plain_reference():
     """ChatGLM-6B-style knobs (LayerNorm with bias, GELU-tanh MLP with biases) vs explicit math."""
-    config = llamakin.ModelConfig(**{**BASE, "num_layers": 1}, norm_type="layernorm", mlp_type="gelu_tanh",
-                                  mlp_bias=True, norm_eps=1e-5)
+    config = llamakin.ModelConfig(
+        **{**BASE, "num_layers": 1},
+        norm_type="layernorm",
+        mlp_type="gelu_tanh",
+        mlp_bias=True,
+        norm_eps=1e-5,
+    )
     model = randomized(config)
     block = model.layers[0]
     x = torch.randn(2, 5, 48)
@@ -111,7 +129,7 @@ def test_layernorm_gelu_model_matches_a_plain_reference():
         return (t - mu) / torch.sqrt(var + 1e-5) * m.weight + m.bias
 
     def gelu_tanh(t):
-        return 0.5 * t * (1 + torch.tanh(0.7978845608028654 * (t + 0.044715 * t ** 3)))
+        return 0.5 * t * (1 + torch.tanh(0.7978845608028654 * (t + 0.044715 * t**3)))
 
     with torch.no_grad():
         y = ln(block.mlp_norm, x)

@@ -23,7 +23,9 @@ from llamakin.model.decode import Decoder
 from original_code import ChatGLM2, InternLM2, InternLMV1, QwenV1, chatglm2_config
 
 V, D, H, HD = 64, 32, 4, 8
-F32_TOL = 2e-5  # float32 logits of O(1); the references rotate by slot index, llamakin by real position
+F32_TOL = (
+    2e-5  # float32 logits of O(1); the references rotate by slot index, llamakin by real position
+)
 
 
 def _rand(g, *shape, scale=None):
@@ -63,7 +65,9 @@ def llamakin_greedy(model, rows, new_tokens, trace=True):
     padded = bool((mask == 0).any())
     cache = model.new_cache(len(rows), ids.shape[1] + new_tokens)
     with torch.inference_mode():
-        steps = [model(ids, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]]
+        steps = [
+            model(ids, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
+        ]
         decoder = Decoder(model, cache)
         if not trace:
             decoder._graph = None
@@ -76,29 +80,69 @@ def llamakin_greedy(model, rows, new_tokens, trace=True):
 
 
 # -- Qwen v1 -------------------------------------------------------------------------------------------
-def qwen_checkpoint(directory, layers=2, seq_length=8, logn=True, ntk=True, seed=0, no_bias=True, max_pos=128):
+def qwen_checkpoint(
+    directory, layers=2, seq_length=8, logn=True, ntk=True, seed=0, no_bias=True, max_pos=128
+):
     """Qwen-7B's released config.json keys, scaled down."""
-    config = {"architectures": ["QWenLMHeadModel"], "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
-              "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}, "attn_dropout_prob": 0.0, "bf16": False,
-              "emb_dropout_prob": 0.0, "fp16": False, "fp32": False, "hidden_size": D, "intermediate_size": 2 * 48,
-              "initializer_range": 0.02, "kv_channels": HD, "layer_norm_epsilon": 1e-6, "max_position_embeddings": max_pos,
-              "model_type": "qwen", "no_bias": no_bias, "num_attention_heads": H, "num_hidden_layers": layers,
-              "onnx_safe": None, "rotary_emb_base": 10000, "rotary_pct": 1.0, "scale_attn_weights": True,
-              "seq_length": seq_length, "tie_word_embeddings": False, "tokenizer_class": "QWenTokenizer",
-              "use_cache": True, "use_dynamic_ntk": ntk, "use_flash_attn": "auto", "use_logn_attn": logn,
-              "vocab_size": V}
+    config = {
+        "architectures": ["QWenLMHeadModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_qwen.QWenConfig",
+            "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+        },
+        "attn_dropout_prob": 0.0,
+        "bf16": False,
+        "emb_dropout_prob": 0.0,
+        "fp16": False,
+        "fp32": False,
+        "hidden_size": D,
+        "intermediate_size": 2 * 48,
+        "initializer_range": 0.02,
+        "kv_channels": HD,
+        "layer_norm_epsilon": 1e-6,
+        "max_position_embeddings": max_pos,
+        "model_type": "qwen",
+        "no_bias": no_bias,
+        "num_attention_heads": H,
+        "num_hidden_layers": layers,
+        "onnx_safe": None,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "scale_attn_weights": True,
+        "seq_length": seq_length,
+        "tie_word_embeddings": False,
+        "tokenizer_class": "QWenTokenizer",
+        "use_cache": True,
+        "use_dynamic_ntk": ntk,
+        "use_flash_attn": "auto",
+        "use_logn_attn": logn,
+        "vocab_size": V,
+    }
     g = torch.Generator().manual_seed(seed)
-    w = {"transformer.wte.weight": _rand(g, V, D, scale=1.0), "transformer.ln_f.weight": 1 + _rand(g, D, scale=0.2),
-         "lm_head.weight": _rand(g, V, D)}
+    w = {
+        "transformer.wte.weight": _rand(g, V, D, scale=1.0),
+        "transformer.ln_f.weight": 1 + _rand(g, D, scale=0.2),
+        "lm_head.weight": _rand(g, V, D),
+    }
     for i in range(layers):
         p = f"transformer.h.{i}."
-        w |= {p + "ln_1.weight": 1 + _rand(g, D, scale=0.2), p + "ln_2.weight": 1 + _rand(g, D, scale=0.2),
-              p + "attn.c_attn.weight": _rand(g, 3 * D, D), p + "attn.c_attn.bias": _rand(g, 3 * D, scale=0.3),
-              p + "attn.c_proj.weight": _rand(g, D, D), p + "mlp.w1.weight": _rand(g, 48, D),
-              p + "mlp.w2.weight": _rand(g, 48, D), p + "mlp.c_proj.weight": _rand(g, D, 48)}
+        w |= {
+            p + "ln_1.weight": 1 + _rand(g, D, scale=0.2),
+            p + "ln_2.weight": 1 + _rand(g, D, scale=0.2),
+            p + "attn.c_attn.weight": _rand(g, 3 * D, D),
+            p + "attn.c_attn.bias": _rand(g, 3 * D, scale=0.3),
+            p + "attn.c_proj.weight": _rand(g, D, D),
+            p + "mlp.w1.weight": _rand(g, 48, D),
+            p + "mlp.w2.weight": _rand(g, 48, D),
+            p + "mlp.c_proj.weight": _rand(g, D, 48),
+        }
         if not no_bias:
-            w |= {p + "attn.c_proj.bias": _rand(g, D, scale=0.1), p + "mlp.w1.bias": _rand(g, 48, scale=0.1),
-                  p + "mlp.w2.bias": _rand(g, 48, scale=0.1), p + "mlp.c_proj.bias": _rand(g, D, scale=0.1)}
+            w |= {
+                p + "attn.c_proj.bias": _rand(g, D, scale=0.1),
+                p + "mlp.w1.bias": _rand(g, 48, scale=0.1),
+                p + "mlp.w2.bias": _rand(g, 48, scale=0.1),
+                p + "mlp.c_proj.bias": _rand(g, D, scale=0.1),
+            }
     return _save(directory, config, w)
 
 
@@ -113,7 +157,11 @@ def test_qwen1_ntk_and_logn_decoding_through_the_traced_step(tmp_path):
     directory = qwen_checkpoint(tmp_path / "qwen")
     model = llamakin.load(directory)
     reference = QwenV1(directory)
-    for length in (5, 20, 11):  # alpha 1, 7, 3: one trace (same batch and cache bucket) serves all three
+    for length in (
+        5,
+        20,
+        11,
+    ):  # alpha 1, 7, 3: one trace (same batch and cache bucket) serves all three
         rows = prompts([length], seed=length)
         _, expected = reference.greedy(rows, 8)
         for trace in (True, False):
@@ -134,7 +182,9 @@ def test_qwen1_ntk_and_logn_decoding_through_the_traced_step(tmp_path):
 @torch.no_grad()
 def test_qwen1_padded_batch_computes_alpha_per_row(tmp_path):
     """Item 2: one NTK alpha per row from its real length, as the final release does."""
-    directory = qwen_checkpoint(tmp_path / "qwen", logn=False)  # logn: see the README (key index vs position)
+    directory = qwen_checkpoint(
+        tmp_path / "qwen", logn=False
+    )  # logn: see the README (key index vs position)
     model = llamakin.load(directory)
     reference = QwenV1(directory)
     rows = prompts([20, 11, 6, 17])  # alphas 7, 3, 1, 7
@@ -148,7 +198,7 @@ def test_qwen1_padded_batch_computes_alpha_per_row(tmp_path):
     # each row as it would be alone
     for b, row in enumerate(rows):
         alone, _ = reference.forward(torch.tensor([row]))
-        assert (model(ids, attention_mask=mask)[b, -len(row):] - alone[0]).abs().max() < F32_TOL
+        assert (model(ids, attention_mask=mask)[b, -len(row) :] - alone[0]).abs().max() < F32_TOL
 
 
 @torch.no_grad()
@@ -179,26 +229,52 @@ def test_qwen1_half_precision(tmp_path, dtype, tol):
 # -- InternLM v1 ----------------------------------------------------------------------------------------
 def internlm_checkpoint(directory, layers=2, kind="dynamic", factor=2.0, max_pos=16, seed=0):
     """InternLM-7B's config.json keys (``rotary`` dict, ``bias``), scaled down."""
-    config = {"architectures": ["InternLMForCausalLM"], "auto_map": {
-              "AutoConfig": "configuration_internlm.InternLMConfig",
-              "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM"},
-              "bias": True, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": D,
-              "initializer_range": 0.02, "intermediate_size": 48, "max_position_embeddings": max_pos,
-              "model_type": "internlm", "num_attention_heads": H, "num_hidden_layers": layers, "pad_token_id": 0,
-              "rms_norm_eps": 1e-6, "rotary": {"base": 10000, "type": kind, "scaling_factor": factor},
-              "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True, "vocab_size": V}
+    config = {
+        "architectures": ["InternLMForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_internlm.InternLMConfig",
+            "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM",
+        },
+        "bias": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": D,
+        "initializer_range": 0.02,
+        "intermediate_size": 48,
+        "max_position_embeddings": max_pos,
+        "model_type": "internlm",
+        "num_attention_heads": H,
+        "num_hidden_layers": layers,
+        "pad_token_id": 0,
+        "rms_norm_eps": 1e-6,
+        "rotary": {"base": 10000, "type": kind, "scaling_factor": factor},
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "vocab_size": V,
+    }
     g = torch.Generator().manual_seed(seed)
-    w = {"model.embed_tokens.weight": _rand(g, V, D, scale=1.0), "model.norm.weight": 1 + _rand(g, D, scale=0.2),
-         "lm_head.weight": _rand(g, V, D)}
+    w = {
+        "model.embed_tokens.weight": _rand(g, V, D, scale=1.0),
+        "model.norm.weight": 1 + _rand(g, D, scale=0.2),
+        "lm_head.weight": _rand(g, V, D),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        w |= {p + "input_layernorm.weight": 1 + _rand(g, D, scale=0.2),
-              p + "post_attention_layernorm.weight": 1 + _rand(g, D, scale=0.2),
-              p + "mlp.gate_proj.weight": _rand(g, 48, D), p + "mlp.up_proj.weight": _rand(g, 48, D),
-              p + "mlp.down_proj.weight": _rand(g, D, 48),
-              p + "self_attn.rotary_emb.inv_freq": torch.ones(HD // 2)}  # a persistent buffer in the original
+        w |= {
+            p + "input_layernorm.weight": 1 + _rand(g, D, scale=0.2),
+            p + "post_attention_layernorm.weight": 1 + _rand(g, D, scale=0.2),
+            p + "mlp.gate_proj.weight": _rand(g, 48, D),
+            p + "mlp.up_proj.weight": _rand(g, 48, D),
+            p + "mlp.down_proj.weight": _rand(g, D, 48),
+            p + "self_attn.rotary_emb.inv_freq": torch.ones(HD // 2),
+        }  # a persistent buffer in the original
         for n in "qkvo":
-            w |= {p + f"self_attn.{n}_proj.weight": _rand(g, D, D), p + f"self_attn.{n}_proj.bias": _rand(g, D, scale=0.3)}
+            w |= {
+                p + f"self_attn.{n}_proj.weight": _rand(g, D, D),
+                p + f"self_attn.{n}_proj.bias": _rand(g, D, scale=0.3),
+            }
     return _save(directory, config, w)
 
 
@@ -248,11 +324,19 @@ def test_internlm_v1_padded_batch_past_the_context(tmp_path):
 def test_internlm_v1_origin_three_layers_and_export(tmp_path):
     directory = internlm_checkpoint(tmp_path / "ilm", layers=3, kind="origin")
     model = llamakin.load(directory)
-    assert not model.config.rope_cached_keys  # a fixed base: rotated keys are the same thing, and faster
+    assert (
+        not model.config.rope_cached_keys
+    )  # a fixed base: rotated keys are the same thing, and faster
     model.save_pretrained(tmp_path / "out")
     for rows in (prompts([20]), prompts([9], seed=2)):  # batch 1: see the padded-batch test
         expected = internlm_reference_steps(InternLMV1(tmp_path / "out"), rows, 5)
-        assert max((g - e).abs().max().item() for g, e in zip(llamakin_greedy(model, rows, 5), expected)) < F32_TOL
+        assert (
+            max(
+                (g - e).abs().max().item()
+                for g, e in zip(llamakin_greedy(model, rows, 5), expected)
+            )
+            < F32_TOL
+        )
 
 
 @torch.no_grad()
@@ -262,7 +346,13 @@ def test_internlm_v1_dynamic_export_keeps_the_cache_semantics(tmp_path):
     back = llamakin.load(tmp_path / "out")
     assert back.config.rope_cached_keys and back.config.rope_scaling.type == "dynamic"
     expected = internlm_reference_steps(InternLMV1(tmp_path / "out"), prompts([12]), 8)
-    assert max((g - e).abs().max().item() for g, e in zip(llamakin_greedy(back, prompts([12]), 8), expected)) < F32_TOL
+    assert (
+        max(
+            (g - e).abs().max().item()
+            for g, e in zip(llamakin_greedy(back, prompts([12]), 8), expected)
+        )
+        < F32_TOL
+    )
 
 
 @torch.no_grad()
@@ -281,25 +371,51 @@ HKV = 2
 
 def internlm2_checkpoint(directory, layers=2, seed=0, max_pos=16, scaling=("dynamic", 2.0)):
     """internlm2-chat-7b's config.json keys (grouped wqkv, ``rope_scaling``), scaled down."""
-    config = {"architectures": ["InternLM2ForCausalLM"], "attn_implementation": "eager",
-              "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
-                           "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
-              "bias": False, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": D,
-              "initializer_range": 0.02, "intermediate_size": 48, "max_position_embeddings": max_pos,
-              "model_type": "internlm2", "num_attention_heads": H, "num_hidden_layers": layers,
-              "num_key_value_heads": HKV, "pad_token_id": 2, "rms_norm_eps": 1e-5,
-              "rope_scaling": {"type": scaling[0], "factor": scaling[1]} if scaling else None,
-              "rope_theta": 1000000, "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True,
-              "vocab_size": V}
+    config = {
+        "architectures": ["InternLM2ForCausalLM"],
+        "attn_implementation": "eager",
+        "auto_map": {
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+        },
+        "bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": D,
+        "initializer_range": 0.02,
+        "intermediate_size": 48,
+        "max_position_embeddings": max_pos,
+        "model_type": "internlm2",
+        "num_attention_heads": H,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": HKV,
+        "pad_token_id": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": {"type": scaling[0], "factor": scaling[1]} if scaling else None,
+        "rope_theta": 1000000,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "vocab_size": V,
+    }
     g = torch.Generator().manual_seed(seed)
-    w = {"model.tok_embeddings.weight": _rand(g, V, D, scale=1.0), "model.norm.weight": 1 + _rand(g, D, scale=0.2),
-         "output.weight": _rand(g, V, D)}
+    w = {
+        "model.tok_embeddings.weight": _rand(g, V, D, scale=1.0),
+        "model.norm.weight": 1 + _rand(g, D, scale=0.2),
+        "output.weight": _rand(g, V, D),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        w |= {p + "attention_norm.weight": 1 + _rand(g, D, scale=0.2), p + "ffn_norm.weight": 1 + _rand(g, D, scale=0.2),
-              p + "attention.wqkv.weight": _rand(g, (H + 2 * HKV) * HD, D), p + "attention.wo.weight": _rand(g, D, D),
-              p + "feed_forward.w1.weight": _rand(g, 48, D), p + "feed_forward.w3.weight": _rand(g, 48, D),
-              p + "feed_forward.w2.weight": _rand(g, D, 48)}
+        w |= {
+            p + "attention_norm.weight": 1 + _rand(g, D, scale=0.2),
+            p + "ffn_norm.weight": 1 + _rand(g, D, scale=0.2),
+            p + "attention.wqkv.weight": _rand(g, (H + 2 * HKV) * HD, D),
+            p + "attention.wo.weight": _rand(g, D, D),
+            p + "feed_forward.w1.weight": _rand(g, 48, D),
+            p + "feed_forward.w3.weight": _rand(g, 48, D),
+            p + "feed_forward.w2.weight": _rand(g, D, 48),
+        }
     return _save(directory, config, w)
 
 
@@ -313,7 +429,13 @@ def test_internlm2_against_the_original_with_cache_and_padding(tmp_path, scaling
     assert not model.config.rope_cached_keys
     for rows in (prompts([10]), prompts([12, 7, 3])):
         expected = internlm_reference_steps(InternLM2(directory), rows, 10)
-        assert max((g - e).abs().max().item() for g, e in zip(llamakin_greedy(model, rows, 10), expected)) < F32_TOL
+        assert (
+            max(
+                (g - e).abs().max().item()
+                for g, e in zip(llamakin_greedy(model, rows, 10), expected)
+            )
+            < F32_TOL
+        )
     model.save_pretrained(tmp_path / "out")
     ids = torch.tensor(prompts([20]))
     expected, _ = InternLM2(tmp_path / "out").forward(ids)
@@ -332,38 +454,91 @@ def test_internlm2_half_precision(tmp_path, dtype, tol):
 # -- ChatGLM2 -------------------------------------------------------------------------------------------
 # ChatGLM2-6B's released config.json (THUDM/chatglm2-6b), every key but _name_or_path/transformers_version
 CHATGLM2_RELEASED_KEYS = {
-    "model_type", "architectures", "auto_map", "add_bias_linear", "add_qkv_bias", "apply_query_key_layer_scaling",
-    "apply_residual_connection_post_layernorm", "attention_dropout", "attention_softmax_in_fp32",
-    "bias_dropout_fusion", "ffn_hidden_size", "fp32_residual_connection", "hidden_dropout", "hidden_size",
-    "kv_channels", "layernorm_epsilon", "multi_query_attention", "multi_query_group_num", "num_attention_heads",
-    "num_layers", "original_rope", "padded_vocab_size", "post_layer_norm", "rmsnorm", "seq_length", "use_cache",
-    "torch_dtype", "tie_word_embeddings", "eos_token_id", "pad_token_id"}
+    "model_type",
+    "architectures",
+    "auto_map",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "apply_query_key_layer_scaling",
+    "apply_residual_connection_post_layernorm",
+    "attention_dropout",
+    "attention_softmax_in_fp32",
+    "bias_dropout_fusion",
+    "ffn_hidden_size",
+    "fp32_residual_connection",
+    "hidden_dropout",
+    "hidden_size",
+    "kv_channels",
+    "layernorm_epsilon",
+    "multi_query_attention",
+    "multi_query_group_num",
+    "num_attention_heads",
+    "num_layers",
+    "original_rope",
+    "padded_vocab_size",
+    "post_layer_norm",
+    "rmsnorm",
+    "seq_length",
+    "use_cache",
+    "torch_dtype",
+    "tie_word_embeddings",
+    "eos_token_id",
+    "pad_token_id",
+}
 G, FFN = 2, 48
 
 
 def chatglm2_checkpoint(directory, layers=2, seed=0, dtype="float32"):
-    config = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "add_bias_linear": False,
-              "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
-              "apply_residual_connection_post_layernorm": False, "attention_dropout": 0.0,
-              "attention_softmax_in_fp32": True, "bias_dropout_fusion": True, "ffn_hidden_size": FFN,
-              "fp32_residual_connection": False, "hidden_dropout": 0.0, "hidden_size": D, "kv_channels": HD,
-              "layernorm_epsilon": 1e-5, "multi_query_attention": True, "multi_query_group_num": G,
-              "num_attention_heads": H, "num_layers": layers, "original_rope": True, "padded_vocab_size": V,
-              "post_layer_norm": True, "rmsnorm": True, "seq_length": 64, "use_cache": True, "torch_dtype": dtype,
-              "tie_word_embeddings": False, "eos_token_id": 2, "pad_token_id": 0}
+    config = {
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "add_bias_linear": False,
+        "add_qkv_bias": True,
+        "apply_query_key_layer_scaling": True,
+        "apply_residual_connection_post_layernorm": False,
+        "attention_dropout": 0.0,
+        "attention_softmax_in_fp32": True,
+        "bias_dropout_fusion": True,
+        "ffn_hidden_size": FFN,
+        "fp32_residual_connection": False,
+        "hidden_dropout": 0.0,
+        "hidden_size": D,
+        "kv_channels": HD,
+        "layernorm_epsilon": 1e-5,
+        "multi_query_attention": True,
+        "multi_query_group_num": G,
+        "num_attention_heads": H,
+        "num_layers": layers,
+        "original_rope": True,
+        "padded_vocab_size": V,
+        "post_layer_norm": True,
+        "rmsnorm": True,
+        "seq_length": 64,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "tie_word_embeddings": False,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
     g = torch.Generator().manual_seed(seed)
-    w = {"transformer.embedding.word_embeddings.weight": _rand(g, V, D, scale=1.0),
-         "transformer.encoder.final_layernorm.weight": 1 + _rand(g, D, scale=0.2),
-         "transformer.output_layer.weight": _rand(g, V, D), "transformer.rotary_pos_emb.inv_freq": torch.ones(HD // 4)}
+    w = {
+        "transformer.embedding.word_embeddings.weight": _rand(g, V, D, scale=1.0),
+        "transformer.encoder.final_layernorm.weight": 1 + _rand(g, D, scale=0.2),
+        "transformer.output_layer.weight": _rand(g, V, D),
+        "transformer.rotary_pos_emb.inv_freq": torch.ones(HD // 4),
+    }
     qkv = (H + 2 * G) * HD
     for i in range(layers):
         p = f"transformer.encoder.layers.{i}."
-        w |= {p + "input_layernorm.weight": 1 + _rand(g, D, scale=0.2),
-              p + "post_attention_layernorm.weight": 1 + _rand(g, D, scale=0.2),
-              p + "self_attention.query_key_value.weight": _rand(g, qkv, D),
-              p + "self_attention.query_key_value.bias": _rand(g, qkv, scale=0.3),
-              p + "self_attention.dense.weight": _rand(g, D, D), p + "mlp.dense_h_to_4h.weight": _rand(g, 2 * FFN, D),
-              p + "mlp.dense_4h_to_h.weight": _rand(g, D, FFN)}
+        w |= {
+            p + "input_layernorm.weight": 1 + _rand(g, D, scale=0.2),
+            p + "post_attention_layernorm.weight": 1 + _rand(g, D, scale=0.2),
+            p + "self_attention.query_key_value.weight": _rand(g, qkv, D),
+            p + "self_attention.query_key_value.bias": _rand(g, qkv, scale=0.3),
+            p + "self_attention.dense.weight": _rand(g, D, D),
+            p + "mlp.dense_h_to_4h.weight": _rand(g, 2 * FFN, D),
+            p + "mlp.dense_4h_to_h.weight": _rand(g, D, FFN),
+        }
     return _save(directory, config, w)
 
 
@@ -407,7 +582,10 @@ def test_chatglm2_export_runs_in_the_original_code(tmp_path):
     model.save_pretrained(tmp_path / "out")
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert CHATGLM2_RELEASED_KEYS <= set(written), CHATGLM2_RELEASED_KEYS - set(written)
-    assert written["auto_map"]["AutoModelForCausalLM"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
+    assert (
+        written["auto_map"]["AutoModelForCausalLM"]
+        == "modeling_chatglm.ChatGLMForConditionalGeneration"
+    )
     config = chatglm2_config(written)
     for key in CHATGLM2_RELEASED_KEYS - {"model_type", "architectures", "auto_map", "torch_dtype"}:
         assert getattr(config, key) == json.loads((directory / "config.json").read_text())[key], key
@@ -467,8 +645,10 @@ def test_qwen1_ntk_in_the_servers_continuous_batch(tmp_path):
     async def serve():
         engine = Engine(model, _Ids(), max_batch=4)
         loop = asyncio.get_running_loop()
-        requests = [Request(r, SamplingParams(max_new_tokens=n, ignore_eos=True), loop, asyncio.Queue())
-                    for r, n in zip(rows, new)]
+        requests = [
+            Request(r, SamplingParams(max_new_tokens=n, ignore_eos=True), loop, asyncio.Queue())
+            for r, n in zip(rows, new)
+        ]
         for request in requests:
             engine.submit(request)
         results = []

@@ -44,8 +44,8 @@ def test_full_forward_matches_transformers(pair):
     if case.length_dependent_rope:
         return
     # the unpadded single prompt gives the same logits as its padded row
-    alone = ours(ids[1:2, mask[1].argmax():])
-    assert (alone[0] - got[1, mask[1].argmax():]).abs().max().item() < TOL
+    alone = ours(ids[1:2, mask[1].argmax() :])
+    assert (alone[0] - got[1, mask[1].argmax() :]).abs().max().item() < TOL
 
 
 @torch.no_grad()
@@ -57,12 +57,22 @@ def test_cached_decoding_matches(pair):
 
     cache = ours.new_cache(B, T)
     steps = [ours(ids[:, :PREFILL], attention_mask=mask[:, :PREFILL], cache=cache)]
-    out = hf(ids[:, :PREFILL], attention_mask=mask[:, :PREFILL], position_ids=pos[:, :PREFILL], use_cache=True)
+    out = hf(
+        ids[:, :PREFILL],
+        attention_mask=mask[:, :PREFILL],
+        position_ids=pos[:, :PREFILL],
+        use_cache=True,
+    )
     hf_steps, past = [out.logits], out.past_key_values
     for t in range(PREFILL, T):
-        steps.append(ours(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache))
-        out = hf(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                 past_key_values=past, use_cache=True)
+        steps.append(ours(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache))
+        out = hf(
+            ids[:, t : t + 1],
+            attention_mask=mask[:, : t + 1],
+            position_ids=pos[:, t : t + 1],
+            past_key_values=past,
+            use_cache=True,
+        )
         hf_steps.append(out.logits)
         past = out.past_key_values
     incremental, hf_incremental = torch.cat(steps, 1), torch.cat(hf_steps, 1)

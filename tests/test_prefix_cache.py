@@ -28,9 +28,20 @@ class _Letters:
 
 def model_of(**knobs):
     torch.manual_seed(0)
-    config = llamakin.ModelConfig(**({"vocab_size": V, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
-                                      "num_kv_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
-                                     | knobs))
+    config = llamakin.ModelConfig(
+        **(
+            {
+                "vocab_size": V,
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "intermediate_size": 64,
+                "max_position_embeddings": 128,
+            }
+            | knobs
+        )
+    )
     model = llamakin.Transformer(config).eval()
     with torch.no_grad():  # weights of unit gain, so attention is sharp and a wrong key shows
         for weight in model.parameters():
@@ -56,18 +67,28 @@ def run(model, prompts, cache, new=6):
         def record(generated, logits):
             seen[row].append(logits.clone())
             return logits
+
         return record
 
-    generation = GenerationRun(model, _Letters(), prompts, SamplingParams(max_new_tokens=new, ignore_eos=True),
-                               prefix_cache=cache, processors=[[recorder(i)] for i in range(len(prompts))])
+    generation = GenerationRun(
+        model,
+        _Letters(),
+        prompts,
+        SamplingParams(max_new_tokens=new, ignore_eos=True),
+        prefix_cache=cache,
+        processors=[[recorder(i)] for i in range(len(prompts))],
+    )
     list(generation)
     return [r.token_ids for r in generation.results], seen, generation.reused_tokens
 
 
 def max_diff(a, b):
     """The largest difference of two runs' logits, relative to the largest logit."""
-    return max(((x - y).abs().max() / y.abs().max()).item() for rows_a, rows_b in zip(a, b)
-               for x, y in zip(rows_a, rows_b))
+    return max(
+        ((x - y).abs().max() / y.abs().max()).item()
+        for rows_a, rows_b in zip(a, b)
+        for x, y in zip(rows_a, rows_b)
+    )
 
 
 def ids(n, seed):
@@ -85,7 +106,9 @@ def test_reused_prefix_gives_the_logits_of_a_full_prefill(family):
     follow = first + tokens[0] + ids(4, 2)
     got_tokens, got, reused = run(model, [follow], cache)
     want_tokens, want, _ = run(model, [follow], None)
-    assert reused == len(first) + len(tokens[0]) - 1  # every computed slot (the last token was never fed)
+    assert (
+        reused == len(first) + len(tokens[0]) - 1
+    )  # every computed slot (the last token was never fed)
     assert max_diff(got, want) < TOL and got_tokens == want_tokens
     # a prompt that shares only part of a stored sequence reuses that part
     branch = first[:7] + ids(5, 3)
@@ -102,19 +125,31 @@ def test_padded_batch_stores_and_reuses_exactly():
     prompts = [ids(3, 4), ids(12, 5), ids(7, 6)]
     tokens, _, _ = run(model, prompts, cache)
     assert len(cache) == 3
-    follow = [prompts[0] + tokens[0] + ids(2, 7), prompts[1][:9] + ids(6, 8), ids(9, 9), prompts[2] + ids(1, 10)]
+    follow = [
+        prompts[0] + tokens[0] + ids(2, 7),
+        prompts[1][:9] + ids(6, 8),
+        ids(9, 9),
+        prompts[2] + ids(1, 10),
+    ]
     got_tokens, got, reused = run(model, follow, cache)
     want_tokens, want, _ = run(model, follow, None)
     assert reused == (3 + 6 - 1) + 9 + 0 + 7
     assert max_diff(got, want) < TOL and got_tokens == want_tokens
 
 
-@pytest.mark.parametrize("scaling", [RopeScaling(type="qwen_dynamic", original_max_position_embeddings=8),
-                                     RopeScaling(type="dynamic", factor=2.0)])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        RopeScaling(type="qwen_dynamic", original_max_position_embeddings=8),
+        RopeScaling(type="dynamic", factor=2.0),
+    ],
+)
 def test_where_reuse_is_not_exact_it_is_off(scaling):
     """Qwen v1's NTK alpha comes from the whole prompt's length; dynamic NTK's base from the length
     at the time each key was computed (past the context, earlier hidden states change with it)."""
-    model = model_of(rope_scaling=scaling, max_position_embeddings=16, rope_cached_keys=scaling.type == "dynamic")
+    model = model_of(
+        rope_scaling=scaling, max_position_embeddings=16, rope_cached_keys=scaling.type == "dynamic"
+    )
     assert not prefix_reuse_supported(model.config)
     cache = PrefixCache(1 << 24)
     first = ids(12, 11)
@@ -123,8 +158,17 @@ def test_where_reuse_is_not_exact_it_is_off(scaling):
     got_tokens, got, reused = run(model, [follow], cache)
     want_tokens, want, _ = run(model, [follow], None)
     assert reused == 0 and len(cache) == 0 and got_tokens == want_tokens
-    chatglm = llamakin.ModelConfig(vocab_size=V, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
-                                   prefix_lm=True, mask_token_ids=(90,), sop_token_id=92, rope_layout="glm2d")
+    chatglm = llamakin.ModelConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        intermediate_size=64,
+        prefix_lm=True,
+        mask_token_ids=(90,),
+        sop_token_id=92,
+        rope_layout="glm2d",
+    )
     assert not prefix_reuse_supported(chatglm)
 
 
@@ -161,9 +205,10 @@ def test_weights_changing_forgets_the_cache():
 def test_chat_turns_reuse_the_previous_turns(tiny_chat):
     model, tok = tiny_chat
     params = SamplingParams(max_new_tokens=8)
-    cached, plain = ChatSession(model, tok, params, system="Be brief."), ChatSession(model, tok, params,
-                                                                                     system="Be brief.",
-                                                                                     prefix_cache_bytes=0)
+    cached, plain = (
+        ChatSession(model, tok, params, system="Be brief."),
+        ChatSession(model, tok, params, system="Be brief.", prefix_cache_bytes=0),
+    )
     for question in ("Hello there", "And then?", "Tell me more"):
         cached.reply(question)
         plain.reply(question)

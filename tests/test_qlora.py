@@ -31,7 +31,9 @@ from test_train import corpus  # noqa: F401
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 @pytest.mark.parametrize("slice_elements", [1 << 22, 200])  # one slice; many row slices
-def test_quantized_product_and_its_input_gradient_are_the_dequantized_layers(kind, slice_elements, monkeypatch):
+def test_quantized_product_and_its_input_gradient_are_the_dequantized_layers(
+    kind, slice_elements, monkeypatch
+):
     monkeypatch.setattr(qlora, "SLICE_ELEMENTS", slice_elements)
     torch.manual_seed(0)
     w, b = torch.randn(48, 64), torch.randn(48)
@@ -49,16 +51,29 @@ def test_quantized_product_and_its_input_gradient_are_the_dequantized_layers(kin
     y_ref.backward(g)
     assert (x.grad - x_ref.grad).abs().max() < 1e-5
     assert not any(t.requires_grad for t in layer.buffers())
-    if slice_elements > 1000:  # gradcheck in float64 against finite differences (the Function's backward itself)
+    if (
+        slice_elements > 1000
+    ):  # gradcheck in float64 against finite differences (the Function's backward itself)
         x64 = torch.randn(1, 64, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda t: qlora.QuantizedProduct.apply(t, layer, None), (x64,))
+        assert torch.autograd.gradcheck(
+            lambda t: qlora.QuantizedProduct.apply(t, layer, None), (x64,)
+        )
 
 
 def test_quantized_base_keeps_biases_masked_and_the_embedding_int8():
     torch.manual_seed(0)
-    config = llamakin.ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=64, q_bias=True, k_bias=True, v_bias=False,
-                                  tie_word_embeddings=True)
+    config = llamakin.ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        q_bias=True,
+        k_bias=True,
+        v_bias=False,
+        tie_word_embeddings=True,
+    )
     model = llamakin.Transformer(config)
     with torch.no_grad():
         model.layers[0].attn.qkv.bias.normal_()
@@ -66,7 +81,9 @@ def test_quantized_base_keeps_biases_masked_and_the_embedding_int8():
     with torch.no_grad():
         float_logits = model(ids)
     quantize_base(model, "int8")
-    assert isinstance(model.embed, Int8Embedding) and isinstance(model.lm_head, FrozenQuantizedLinear)
+    assert isinstance(model.embed, Int8Embedding) and isinstance(
+        model.lm_head, FrozenQuantizedLinear
+    )
     bias = model.layers[0].attn.qkv.bias
     assert torch.equal(bias[-8:], torch.zeros(8)) and bias[:-8].abs().sum() > 0  # v's part zeroed
     with torch.no_grad():
@@ -87,7 +104,9 @@ def dequantized_float_model(qlora_model, float_dir):
     model = llamakin.load(float_dir)
     with torch.no_grad():
         for name, module in qlora_model.named_modules():
-            base = getattr(module, "quantized", None) or (module if isinstance(module, FrozenQuantizedLinear) else None)
+            base = getattr(module, "quantized", None) or (
+                module if isinstance(module, FrozenQuantizedLinear) else None
+            )
             if base is None or name.endswith(".quantized"):
                 continue
             model.get_submodule(name).weight.copy_(base.dequantize())
@@ -96,10 +115,18 @@ def dequantized_float_model(qlora_model, float_dir):
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_qlora_run_trains_adapters_only_and_its_adapter_works_in_peft(kind, corpus, tiny_base, tmp_path):  # noqa: F811
+def test_qlora_run_trains_adapters_only_and_its_adapter_works_in_peft(
+    kind,
+    corpus,  # noqa: F811
+    tiny_base,  # noqa: F811
+    tmp_path,
+):
     run = tmp_path / "run"
-    last = train(lora_cfg(corpus, tiny_base, "max_steps=6", f"lora.quantize={kind}", "lora.dropout=0"), run,
-                 progress=False)
+    last = train(
+        lora_cfg(corpus, tiny_base, "max_steps=6", f"lora.quantize={kind}", "lora.dropout=0"),
+        run,
+        progress=False,
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert last["loss"] < rows[0]["loss"] and math.isfinite(last["val_loss"])
     state = torch.load(run / "ckpt.pt", weights_only=True)
@@ -129,10 +156,21 @@ def test_qlora_run_trains_adapters_only_and_its_adapter_works_in_peft(kind, corp
 
 
 def test_qlora_resume_after_a_crash_is_exact(corpus, tiny_base, tmp_path):  # noqa: F811
-    settings = [*LORA_RUN, f"init_from={json.dumps(str(tiny_base))}", f"data={json.dumps(str(corpus[0]))}",
-                "max_steps=6", "lora.quantize=int4"]
-    train(lora_cfg(corpus, tiny_base, "max_steps=6", "lora.quantize=int4"), tmp_path / "whole", progress=False)
-    assert crash_and_resume("lora-sft", tmp_path / "cut", settings) == metrics_losses(tmp_path / "whole")
+    settings = [
+        *LORA_RUN,
+        f"init_from={json.dumps(str(tiny_base))}",
+        f"data={json.dumps(str(corpus[0]))}",
+        "max_steps=6",
+        "lora.quantize=int4",
+    ]
+    train(
+        lora_cfg(corpus, tiny_base, "max_steps=6", "lora.quantize=int4"),
+        tmp_path / "whole",
+        progress=False,
+    )
+    assert crash_and_resume("lora-sft", tmp_path / "cut", settings) == metrics_losses(
+        tmp_path / "whole"
+    )
 
 
 def test_a_quantized_base_cannot_take_a_merge(tiny_base, tmp_path):  # noqa: F811

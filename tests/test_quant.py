@@ -21,13 +21,23 @@ from llamakin.quant.linear import Int4Linear, Int8Embedding, Int8Linear, Quantiz
 from llamakin.quant.model import load_quantized, quantize_model
 from llamakin.quant.tensors import pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
 
-BIASED = dict(q_bias=True, k_bias=True, v_bias=False, o_bias=True, mlp_bias=True)  # partial qkv bias too
+BIASED = dict(
+    q_bias=True, k_bias=True, v_bias=False, o_bias=True, mlp_bias=True
+)  # partial qkv bias too
 
 
 def tiny(tied: bool = True, seed: int = 0, vocab: int = 128, **knobs) -> llamakin.Transformer:
     torch.manual_seed(seed)
-    config = llamakin.ModelConfig(vocab_size=vocab, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=128, tie_word_embeddings=tied, **knobs)
+    config = llamakin.ModelConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        tie_word_embeddings=tied,
+        **knobs,
+    )
     model = llamakin.Transformer(config).eval()
     with torch.no_grad():  # non-zero biases and norms, so that their handling shows in the logits
         for name, p in model.named_parameters():
@@ -36,13 +46,17 @@ def tiny(tied: bool = True, seed: int = 0, vocab: int = 128, **knobs) -> llamaki
     return model
 
 
-def dequantized_twin(model: llamakin.Transformer, quantized: llamakin.Transformer) -> llamakin.Transformer:
+def dequantized_twin(
+    model: llamakin.Transformer, quantized: llamakin.Transformer
+) -> llamakin.Transformer:
     """``model`` with every quantized projection's dequantized weight and bias put back in float."""
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in quantized.named_modules():
             if isinstance(module, QuantizedLinear):
-                linear = Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                linear = Linear(
+                    module.in_features, module.out_features, bias=module.bias is not None
+                )
                 linear.weight.copy_(module.dequantize())
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
@@ -80,18 +94,30 @@ def test_quantizers_round_to_the_nearest_level():
 @torch.no_grad()
 def test_quantized_modules_compute_the_product_of_their_dequantized_weights(rows, out_features):
     torch.manual_seed(0)
-    w, b, x = torch.randn(out_features, 96) * 0.1, torch.randn(out_features), torch.randn(2, rows, 96)
-    for module in (Int8Linear(quantize_int8(w), b, torch.float32), Int4Linear(quantize_int4(w, 32), b, torch.float32)):
+    w, b, x = (
+        torch.randn(out_features, 96) * 0.1,
+        torch.randn(out_features),
+        torch.randn(2, rows, 96),
+    )
+    for module in (
+        Int8Linear(quantize_int8(w), b, torch.float32),
+        Int4Linear(quantize_int4(w, 32), b, torch.float32),
+    ):
         exact = F.linear(x, module.dequantize(), b)
         assert torch.allclose(module(x), exact, atol=1e-5, rtol=0), module
-    for module in (Int8Linear(quantize_int8(w), b, torch.bfloat16), Int4Linear(quantize_int4(w, 32), b, torch.bfloat16)):
+    for module in (
+        Int8Linear(quantize_int8(w), b, torch.bfloat16),
+        Int4Linear(quantize_int4(w, 32), b, torch.bfloat16),
+    ):
         got = module(x)
         assert got.dtype == torch.float32 and got.shape == (2, rows, out_features)
         # bf16 activations and scales: within bf16 rounding of the result (|y| up to ~6 here)
         assert (got - F.linear(x, module.dequantize(), b)).abs().max() < 0.06, module
 
 
-@pytest.mark.parametrize("out_features", [64, 96, 72])  # 96: 32-row blocks only; 72: padded to 80, no fast path
+@pytest.mark.parametrize(
+    "out_features", [64, 96, 72]
+)  # 96: 32-row blocks only; 72: padded to 80, no fast path
 @torch.no_grad()
 def test_int4_many_rows_take_the_float32_gemm_on_the_exact_weight(out_features, monkeypatch):
     """From ``INT4_DEQUANT_ROWS`` rows the weight is unpacked from the kernel's layout (reshapes
@@ -134,7 +160,11 @@ def test_int4_module_gives_back_its_exact_values():
     w.scales[3, 1] = 0.0  # a constant group: q is irrelevant there and comes back as 0
     w.q[3, 64:] = 0
     back = Int4Linear(w, None, torch.float32).quantized_weight()
-    assert torch.equal(back.q, w.q) and torch.equal(back.scales, w.scales) and torch.equal(back.zeros, w.zeros)
+    assert (
+        torch.equal(back.q, w.q)
+        and torch.equal(back.scales, w.scales)
+        and torch.equal(back.zeros, w.zeros)
+    )
 
 
 def test_activation_dtype_follows_the_cpu(monkeypatch):
@@ -159,13 +189,23 @@ def test_quantized_model_matches_its_dequantized_twin(mode, tied):
     ids = torch.randint(0, 128, (2, 9))
     for act, tol in ((torch.float32, 2e-5), (torch.bfloat16, 0.05)):
         quantized = quantize_model(copy.deepcopy(model), mode, 32, activation_dtype=act)
-        assert isinstance(quantized.layers[0].attn.qkv, Int4Linear if mode == "int4" else Int8Linear)
-        assert isinstance(quantized.layers[1].mlp.gate_up, Int4Linear if mode == "int4" else Int8Linear)
-        assert isinstance(quantized.lm_head, Int8Linear) and isinstance(quantized.embed, Int8Embedding)
+        assert isinstance(
+            quantized.layers[0].attn.qkv, Int4Linear if mode == "int4" else Int8Linear
+        )
+        assert isinstance(
+            quantized.layers[1].mlp.gate_up, Int4Linear if mode == "int4" else Int8Linear
+        )
+        assert isinstance(quantized.lm_head, Int8Linear) and isinstance(
+            quantized.embed, Int8Embedding
+        )
         assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
         # the partial bias as the float model applies it: q and k parts as stored, v part zero
         bias, stored = quantized.layers[0].attn.qkv.bias, model.layers[0].attn.qkv.bias
-        assert torch.equal(bias[:96], stored[:96]) and stored[96:].abs().sum() > 0 and not bias[96:].any()
+        assert (
+            torch.equal(bias[:96], stored[:96])
+            and stored[96:].abs().sum() > 0
+            and not bias[96:].any()
+        )
         twin = dequantized_twin(model, quantized)
         diff = (quantized(ids) - twin(ids)).abs().max().item()
         assert diff < tol, (act, diff)
@@ -197,6 +237,7 @@ def test_quantized_model_decodes_through_the_traced_step(monkeypatch):
 
 class _Ids:
     """A tokenizer stand-in: text is space-separated ids."""
+
     eos_token_ids = ()
     bos_token_id = None
     chat_template = None
@@ -226,8 +267,9 @@ def test_gguf_blocks_decode_bit_exactly_like_the_gguf_package(kind):
     q, d, m = decode_q4(raw, kind)
     assert q.max() <= 15
     # the block formula itself is bit-exact ...
-    assert torch.equal(q.float() * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1), reference) \
-        or torch.equal((q.float() - 8) * d.repeat_interleave(32, 1), reference)
+    assert torch.equal(
+        q.float() * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1), reference
+    ) or torch.equal((q.float() - 8) * d.repeat_interleave(32, 1), reference)
     # ... and its int4 mapping (scale = d, zero = m + 8d) equals it to float32 rounding
     mapped = q4_to_int4(q, d, m)
     assert (mapped.dequantize() - reference).abs().max() <= 2e-7 * reference.abs().max() * 8
@@ -248,7 +290,9 @@ def _gguf_model(tmp_path, quant: str, tied: bool, arch_knobs: dict | None = None
     return path
 
 
-@pytest.mark.parametrize("quant,kind", [("Q4_1", Int4Linear), ("Q4_0", Int4Linear), ("Q8_0", Int8Linear)])
+@pytest.mark.parametrize(
+    "quant,kind", [("Q4_1", Int4Linear), ("Q4_0", Int4Linear), ("Q8_0", Int8Linear)]
+)
 @pytest.mark.parametrize("tied", [True, False])
 @torch.no_grad()
 def test_gguf_file_kept_quantized_matches_the_dequantized_file(tmp_path, quant, kind, tied):
@@ -257,17 +301,25 @@ def test_gguf_file_kept_quantized_matches_the_dequantized_file(tmp_path, quant, 
     float_model = llamakin.load(path)  # gguf's dequantization, float32
     kept = llamakin.load(path, quantize="auto")
     assert isinstance(kept.layers[0].attn.qkv, kind) and isinstance(kept.layers[1].mlp.down, kind)
-    assert isinstance(kept.embed, Int8Embedding) and isinstance(kept.lm_head, (Int4Linear, Int8Linear))
+    assert isinstance(kept.embed, Int8Embedding) and isinstance(
+        kept.lm_head, (Int4Linear, Int8Linear)
+    )
     # float32 activations and scales: Q4_0/Q4_1 values exactly as the gguf package dequantizes them
     exact_kept = load_quantized(path, torch.float32, "cpu", "auto", activation_dtype=torch.float32)
     for name, module in exact_kept.named_modules():
         if isinstance(module, Int4Linear):
-            reference = float_model.get_submodule(name).weight if name != "lm_head" else float_model.output_weight
+            reference = (
+                float_model.get_submodule(name).weight
+                if name != "lm_head"
+                else float_model.output_weight
+            )
             assert (module.dequantize() - reference).abs().max() <= 1e-7
         if isinstance(module, Int4Linear) and name == "layers.0.attn.qkv":  # bf16 scales: rounded
             rounded, exact = kept.get_submodule(name).scale_zero.float(), module.scale_zero
-            assert 0 < (rounded - exact).abs().max() <= exact.abs().max() * 2 ** -8
-            assert torch.equal(kept.get_submodule(name).dequantize(), module.dequantize())  # what files keep
+            assert 0 < (rounded - exact).abs().max() <= exact.abs().max() * 2**-8
+            assert torch.equal(
+                kept.get_submodule(name).dequantize(), module.dequantize()
+            )  # what files keep
     twin = dequantized_twin(float_model, exact_kept)
     assert (exact_kept(ids) - twin(ids)).abs().max() < 2e-5
     if quant != "Q8_0":  # Q4 matrices are kept exactly; only the head (Q8_0 -> int8 rows) differs
@@ -280,9 +332,18 @@ def test_gguf_qwen2_biases_kept_in_float(tmp_path):
     from llamakin.gguf_export import save_gguf
 
     torch.manual_seed(0)
-    config = llamakin.ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=96, q_bias=True, k_bias=True, v_bias=True,
-                                  tie_word_embeddings=False)
+    config = llamakin.ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=96,
+        q_bias=True,
+        k_bias=True,
+        v_bias=True,
+        tie_word_embeddings=False,
+    )
     model = llamakin.Transformer(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -308,7 +369,9 @@ def test_requantizing_a_gguf_and_a_float_checkpoint(tmp_path, mode):
     assert isinstance(loaded.lm_head, Int8Linear)
     ids = torch.randint(0, 128, (1, 7))
     assert (loaded(ids) - model(ids)).abs().max() < 0.15
-    assert llamakin.load(tmp_path / "hf", quantize="auto").layers[0].attn.qkv.__class__ is Linear  # float stays float
+    assert (
+        llamakin.load(tmp_path / "hf", quantize="auto").layers[0].attn.qkv.__class__ is Linear
+    )  # float stays float
 
 
 # -- quantized files ------------------------------------------------------------------------------
@@ -331,9 +394,13 @@ def test_quantized_checkpoint_reads_back_bit_identically(tmp_path, mode, group):
         if isinstance(module, Int4Linear):
             back = module.quantized_weight()
             assert torch.equal(pack_nibbles(back.q), stored[f"{name}.qweight"])
-            assert torch.equal(back.scales, stored[f"{name}.scales"]) and torch.equal(back.zeros, stored[f"{name}.zeros"])
+            assert torch.equal(back.scales, stored[f"{name}.scales"]) and torch.equal(
+                back.zeros, stored[f"{name}.zeros"]
+            )
         elif isinstance(module, Int8Linear):
-            assert torch.equal(module.qweight, stored[f"{name}.qweight"]) and torch.equal(module.scales, stored[f"{name}.scales"])
+            assert torch.equal(module.qweight, stored[f"{name}.qweight"]) and torch.equal(
+                module.scales, stored[f"{name}.scales"]
+            )
         if isinstance(module, QuantizedLinear) and module.bias is not None:
             assert torch.equal(module.bias, stored[f"{name}.bias"])
     # written again from the loaded model: the same bytes
@@ -345,7 +412,9 @@ def test_quantized_checkpoint_reads_back_bit_identically(tmp_path, mode, group):
     # dequantized on request: the same logits as the quantized model with float32 activations
     ids = torch.randint(0, 128, (1, 8))
     plain = llamakin.load(tmp_path / "q")
-    exact = load_quantized_checkpoint(tmp_path / "q", torch.float32, "cpu", activation_dtype=torch.float32)
+    exact = load_quantized_checkpoint(
+        tmp_path / "q", torch.float32, "cpu", activation_dtype=torch.float32
+    )
     assert not any(isinstance(m, QuantizedLinear) for m in plain.modules())
     assert (plain(ids) - exact(ids)).abs().max() < 2e-5
     assert (exact(ids) - model(ids)).abs().max() < 0.1
@@ -367,6 +436,19 @@ def test_cli_quantize_generate_and_errors(tmp_path, capsys):
     model.save_pretrained(tmp_path / "m", family="llamakin")
     assert main(["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--to", "int4"]) == 0
     assert "int4" in capsys.readouterr().out
-    assert main(["quantize", str(tmp_path / "m"), str(tmp_path / "q2"), "--to", "int4", "--group-size", "48"]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                str(tmp_path / "m"),
+                str(tmp_path / "q2"),
+                "--to",
+                "int4",
+                "--group-size",
+                "48",
+            ]
+        )
+        == 2
+    )
     assert "group size 48" in capsys.readouterr().err
     assert isinstance(llamakin.load(tmp_path / "q", quantize="auto").layers[0].mlp.down, Int4Linear)

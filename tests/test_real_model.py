@@ -13,8 +13,12 @@ from conftest import run_cli
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
-           "List three colors: red,"]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "List three colors: red,",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +26,9 @@ def models():
     path = smollm2_gguf()
     ours = llamakin.load(path)
     tok = llamakin.load_tokenizer(path)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                               dtype=torch.float32).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     return ours, tok, theirs
 
 
@@ -45,14 +50,20 @@ def test_greedy_continuations_identical_token_for_token(models):
         run = GenerationRun(ours, tok, [ids], SamplingParams(max_new_tokens=new, ignore_eos=True))
         for _ in run:
             pass
-        reference = theirs.generate(torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        assert run.results[0].token_ids == reference[0, len(ids):].tolist(), prompt
+        reference = theirs.generate(
+            torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False
+        )
+        assert run.results[0].token_ids == reference[0, len(ids) :].tolist(), prompt
 
 
 def test_known_good_chat_answer(models):
     ours, tok, _ = models
-    answer = llamakin.generate(ours, tok, [{"role": "user", "content": "What is the capital of France?"}],
-                               max_new_tokens=32)
+    answer = llamakin.generate(
+        ours,
+        tok,
+        [{"role": "user", "content": "What is the capital of France?"}],
+        max_new_tokens=32,
+    )
     assert answer == "The capital of France is Paris."
 
 
@@ -70,8 +81,14 @@ def test_cli_generate_with_the_default_model():
 
 
 def test_cli_chat_over_piped_stdin():
-    result = run_cli("chat", "--temperature", "0", "--max-new-tokens", "24",
-                     stdin="What is the capital of France?\n/reset\nWhat is the capital of Germany?\n")
+    result = run_cli(
+        "chat",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        stdin="What is the capital of France?\n/reset\nWhat is the capital of Germany?\n",
+    )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert lines[0] == "The capital of France is Paris." and "Berlin" in lines[1]
@@ -84,9 +101,17 @@ def test_gguf_export_of_the_catalog_model_keeps_its_tokenizer(models, tmp_path):
     from llamakin.io.gguf import GGUFFile
 
     ours, tok, _ = models
-    assert main(["convert", "smollm2-135m-instruct", str(tmp_path / "m.gguf"), "--gguf-type", "Q8_0"]) == 0
+    assert (
+        main(["convert", "smollm2-135m-instruct", str(tmp_path / "m.gguf"), "--gguf-type", "Q8_0"])
+        == 0
+    )
     meta, original = GGUFFile(tmp_path / "m.gguf").metadata, GGUFFile(smollm2_gguf()).metadata
-    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template"):
+    for key in (
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.chat_template",
+    ):
         assert meta[key] == original[key], key
     exported = llamakin.load_tokenizer(tmp_path / "m.gguf")
     assert [exported.encode(p) for p in PROMPTS] == [tok.encode(p) for p in PROMPTS]

@@ -25,7 +25,9 @@ def meta_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Meta llama/model.py: complex multiplication on adjacent pairs, x [B, T, H, hd]."""
     hd = x.shape[-1]
     freqs = 1.0 / THETA ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd)
-    freqs_cis = torch.polar(torch.ones(len(positions), hd // 2), torch.outer(positions.float(), freqs))
+    freqs_cis = torch.polar(
+        torch.ones(len(positions), hd // 2), torch.outer(positions.float(), freqs)
+    )
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], hd // 2, 2))
     return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
 
@@ -36,13 +38,20 @@ def hf_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     inv_freq = 1.0 / THETA ** (torch.arange(0, hd, 2).float() / hd)
     emb = torch.cat([torch.outer(positions.float(), inv_freq)] * 2, -1)
     cos, sin = emb.cos()[None, :, None], emb.sin()[None, :, None]
-    rotated = torch.cat((-x[..., hd // 2:], x[..., : hd // 2]), -1)
+    rotated = torch.cat((-x[..., hd // 2 :], x[..., : hd // 2]), -1)
     return x * cos + rotated * sin
 
 
 def our_rope(x, positions, layout):
-    config = llamakin.ModelConfig(vocab_size=8, hidden_size=x.shape[-1] * x.shape[2], num_layers=1,
-                                  num_heads=x.shape[2], intermediate_size=8, rope_theta=THETA, rope_layout=layout)
+    config = llamakin.ModelConfig(
+        vocab_size=8,
+        hidden_size=x.shape[-1] * x.shape[2],
+        num_layers=1,
+        num_heads=x.shape[2],
+        intermediate_size=8,
+        rope_theta=THETA,
+        rope_layout=layout,
+    )
     cos, signed_sin = RotaryEmbedding(config)(positions[None], x.dtype)
     return apply_rotary(x.transpose(1, 2), cos, signed_sin, layout).transpose(1, 2)
 
@@ -59,7 +68,11 @@ def test_meta_rope_on_meta_weights_equals_hf_rope_on_permuted_weights(with_bias)
     heads, hd, d, T = 4, 16, 32, 11
     x, pos = torch.randn(1, T, d), torch.arange(T)
     wq, wk = torch.randn(heads * hd, d), torch.randn(heads * hd, d)
-    bq, bk = (torch.randn(heads * hd), torch.randn(heads * hd)) if with_bias else (torch.zeros(heads * hd),) * 2
+    bq, bk = (
+        (torch.randn(heads * hd), torch.randn(heads * hd))
+        if with_bias
+        else (torch.zeros(heads * hd),) * 2
+    )
 
     def scores(q, k):
         return torch.einsum("bthd,bshd->bhts", q, k)
@@ -69,23 +82,42 @@ def test_meta_rope_on_meta_weights_equals_hf_rope_on_permuted_weights(with_bias)
 
     meta = scores(meta_rope(heads_of(x @ wq.T + bq), pos), meta_rope(heads_of(x @ wk.T + bk), pos))
     p = lambda w: interleaved_to_half(w, heads)  # noqa: E731
-    hf = scores(hf_rope(heads_of(x @ p(wq).T + p(bq)), pos), hf_rope(heads_of(x @ p(wk).T + p(bk)), pos))
-    assert (meta - hf).abs().max() < 1e-3 * meta.abs().max()  # float rounding only (scores are O(100))
+    hf = scores(
+        hf_rope(heads_of(x @ p(wq).T + p(bq)), pos), hf_rope(heads_of(x @ p(wk).T + p(bk)), pos)
+    )
+    assert (
+        meta - hf
+    ).abs().max() < 1e-3 * meta.abs().max()  # float rounding only (scores are O(100))
     if with_bias:  # the converter bug of docs/variants.md §2.3: weights permuted, biases forgotten
-        wrong = scores(hf_rope(heads_of(x @ p(wq).T + bq), pos), hf_rope(heads_of(x @ p(wk).T + bk), pos))
+        wrong = scores(
+            hf_rope(heads_of(x @ p(wq).T + bq), pos), hf_rope(heads_of(x @ p(wk).T + bk), pos)
+        )
         assert (meta - wrong).abs().max() > 0.1 * meta.abs().max()
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_whole_model_layout_conversion_is_exact(with_bias):
     torch.manual_seed(0)
-    config = llamakin.ModelConfig(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=96, rope_layout="interleaved", q_bias=with_bias,
-                                  k_bias=with_bias, v_bias=with_bias, o_bias=with_bias)
+    config = llamakin.ModelConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=96,
+        rope_layout="interleaved",
+        q_bias=with_bias,
+        k_bias=with_bias,
+        v_bias=with_bias,
+        o_bias=with_bias,
+    )
     meta_model = llamakin.Transformer(config).eval()
     with torch.no_grad():
         for name, p in meta_model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.1 if p.dim() == 1 else p.shape[-1] ** -0.5) + (1 if "norm" in name else 0))
+            p.copy_(
+                torch.randn_like(p) * (0.1 if p.dim() == 1 else p.shape[-1] ** -0.5)
+                + (1 if "norm" in name else 0)
+            )
     ids = torch.randint(0, 100, (2, 12))
     hf_model = convert_rope_layout(meta_model, "half")
     assert hf_model.config.rope_layout == "half"
@@ -103,8 +135,9 @@ def test_whole_model_layout_conversion_is_exact(with_bias):
 
 def test_qk_norm_weights_follow_the_permutation():
     torch.manual_seed(1)
-    config = llamakin.ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48,
-                                  qk_norm=True)
+    config = llamakin.ModelConfig(
+        vocab_size=50, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48, qk_norm=True
+    )
     model = llamakin.Transformer(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -117,15 +150,41 @@ def test_qk_norm_weights_follow_the_permutation():
 def test_cli_converts_hf_to_meta_layout_and_back_exactly(tmp_path):
     case = next(c for c in CASES if c.name == "llama")
     hf = save_case(case, tmp_path / "hf")
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "meta"), "--rope-layout", "interleaved"]) == 0
-    assert (tmp_path / "meta" / "params.json").is_file() and (tmp_path / "meta" / "consolidated.00.pth").is_file()
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "hf"),
+                str(tmp_path / "meta"),
+                "--rope-layout",
+                "interleaved",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "meta" / "params.json").is_file() and (
+        tmp_path / "meta" / "consolidated.00.pth"
+    ).is_file()
     meta = llamakin.load(tmp_path / "meta")
     assert meta.config.rope_layout == "interleaved" and meta.config.family == "meta"
     ids, mask = ragged_batch(128, [10, 6])
     expected = hf(ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
     assert (meta(ids, attention_mask=mask) - expected)[mask.bool()].abs().max() < 1e-5
 
-    assert main(["convert", str(tmp_path / "meta"), str(tmp_path / "back"), "--rope-layout", "half", "--to", "llama"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "meta"),
+                str(tmp_path / "back"),
+                "--rope-layout",
+                "half",
+                "--to",
+                "llama",
+            ]
+        )
+        == 0
+    )
     transformers = pytest.importorskip("transformers")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
     for name, tensor in hf.state_dict().items():
@@ -136,12 +195,36 @@ def test_cli_converts_hf_to_meta_layout_and_back_exactly(tmp_path):
 def test_cli_keeps_biases_in_llamakin_format(tmp_path, capsys):
     case = next(c for c in CASES if c.name == "granite-code-bias-llama3")
     hf = save_case(case, tmp_path / "hf")
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "inter"), "--rope-layout", "interleaved"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "hf"),
+                str(tmp_path / "inter"),
+                "--rope-layout",
+                "interleaved",
+            ]
+        )
+        == 0
+    )
     assert "llamakin checkpoint" in capsys.readouterr().out  # Meta's format has no biases
     inter = llamakin.load(tmp_path / "inter")
     assert inter.config.q_bias and inter.config.rope_layout == "interleaved"
     ids = torch.randint(3, 128, (1, 14))
     assert (inter(ids) - hf(ids).logits).abs().max() < 1e-5
-    assert main(["convert", str(tmp_path / "inter"), str(tmp_path / "hf2"), "--rope-layout", "half", "--to", "llama"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "inter"),
+                str(tmp_path / "hf2"),
+                "--rope-layout",
+                "half",
+                "--to",
+                "llama",
+            ]
+        )
+        == 0
+    )
     back = llamakin.load(tmp_path / "hf2")
     assert (back(ids) - hf(ids).logits).abs().max() < 1e-5

@@ -29,12 +29,17 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model, tokenizer, **options):
-        engine_options = {k: options.pop(k) for k in ("max_batch", "max_queue", "context", "prefix_cache_bytes")
-                          if k in options}
+        engine_options = {
+            k: options.pop(k)
+            for k in ("max_batch", "max_queue", "context", "prefix_cache_bytes")
+            if k in options
+        }
         self.engine = Engine(model, tokenizer, **engine_options)
         app = create_app(self.engine, MODEL, **options)
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         for _ in range(200):
@@ -74,11 +79,16 @@ def test_models_and_health(server):
 def test_completions_equal_llamakin_generate(server, tiny):
     model, tok = tiny
     expected = llamakin.generate(model, tok, "Once upon a time", max_new_tokens=12, ignore_eos=True)
-    out = server.client().completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
+    out = server.client().completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0
+    )
     assert out.choices[0].text == expected or out.choices[0].finish_reason == "stop"
     assert expected.startswith(out.choices[0].text)
     assert out.usage.prompt_tokens == len(tok.encode("Once upon a time"))
-    assert out.usage.completion_tokens <= 12 and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    assert (
+        out.usage.completion_tokens <= 12
+        and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    )
 
 
 def test_chat_plain_and_streaming(server, tiny):
@@ -86,26 +96,40 @@ def test_chat_plain_and_streaming(server, tiny):
     messages = [{"role": "user", "content": "Hello there"}]
     expected = llamakin.generate(model, tok, messages, max_new_tokens=10)
     client = server.client()
-    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    out = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0
+    )
     assert out.choices[0].message.content == expected and out.choices[0].message.role == "assistant"
     prompt_len = len(tok.encode(tok.apply_chat_template(messages), add_special_tokens=False))
     assert out.usage.prompt_tokens == prompt_len
     assert out.choices[0].finish_reason in ("stop", "length")
 
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected
     assert chunks[-2].choices[0].finish_reason == out.choices[0].finish_reason
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    assert (
+        chunks[-1].choices == []
+        and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
 
 
 def test_completions_streaming_ends_with_done(server):
-    with httpx.stream("POST", server.url + "/v1/completions",
-                      json={"model": MODEL, "prompt": "Hi", "max_tokens": 5, "temperature": 0, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 5, "temperature": 0, "stream": True},
+    ) as r:
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     events = [json.loads(line[6:]) for line in lines[:-1]]
@@ -116,10 +140,13 @@ def test_completions_streaming_ends_with_done(server):
 def test_stop_strings(server, tiny):
     model, tok = tiny
     full = llamakin.generate(model, tok, "The weather today", max_new_tokens=20, ignore_eos=True)
-    stop = full[len(full) // 2:len(full) // 2 + 3]
-    out = server.client().completions.create(model=MODEL, prompt="The weather today", max_tokens=20, temperature=0,
-                                             stop=[stop])
-    assert out.choices[0].text == full[:full.index(stop)] and out.choices[0].finish_reason == "stop"
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    out = server.client().completions.create(
+        model=MODEL, prompt="The weather today", max_tokens=20, temperature=0, stop=[stop]
+    )
+    assert (
+        out.choices[0].text == full[: full.index(stop)] and out.choices[0].finish_reason == "stop"
+    )
 
 
 def test_sixteen_concurrent_streams_get_what_they_would_get_alone(server):
@@ -127,13 +154,22 @@ def test_sixteen_concurrent_streams_get_what_they_would_get_alone(server):
     client = server.client(timeout=120)
 
     def alone(p):
-        return client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0).choices[0].text
+        return (
+            client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0)
+            .choices[0]
+            .text
+        )
 
     expected = [alone(p) for p in prompts]
 
     def streamed(p):
-        return "".join(c.choices[0].text for c in client.completions.create(
-            model=MODEL, prompt=p, max_tokens=16, temperature=0, stream=True) if c.choices)
+        return "".join(
+            c.choices[0].text
+            for c in client.completions.create(
+                model=MODEL, prompt=p, max_tokens=16, temperature=0, stream=True
+            )
+            if c.choices
+        )
 
     with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(streamed, prompts))
@@ -142,32 +178,97 @@ def test_sixteen_concurrent_streams_get_what_they_would_get_alone(server):
 
 
 def post(server, path, body, **kw):
-    return httpx.post(server.url + path, content=body if isinstance(body, (bytes, str)) else json.dumps(body),
-                      headers={"content-type": "application/json"}, **kw)
+    return httpx.post(
+        server.url + path,
+        content=body if isinstance(body, (bytes, str)) else json.dumps(body),
+        headers={"content-type": "application/json"},
+        **kw,
+    )
 
 
-@pytest.mark.parametrize("path,body,status,param", [
-    ("/v1/chat/completions", b"{not json", 400, None),
-    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 5}, 400, "temperature"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools.0.function"),
-    ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 500}, 400, "max_tokens"),
-    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 99}, 400, "logprobs"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True, "stream": True}, 400, "echo"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
-     "top_logprobs"),
-    ("/v1/completions", {"model": MODEL, "prompt": [10 ** 9]}, 400, "prompt"),
-])
+@pytest.mark.parametrize(
+    "path,body,status,param",
+    [
+        ("/v1/chat/completions", b"{not json", 400, None),
+        ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 5},
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 0},
+            400,
+            "top_p",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+            400,
+            "messages.0.role",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 0},
+            400,
+            "n",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function"}],
+            },
+            400,
+            "tools.0.function",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "model",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]},
+            400,
+            "messages",
+        ),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 500}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 99}, 400, "logprobs"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "echo": True, "stream": True},
+            400,
+            "echo",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            400,
+            "top_logprobs",
+        ),
+        ("/v1/completions", {"model": MODEL, "prompt": [10**9]}, 400, "prompt"),
+    ],
+)
 def test_bad_requests_get_openai_errors(server, path, body, status, param):
     r = post(server, path, body)
     assert r.status_code == status, r.text
@@ -242,7 +343,13 @@ def test_full_queue_answers_429_with_retry_after(tiny, monkeypatch):
 def test_disconnect_mid_stream_frees_the_row(server, monkeypatch):
     slow_down_steps(server.engine, 0.02, monkeypatch)  # 200 tokens: >= 4 s
     before = server.engine.status()["generated_tokens"]
-    body = {"model": MODEL, "prompt": "A very long tale:", "max_tokens": 200, "temperature": 0, "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": "A very long tale:",
+        "max_tokens": 200,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 3:
@@ -250,7 +357,9 @@ def test_disconnect_mid_stream_frees_the_row(server, monkeypatch):
     assert wait_until(lambda: server.engine.status()["running"] == 0, seconds=3)
     # cancelled, not run to its end: far fewer than the 200 tokens it asked for
     assert server.engine.status()["generated_tokens"] - before < 150
-    out = server.client().completions.create(model=MODEL, prompt="Still there?", max_tokens=4, temperature=0)
+    out = server.client().completions.create(
+        model=MODEL, prompt="Still there?", max_tokens=4, temperature=0
+    )
     assert out.usage.completion_tokens >= 1 or out.choices[0].finish_reason == "stop"
 
 
@@ -260,8 +369,12 @@ def test_real_default_model_through_the_cli(tmp_path):
     import sys
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "llamakin.cli", "serve", "--port", str(port), "--max-batch", "4"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llamakin.cli", "serve", "--port", str(port), "--max-batch", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for _ in range(600):
             try:
@@ -271,18 +384,31 @@ def test_real_default_model_through_the_cli(tmp_path):
                 time.sleep(0.2)
         else:
             pytest.fail("the server did not start: " + process.stderr.read())
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120
+        )
         model = client.models.list().data[0].id
         assert model == "smollm2-135m-instruct"
-        out = client.chat.completions.create(model=model, temperature=0, max_tokens=32,
-                                             messages=[{"role": "user", "content": "What is the capital of France?"}])
+        out = client.chat.completions.create(
+            model=model,
+            temperature=0,
+            max_tokens=32,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
         assert out.choices[0].message.content == "The capital of France is Paris."
-        stream = client.completions.create(model=model, prompt="The capital of Germany is", max_tokens=6,
-                                           temperature=0, stream=True)
+        stream = client.completions.create(
+            model=model,
+            prompt="The capital of Germany is",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+        )
         assert "Berlin" in "".join(c.choices[0].text for c in stream if c.choices)
     finally:
         process.terminate()
         process.wait(timeout=30)
     # --quantize defaults to auto: the catalog file's Q4_1 projections run as int4, its Q8_0 head as int8
-    assert (f"serving smollm2-135m-instruct (dtype float32, quantization int4 (group 32), int8, int8 embedding, "
-            f"device cpu) at http://127.0.0.1:{port} " in process.stderr.read())
+    assert (
+        f"serving smollm2-135m-instruct (dtype float32, quantization int4 (group 32), int8, int8 embedding, "
+        f"device cpu) at http://127.0.0.1:{port} " in process.stderr.read()
+    )

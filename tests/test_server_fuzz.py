@@ -23,7 +23,13 @@ EXAMPLES = int(os.environ.get("LLAMAKIN_FUZZ_EXAMPLES", "60"))
 def fuzzed():
     tok = llamakin.load_tokenizer(smollm2_gguf())
     server = Server(tiny_model(tok), tok, max_batch=4, max_queue=64, context=64)
-    body = {"model": MODEL, "prompt": "A calm sea", "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": "A calm sea",
+        "max_tokens": 20,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     expected = post(server, "/v1/completions", body, timeout=120).json()["choices"][0]["text"]
     stop, problems, streams = threading.Event(), [], [0]
 
@@ -31,7 +37,9 @@ def fuzzed():
         """Streams the same request again and again while the fuzzing goes on."""
         while not stop.is_set():
             text = ""
-            with httpx.stream("POST", server.url + "/v1/completions", json=body | {"stream": True}, timeout=120) as r:
+            with httpx.stream(
+                "POST", server.url + "/v1/completions", json=body | {"stream": True}, timeout=120
+            ) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: {"):
                         event = httpx.Response(200, content=line[6:]).json()
@@ -51,8 +59,16 @@ def fuzzed():
     assert streams[0] >= 1 and problems == [], problems
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 @given(case=cases())
 def test_mutated_requests_get_only_openai_shaped_client_errors(fuzzed, case):
     server, client = fuzzed

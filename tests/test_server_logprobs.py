@@ -34,7 +34,11 @@ def direct_logprobs(model, ids: list[int]) -> torch.Tensor:
 def test_echo_with_max_tokens_0_gives_the_prompt_logprobs(setup):
     _, model, tok, server, _ = setup
     ids = tok.encode("Shall I compare thee to a summer's day?")
-    r = post(server, "/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 3})
+    r = post(
+        server,
+        "/v1/completions",
+        {"model": MODEL, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 3},
+    )
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     lp = choice["logprobs"]
@@ -43,17 +47,31 @@ def test_echo_with_max_tokens_0_gives_the_prompt_logprobs(setup):
     expected = [table[t - 1, ids[t]].item() for t in range(1, len(ids))]
     assert lp["token_logprobs"][1:] == pytest.approx(expected, abs=1e-5)
     assert lp["tokens"] == [tok.decode([i]) for i in ids] and choice["text"] == tok.decode(ids)
-    assert lp["text_offset"][:3] == [0, len(lp["tokens"][0]), len(lp["tokens"][0]) + len(lp["tokens"][1])]
+    assert lp["text_offset"][:3] == [
+        0,
+        len(lp["tokens"][0]),
+        len(lp["tokens"][0]) + len(lp["tokens"][1]),
+    ]
     best = table[0].topk(3)
-    top = lp["top_logprobs"][1]  # token text -> logprob; ids that decode alike (byte pieces) keep the best
-    assert 1 <= len(top) <= 3 and list(top.values())[0] == pytest.approx(best.values[0].item(), abs=1e-5)
+    top = lp["top_logprobs"][
+        1
+    ]  # token text -> logprob; ids that decode alike (byte pieces) keep the best
+    assert 1 <= len(top) <= 3 and list(top.values())[0] == pytest.approx(
+        best.values[0].item(), abs=1e-5
+    )
     assert all(any(abs(v - b) < 1e-5 for b in best.values.tolist()) for v in top.values())
-    assert r.json()["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    assert r.json()["usage"] == {
+        "prompt_tokens": len(ids),
+        "completion_tokens": 0,
+        "total_tokens": len(ids),
+    }
 
 
 def test_generated_tokens_logprobs_in_both_shapes(setup):
     _, model, tok, server, _ = setup
-    out = server.client().completions.create(model=MODEL, prompt="And God said", max_tokens=5, temperature=0, logprobs=2)
+    out = server.client().completions.create(
+        model=MODEL, prompt="And God said", max_tokens=5, temperature=0, logprobs=2
+    )
     choice = out.choices[0]
     from llamakin.generate import GenerationRun, SamplingParams
 
@@ -66,10 +84,18 @@ def test_generated_tokens_logprobs_in_both_shapes(setup):
     table = direct_logprobs(model, full)
     expected = [table[t - 1, full[t]].item() for t in range(len(ids), len(full))]
     assert choice.logprobs.token_logprobs == pytest.approx(expected, abs=1e-5)
-    assert all(max(top.values()) == pytest.approx(lp, abs=1e-6)  # greedy: each token is the most likely
-               for top, lp in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs))
-    chat = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
-                                                   max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    assert all(
+        max(top.values()) == pytest.approx(lp, abs=1e-6)  # greedy: each token is the most likely
+        for top, lp in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs)
+    )
+    chat = server.client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) >= 1 and all(len(c.top_logprobs) == 2 for c in content)
     assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6) for c in content)
@@ -79,15 +105,26 @@ def test_generated_tokens_logprobs_in_both_shapes(setup):
 def test_a_batch_of_token_prompts(setup):
     _, model, tok, server, _ = setup
     prompts = [tok.encode("So long as men"), tok.encode("In the beginning God created the heaven")]
-    r = post(server, "/v1/completions", {"model": MODEL, "prompt": prompts, "max_tokens": 1, "echo": True,
-                                         "logprobs": 1, "temperature": 0})
+    r = post(
+        server,
+        "/v1/completions",
+        {
+            "model": MODEL,
+            "prompt": prompts,
+            "max_tokens": 1,
+            "echo": True,
+            "logprobs": 1,
+            "temperature": 0,
+        },
+    )
     choices = r.json()["choices"]
     assert [c["index"] for c in choices] == [0, 1]
     for ids, c in zip(prompts, choices):
         table = direct_logprobs(model, ids)
         assert len(c["logprobs"]["token_logprobs"]) == len(ids) + 1
-        assert c["logprobs"]["token_logprobs"][1:len(ids)] == pytest.approx(
-            [table[t - 1, ids[t]].item() for t in range(1, len(ids))], abs=1e-5)
+        assert c["logprobs"]["token_logprobs"][1 : len(ids)] == pytest.approx(
+            [table[t - 1, ids[t]].item() for t in range(1, len(ids))], abs=1e-5
+        )
 
 
 @pytest.mark.slow
@@ -96,7 +133,9 @@ def test_lm_eval_local_completions_through_the_server_matches_the_direct_model(s
     env = offline_env(root)
     import os
 
-    os.environ.update({k: env[k] for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_CACHE")})
+    os.environ.update(
+        {k: env[k] for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_CACHE")}
+    )
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -105,17 +144,33 @@ def test_lm_eval_local_completions_through_the_server_matches_the_direct_model(s
     tasks = write_tasks(root)
     manager = TaskManager(include_path=str(tasks))
     runs = {}
-    for name, args in (("local-completions", f"base_url={server.url}/v1/completions,model={MODEL},"
-                                             f"tokenizer_backend=huggingface,tokenizer={path},max_length=90,add_bos_token=True"),
-                       # lm-eval's API models keep max_length - 1 (one for the generated token) and cut rolling
-                       # windows one shorter again; the same windows in-process come from max_length 88
-                       ("llamakin", f"pretrained={path},max_length=88")):
-        out = simple_evaluate(model=name, model_args=args, tasks=["lk_mc", "lk_rolling"], task_manager=manager,
-                              log_samples=True, batch_size=2, device="cpu")
-        runs[name] = {t: sorted(rows, key=lambda s: s["doc_id"]) for t, rows in out["samples"].items()}
+    for name, args in (
+        (
+            "local-completions",
+            f"base_url={server.url}/v1/completions,model={MODEL},"
+            f"tokenizer_backend=huggingface,tokenizer={path},max_length=90,add_bos_token=True",
+        ),
+        # lm-eval's API models keep max_length - 1 (one for the generated token) and cut rolling
+        # windows one shorter again; the same windows in-process come from max_length 88
+        ("llamakin", f"pretrained={path},max_length=88"),
+    ):
+        out = simple_evaluate(
+            model=name,
+            model_args=args,
+            tasks=["lk_mc", "lk_rolling"],
+            task_manager=manager,
+            log_samples=True,
+            batch_size=2,
+            device="cpu",
+        )
+        runs[name] = {
+            t: sorted(rows, key=lambda s: s["doc_id"]) for t, rows in out["samples"].items()
+        }
     for task in ("lk_mc", "lk_rolling"):
         for a, b in zip(runs["local-completions"][task], runs["llamakin"][task]):
             ours = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in a["resps"]]
-            theirs = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in b["resps"]]
+            theirs = [
+                float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in b["resps"]
+            ]
             assert ours == pytest.approx(theirs, abs=1e-4), task
     assert httpx.get(server.url + "/health").json()["status"] == "ok"

@@ -20,7 +20,9 @@ parser = pytest.importorskip("prometheus_client.parser")
 def scrape(server) -> dict[tuple[str, tuple], float]:
     """Every sample of /metrics as ``{(name, sorted labels): value}``."""
     r = httpx.get(server.url + "/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert r.status_code == 200 and r.headers["content-type"].startswith(
+        "text/plain; version=0.0.4"
+    )
     samples = {}
     for family in parser.text_string_to_metric_families(r.text):
         for sample in family.samples:
@@ -43,14 +45,31 @@ def test_metrics_count_requests_tokens_and_latencies(server, tiny):  # noqa: F81
     model, tok = tiny
     client = server.client()
     prompts = ["Once upon a time", "The weather today"]
-    out = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=5, temperature=0,
-                                    extra_body={"ignore_eos": True})
-    stream = client.completions.create(model=MODEL, prompt=prompts[1], max_tokens=7, temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model=MODEL, prompt=prompts[0], max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=prompts[1],
+        max_tokens=7,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     streamed = [c for c in stream]
     assert out.usage.completion_tokens == 5 and streamed[-1].choices[0].finish_reason == "length"
-    assert httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "top_p": 5}).status_code == 400
-    assert httpx.post(server.url + "/v1/completions", json={"model": "other", "prompt": "x"}).status_code == 404
+    assert (
+        httpx.post(
+            server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "top_p": 5}
+        ).status_code
+        == 400
+    )
+    assert (
+        httpx.post(
+            server.url + "/v1/completions", json={"model": "other", "prompt": "x"}
+        ).status_code
+        == 404
+    )
     assert httpx.get(server.url + "/nowhere").status_code == 404
 
     m = scrape(server)
@@ -68,20 +87,46 @@ def test_metrics_count_requests_tokens_and_latencies(server, tiny):  # noqa: F81
     assert value(m, "llamakin_time_to_first_token_seconds_sum") > 0
     assert value(m, "llamakin_time_to_first_token_seconds_bucket", le="+Inf") == 2
     assert value(m, "llamakin_requests_running") == 0 and value(m, "llamakin_requests_waiting") == 0
-    assert value(m, "llamakin_kv_cache_used_tokens") == 0 and value(m, "llamakin_kv_cache_usage_ratio") == 0
+    assert (
+        value(m, "llamakin_kv_cache_used_tokens") == 0
+        and value(m, "llamakin_kv_cache_usage_ratio") == 0
+    )
     assert value(m, "llamakin_kv_cache_capacity_tokens") == 4 * 256
     c = model.config
-    assert value(m, "llamakin_kv_cache_bytes") == 2 * c.num_layers * 4 * c.num_kv_heads * 256 * c.head_dim * 4
-    assert value(m, "llamakin_model_info", model=MODEL, dtype="float32", quantization="none", device="cpu") == 1
-    assert value(scrape(server), requests, endpoint="/metrics", status="200") == 1  # the first scrape, counted
+    assert (
+        value(m, "llamakin_kv_cache_bytes")
+        == 2 * c.num_layers * 4 * c.num_kv_heads * 256 * c.head_dim * 4
+    )
+    assert (
+        value(
+            m,
+            "llamakin_model_info",
+            model=MODEL,
+            dtype="float32",
+            quantization="none",
+            device="cpu",
+        )
+        == 1
+    )
+    assert (
+        value(scrape(server), requests, endpoint="/metrics", status="200") == 1
+    )  # the first scrape, counted
 
 
 def test_metrics_while_a_request_runs(server, tiny, monkeypatch):  # noqa: F811
     _, tok = tiny
     slow_down_steps(server.engine, 0.02, monkeypatch)
     prompt = "A very long tale:"
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 60, "temperature": 0, "ignore_eos": True}
-    worker = threading.Thread(target=lambda: httpx.post(server.url + "/v1/completions", json=body, timeout=60))
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": 60,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    worker = threading.Thread(
+        target=lambda: httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    )
     worker.start()
     try:
         assert wait_until(lambda: server.engine.status()["generated_tokens"] >= 5)
@@ -104,27 +149,46 @@ def test_tokenize_and_detokenize_in_llama_cpp_and_vllm_shapes(server, tiny):  # 
     r = post("/tokenize", {"content": text})
     assert r.status_code == 200 and r.json()["tokens"] == tok.encode(text, add_special_tokens=False)
     pieces = post("/tokenize", {"content": text, "with_pieces": True}).json()["tokens"]
-    assert [p["id"] for p in pieces] == r.json()["tokens"] and "".join(p["piece"] for p in pieces) == text
-    assert post("/tokenize", {"content": text, "add_special": True}).json()["tokens"] == tok.encode(text)
+    assert [p["id"] for p in pieces] == r.json()["tokens"] and "".join(
+        p["piece"] for p in pieces
+    ) == text
+    assert post("/tokenize", {"content": text, "add_special": True}).json()["tokens"] == tok.encode(
+        text
+    )
     assert post("/detokenize", {"tokens": r.json()["tokens"]}).json()["content"] == text
 
     # vLLM: {"prompt"} with special tokens by default, count and max_model_len; {"messages"} as chat renders them
     r = post("/tokenize", {"model": MODEL, "prompt": text, "return_token_strs": True}).json()
-    assert r["tokens"] == tok.encode(text) and r["count"] == len(r["tokens"]) and r["max_model_len"] == 256
+    assert (
+        r["tokens"] == tok.encode(text)
+        and r["count"] == len(r["tokens"])
+        and r["max_model_len"] == 256
+    )
     assert r["token_strs"] == [tok.id_to_token(i) for i in r["tokens"]]
     messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": text}]
     r = post("/tokenize", {"model": MODEL, "messages": messages}).json()
-    chat = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0)
-    assert r["count"] == chat.usage.prompt_tokens  # the same prompt the chat endpoint generates from
+    chat = server.client().chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=1, temperature=0
+    )
+    assert (
+        r["count"] == chat.usage.prompt_tokens
+    )  # the same prompt the chat endpoint generates from
     assert r["tokens"] == tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
-    assert post("/detokenize", {"model": MODEL, "tokens": r["tokens"]}).json()["prompt"] == tok.decode(r["tokens"])
+    assert post("/detokenize", {"model": MODEL, "tokens": r["tokens"]}).json()[
+        "prompt"
+    ] == tok.decode(r["tokens"])
 
     # bad requests: OpenAI-shaped 400s and 404s naming the problem
     for path, body, status, param in [
         ("/tokenize", {"content": "a", "prompt": "b"}, 400, None),
         ("/tokenize", {}, 400, None),
         ("/tokenize", {"content": 5}, 400, "content"),
-        ("/tokenize", {"content": "a", "add_special": True, "add_special_tokens": False}, 400, None),
+        (
+            "/tokenize",
+            {"content": "a", "add_special": True, "add_special_tokens": False},
+            400,
+            None,
+        ),
         ("/tokenize", {"content": "a", "colour": 1}, 400, "colour"),
         ("/tokenize", {"model": "other", "content": "a"}, 404, "model"),
         ("/detokenize", {"tokens": [1, tok.vocab_size]}, 400, "tokens"),
@@ -132,7 +196,9 @@ def test_tokenize_and_detokenize_in_llama_cpp_and_vllm_shapes(server, tiny):  # 
     ]:
         r = post(path, body)
         assert r.status_code == status, (body, r.text)
-        assert r.json()["error"]["param"] == param and r.json()["error"]["message"].endswith("."), r.json()
+        assert r.json()["error"]["param"] == param and r.json()["error"]["message"].endswith("."), (
+            r.json()
+        )
     assert "exactly one of 'content'" in post("/tokenize", {}).json()["error"]["message"]
 
 
@@ -141,10 +207,18 @@ def test_api_key_guards_tokenize_but_not_metrics_or_the_page(tiny):  # noqa: F81
     try:
         assert httpx.post(s.url + "/tokenize", json={"content": "a"}).status_code == 401
         assert httpx.post(s.url + "/detokenize", json={"tokens": [1]}).status_code == 401
-        ok = httpx.post(s.url + "/tokenize", json={"content": "a"}, headers={"Authorization": "Bearer sesame"})
+        ok = httpx.post(
+            s.url + "/tokenize", json={"content": "a"}, headers={"Authorization": "Bearer sesame"}
+        )
         assert ok.status_code == 200
-        assert httpx.get(s.url + "/metrics").status_code == 200 and httpx.get(s.url + "/").status_code == 200
-        assert value(scrape(s), "llamakin_http_requests_total", endpoint="/tokenize", status="401") == 1
+        assert (
+            httpx.get(s.url + "/metrics").status_code == 200
+            and httpx.get(s.url + "/").status_code == 200
+        )
+        assert (
+            value(scrape(s), "llamakin_http_requests_total", endpoint="/tokenize", status="401")
+            == 1
+        )
     finally:
         s.close()
 
@@ -156,8 +230,10 @@ def test_startup_line_names_model_dtype_quantization_and_address(tiny):  # noqa:
         max_batch, max_queue, context = 8, 64, 2048
 
     line = startup_line(model, "tiny", "127.0.0.1", 8123, Limits())
-    assert line.startswith("llamakin: serving tiny (dtype float32, quantization none, device cpu) at "
-                           "http://127.0.0.1:8123 ")
+    assert line.startswith(
+        "llamakin: serving tiny (dtype float32, quantization none, device cpu) at "
+        "http://127.0.0.1:8123 "
+    )
     assert "http://[::1]:8000" in startup_line(model, "tiny", "::1", 8000, Limits())
     half = torch.nn.Linear(4, 4).to(torch.bfloat16)
     assert weights_summary(half) == ("bfloat16", "none")

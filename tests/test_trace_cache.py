@@ -19,8 +19,15 @@ from llamakin.model.decode import Decoder, TraceCache
 
 def small_model():
     torch.manual_seed(0)
-    config = llamakin.ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=64, max_position_embeddings=128)
+    config = llamakin.ModelConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     return llamakin.Transformer(config).eval()
 
 
@@ -43,7 +50,11 @@ def test_recording_allocates_no_second_cache_and_leaves_the_cache_untouched(trac
     before = [t.clone() for t in cache.keys + cache.values]
     created = []
     real_init = KVCache.__init__
-    monkeypatch.setattr(KVCache, "__init__", lambda self, *a, **kw: (created.append(a), real_init(self, *a, **kw))[1])
+    monkeypatch.setattr(
+        KVCache,
+        "__init__",
+        lambda self, *a, **kw: (created.append(a), real_init(self, *a, **kw))[1],
+    )
     decoder = Decoder(model, cache)
     assert decoder._graph is not None and created == []
     assert all(torch.equal(a, b) for a, b in zip(before, cache.keys + cache.values))
@@ -81,7 +92,9 @@ def test_a_bounded_cache_retraces_with_identical_results(traces, monkeypatch):
                 traced = step
         assert torch.equal(traced, step)
         assert len(traces) <= 2
-    assert traces.traced == 5 and traces.evicted == 3  # (2, 32) was evicted by (4, 64), then traced again
+    assert (
+        traces.traced == 5 and traces.evicted == 3
+    )  # (2, 32) was evicted by (4, 64), then traced again
 
 
 def test_generate_goes_through_the_bounded_cache(traces):
@@ -89,8 +102,12 @@ def test_generate_goes_through_the_bounded_cache(traces):
     recorded, two kept."""
     model = small_model()
     for rows in (1, 2, 3):
-        run = GenerationRun(model, _NoTokenizer(), [list(range(1, 6))] * rows,
-                            SamplingParams(max_new_tokens=3, ignore_eos=True))
+        run = GenerationRun(
+            model,
+            _NoTokenizer(),
+            [list(range(1, 6))] * rows,
+            SamplingParams(max_new_tokens=3, ignore_eos=True),
+        )
         for _ in run:
             pass
     assert len(traces) == 2 and traces.traced == 3
@@ -126,7 +143,11 @@ def test_once_the_recording_budget_is_spent_new_shapes_run_eagerly(monkeypatch):
         cache = model.new_cache(batch, 32)
         model(torch.arange(3 * batch).view(batch, 3) % 97, cache=cache)
         decoder = Decoder(model, cache)
-        results.setdefault(batch, []).append(decoder.step(torch.full((batch, 1), 5), torch.full((batch, 1), 3)))
+        results.setdefault(batch, []).append(
+            decoder.step(torch.full((batch, 1), 5), torch.full((batch, 1), 3))
+        )
     assert budgeted.traced == 2 and len(budgeted) == 1
-    assert budgeted.keys()[0][0] == 2  # the batch-2 trace is kept; the second batch-1 step ran eagerly
+    assert (
+        budgeted.keys()[0][0] == 2
+    )  # the batch-2 trace is kept; the second batch-1 step ran eagerly
     assert all(torch.equal(a, b) for a, b in results.values())

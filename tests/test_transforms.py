@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from llamakin.families.base import fused_rows, fused_rows_partial
-from llamakin.transforms import concat_rows, half_to_interleaved, interleaved_to_half, rope_reorder, split_rows
+from llamakin.transforms import (
+    concat_rows,
+    half_to_interleaved,
+    interleaved_to_half,
+    rope_reorder,
+    split_rows,
+)
 
 
 def hf_convert_permute(w, n_heads, dim1, dim2):
@@ -43,8 +49,16 @@ def test_rope_permutation_round_trips_weights_and_biases(shape, rotary_dim):
     w = torch.randn(shape)
     there = interleaved_to_half(w, 4, rotary_dim)
     assert torch.equal(half_to_interleaved(there, 4, rotary_dim), w)
-    assert torch.equal(rope_reorder(rope_reorder(w, 4, rotary_dim or 8, "half", "interleaved"), 4, rotary_dim or 8,
-                                    "interleaved", "half"), w)
+    assert torch.equal(
+        rope_reorder(
+            rope_reorder(w, 4, rotary_dim or 8, "half", "interleaved"),
+            4,
+            rotary_dim or 8,
+            "interleaved",
+            "half",
+        ),
+        w,
+    )
     if rotary_dim not in (None, 8):  # partial rotary: the pass-through rows never move
         heads = w.reshape(4, 8, *shape[1:])
         assert torch.equal(there.reshape(4, 8, *shape[1:])[:, rotary_dim:], heads[:, rotary_dim:])
@@ -54,8 +68,12 @@ def test_rope_permutation_round_trips_weights_and_biases(shape, rotary_dim):
 def test_bias_permutation_matches_spec_formula():
     heads, hd = 3, 8
     b = torch.randn(heads * hd)
-    assert torch.equal(interleaved_to_half(b, heads), b.view(heads, hd // 2, 2).transpose(1, 2).reshape(-1))
-    assert torch.equal(half_to_interleaved(b, heads), b.view(heads, 2, hd // 2).transpose(1, 2).reshape(-1))
+    assert torch.equal(
+        interleaved_to_half(b, heads), b.view(heads, hd // 2, 2).transpose(1, 2).reshape(-1)
+    )
+    assert torch.equal(
+        half_to_interleaved(b, heads), b.view(heads, 2, hd // 2).transpose(1, 2).reshape(-1)
+    )
 
 
 def test_concat_split_round_trip():

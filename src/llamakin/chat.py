@@ -30,8 +30,14 @@ class ChatSession:
     computes only what is new: the tokens after the longest start it shares with what was computed.
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        params: SamplingParams,
+        system: str | None = None,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    ):
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.system: list[dict[str, str]] = []
@@ -53,8 +59,10 @@ class ChatSession:
 
     def save(self, path: str | Path) -> None:
         try:
-            Path(path).write_text(json.dumps({"messages": self.messages}, ensure_ascii=False, indent=1) + "\n",
-                                  encoding="utf-8")
+            Path(path).write_text(
+                json.dumps({"messages": self.messages}, ensure_ascii=False, indent=1) + "\n",
+                encoding="utf-8",
+            )
         except OSError as e:
             raise LlamakinError(f"cannot write the conversation to {path}: {e.strerror}.") from None
 
@@ -97,7 +105,9 @@ class ChatSession:
         run = None
         try:
             ids = self._fit()
-            run = GenerationRun(self.model, self.tokenizer, [ids], self.params, prefix_cache=self.prefix_cache)
+            run = GenerationRun(
+                self.model, self.tokenizer, [ids], self.params, prefix_cache=self.prefix_cache
+            )
             for _, piece in run:
                 pieces.append(piece)
                 if out is not None:
@@ -130,14 +140,26 @@ def read_conversation(path: str | Path) -> list[dict[str, str]]:
     except OSError as e:
         raise LlamakinError(f"cannot read {path}: {e.strerror}.") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise LlamakinError(f"{path} is not JSON ({e}); /load reads a file written by /save.") from None
+        raise LlamakinError(
+            f"{path} is not JSON ({e}); /load reads a file written by /save."
+        ) from None
     messages = data.get("messages") if isinstance(data, dict) else data
     if not isinstance(messages, list):
-        raise LlamakinError(f"{path} holds no conversation: expected {{\"messages\": [...]}} or a list of messages.")
+        raise LlamakinError(
+            f'{path} holds no conversation: expected {{"messages": [...]}} or a list of messages.'
+        )
     for index, message in enumerate(messages):
-        if not (isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)):
-            raise LlamakinError(f"{path}: message {index} is not {{\"role\": one of {', '.join(ROLES)}, "
-                                "\"content\": text}.")
+        if not (
+            isinstance(message, dict)
+            and message.get("role") in ROLES
+            and isinstance(message.get("content"), str)
+        ):
+            raise LlamakinError(
+                f'{path}: message {index} is not {{"role": one of {", ".join(ROLES)}, '
+                '"content": text}.'
+            )
         if message["role"] == "system" and index > 0:
-            raise LlamakinError(f"{path}: message {index} is a system message; only the first message may be one.")
+            raise LlamakinError(
+                f"{path}: message {index} is a system message; only the first message may be one."
+            )
     return [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -42,9 +42,16 @@ def _raise_exception(message: str):
     raise TemplateError(f"the chat template refused this conversation: {message}")
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
-            sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators=None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -69,14 +76,22 @@ def _check_deadline() -> None:
 
 def _check_size(value: Any) -> Any:
     if isinstance(value, (str, list, tuple, bytes)) and len(value) > MAX_OUTPUT_CHARS:
-        raise _Exhausted(f"it built a {type(value).__name__} of more than {MAX_OUTPUT_CHARS:,} items")
+        raise _Exhausted(
+            f"it built a {type(value).__name__} of more than {MAX_OUTPUT_CHARS:,} items"
+        )
     return value
 
 
 def _check_arguments(args: Any, kwargs: dict[str, Any]) -> None:
     for value in (*args, *kwargs.values()):
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE_ARGUMENT:
-            raise _Exhausted(f"it passed the number {value} to a function (at most {MAX_SIZE_ARGUMENT:,} is allowed)")
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and abs(value) > MAX_SIZE_ARGUMENT
+        ):
+            raise _Exhausted(
+                f"it passed the number {value} to a function (at most {MAX_SIZE_ARGUMENT:,} is allowed)"
+            )
 
 
 def _bounded_iter(iterable: Any):
@@ -98,9 +113,12 @@ def _guarded_filter(f):
     def wrapper(*args, **kwargs):
         _check_deadline()
         _check_arguments(args, kwargs)
-        if f.__name__ == "do_format" and any(isinstance(a, str) and _WIDE_FORMAT.search(a) for a in args):
+        if f.__name__ == "do_format" and any(
+            isinstance(a, str) and _WIDE_FORMAT.search(a) for a in args
+        ):
             raise _Exhausted("it formatted with a width of a million or more")
         return _check_size(f(*args, **kwargs))
+
     return wrapper
 
 
@@ -134,13 +152,26 @@ def _environment():
             _check_deadline()
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and not isinstance(n, bool):
-                        size = sum(len(x) if isinstance(x, (str, list, tuple)) else 1 for x in seq) \
-                            if not isinstance(seq, str) else len(seq)
+                    if (
+                        isinstance(seq, (str, list, tuple))
+                        and isinstance(n, int)
+                        and not isinstance(n, bool)
+                    ):
+                        size = (
+                            sum(len(x) if isinstance(x, (str, list, tuple)) else 1 for x in seq)
+                            if not isinstance(seq, str)
+                            else len(seq)
+                        )
                         if size * n > MAX_OUTPUT_CHARS:
-                            raise _Exhausted(f"it multiplied a {type(seq).__name__} of {size:,} items by {n:,}")
+                            raise _Exhausted(
+                                f"it multiplied a {type(seq).__name__} of {size:,} items by {n:,}"
+                            )
             elif operator == "**":
-                if isinstance(right, (int, float)) and isinstance(left, (int, float)) and abs(left) > 1:
+                if (
+                    isinstance(right, (int, float))
+                    and isinstance(left, (int, float))
+                    and abs(left) > 1
+                ):
                     bits = max(abs(int(left)), 2).bit_length()
                     if abs(right) * bits > 1 << 20:
                         raise _Exhausted(f"it raised {left!r} to the power {right!r}")
@@ -155,8 +186,11 @@ def _environment():
             _check_arguments(args, kwargs)
             target = getattr(__obj, "__wrapped__", __obj)
             owner = getattr(target, "__self__", None)
-            if isinstance(owner, str) and getattr(target, "__name__", "") in ("format", "format_map") \
-                    and _WIDE_FORMAT.search(owner):
+            if (
+                isinstance(owner, str)
+                and getattr(target, "__name__", "") in ("format", "format_map")
+                and _WIDE_FORMAT.search(owner)
+            ):
                 raise _Exhausted("it formatted with a width of a million or more")
             return _check_size(super().call(__context, __obj, *args, **kwargs))
 
@@ -189,14 +223,25 @@ def _compile(template: str, name: str):
 
 def validate_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
-        raise TemplateError("messages must be a non-empty list of {'role': ..., 'content': ...} objects.")
+        raise TemplateError(
+            "messages must be a non-empty list of {'role': ..., 'content': ...} objects."
+        )
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            raise TemplateError(f"message {i} must be an object with a string 'role' and a 'content'.")
+            raise TemplateError(
+                f"message {i} must be an object with a string 'role' and a 'content'."
+            )
 
 
-def render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-           bos_token: str = "", eos_token: str = "", name: str = "the chat template", **kwargs: Any) -> str:
+def render(
+    template: str,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    bos_token: str = "",
+    eos_token: str = "",
+    name: str = "the chat template",
+    **kwargs: Any,
+) -> str:
     """Render ``messages`` (``[{"role": ..., "content": ...}, ...]``) with a Jinja chat template.
 
     ``name`` says whose template it is in error messages (e.g. "the chat template of DIR")."""
@@ -204,19 +249,28 @@ def render(template: str, messages: list[dict[str, Any]], add_generation_prompt:
     from jinja2.sandbox import SecurityError
 
     if not isinstance(template, str):
-        raise TemplateError(f"{name} is a {type(template).__name__}, not Jinja text; fix chat_template in the "
-                            "tokenizer config.")
+        raise TemplateError(
+            f"{name} is a {type(template).__name__}, not Jinja text; fix chat_template in the "
+            "tokenizer config."
+        )
     if len(template) > MAX_TEMPLATE_CHARS:
-        raise TemplateError(f"{name} has {len(template):,} characters, more than the {MAX_TEMPLATE_CHARS:,} "
-                            "llamakin accepts.")
+        raise TemplateError(
+            f"{name} has {len(template):,} characters, more than the {MAX_TEMPLATE_CHARS:,} "
+            "llamakin accepts."
+        )
     validate_messages(messages)
     compiled = _compile(template, name)
     outer = _limits.deadline
     _limits.deadline = min(outer, time.monotonic() + MAX_SECONDS)
     pieces, size = [], 0
     try:
-        for piece in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                       bos_token=bos_token, eos_token=eos_token, **kwargs):
+        for piece in compiled.generate(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            **kwargs,
+        ):
             size += len(piece)
             if size > MAX_OUTPUT_CHARS:
                 raise _Exhausted(f"its output passed {MAX_OUTPUT_CHARS:,} characters")
@@ -224,12 +278,16 @@ def render(template: str, messages: list[dict[str, Any]], add_generation_prompt:
     except TemplateError:
         raise
     except _Exhausted as e:
-        raise TemplateError(f"{name} was stopped: {e}; llamakin bounds templates to {MAX_SECONDS:g} s and "
-                            f"{MAX_OUTPUT_CHARS:,} characters.") from None
+        raise TemplateError(
+            f"{name} was stopped: {e}; llamakin bounds templates to {MAX_SECONDS:g} s and "
+            f"{MAX_OUTPUT_CHARS:,} characters."
+        ) from None
     except SecurityError as e:
         raise TemplateError(f"{name} tried something the sandbox forbids ({e}).") from None
     except RecursionError:
-        raise TemplateError(f"{name} recursed too deeply (a macro calling itself without end).") from None
+        raise TemplateError(
+            f"{name} recursed too deeply (a macro calling itself without end)."
+        ) from None
     except MemoryError:
         raise TemplateError(f"{name} ran out of memory while rendering.") from None
     except OverflowError as e:

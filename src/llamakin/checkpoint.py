@@ -23,10 +23,23 @@ from .io.gguf import GGUFFile
 from .io.tensors import TensorSource, open_weights, write_json, write_safetensors, write_torch
 from .model import Transformer
 from .source import ModelSource, resolve_model
-from .validation import check_plausible_size, check_raw_config, is_weight_dtype, parse_device, stored_values, translated
+from .validation import (
+    check_plausible_size,
+    check_raw_config,
+    is_weight_dtype,
+    parse_device,
+    stored_values,
+    translated,
+)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -41,9 +54,13 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist; a checkpoint directory needs its config file.") from None
+        raise CheckpointError(
+            f"{path} does not exist; a checkpoint directory needs its config file."
+        ) from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint.") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({e}); restore it from the original checkpoint."
+        ) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}.")
     return data
@@ -58,8 +75,14 @@ def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
     return model
 
 
-def check_tensors(rules: list[TensorRule], params: dict[str, torch.Tensor], source: TensorSource,
-                  family: Family, where: str, tied: bool) -> None:
+def check_tensors(
+    rules: list[TensorRule],
+    params: dict[str, torch.Tensor],
+    source: TensorSource,
+    family: Family,
+    where: str,
+    tied: bool,
+) -> None:
     """Refuse missing, unexpected and misshaped tensors before reading any data."""
     available = set(source.names())
     needed = [s for r in rules for s in r.sources]
@@ -87,12 +110,20 @@ def check_tensors(rules: list[TensorRule], params: dict[str, torch.Tensor], sour
                     "the config does not match the weights."
                 )
             if not is_weight_dtype(source.dtype(name)):
-                raise CheckpointError(f"{where}: tensor {name!r} holds {source.dtype(name)} values, not floating-point "
-                                      "weights; the checkpoint is corrupt or not a model.")
+                raise CheckpointError(
+                    f"{where}: tensor {name!r} holds {source.dtype(name)} values, not floating-point "
+                    "weights; the checkpoint is corrupt or not a model."
+                )
 
 
-def load_weights(model: Transformer, rules: list[TensorRule], source: TensorSource, family: Family,
-                 where: str, progress: bool | None = None) -> None:
+def load_weights(
+    model: Transformer,
+    rules: list[TensorRule],
+    source: TensorSource,
+    family: Family,
+    where: str,
+    progress: bool | None = None,
+) -> None:
     params = dict(model.named_parameters())
     covered = {r.canonical for r in rules}
     if covered != set(params):  # an adapter bug, not a user error
@@ -104,7 +135,9 @@ def load_weights(model: Transformer, rules: list[TensorRule], source: TensorSour
         for rule in tqdm(rules, desc="loading", unit="tensor", disable=not show, leave=False):
             value = rule.to_canonical([source.get(n) for n in rule.sources])
             params[rule.canonical].copy_(value)
-            del value  # freed before the next rule's tensors are read: one source tensor alive at a time
+            del (
+                value
+            )  # freed before the next rule's tensors are read: one source tensor alive at a time
 
 
 def read_checkpoint_config(directory: Path) -> tuple[Family, ModelConfig]:
@@ -117,7 +150,9 @@ def read_checkpoint_config(directory: Path) -> tuple[Family, ModelConfig]:
     elif (directory / "params.json").is_file():
         config_path = directory / "params.json"
         raw = read_json(config_path)
-        check_raw_config(raw, str(config_path), skip=("vocab_size",))  # Meta writes -1; the adapter says what to do
+        check_raw_config(
+            raw, str(config_path), skip=("vocab_size",)
+        )  # Meta writes -1; the adapter says what to do
         family = get_family("meta")
     else:
         raise CheckpointError(
@@ -133,7 +168,9 @@ def stored_dtype(path: str | Path | ModelSource) -> str:
     if model_source.is_gguf:
         with GGUFFile(model_source.path) as source:
             if not source.names():
-                raise CheckpointError(f"{model_source.path} holds no tensors; it is not a model checkpoint.")
+                raise CheckpointError(
+                    f"{model_source.path} holds no tensors; it is not a model checkpoint."
+                )
             return source.dtype(source.names()[-1])
     with open_weights(model_source.path) as source:
         for tensor in source.names():
@@ -159,8 +196,11 @@ def read_model_config(path: str | Path | ModelSource) -> tuple[Family, ModelConf
     return read_checkpoint_config(model_source.path)
 
 
-def load(path: str | Path | ModelSource, dtype: torch.dtype | str = torch.float32,
-         device: torch.device | str = "cpu") -> Transformer:
+def load(
+    path: str | Path | ModelSource,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Transformer:
     """Load float weights of a checkpoint: a ``.gguf`` file (dequantized), a Hugging Face directory
     (config.json + safetensors or pytorch_model.bin), a Meta/Mistral native directory (params.json +
     consolidated.*), llamakin's own float format, or the name of a catalog model; see
@@ -196,8 +236,12 @@ def export_tensors(model: Transformer, family: Family) -> dict[str, torch.Tensor
     return out
 
 
-def save_pretrained(model: Transformer, directory: str | Path, family: str | None = None,
-                    max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
+def save_pretrained(
+    model: Transformer,
+    directory: str | Path,
+    family: str | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
     """Write ``config.json`` + safetensors (or Meta's files) in the layout of ``family`` (default:
     the family the model was loaded from, else the first format that expresses its knobs exactly)."""
     directory = Path(directory).expanduser()
@@ -217,8 +261,9 @@ def save_pretrained(model: Transformer, directory: str | Path, family: str | Non
     return directory
 
 
-def _save_pretrained_method(self: Transformer, directory: str | Path, family: str | None = None,
-                            **options) -> Path:
+def _save_pretrained_method(
+    self: Transformer, directory: str | Path, family: str | None = None, **options
+) -> Path:
     """``model.save_pretrained(directory)``: the same as ``llamakin.save_pretrained(model, directory)``."""
     return save_pretrained(self, directory, family=family, **options)
 
@@ -229,8 +274,15 @@ def _save_pretrained_method(self: Transformer, directory: str | Path, family: st
 Transformer.save_pretrained = _save_pretrained_method
 
 
-_CHECKPOINT_FILES = ("config.json", "params.json", "model*.safetensors", "model.safetensors.index.json",
-                     "pytorch_model*.bin", "pytorch_model.bin.index.json", "consolidated.*")
+_CHECKPOINT_FILES = (
+    "config.json",
+    "params.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "consolidated.*",
+)
 
 
 def remove_stale_checkpoint_files(directory: Path, keep: list[Path]) -> None:

@@ -38,7 +38,12 @@ def _positive_int(name: str, value: Any) -> None:
 
 
 def _positive_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or math.isinf(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (value > 0)
+        or math.isinf(value)
+    ):
         raise ConfigError(f"{name} must be a positive finite number, got {value!r}.")
 
 
@@ -77,16 +82,23 @@ class RopeScaling:
                 f"rope_scaling.factor must be at least 1 for {self.type} scaling, got {self.factor}."
             )
         if self.original_max_position_embeddings is not None:
-            _positive_int("rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings)
+            _positive_int(
+                "rope_scaling.original_max_position_embeddings",
+                self.original_max_position_embeddings,
+            )
         if self.type == "llama3" and not (0 < self.low_freq_factor < self.high_freq_factor):
             raise ConfigError(
                 "rope_scaling needs 0 < low_freq_factor < high_freq_factor for llama3 scaling, got "
                 f"{self.low_freq_factor} and {self.high_freq_factor}."
             )
         if self.type == "qwen_dynamic" and self.original_max_position_embeddings is None:
-            raise ConfigError("qwen_dynamic RoPE scaling needs original_max_position_embeddings (Qwen's seq_length).")
+            raise ConfigError(
+                "qwen_dynamic RoPE scaling needs original_max_position_embeddings (Qwen's seq_length)."
+            )
         if self.type == "yarn" and not (self.beta_fast > 0 and self.beta_slow > 0):
-            raise ConfigError("rope_scaling.beta_fast and beta_slow must be positive for yarn scaling.")
+            raise ConfigError(
+                "rope_scaling.beta_fast and beta_slow must be positive for yarn scaling."
+            )
 
 
 @dataclass(frozen=True)
@@ -112,7 +124,9 @@ class ModelConfig:
     # Normalisation (docs/variants.md §1.1, §6.2, §6.1; GLM-4 sandwich norms §6.3).
     norm_type: str = "rmsnorm"
     norm_eps: float = 1e-6
-    rmsnorm_order: str = "cast_then_mul"  # HF/Meta; "mul_then_cast" = ChatGLM2/3 (docs/variants.md §6.2)
+    rmsnorm_order: str = (
+        "cast_then_mul"  # HF/Meta; "mul_then_cast" = ChatGLM2/3 (docs/variants.md §6.2)
+    )
     post_sublayer_norms: bool = False  # norm on each branch output before the residual add (glm4)
 
     # MLP (docs/variants.md §1, §3.1, §6.1).
@@ -125,7 +139,9 @@ class ModelConfig:
     v_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k before RoPE (docs/variants.md §5.3)
-    attention_scale: float | None = None  # None -> head_dim ** -0.5; Granite's attention_multiplier (docs/variants.md §4)
+    attention_scale: float | None = (
+        None  # None -> head_dim ** -0.5; Granite's attention_multiplier (docs/variants.md §4)
+    )
     attention_kind: str = "standard"
     sliding_window: int | None = None  # key j visible from query i iff i - window < j <= i
     sliding_window_layers: tuple[int, ...] | None = None  # None: every layer uses the window
@@ -157,7 +173,9 @@ class ModelConfig:
     # to the start-of-piece token) with 2-D positions, driven by these token ids.
     normed_residual_alpha: float | None = None
     prefix_lm: bool = False
-    mask_token_ids: tuple[int, ...] = ()  # [gMASK], [MASK]: the first present marks the mask position
+    mask_token_ids: tuple[
+        int, ...
+    ] = ()  # [gMASK], [MASK]: the first present marks the mask position
     sop_token_id: int | None = None  # <sop>: the first generated piece starts here
 
     # Qwen v1 (docs/variants.md §5.1): scale q by log(p + 1) / log(L) for positions p + 1 > L = this length, when the
@@ -177,8 +195,14 @@ class ModelConfig:
     family: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             _positive_int(name, getattr(self, name))
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
@@ -211,10 +235,14 @@ class ModelConfig:
         _choice("rope_table_dtype", self.rope_table_dtype, TABLE_DTYPES)
         _choice("rope_inv_freq_dtype", self.rope_inv_freq_dtype, INV_FREQ_DTYPES)
         if self.rope_layout == "glm2d" and (self.rotary_dim != self.head_dim or self.head_dim % 4):
-            raise ConfigError("glm2d RoPE rotates both halves of every head: rotary_dim must equal head_dim, "
-                              "a multiple of 4.")
+            raise ConfigError(
+                "glm2d RoPE rotates both halves of every head: rotary_dim must equal head_dim, "
+                "a multiple of 4."
+            )
         if self.prefix_lm and (not self.mask_token_ids or self.sop_token_id is None):
-            raise ConfigError("prefix_lm needs mask_token_ids and sop_token_id to find the prompt's end.")
+            raise ConfigError(
+                "prefix_lm needs mask_token_ids and sop_token_id to find the prompt's end."
+            )
         if self.normed_residual_alpha is not None:
             _positive_float("normed_residual_alpha", self.normed_residual_alpha)
         if self.logn_attention_length is not None:
@@ -230,12 +258,16 @@ class ModelConfig:
             _positive_float(name, getattr(self, name))
         if self.attention_scale is not None:
             _positive_float("attention_scale", self.attention_scale)
-            if self.attention_scale == self.head_dim ** -0.5:  # one spelling for the default
+            if self.attention_scale == self.head_dim**-0.5:  # one spelling for the default
                 object.__setattr__(self, "attention_scale", None)
         if not isinstance(self.rope_scaling, RopeScaling):
-            raise ConfigError("rope_scaling must be a llamakin.config.RopeScaling; build one from a dict with "
-                              "RopeScaling(**d).")
-        if self.rope_scaling.type != "dynamic":  # a fixed base: rotating before or after caching is the same
+            raise ConfigError(
+                "rope_scaling must be a llamakin.config.RopeScaling; build one from a dict with "
+                "RopeScaling(**d)."
+            )
+        if (
+            self.rope_scaling.type != "dynamic"
+        ):  # a fixed base: rotating before or after caching is the same
             object.__setattr__(self, "rope_cached_keys", False)
 
         if self.attention_kind == "differential":
@@ -245,13 +277,17 @@ class ModelConfig:
                     f"({self.num_kv_heads}) must both be even."
                 )
             if self.qk_norm:
-                raise ConfigError("qk_norm is not defined for differential attention; turn one of them off.")
+                raise ConfigError(
+                    "qk_norm is not defined for differential attention; turn one of them off."
+                )
 
         if self.sliding_window is not None:
             _positive_int("sliding_window", self.sliding_window)
         if self.sliding_window_layers is not None:
             if self.sliding_window is None:
-                raise ConfigError("sliding_window_layers is set but sliding_window is not; set both or neither.")
+                raise ConfigError(
+                    "sliding_window_layers is set but sliding_window is not; set both or neither."
+                )
             layers = tuple(self.sliding_window_layers)
             object.__setattr__(self, "sliding_window_layers", layers)
             bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
@@ -272,7 +308,7 @@ class ModelConfig:
     @property
     def scale(self) -> float:
         """The attention score multiplier (``head_dim ** -0.5`` unless overridden, docs/variants.md §1.2, §4)."""
-        return self.attention_scale if self.attention_scale is not None else self.head_dim ** -0.5
+        return self.attention_scale if self.attention_scale is not None else self.head_dim**-0.5
 
     @property
     def rope_extends_context(self) -> bool:
@@ -314,14 +350,18 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"unknown ModelConfig keys {unknown}; remove them or check their spelling.")
+            raise ConfigError(
+                f"unknown ModelConfig keys {unknown}; remove them or check their spelling."
+            )
         d = dict(d)
         if isinstance(d.get("rope_scaling"), dict):
             rs = d["rope_scaling"]
             known_rs = {f.name for f in dataclasses.fields(RopeScaling)}
             bad = sorted(set(rs) - known_rs)
             if bad:
-                raise ConfigError(f"unknown rope_scaling keys {bad}; valid keys are {sorted(known_rs)}.")
+                raise ConfigError(
+                    f"unknown rope_scaling keys {bad}; valid keys are {sorted(known_rs)}."
+                )
             d["rope_scaling"] = RopeScaling(**rs)
         if d.get("sliding_window_layers") is not None:
             d["sliding_window_layers"] = tuple(d["sliding_window_layers"])

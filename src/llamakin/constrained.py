@@ -44,8 +44,10 @@ def _llguidance():
     try:
         import llguidance
     except ImportError:
-        raise LlamakinError("constrained decoding needs the llguidance package; install llamakin[serve] "
-                            "(pip install llguidance).") from None
+        raise LlamakinError(
+            "constrained decoding needs the llguidance package; install llamakin[serve] "
+            "(pip install llguidance)."
+        ) from None
     return llguidance
 
 
@@ -57,9 +59,13 @@ def llg_tokenizer(tokenizer: Tokenizer, vocab_size: int):
     llg = _llguidance()
     backend = tokenizer.backend
     if not hasattr(backend, "to_str"):
-        raise LlamakinError(f"constrained decoding needs a Hugging Face 'tokenizers' tokenizer; the one from "
-                            f"{tokenizer.source or 'this model'} is {type(backend).__name__}.")
-    return llg.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=list(tokenizer.eos_token_ids) or None)
+        raise LlamakinError(
+            f"constrained decoding needs a Hugging Face 'tokenizers' tokenizer; the one from "
+            f"{tokenizer.source or 'this model'} is {type(backend).__name__}."
+        )
+    return llg.LLTokenizer(
+        backend.to_str(), n_vocab=vocab_size, eos_token=list(tokenizer.eos_token_ids) or None
+    )
 
 
 def json_schema_grammar(schema: dict[str, Any] | None) -> str:
@@ -67,8 +73,9 @@ def json_schema_grammar(schema: dict[str, Any] | None) -> str:
     if schema is not None and not isinstance(schema, dict):
         raise ConstraintError(f"a JSON schema must be an object, got {type(schema).__name__}.")
     try:
-        return _llguidance().LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT if schema is None else schema,
-                                                                     defaults=JSON_STYLE)
+        return _llguidance().LLMatcher.grammar_from_json_schema(
+            ANY_JSON_OBJECT if schema is None else schema, defaults=JSON_STYLE
+        )
     except ValueError as e:
         raise ConstraintError(f"the JSON schema is not usable ({e}).") from None
 
@@ -96,7 +103,9 @@ class Grammar:
     """A validated grammar for one tokenizer and vocabulary size; :meth:`constraint` makes one
     fresh logits processor per generated row."""
 
-    def __init__(self, tokenizer: Tokenizer, grammar: str, vocab_size: int, what: str = "the grammar"):
+    def __init__(
+        self, tokenizer: Tokenizer, grammar: str, vocab_size: int, what: str = "the grammar"
+    ):
         llg = _llguidance()
         self.tokenizer = llg_tokenizer(tokenizer, vocab_size)
         self.grammar, self.vocab_size = grammar, vocab_size
@@ -109,8 +118,13 @@ class Grammar:
             raise ConstraintError(f"{what} cannot be enforced: {problem}{hint}.")
 
     @classmethod
-    def json(cls, tokenizer: Tokenizer, schema: dict[str, Any] | None, vocab_size: int,
-             what: str = "the JSON schema") -> "Grammar":
+    def json(
+        cls,
+        tokenizer: Tokenizer,
+        schema: dict[str, Any] | None,
+        vocab_size: int,
+        what: str = "the JSON schema",
+    ) -> "Grammar":
         return cls(tokenizer, json_schema_grammar(schema), vocab_size, what)
 
     def constraint(self) -> "TokenConstraint":
@@ -133,17 +147,23 @@ class TokenConstraint:
 
     def advance(self, token_ids: Sequence[int]) -> None:
         """Feed the ids of ``token_ids`` not fed yet."""
-        new = list(token_ids[self.consumed:])
+        new = list(token_ids[self.consumed :])
         if new and not self.matcher.consume_tokens(new):
-            raise LlamakinError(f"a generated token broke the output's grammar ({self.matcher.get_error()}).")
+            raise LlamakinError(
+                f"a generated token broke the output's grammar ({self.matcher.get_error()})."
+            )
         self.consumed = len(token_ids)
 
     def _allowed(self, token_ids: Sequence[int]) -> np.ndarray:
         self.advance(token_ids)
         self.matcher.unsafe_compute_mask_ptr(self.bits.data_ptr(), self.bits.numel() * 4)
         if self.matcher.is_error():
-            raise LlamakinError(f"the output's grammar has no continuation ({self.matcher.get_error()}).")
-        return np.unpackbits(self.bits.numpy().view(np.uint8), bitorder="little")[:self.vocab_size].view(np.bool_)
+            raise LlamakinError(
+                f"the output's grammar has no continuation ({self.matcher.get_error()})."
+            )
+        return np.unpackbits(self.bits.numpy().view(np.uint8), bitorder="little")[
+            : self.vocab_size
+        ].view(np.bool_)
 
     def allowed(self, token_ids: Sequence[int]) -> torch.Tensor:
         """A bool ``[V]`` mask of the tokens that may follow ``token_ids``."""
@@ -157,8 +177,10 @@ class TokenConstraint:
     def __call__(self, token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         allowed = self._allowed(token_ids)
         if logits.shape[-1] != self.vocab_size:
-            raise LlamakinError(f"the logits have {logits.shape[-1]} entries but the grammar was built for "
-                                f"{self.vocab_size}.")
+            raise LlamakinError(
+                f"the logits have {logits.shape[-1]} entries but the grammar was built for "
+                f"{self.vocab_size}."
+            )
         if logits.device.type != "cpu":
             return torch.where(torch.from_numpy(allowed).to(logits.device), logits, float("-inf"))
         # on the CPU in numpy: one row is too small for torch's threads, whose start-up cost
@@ -168,5 +190,15 @@ class TokenConstraint:
         return torch.from_numpy(masked).to(logits.dtype)
 
 
-__all__ = ["ANY_JSON_OBJECT", "ConstraintError", "Grammar", "LogitsProcessor", "TokenConstraint", "json_schema_grammar",
-           "lark_grammar", "lark_json", "lark_literal", "llg_tokenizer"]
+__all__ = [
+    "ANY_JSON_OBJECT",
+    "ConstraintError",
+    "Grammar",
+    "LogitsProcessor",
+    "TokenConstraint",
+    "json_schema_grammar",
+    "lark_grammar",
+    "lark_json",
+    "lark_literal",
+    "llg_tokenizer",
+]

@@ -50,7 +50,9 @@ def convert_rope_layout(model: Transformer, target: str) -> Transformer:
     return with_config(model, config.replace(rope_layout=target), state)
 
 
-def with_config(model: Transformer, config: ModelConfig, state: dict[str, torch.Tensor] | None = None) -> Transformer:
+def with_config(
+    model: Transformer, config: ModelConfig, state: dict[str, torch.Tensor] | None = None
+) -> Transformer:
     """A new model with ``config`` and ``state`` (default: ``model``'s own parameters)."""
     converted = empty_model(config, model.dtype, model.device)
     converted.load_state_dict(model.state_dict() if state is None else state)
@@ -69,7 +71,9 @@ def fold_pair_norm(model: Transformer) -> Transformer:
     for i in range(config.num_layers):
         w = state.pop(f"layers.{i}.attn.pair_norm.weight")
         o = state[f"layers.{i}.attn.o_proj.weight"]
-        state[f"layers.{i}.attn.o_proj.weight"] = (o.view(o.shape[0], -1, w.shape[0]) * w).reshape(o.shape)
+        state[f"layers.{i}.attn.o_proj.weight"] = (o.view(o.shape[0], -1, w.shape[0]) * w).reshape(
+            o.shape
+        )
     return with_config(model, config.replace(diff_norm_affine=False), state)
 
 
@@ -77,49 +81,98 @@ def unfold_pair_norm(model: Transformer) -> Transformer:
     """DiffLlama -> unilm: a pair norm with unit weights computes the same as one without."""
     state = dict(model.state_dict())
     for i in range(model.config.num_layers):
-        state[f"layers.{i}.attn.pair_norm.weight"] = torch.ones(2 * model.config.head_dim, dtype=model.dtype)
+        state[f"layers.{i}.attn.pair_norm.weight"] = torch.ones(
+            2 * model.config.head_dim, dtype=model.dtype
+        )
     return with_config(model, model.config.replace(diff_norm_affine=True), state)
 
 
 def drop_inference_extensions(model: Transformer) -> Transformer:
     """Remove Qwen v1's logn attention and dynamic NTK (inference-time only; no weights change)."""
-    scaling = RopeScaling() if model.config.rope_scaling.type == "qwen_dynamic" else model.config.rope_scaling
-    return with_config(model, model.config.replace(logn_attention_length=None, rope_scaling=scaling))
+    scaling = (
+        RopeScaling()
+        if model.config.rope_scaling.type == "qwen_dynamic"
+        else model.config.rope_scaling
+    )
+    return with_config(
+        model, model.config.replace(logn_attention_length=None, rope_scaling=scaling)
+    )
 
 
 # Rewrites a conversion may apply so the target format can store the model, each as
 # (description, applies to config, new config, model transform). All are exact in float32; the
 # norm-order one changes half-precision rounding and the last one behaviour past Qwen's trained
 # length. The converter reports every one it applies.
-REWRITES: list[tuple[str, Callable[[ModelConfig], bool], Callable[[ModelConfig], ModelConfig],
-                     Callable[[Transformer], Transformer]]] = [
-    ("RoPE rows permuted to the rotate_half order", lambda c: c.rope_layout == "interleaved",
-     lambda c: c.replace(rope_layout="half"), lambda m: convert_rope_layout(m, "half")),
-    ("RoPE rows permuted to the interleaved order", lambda c: c.rope_layout == "half",
-     lambda c: c.replace(rope_layout="interleaved"), lambda m: convert_rope_layout(m, "interleaved")),
-    ("differential pair-norm weight folded into o_proj", lambda c: c.diff_norm_affine,
-     lambda c: c.replace(diff_norm_affine=False), fold_pair_norm),
-    ("unit pair-norm weight added", lambda c: c.attention_kind == "differential" and not c.diff_norm_affine,
-     lambda c: c.replace(diff_norm_affine=True), unfold_pair_norm),
-    ("RMSNorm weight multiply moved to the other side of the cast (the same in float32; in half "
-     "precision the two reference implementations round differently, docs/variants.md §6.2)",
-     lambda c: c.norm_type == "rmsnorm", lambda c: c.replace(
-         rmsnorm_order="cast_then_mul" if c.rmsnorm_order == "mul_then_cast" else "mul_then_cast"),
-     lambda m: with_config(m, m.config.replace(
-         rmsnorm_order="cast_then_mul" if m.config.rmsnorm_order == "mul_then_cast" else "mul_then_cast"))),
-    ("cached keys re-rotated with the current dynamic-NTK base (InternLM v1's cache) instead of kept as "
-     "rotated (transformers'); the same until a cached generation passes max_position_embeddings",
-     lambda c: c.rope_scaling.type == "dynamic", lambda c: c.replace(rope_cached_keys=not c.rope_cached_keys),
-     lambda m: with_config(m, m.config.replace(rope_cached_keys=not m.config.rope_cached_keys))),
-    ("dropped the inference-only logn attention / dynamic NTK (they act only past the trained length)",
-     lambda c: c.logn_attention_length is not None or c.rope_scaling.type == "qwen_dynamic",
-     lambda c: c.replace(logn_attention_length=None,
-                         rope_scaling=RopeScaling() if c.rope_scaling.type == "qwen_dynamic" else c.rope_scaling),
-     drop_inference_extensions),
+REWRITES: list[
+    tuple[
+        str,
+        Callable[[ModelConfig], bool],
+        Callable[[ModelConfig], ModelConfig],
+        Callable[[Transformer], Transformer],
+    ]
+] = [
+    (
+        "RoPE rows permuted to the rotate_half order",
+        lambda c: c.rope_layout == "interleaved",
+        lambda c: c.replace(rope_layout="half"),
+        lambda m: convert_rope_layout(m, "half"),
+    ),
+    (
+        "RoPE rows permuted to the interleaved order",
+        lambda c: c.rope_layout == "half",
+        lambda c: c.replace(rope_layout="interleaved"),
+        lambda m: convert_rope_layout(m, "interleaved"),
+    ),
+    (
+        "differential pair-norm weight folded into o_proj",
+        lambda c: c.diff_norm_affine,
+        lambda c: c.replace(diff_norm_affine=False),
+        fold_pair_norm,
+    ),
+    (
+        "unit pair-norm weight added",
+        lambda c: c.attention_kind == "differential" and not c.diff_norm_affine,
+        lambda c: c.replace(diff_norm_affine=True),
+        unfold_pair_norm,
+    ),
+    (
+        "RMSNorm weight multiply moved to the other side of the cast (the same in float32; in half "
+        "precision the two reference implementations round differently, docs/variants.md §6.2)",
+        lambda c: c.norm_type == "rmsnorm",
+        lambda c: c.replace(
+            rmsnorm_order="cast_then_mul" if c.rmsnorm_order == "mul_then_cast" else "mul_then_cast"
+        ),
+        lambda m: with_config(
+            m,
+            m.config.replace(
+                rmsnorm_order="cast_then_mul"
+                if m.config.rmsnorm_order == "mul_then_cast"
+                else "mul_then_cast"
+            ),
+        ),
+    ),
+    (
+        "cached keys re-rotated with the current dynamic-NTK base (InternLM v1's cache) instead of kept as "
+        "rotated (transformers'); the same until a cached generation passes max_position_embeddings",
+        lambda c: c.rope_scaling.type == "dynamic",
+        lambda c: c.replace(rope_cached_keys=not c.rope_cached_keys),
+        lambda m: with_config(m, m.config.replace(rope_cached_keys=not m.config.rope_cached_keys)),
+    ),
+    (
+        "dropped the inference-only logn attention / dynamic NTK (they act only past the trained length)",
+        lambda c: c.logn_attention_length is not None or c.rope_scaling.type == "qwen_dynamic",
+        lambda c: c.replace(
+            logn_attention_length=None,
+            rope_scaling=RopeScaling() if c.rope_scaling.type == "qwen_dynamic" else c.rope_scaling,
+        ),
+        drop_inference_extensions,
+    ),
 ]
 
 
-def fit_to_family(model: Transformer, name: str, keep_rope_layout: bool = False) -> tuple[Transformer, list[str]]:
+def fit_to_family(
+    model: Transformer, name: str, keep_rope_layout: bool = False
+) -> tuple[Transformer, list[str]]:
     """``model`` rewritten (exactly, see :data:`REWRITES`) so family ``name`` can store it, and what
     was done. ``keep_rope_layout`` rules out the RoPE permutations (the user asked for a layout)."""
     family = get_family(name)
@@ -144,10 +197,16 @@ def fit_to_family(model: Transformer, name: str, keep_rope_layout: bool = False)
 NO_TOKENIZER = "no tokenizer"  # in the description of a GGUF written without one
 
 
-def convert_checkpoint(source: str | Path, destination: str | Path, to: str | None = None,
-                       rope_layout: str | None = None, dtype: str | torch.dtype | None = None,
-                       gguf_type: str = "F16", tokenizer: str | Path | None = None,
-                       overwrite: bool = False) -> tuple[Path, str]:
+def convert_checkpoint(
+    source: str | Path,
+    destination: str | Path,
+    to: str | None = None,
+    rope_layout: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    gguf_type: str = "F16",
+    tokenizer: str | Path | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, str]:
     """Load ``source``, optionally change RoPE layout and dtype, save as ``to`` (default: the
     source's format if it can express the result, else the first format that can). A
     destination ending in ``.gguf`` writes GGUF (matrices in ``gguf_type``) with the source's
@@ -158,11 +217,19 @@ def convert_checkpoint(source: str | Path, destination: str | Path, to: str | No
     try:
         return _convert(source, destination, to, rope_layout, dtype, gguf_type, tokenizer)
     except OSError as e:  # a disk that fills up, a directory made read-only meanwhile, ...
-        raise CheckpointError(f"cannot write {destination} ({e.strerror or e}); choose another destination.") from None
+        raise CheckpointError(
+            f"cannot write {destination} ({e.strerror or e}); choose another destination."
+        ) from None
 
 
-_CHECKPOINT_MARKERS = ("config.json", "params.json", "model.safetensors", "model.safetensors.index.json",
-                       "pytorch_model.bin", "consolidated.00.pth")
+_CHECKPOINT_MARKERS = (
+    "config.json",
+    "params.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "consolidated.00.pth",
+)
 
 
 def check_destination(destination: Path, overwrite: bool) -> None:
@@ -172,18 +239,26 @@ def check_destination(destination: Path, overwrite: bool) -> None:
         if as_file and destination.is_dir():
             raise CheckpointError(f"{destination} is a directory; give a .gguf file name to write.")
         if not as_file and not destination.is_dir():
-            raise CheckpointError(f"{destination} is an existing file, not a directory; choose another destination.")
-        occupied = destination.is_file() or any((destination / m).exists() for m in _CHECKPOINT_MARKERS)
+            raise CheckpointError(
+                f"{destination} is an existing file, not a directory; choose another destination."
+            )
+        occupied = destination.is_file() or any(
+            (destination / m).exists() for m in _CHECKPOINT_MARKERS
+        )
         if occupied and not overwrite:
-            raise CheckpointError(f"{destination} already holds a checkpoint; pass --force to replace it, or choose "
-                                  "another destination.")
+            raise CheckpointError(
+                f"{destination} already holds a checkpoint; pass --force to replace it, or choose "
+                "another destination."
+            )
     ancestor = destination.parent if as_file or not destination.exists() else destination
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise CheckpointError(f"cannot write {destination}: {ancestor} is a file, not a directory.")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot write {destination}: {ancestor} is not writable by this user.")
+        raise CheckpointError(
+            f"cannot write {destination}: {ancestor} is not writable by this user."
+        )
 
 
 def _convert(source, destination, to, rope_layout, dtype, gguf_type, tokenizer) -> tuple[Path, str]:
@@ -192,7 +267,9 @@ def _convert(source, destination, to, rope_layout, dtype, gguf_type, tokenizer) 
         from .io.gguf import GGUFFile
 
         if rope_layout not in (None, "half"):
-            raise ConfigError("GGUF files store q/k in llama.cpp's own order; drop --rope-layout for .gguf output.")
+            raise ConfigError(
+                "GGUF files store q/k in llama.cpp's own order; drop --rope-layout for .gguf output."
+            )
         source = resolve_model(source)  # a catalog name: its file, whose tokenizer goes along
         tokenizer_source = source.path if tokenizer is None else resolve_path(tokenizer)
         save_gguf(load(source), destination, quant=gguf_type, tokenizer_source=tokenizer_source)

@@ -27,14 +27,18 @@ from .catalog import download_distribution, home
 from .errors import LlamakinError
 
 GENSIM_WHEEL = "gensim==4.4.0"
-GENSIM_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+GENSIM_MEMBER = (
+    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+)
 CORPORA = ("shakespeare", "kjv", "wikipedia")
 
 
 def corpus_file(name: str) -> Path:
     """The cached text file of a named corpus (built on first use)."""
     if name not in CORPORA:
-        raise LlamakinError(f"unknown corpus {name!r}; known: {', '.join(CORPORA)} (or give --file PATH).")
+        raise LlamakinError(
+            f"unknown corpus {name!r}; known: {', '.join(CORPORA)} (or give --file PATH)."
+        )
     target = home() / "corpora" / f"{name}.txt"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -48,18 +52,30 @@ def corpus_file(name: str) -> Path:
 def _shakespeare() -> str:
     from .train.data import shakespeare_texts
 
-    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip() for p in shakespeare_texts()) + "\n"
+    return (
+        "\n\n".join(
+            p.read_text(encoding="utf-8", errors="replace").strip() for p in shakespeare_texts()
+        )
+        + "\n"
+    )
 
 
 def _kjv() -> str:
     if shutil.which("bible") is None:
-        raise LlamakinError("the kjv corpus needs Debian's bible-kjv package (`apt-get install bible-kjv`), "
-                            "whose `bible` command prints the text.")
+        raise LlamakinError(
+            "the kjv corpus needs Debian's bible-kjv package (`apt-get install bible-kjv`), "
+            "whose `bible` command prints the text."
+        )
     done = subprocess.run(["bible", "-f", "gen1:1-rev22:21"], capture_output=True, text=True)
     if done.returncode != 0 or not done.stdout.strip():
-        raise LlamakinError(f"`bible gen1:1-rev22:21` failed ({done.stderr.strip()[:200]}); reinstall bible-kjv.")
+        raise LlamakinError(
+            f"`bible gen1:1-rev22:21` failed ({done.stderr.strip()[:200]}); reinstall bible-kjv."
+        )
     # `-f`: one verse per line, "Ge1:1 In the beginning..."; keep the verses, drop the references
-    return "\n".join(re.sub(r"^\S+\s+", "", line) for line in done.stdout.splitlines() if line.strip()) + "\n"
+    return (
+        "\n".join(re.sub(r"^\S+\s+", "", line) for line in done.stdout.splitlines() if line.strip())
+        + "\n"
+    )
 
 
 def _wikipedia() -> str:
@@ -74,7 +90,7 @@ def wiki_articles(xml: str) -> list[tuple[str, str]]:
     import xml.etree.ElementTree as ET
 
     root = ET.fromstring(xml)
-    ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
     articles = []
     for page in root.iter(f"{ns}page"):
         if page.findtext(f"{ns}ns") not in (None, "0") or page.find(f"{ns}redirect") is not None:
@@ -110,14 +126,19 @@ def strip_wiki_markup(text: str) -> str:
     text = re.sub(r"<ref[^>/]*/>", "", text)
     text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
     text = _drop_nested(_drop_nested(text, "{{", "}}"), "{|", "|}")
-    text = re.sub(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "",
-                  text)
+    text = re.sub(
+        r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]",
+        "",
+        text,
+    )
     text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)
     text = re.sub(r"\[https?://[^\s\]]+ ?([^\]]*)\]", r"\1", text)
     text = re.sub(r"<[^>]+>", "", text)
     text = re.sub(r"'{2,}", "", text)
     text = re.sub(r"^=+\s*(.*?)\s*=+\s*$", r"\1", text, flags=re.M)
-    text = text.replace("&nbsp;", " ").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    text = (
+        text.replace("&nbsp;", " ").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    )
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith(("*", "#", ":", ";", "|", "!"))]
     return "\n".join(lines).strip()

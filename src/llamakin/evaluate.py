@@ -62,8 +62,9 @@ class Scores:
 
 
 @torch.inference_mode()
-def score_windows(model, windows: Sequence[Window], batch_size: int = 8, pad_id: int = 0,
-                  progress=None) -> Iterator[tuple[int, Scores]]:
+def score_windows(
+    model, windows: Sequence[Window], batch_size: int = 8, pad_id: int = 0, progress=None
+) -> Iterator[tuple[int, Scores]]:
     """Log-probabilities of each window's scored tokens: ``(index into windows, Scores)``.
 
     Windows run ``batch_size`` at a time, longest first (less padding), right-padded with
@@ -73,43 +74,54 @@ def score_windows(model, windows: Sequence[Window], batch_size: int = 8, pad_id:
     if batch_size < 1:
         raise LlamakinError(f"the batch size must be at least 1, got {batch_size}.")
     if model.config.prefix_lm:
-        raise LlamakinError("scoring text needs a causal model; prefix-LM models (ChatGLM-6B) attend to the "
-                            "whole prompt in both directions, so their token probabilities are not a perplexity.")
+        raise LlamakinError(
+            "scoring text needs a causal model; prefix-LM models (ChatGLM-6B) attend to the "
+            "whole prompt in both directions, so their token probabilities are not a perplexity."
+        )
     context = model.config.max_position_embeddings
     for w in windows:
         if not 0 <= w.score_from < len(w.ids) - 1:
-            raise LlamakinError(f"a window of {len(w.ids)} tokens cannot score from position {w.score_from}.")
+            raise LlamakinError(
+                f"a window of {len(w.ids)} tokens cannot score from position {w.score_from}."
+            )
         if len(w.ids) - 1 > context:
-            raise LlamakinError(f"a window of {len(w.ids) - 1} input tokens is longer than the model's context of "
-                                f"{context}; use a smaller context.")
+            raise LlamakinError(
+                f"a window of {len(w.ids) - 1} input tokens is longer than the model's context of "
+                f"{context}; use a smaller context."
+            )
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].ids))
     device = model.device
     for start in range(0, len(order), batch_size):
-        rows = [windows[i] for i in order[start:start + batch_size]]
+        rows = [windows[i] for i in order[start : start + batch_size]]
         longest = len(rows[0].ids) - 1
         ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
         for r, w in enumerate(rows):
-            ids[r, :len(w.ids) - 1] = torch.tensor(w.ids[:-1])
+            ids[r, : len(w.ids) - 1] = torch.tensor(w.ids[:-1])
         hidden = model(ids.to(device), hidden_only=True)
         # the positions whose logits predict a scored token, all rows together
-        picked = torch.cat([hidden[r, w.score_from:len(w.ids) - 1] for r, w in enumerate(rows)])
-        targets = torch.tensor([t for w in rows for t in w.ids[w.score_from + 1:]], device=device)
+        picked = torch.cat([hidden[r, w.score_from : len(w.ids) - 1] for r, w in enumerate(rows)])
+        targets = torch.tensor([t for w in rows for t in w.ids[w.score_from + 1 :]], device=device)
         logprobs, greedy = _target_logprobs(model, picked, targets)
         offset = 0
         for r, w in enumerate(rows):
             n = len(w.ids) - 1 - w.score_from
-            yield order[start + r], Scores(logprobs[offset:offset + n], greedy[offset:offset + n])
+            yield (
+                order[start + r],
+                Scores(logprobs[offset : offset + n], greedy[offset : offset + n]),
+            )
             offset += n
             if progress is not None:
                 progress.update(1)
 
 
-def _target_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _target_logprobs(
+    model, hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``log softmax(head(hidden))[target]`` in float32, and whether the target is the argmax."""
     logprobs, greedy = [], []
     for s in range(0, hidden.shape[0], HEAD_ROWS):
-        logits = model.head(hidden[s:s + HEAD_ROWS]).float()
-        target = targets[s:s + HEAD_ROWS]
+        logits = model.head(hidden[s : s + HEAD_ROWS]).float()
+        target = targets[s : s + HEAD_ROWS]
         chosen = logits.gather(-1, target[:, None])[:, 0]
         logprobs.append(chosen - torch.logsumexp(logits, dim=-1))
         greedy.append(logits.argmax(-1) == target)
@@ -146,7 +158,9 @@ def llama_cpp_tokenize(tokenizer: Tokenizer, text: str) -> list[int]:
     """``common_tokenize(ctx, text, add_special=true, parse_special=false)``: the vocabulary's own BOS
     rule, and special-token text in ``text`` encoded as ordinary text."""
     backend = tokenizer.backend
-    if hasattr(backend, "encode_special_tokens"):  # `tokenizers`: added special tokens are not matched
+    if hasattr(
+        backend, "encode_special_tokens"
+    ):  # `tokenizers`: added special tokens are not matched
         before = backend.encode_special_tokens
         backend.encode_special_tokens = True
         try:
@@ -193,7 +207,9 @@ def sliding_windows(ids: list[int], context: int, stride: int) -> list[Window]:
     windows, previous_end, begin = [], 0, 0
     while True:
         end = min(begin + context, len(ids))
-        first_target = max(previous_end - begin, 1)  # window-relative index of the first scored token
+        first_target = max(
+            previous_end - begin, 1
+        )  # window-relative index of the first scored token
         if end - begin >= 2 and first_target < end - begin:
             windows.append(Window(ids[begin:end], first_target - 1))
         previous_end = end
@@ -202,7 +218,9 @@ def sliding_windows(ids: list[int], context: int, stride: int) -> list[Window]:
         begin += stride
 
 
-def llama_cpp_chunks(ids: list[int], context: int, bos_id: int | None, max_chunks: int | None) -> list[Window]:
+def llama_cpp_chunks(
+    ids: list[int], context: int, bos_id: int | None, max_chunks: int | None
+) -> list[Window]:
     """``llama-perplexity``'s chunks: disjoint, BOS over each chunk's first token when the vocabulary
     adds BOS, the second half scored."""
     count = len(ids) // context
@@ -210,16 +228,25 @@ def llama_cpp_chunks(ids: list[int], context: int, bos_id: int | None, max_chunk
         count = min(count, max_chunks)
     chunks = []
     for i in range(count):
-        chunk = ids[i * context:(i + 1) * context]
+        chunk = ids[i * context : (i + 1) * context]
         if bos_id is not None:
             chunk = [bos_id] + chunk[1:]
         chunks.append(Window(chunk, context // 2))
     return chunks
 
 
-def perplexity(model, tokenizer: Tokenizer, text: str | Sequence[str], *, context: int = 512,
-               stride: int | None = None, protocol: str = "sliding", max_chunks: int | None = None,
-               batch_size: int = 4, progress: bool = False) -> PerplexityResult:
+def perplexity(
+    model,
+    tokenizer: Tokenizer,
+    text: str | Sequence[str],
+    *,
+    context: int = 512,
+    stride: int | None = None,
+    protocol: str = "sliding",
+    max_chunks: int | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> PerplexityResult:
     """Perplexity of ``text`` (one string, or several documents whose windows never mix).
 
     ``stride`` (sliding protocol): tokens between window starts, default ``context // 2``.
@@ -228,15 +255,23 @@ def perplexity(model, tokenizer: Tokenizer, text: str | Sequence[str], *, contex
     from tqdm.auto import tqdm
 
     if protocol not in PROTOCOLS:
-        raise LlamakinError(f"unknown perplexity protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}.")
+        raise LlamakinError(
+            f"unknown perplexity protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}."
+        )
     limit = model.config.max_position_embeddings
     if not 2 <= context <= limit:
-        raise LlamakinError(f"the context must be between 2 and the model's {limit} tokens, got {context}.")
+        raise LlamakinError(
+            f"the context must be between 2 and the model's {limit} tokens, got {context}."
+        )
     if protocol == "llama.cpp" and stride is not None:
-        raise LlamakinError("--stride applies to the sliding protocol; llama.cpp's chunks do not overlap.")
+        raise LlamakinError(
+            "--stride applies to the sliding protocol; llama.cpp's chunks do not overlap."
+        )
     stride = context // 2 if stride is None and protocol == "sliding" else stride
     if stride is not None and not 1 <= stride <= context:
-        raise LlamakinError(f"the stride must be between 1 and the context ({context}), got {stride}.")
+        raise LlamakinError(
+            f"the stride must be between 1 and the context ({context}), got {stride}."
+        )
     if max_chunks is not None and max_chunks < 1:
         raise LlamakinError(f"--max-chunks must be at least 1, got {max_chunks}.")
     documents = [text] if isinstance(text, str) else list(text)
@@ -246,26 +281,35 @@ def perplexity(model, tokenizer: Tokenizer, text: str | Sequence[str], *, contex
         if protocol == "llama.cpp":
             # `-f FILE` drops one trailing newline (common/arg.cpp)
             needed = None if max_chunks is None else max(max_chunks, 2) * context
-            ids = encode_prefix(lambda t: llama_cpp_tokenize(tokenizer, t), doc[:-1] if doc.endswith("\n") else doc,
-                                needed)
+            ids = encode_prefix(
+                lambda t: llama_cpp_tokenize(tokenizer, t),
+                doc[:-1] if doc.endswith("\n") else doc,
+                needed,
+            )
             if len(ids) < 2 * context:
-                raise LlamakinError(f"the llama.cpp protocol needs at least {2 * context} tokens for a context of "
-                                    f"{context}, but text {n + 1} has only {len(ids)}; give more text or a smaller "
-                                    "--context.")
+                raise LlamakinError(
+                    f"the llama.cpp protocol needs at least {2 * context} tokens for a context of "
+                    f"{context}, but text {n + 1} has only {len(ids)}; give more text or a smaller "
+                    "--context."
+                )
             bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
             windows += llama_cpp_chunks(ids, context, bos, max_chunks)
         else:
             needed = None if max_chunks is None else (max_chunks - 1) * stride + context
             ids = encode_prefix(tokenizer.encode, doc, needed)
             if len(ids) < 2:
-                raise LlamakinError(f"text {n + 1} has {len(ids)} token(s); perplexity needs at least two.")
+                raise LlamakinError(
+                    f"text {n + 1} has {len(ids)} token(s); perplexity needs at least two."
+                )
             doc_windows = sliding_windows(ids, context, stride)
             windows += doc_windows[:max_chunks] if max_chunks is not None else doc_windows
         text_tokens += len(ids)
     pad = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else 0
     total = total_sq = 0.0
     count = 0
-    bar = tqdm(total=len(windows), desc=f"perplexity ({protocol})", unit="window", disable=not progress)
+    bar = tqdm(
+        total=len(windows), desc=f"perplexity ({protocol})", unit="window", disable=not progress
+    )
     start = time.perf_counter()
     for _, scores in score_windows(model, windows, batch_size, pad, progress=bar):
         nll = -scores.logprobs.double()
@@ -279,10 +323,19 @@ def perplexity(model, tokenizer: Tokenizer, text: str | Sequence[str], *, contex
     ppl = math.exp(mean)
     variance = total_sq / count - mean * mean
     stderr = ppl * math.sqrt(variance / (count - 1)) if variance > 0 and count > 1 else float("nan")
-    return PerplexityResult(perplexity=ppl, stderr=stderr, nll=mean, tokens=count,
-                            tokens_evaluated=sum(len(w.ids) - 1 for w in windows), windows=len(windows),
-                            seconds=seconds, protocol=protocol, context=context, stride=stride,
-                            text_tokens=text_tokens)
+    return PerplexityResult(
+        perplexity=ppl,
+        stderr=stderr,
+        nll=mean,
+        tokens=count,
+        tokens_evaluated=sum(len(w.ids) - 1 for w in windows),
+        windows=len(windows),
+        seconds=seconds,
+        protocol=protocol,
+        context=context,
+        stride=stride,
+        text_tokens=text_tokens,
+    )
 
 
 def read_texts(paths: Iterable[str]) -> list[str]:

@@ -19,5 +19,7 @@ def require_extra(extra: str, feature: str) -> None:
     """Raise ``LlamakinError`` when a package of ``extra`` is not installed."""
     missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
     if missing:
-        raise LlamakinError(f"{feature} needs {' and '.join(missing)}, which the core install leaves out; "
-                            f"install it with: pip install 'llamakin[{extra}]'.")
+        raise LlamakinError(
+            f"{feature} needs {' and '.join(missing)}, which the core install leaves out; "
+            f"install it with: pip install 'llamakin[{extra}]'."
+        )

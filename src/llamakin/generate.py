@@ -33,7 +33,9 @@ from .tokenizer import Tokenizer
 
 
 # -- the generation loop ---------------------------------------------------------------------------
-def encode_prompt(tokenizer: Tokenizer, prompt: str | list[int] | list[dict[str, Any]]) -> list[int]:
+def encode_prompt(
+    tokenizer: Tokenizer, prompt: str | list[int] | list[dict[str, Any]]
+) -> list[int]:
     """Token ids for a plain prompt, pre-tokenized ids, or a chat (list of messages)."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
@@ -42,7 +44,9 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | list[int] | list[dict[str,
         return tokenizer.encode(tokenizer.apply_chat_template(prompt), add_special_tokens=False)
     if all(isinstance(i, int) for i in prompt):
         return list(prompt)
-    raise LlamakinError("a prompt must be a string, a list of token ids or a list of chat messages.")
+    raise LlamakinError(
+        "a prompt must be a string, a list of token ids or a list of chat messages."
+    )
 
 
 class GenerationRun:
@@ -54,13 +58,25 @@ class GenerationRun:
     logits processors (one list per prompt), see :data:`~llamakin.generation.sampling.LogitsProcessor`.
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams,
-                 prefix_cache: PrefixCache | None = None,
-                 processors: Sequence[Sequence[LogitsProcessor]] | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        prefix_cache: PrefixCache | None = None,
+        processors: Sequence[Sequence[LogitsProcessor]] | None = None,
+    ):
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise LlamakinError("every prompt needs at least one token; an empty prompt gives the model nothing to continue.")
+            raise LlamakinError(
+                "every prompt needs at least one token; an empty prompt gives the model nothing to continue."
+            )
         for n, prompt in enumerate(prompts):
-            check_token_ids(prompt, model.config.vocab_size, "the prompt" if len(prompts) == 1 else f"prompt {n}")
+            check_token_ids(
+                prompt,
+                model.config.vocab_size,
+                "the prompt" if len(prompts) == 1 else f"prompt {n}",
+            )
         context = model.config.max_position_embeddings
         longest = max(len(p) for p in prompts)
         if longest + params.max_new_tokens > context:
@@ -69,9 +85,11 @@ class GenerationRun:
                     f"the prompt has {longest} tokens and max_new_tokens is {params.max_new_tokens}, together more "
                     f"than the model's context of {context}; shorten the prompt or lower max_new_tokens."
                 )
-            print(f"llamakin: note: generating up to {longest + params.max_new_tokens} tokens, past the model's trained "
-                  f"context of {context}, which its {model.config.rope_scaling.type} RoPE scaling extends.",
-                  file=sys.stderr)
+            print(
+                f"llamakin: note: generating up to {longest + params.max_new_tokens} tokens, past the model's trained "
+                f"context of {context}, which its {model.config.rope_scaling.type} RoPE scaling extends.",
+                file=sys.stderr,
+            )
         self.model, self.tokenizer, self.prompts, self.params = model, tokenizer, prompts, params
         self.prefix_cache = prefix_cache
         self.processors = processors
@@ -91,10 +109,20 @@ class GenerationRun:
         rows = []
         for index, prompt in enumerate(self.prompts):
             processors = self.processors[index] if self.processors is not None else ()
-            sampler = RowSampler(params, model.config.vocab_size, model.device, prompt, index, processors)
-            rows.append(Row(list(prompt), params, sampler, TextStream(self.tokenizer, params.stop),
-                            result=self.results[index], owner=index,
-                            on_text=lambda piece, index=index: pending.append((index, piece))))
+            sampler = RowSampler(
+                params, model.config.vocab_size, model.device, prompt, index, processors
+            )
+            rows.append(
+                Row(
+                    list(prompt),
+                    params,
+                    sampler,
+                    TextStream(self.tokenizer, params.stop),
+                    result=self.results[index],
+                    owner=index,
+                    on_text=lambda piece, index=index: pending.append((index, piece)),
+                )
+            )
         return rows
 
     @torch.inference_mode()
@@ -102,8 +130,13 @@ class GenerationRun:
         model, params = self.model, self.params
         needed = max(len(p) for p in self.prompts) + params.max_new_tokens
         eos = () if params.ignore_eos else self.tokenizer.eos_token_ids
-        batch = RowBatch(model, eos, len(self.prompts),
-                         cache_length_for(needed, max(model.config.max_position_embeddings, needed)), self.prefix_cache)
+        batch = RowBatch(
+            model,
+            eos,
+            len(self.prompts),
+            cache_length_for(needed, max(model.config.max_position_embeddings, needed)),
+            self.prefix_cache,
+        )
         pending: collections.deque = collections.deque()
         rows = self._rows(pending)
         start = time.perf_counter()
@@ -128,10 +161,20 @@ def _drain(pending: collections.deque) -> Iterator[tuple[int, str]]:
         yield pending.popleft()
 
 
-def _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos):
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                          stop=tuple([stop] if isinstance(stop, str) else (stop or ())), ignore_eos=ignore_eos)
+def _params(
+    max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos
+):
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple([stop] if isinstance(stop, str) else (stop or ())),
+        ignore_eos=ignore_eos,
+    )
 
 
 class TextIterator:
@@ -153,11 +196,23 @@ class TextIterator:
         return self.run.results[0].finish_reason
 
 
-def generate(model, tokenizer: Tokenizer, prompt: str | list[int] | list[dict[str, Any]], *,
-             max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-             stop: Sequence[str] | str | None = None, ignore_eos: bool = False, stream: bool = False,
-             logits_processor=None):
+def generate(
+    model,
+    tokenizer: Tokenizer,
+    prompt: str | list[int] | list[dict[str, Any]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] | str | None = None,
+    ignore_eos: bool = False,
+    stream: bool = False,
+    logits_processor=None,
+):
     """Continue ``prompt`` (a string, token ids, or chat messages rendered with the model's template).
 
     Returns the generated text, or with ``stream=True`` an iterator of text pieces (a
@@ -167,9 +222,13 @@ def generate(model, tokenizer: Tokenizer, prompt: str | list[int] | list[dict[st
     :mod:`llamakin.constrained` for output that is valid JSON for ``schema``. Speculative decoding:
     :func:`llamakin.generate_speculative`.
     """
-    params = _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos)
+    params = _params(
+        max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos
+    )
     processors = [[logits_processor]] if logits_processor is not None else None
-    run = GenerationRun(model, tokenizer, [encode_prompt(tokenizer, prompt)], params, processors=processors)
+    run = GenerationRun(
+        model, tokenizer, [encode_prompt(tokenizer, prompt)], params, processors=processors
+    )
     if stream:
         return TextIterator(run)
     for _ in run:
@@ -177,12 +236,25 @@ def generate(model, tokenizer: Tokenizer, prompt: str | list[int] | list[dict[st
     return run.results[0].text
 
 
-def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[str | list[int] | list[dict[str, Any]]], *,
-                   max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                   min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                   stop: Sequence[str] | str | None = None, ignore_eos: bool = False) -> list[str]:
+def generate_batch(
+    model,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | list[int] | list[dict[str, Any]]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] | str | None = None,
+    ignore_eos: bool = False,
+) -> list[str]:
     """Generate for several prompts at once in one left-padded batch; one text per prompt."""
-    params = _params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos)
+    params = _params(
+        max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos
+    )
     run = GenerationRun(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], params)
     for _ in run:
         pass

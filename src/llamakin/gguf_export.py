@@ -36,7 +36,9 @@ def gguf_family_for(model: Transformer) -> GGUFFamily:
         if reason is None:
             return family
         reasons.append(f"{family.arch}: {reason}")
-    raise UnsupportedError("no GGUF architecture llamakin writes expresses this model (" + "; ".join(reasons) + ").")
+    raise UnsupportedError(
+        "no GGUF architecture llamakin writes expresses this model (" + "; ".join(reasons) + ")."
+    )
 
 
 def tokenizer_metadata(source: str | Path | None) -> dict[str, Any]:
@@ -61,7 +63,9 @@ def tokenizer_metadata(source: str | Path | None) -> dict[str, Any]:
     spec = json.loads(tok.backend.to_str())
     if spec.get("model", {}).get("type") != "BPE":
         return {}
-    if spec["model"].get("byte_fallback"):  # SentencePiece-style BPE: its tokenizer.model translates
+    if spec["model"].get(
+        "byte_fallback"
+    ):  # SentencePiece-style BPE: its tokenizer.model translates
         model_file = directory / "tokenizer.model"
         return _from_sentencepiece(_SentencePiece(model_file).sp) if model_file.is_file() else {}
     return _from_byte_level_bpe(spec, tok, directory)
@@ -81,9 +85,13 @@ def _from_byte_level_bpe(spec: dict[str, Any], tok, directory: Path) -> dict[str
     for content, token in added.items():
         types[token["id"]] = 3 if token.get("special") else 4
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    meta: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer_name(spec, directory),
-                            "tokenizer.ggml.tokens": tokens,
-                            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+    meta: dict[str, Any] = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": _pre_tokenizer_name(spec, directory),
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+    }
     if tok.bos_token_id is not None:
         meta["tokenizer.ggml.bos_token_id"] = tok.bos_token_id
     if tok.eos_token_ids:
@@ -96,13 +104,28 @@ def _from_byte_level_bpe(spec: dict[str, Any], tok, directory: Path) -> dict[str
 def _split_patterns(node: Any) -> list[str]:
     """Every Split regex in a tokenizer.json pre-tokenizer, in order."""
     if isinstance(node, dict):
-        found = [node["pattern"]["Regex"]] if node.get("type") == "Split" and "Regex" in node.get("pattern", {}) else []
-        return found + [p for child in node.get("pretokenizers", []) for p in _split_patterns(child)]
+        found = (
+            [node["pattern"]["Regex"]]
+            if node.get("type") == "Split" and "Regex" in node.get("pattern", {})
+            else []
+        )
+        return found + [
+            p for child in node.get("pretokenizers", []) for p in _split_patterns(child)
+        ]
     return []
 
 
 # llama.cpp pre-tokenizer names in the order they are preferred when several split the same way
-_PRE_TOKENIZER_NAMES = ("gpt-2", "smollm", "llama-bpe", "qwen2", "smaug-bpe", "glm4", "falcon", "default")
+_PRE_TOKENIZER_NAMES = (
+    "gpt-2",
+    "smollm",
+    "llama-bpe",
+    "qwen2",
+    "smaug-bpe",
+    "glm4",
+    "falcon",
+    "default",
+)
 
 
 def _pre_tokenizer_name(spec: dict[str, Any], directory: Path) -> str:
@@ -111,7 +134,9 @@ def _pre_tokenizer_name(spec: dict[str, Any], directory: Path) -> str:
 
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre])
-    kinds = [(step.get("type"), step.get("individual_digits"), step.get("use_regex")) for step in steps]
+    kinds = [
+        (step.get("type"), step.get("individual_digits"), step.get("use_regex")) for step in steps
+    ]
     if kinds == [("ByteLevel", None, True)]:
         return "gpt-2"  # GPT-2's regex inside ByteLevel
     if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
@@ -120,42 +145,63 @@ def _pre_tokenizer_name(spec: dict[str, Any], directory: Path) -> str:
         # the splits must agree; among names with those splits, one that also takes whole-word
         # vocabulary entries the same way is preferred (Qwen's tiktoken ranks, merge-derived, have
         # no such twin and tokenize the same as llama.cpp's "qwen2": checked on the test texts)
-        splits, ignore_merges = tuple(_split_patterns(pre)), bool(spec["model"].get("ignore_merges"))
-        same_splits = [name for name in _PRE_TOKENIZER_NAMES if GGUF_PRE_TOKENIZERS[name].splits == splits]
+        splits, ignore_merges = (
+            tuple(_split_patterns(pre)),
+            bool(spec["model"].get("ignore_merges")),
+        )
+        same_splits = [
+            name for name in _PRE_TOKENIZER_NAMES if GGUF_PRE_TOKENIZERS[name].splits == splits
+        ]
         same_splits.sort(key=lambda name: GGUF_PRE_TOKENIZERS[name].ignore_merges != ignore_merges)
         if same_splits:
             return same_splits[0]
     raise UnsupportedError(
         f"the pre-tokenizer of the tokenizer in {directory} ({json.dumps(pre)[:120]}) has no llama.cpp "
         "equivalent that splits text the same way, so llama.cpp would produce other token ids; "
-        "export to a Hugging Face directory instead.")
+        "export to a Hugging Face directory instead."
+    )
 
 
 def _from_sentencepiece(sp) -> dict[str, Any]:
     n = sp.GetPieceSize()
-    types = [3 if sp.IsControl(i) else 2 if sp.IsUnknown(i) else 6 if sp.IsByte(i) else 1 for i in range(n)]
-    meta: dict[str, Any] = {"tokenizer.ggml.model": "llama",
-                            "tokenizer.ggml.tokens": [sp.IdToPiece(i) for i in range(n)],
-                            "tokenizer.ggml.scores": [sp.GetScore(i) for i in range(n)],
-                            "tokenizer.ggml.token_type": types}
+    types = [
+        3 if sp.IsControl(i) else 2 if sp.IsUnknown(i) else 6 if sp.IsByte(i) else 1
+        for i in range(n)
+    ]
+    meta: dict[str, Any] = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.IdToPiece(i) for i in range(n)],
+        "tokenizer.ggml.scores": [sp.GetScore(i) for i in range(n)],
+        "tokenizer.ggml.token_type": types,
+    }
     for key, value in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unknown", sp.unk_id())):
         if value >= 0:
             meta[f"tokenizer.ggml.{key}_token_id"] = value
     return meta
 
 
-def save_gguf(model: Transformer, path: str | Path, quant: str = "F16", tokenizer_source: str | Path | None = None,
-              name: str = "llamakin export") -> Path:
+def save_gguf(
+    model: Transformer,
+    path: str | Path,
+    quant: str = "F16",
+    tokenizer_source: str | Path | None = None,
+    name: str = "llamakin export",
+) -> Path:
     """Write ``model`` as a GGUF file llama.cpp loads; matrices in ``quant`` (F32, F16, Q8_0, Q4_0 or
     Q4_1, quantized by the ``gguf`` package's reference quantizers)."""
     if quant not in GGUF_TYPES:
-        raise UnsupportedError(f"GGUF type {quant!r} is not written by llamakin; use one of {', '.join(GGUF_TYPES)}.")
+        raise UnsupportedError(
+            f"GGUF type {quant!r} is not written by llamakin; use one of {', '.join(GGUF_TYPES)}."
+        )
     family = gguf_family_for(model)
     meta = family.config_to_checkpoint(model.config)
     meta.pop(TENSOR_NAMES)
     arch = meta.pop("general.architecture")
     tok_meta = tokenizer_metadata(tokenizer_source)
-    meta = {**meta, **tok_meta}  # the tokenizer's special ids win over the model config's (as in llama.cpp's converter)
+    meta = {
+        **meta,
+        **tok_meta,
+    }  # the tokenizer's special ids win over the model config's (as in llama.cpp's converter)
     meta.setdefault(f"{arch}.vocab_size", model.config.vocab_size)
     meta["general.name"] = name
     meta["general.file_type"] = _FILE_TYPE[quant]
@@ -184,5 +230,9 @@ def _kind(value: Any) -> str:
         return "str"
     if isinstance(value, (list, tuple)):
         first = value[0] if value else ""
-        return "str_array" if isinstance(first, str) else ("f32_array" if isinstance(first, float) else "i32_array")
+        return (
+            "str_array"
+            if isinstance(first, str)
+            else ("f32_array" if isinstance(first, float) else "i32_array")
+        )
     raise TypeError(f"cannot store {type(value).__name__} in GGUF metadata")

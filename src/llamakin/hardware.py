@@ -40,8 +40,10 @@ def describe_cpu() -> str:
     speed paths (AVX2, AVX-512, native bf16), the cores, torch's threads and the load average."""
     wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in _cpu_flags()]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"{_cpu_model()}; flags: {' '.join(wanted) or 'none of avx2/avx512'}; {os.cpu_count()} CPUs, "
-            f"{torch.get_num_threads()} torch threads; load average {load}")
+    return (
+        f"{_cpu_model()}; flags: {' '.join(wanted) or 'none of avx2/avx512'}; {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads; load average {load}"
+    )
 
 
 @functools.cache

@@ -47,37 +47,61 @@ class LlamakinLM(TemplateLM):
     ``auto`` keeps a GGUF's quantization, ``int8``/``int4`` quantize float weights (README,
     "Quantization")."""
 
-    def __init__(self, pretrained: str | None = None, dtype: str = "float32", device: str = "cpu",
-                 batch_size: int | str = 8, max_length: int | None = None, max_gen_toks: int = 256,
-                 quantize: str = "none", group_size: int | str = 32, **unused: Any):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        quantize: str = "none",
+        group_size: int | str = 32,
+        **unused: Any,
+    ):
         super().__init__()
         import llamakin
         from .catalog import DEFAULT_MODEL, resolve
         from .errors import LlamakinError
 
         if unused:
-            raise LlamakinError(f"unknown --model_args for llamakin: {', '.join(sorted(unused))}; known: pretrained, "
-                                "dtype, device, quantize, group_size, batch_size, max_length, max_gen_toks.")
+            raise LlamakinError(
+                f"unknown --model_args for llamakin: {', '.join(sorted(unused))}; known: pretrained, "
+                "dtype, device, quantize, group_size, batch_size, max_length, max_gen_toks."
+            )
         path = resolve(pretrained or DEFAULT_MODEL)
-        self.model = llamakin.load(path, dtype="float32" if dtype == "auto" else dtype, device=device,
-                                   quantize=None if quantize == "none" else quantize, group_size=int(group_size))
+        self.model = llamakin.load(
+            path,
+            dtype="float32" if dtype == "auto" else dtype,
+            device=device,
+            quantize=None if quantize == "none" else quantize,
+            group_size=int(group_size),
+        )
         self.model.eval()
         self.tok = llamakin.load_tokenizer(path)
         self.pretrained = str(pretrained or DEFAULT_MODEL)
         self._batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> 8
-        self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
+        self._max_length = (
+            int(max_length) if max_length else self.model.config.max_position_embeddings
+        )
         self.max_gen_toks = int(max_gen_toks)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+        return cls.create_from_arg_obj(
+            lm_utils.simple_parse_args_string(arg_string), additional_config
+        )
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
         """lm-eval passes ``--batch_size``, ``--max_batch_size`` and ``--device`` here as well (``None``:
         unset). Its ``--device`` defaults to ``cuda``, taken only where CUDA exists (as its ``hf``
         backend does); ``--model_args`` win over these."""
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size", "device")}
+        extra = {
+            k: v
+            for k, v in (additional_config or {}).items()
+            if v is not None and k in ("batch_size", "device")
+        }
         if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
             extra.pop("device")
         return cls(**{**extra, **arg_dict})
@@ -99,8 +123,12 @@ class LlamakinLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.pretrained.replace("/", "__")
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        if add_special_tokens is None:  # the tokenizer's own rule, unless the text already starts with BOS
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, **kwargs
+    ) -> list[int]:
+        if (
+            add_special_tokens is None
+        ):  # the tokenizer's own rule, unless the text already starts with BOS
             add_special_tokens = not (self.tok.bos_token and string.startswith(self.tok.bos_token))
         return self.tok.encode(string, add_special_tokens=add_special_tokens)
 
@@ -110,26 +138,34 @@ class LlamakinLM(TemplateLM):
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return self.tok.chat_template if chat_template not in (False, None) else None
 
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """The model's template; without a generation prompt the last message is left open for the
         continuation (transformers' ``continue_final_message``)."""
-        rendered = self.tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+        rendered = self.tok.apply_chat_template(
+            chat_history, add_generation_prompt=add_generation_prompt
+        )
         if not add_generation_prompt and chat_history:
             final = chat_history[-1]["content"].strip()
             cut = rendered.rfind(final) if final else -1
             if cut >= 0:
-                rendered = rendered[:cut + len(final)]
+                rendered = rendered[: cut + len(final)]
         return rendered
 
     # -- scoring -----------------------------------------------------------------------------------
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
         windows = []
         for _, context_enc, continuation_enc in requests:
-            ids = (context_enc + continuation_enc)[-(self.max_length + 1):]
+            ids = (context_enc + continuation_enc)[-(self.max_length + 1) :]
             windows.append(Window(ids, len(ids) - len(continuation_enc) - 1))
         results: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
         bar = tqdm(total=len(windows), desc="llamakin loglikelihood", disable=disable_tqdm)
-        for index, scores in score_windows(self.model, windows, self._batch_size, self.eot_token_id, progress=bar):
+        for index, scores in score_windows(
+            self.model, windows, self._batch_size, self.eot_token_id, progress=bar
+        ):
             results[index] = (float(scores.logprobs.double().sum()), bool(scores.greedy.all()))
             key = requests[index][0]
             if key is not None and key[0] is not None:
@@ -140,9 +176,12 @@ class LlamakinLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []
         for n, (string,) in enumerate(req.args for req in requests):
-            rolling = lm_utils.get_rolling_token_windows(token_list=self.tok_encode(string),
-                                                         prefix_token=self.prefix_token_id,
-                                                         max_seq_len=self.max_length, context_len=1)
+            rolling = lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
             for context, continuation in map(lm_utils.make_disjoint_window, rolling):
                 windows.append((None, context, continuation))
                 owners.append(n)
@@ -170,13 +209,23 @@ class LlamakinLM(TemplateLM):
             kwargs = normalize_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
             max_new = int(kwargs.pop("max_gen_toks"))
-            params = SamplingParams(max_new_tokens=max_new, temperature=float(kwargs.get("temperature") or 0.0)
-                                    if kwargs.get("do_sample") else 0.0, top_p=float(kwargs.get("top_p") or 1.0),
-                                    top_k=int(kwargs.get("top_k") or 0), seed=kwargs.get("seed"), stop=tuple(until))
-            encoded = {n: self.tok_encode(requests[n].args[0])[-(self.max_length - max_new):] for n in members}
+            params = SamplingParams(
+                max_new_tokens=max_new,
+                temperature=float(kwargs.get("temperature") or 0.0)
+                if kwargs.get("do_sample")
+                else 0.0,
+                top_p=float(kwargs.get("top_p") or 1.0),
+                top_k=int(kwargs.get("top_k") or 0),
+                seed=kwargs.get("seed"),
+                stop=tuple(until),
+            )
+            encoded = {
+                n: self.tok_encode(requests[n].args[0])[-(self.max_length - max_new) :]
+                for n in members
+            }
             order = sorted(members, key=lambda n: -len(encoded[n]))
             for start in range(0, len(order), self._batch_size):
-                batch = order[start:start + self._batch_size]
+                batch = order[start : start + self._batch_size]
                 run = GenerationRun(self.model, self.tok, [encoded[n] for n in batch], params)
                 for _ in run:
                     pass
@@ -193,8 +242,11 @@ class LlamakinLM(TemplateLM):
         return results  # type: ignore[return-value]
 
     def get_model_info(self) -> dict:
-        return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()), "model_dtype": str(self.model.dtype),
-                "model_name": self.pretrained}
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(self.model.dtype),
+            "model_name": self.pretrained,
+        }
 
 
 def run_harness(argv: list[str]) -> int:

@@ -17,9 +17,14 @@ from .source import ModelSource, resolve_model
 from .validation import parse_device
 
 
-def load(path: str | Path | ModelSource, dtype: torch.dtype | str = torch.float32,
-         device: torch.device | str = "cpu", quantize: str | None = None, group_size: int = 32,
-         adapter: str | Path | None = None) -> Transformer:
+def load(
+    path: str | Path | ModelSource,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    quantize: str | None = None,
+    group_size: int = 32,
+    adapter: str | Path | None = None,
+) -> Transformer:
     """Load a checkpoint: a ``.gguf`` file, a Hugging Face directory (config.json + safetensors or
     pytorch_model.bin), a Meta/Mistral native directory (params.json + consolidated.*), llamakin's
     own format (float or quantized), or the name of a catalog model (pulled on first use); see
@@ -40,8 +45,10 @@ def load(path: str | Path | ModelSource, dtype: torch.dtype | str = torch.float3
     if adapter is not None and mode == "auto":
         mode = None  # an adapter is merged into float weights
     if adapter is not None and mode is not None:
-        raise LlamakinError(f"a LoRA adapter is merged into float weights, so it cannot be combined with "
-                            f"quantize={quantize!r}; load with quantize=None (CLI: --quantize none).")
+        raise LlamakinError(
+            f"a LoRA adapter is merged into float weights, so it cannot be combined with "
+            f"quantize={quantize!r}; load with quantize=None (CLI: --quantize none)."
+        )
     if not model_source.is_gguf and is_quantized_checkpoint(model_source.path):
         return load_quantized_checkpoint(model_source.path, dtype, device, dequantize=mode is None)
     if mode is not None:

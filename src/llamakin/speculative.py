@@ -76,7 +76,9 @@ class Processor:
     """Turns raw logits ``[V]`` into the logits sampling draws from, tracking the penalties' state
     (tokens seen, counts of generated tokens) as tokens are appended."""
 
-    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int, device: torch.device):
+    def __init__(
+        self, params: SamplingParams, prompt: list[int], vocab_size: int, device: torch.device
+    ):
         self.params = params
         self.seen = self.counts = None
         if params.repetition_penalty != 1.0:
@@ -109,7 +111,9 @@ class Processor:
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, p.repetition_penalty)
         if self.counts is not None:
-            logits = apply_frequency_presence(logits, self.counts, p.frequency_penalty, p.presence_penalty)
+            logits = apply_frequency_presence(
+                logits, self.counts, p.frequency_penalty, p.presence_penalty
+            )
         if not p.greedy:
             logits = (logits - logits.amax(-1, keepdim=True)) / p.temperature
             logits = apply_min_p(apply_top_p(apply_top_k(logits, p.top_k), p.top_p), p.min_p)
@@ -119,8 +123,9 @@ class Processor:
         return self.logits(raw).softmax(-1)
 
 
-def accept_or_resample(p: torch.Tensor, q: torch.Tensor | None, token: int,
-                       generator: torch.Generator | None) -> int | None:
+def accept_or_resample(
+    p: torch.Tensor, q: torch.Tensor | None, token: int, generator: torch.Generator | None
+) -> int | None:
     """The standard acceptance rule for one draft token: None when ``token`` is kept (probability
     ``min(1, p[token] / q[token])``), else a token drawn from ``norm(max(0, p - q))``. ``q`` None is a
     deterministic draft (one-hot on ``token``)."""
@@ -133,7 +138,9 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor | None, token: int,
         residual[token] = 0.0
     else:
         residual = (p - q).clamp_(min=0.0)
-    if float(residual.sum()) <= 0.0:  # p <= q everywhere up to rounding: p itself is the residual's limit
+    if (
+        float(residual.sum()) <= 0.0
+    ):  # p <= q everywhere up to rounding: p itself is the residual's limit
         residual = p
     return int(torch.multinomial(residual, 1, generator=generator))
 
@@ -146,14 +153,17 @@ class LookupDraft:
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def propose(self, sequence: list[int], k: int, processor: Processor,
-                generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor | None]]:
+    def propose(
+        self, sequence: list[int], k: int, processor: Processor, generator: torch.Generator | None
+    ) -> tuple[list[int], list[torch.Tensor | None]]:
         n_tokens = len(sequence)
         for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
             tail = sequence[-n:]
-            for start in range(n_tokens - n - 1, -1, -1):  # most recent first, the tail itself excluded
-                if sequence[start:start + n] == tail:
-                    follow = sequence[start + n:start + n + k]
+            for start in range(
+                n_tokens - n - 1, -1, -1
+            ):  # most recent first, the tail itself excluded
+                if sequence[start : start + n] == tail:
+                    follow = sequence[start + n : start + n + k]
                     return follow, [None] * len(follow)
         return [], []
 
@@ -176,17 +186,20 @@ class ModelDraft:
             position = torch.tensor([[self.cache.length]], device=device)
             logits = self.decoder.step(torch.tensor([tokens], device=device), position)[0]
         else:
-            logits = self.model(torch.tensor([tokens], device=device), cache=self.cache, last_only=True)[0, -1]
+            logits = self.model(
+                torch.tensor([tokens], device=device), cache=self.cache, last_only=True
+            )[0, -1]
         self.fed += len(tokens)
         return logits
 
-    def propose(self, sequence: list[int], k: int, processor: Processor,
-                generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor | None]]:
+    def propose(
+        self, sequence: list[int], k: int, processor: Processor, generator: torch.Generator | None
+    ) -> tuple[list[int], list[torch.Tensor | None]]:
         """``k`` draft tokens after ``sequence`` and the distribution each was drawn from (None: greedy)."""
         draft: list[int] = []
         dists: list[torch.Tensor | None] = []
         state = processor.fork() if processor.stateful else processor
-        logits = self._feed(sequence[self.fed:])
+        logits = self._feed(sequence[self.fed :])
         while True:
             if processor.params.greedy:
                 token, dist = int(state.logits(logits).argmax()), None
@@ -207,7 +220,9 @@ class ModelDraft:
         self.cache.length = self.fed
 
 
-_DRAFTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
+_DRAFTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _stamp(model: nn.Module) -> tuple:
@@ -230,7 +245,9 @@ def int4_draft(model: nn.Module, group_size: int = DRAFT_GROUP_SIZE) -> nn.Modul
         return cached[1]
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     draft = copy.deepcopy(model, shared)
-    names = [name for name, m in draft.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
+    names = [
+        name for name, m in draft.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))
+    ]
     device = model.device
     for name in names:
         module = draft.get_submodule(name)
@@ -240,7 +257,9 @@ def int4_draft(model: nn.Module, group_size: int = DRAFT_GROUP_SIZE) -> nn.Modul
             weight, bias = module.weight, _bias_for(draft, name, module.bias)
         else:
             weight, bias = module.dequantize(torch.float32), module.bias
-        draft.set_submodule(name, Int4Linear(quantize_int4(weight, group_size), bias, device=device))
+        draft.set_submodule(
+            name, Int4Linear(quantize_int4(weight, group_size), bias, device=device)
+        )
     if draft.lm_head is None and draft.config.hidden_size % group_size == 0:
         embed = draft.embed
         table = embed.weight if isinstance(embed, nn.Embedding) else embed.dequantize()
@@ -266,19 +285,28 @@ def check_options(mode: str, draft_tokens: int) -> None:
     """Refuse an unknown draft kind or draft length (before any model is loaded)."""
     if mode not in MODES:
         raise LlamakinError(f"unknown speculation {mode!r}; use one of {', '.join(MODES)}.")
-    if not (isinstance(draft_tokens, int) and not isinstance(draft_tokens, bool)
-            and 1 <= draft_tokens <= MAX_DRAFT_TOKENS):
-        raise LlamakinError(f"draft_tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}; got {draft_tokens!r}.")
+    if not (
+        isinstance(draft_tokens, int)
+        and not isinstance(draft_tokens, bool)
+        and 1 <= draft_tokens <= MAX_DRAFT_TOKENS
+    ):
+        raise LlamakinError(
+            f"draft_tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}; got {draft_tokens!r}."
+        )
 
 
 def check_speculation(model, mode: str, draft_tokens: int, prompts: int = 1) -> None:
     check_options(mode, draft_tokens)
     if prompts != 1:
-        raise LlamakinError(f"speculative decoding runs one prompt at a time, not a batch of {prompts}; "
-                            "generate them one by one or without speculation.")
+        raise LlamakinError(
+            f"speculative decoding runs one prompt at a time, not a batch of {prompts}; "
+            "generate them one by one or without speculation."
+        )
     if model.config.prefix_lm:
-        raise LlamakinError("speculative decoding does not support prefix-LM models (ChatGLM-6B); "
-                            "generate without speculation.")
+        raise LlamakinError(
+            "speculative decoding does not support prefix-LM models (ChatGLM-6B); "
+            "generate without speculation."
+        )
 
 
 class SpeculativeRun:
@@ -286,21 +314,39 @@ class SpeculativeRun:
     piece)``; ``results`` and ``stats`` (a :class:`SpeculativeStats`) complete once exhausted.
     ``draft`` overrides the draft model of ``mode="int4"`` (any model over the same vocabulary)."""
 
-    def __init__(self, model, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
-                 mode: str = "lookup", draft_tokens: int = 4, draft: nn.Module | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        prompt: list[int],
+        params: SamplingParams,
+        mode: str = "lookup",
+        draft_tokens: int = 4,
+        draft: nn.Module | None = None,
+    ):
         check_speculation(model, mode, draft_tokens)
         if not prompt:
-            raise LlamakinError("every prompt needs at least one token; an empty prompt gives the model nothing to continue.")
+            raise LlamakinError(
+                "every prompt needs at least one token; an empty prompt gives the model nothing to continue."
+            )
         check_token_ids(prompt, model.config.vocab_size, "the prompt")
         context = model.config.max_position_embeddings
         if len(prompt) + params.max_new_tokens > context and not model.config.rope_extends_context:
             raise LlamakinError(
                 f"the prompt has {len(prompt)} tokens and max_new_tokens is {params.max_new_tokens}, together more "
-                f"than the model's context of {context}; shorten the prompt or lower max_new_tokens.")
+                f"than the model's context of {context}; shorten the prompt or lower max_new_tokens."
+            )
         if draft is not None and draft.config.vocab_size != model.config.vocab_size:
-            raise LlamakinError(f"the draft model has {draft.config.vocab_size} tokens but the model "
-                                f"{model.config.vocab_size}; a draft must share the model's vocabulary.")
-        self.model, self.tokenizer, self.prompt, self.params = model, tokenizer, list(prompt), params
+            raise LlamakinError(
+                f"the draft model has {draft.config.vocab_size} tokens but the model "
+                f"{model.config.vocab_size}; a draft must share the model's vocabulary."
+            )
+        self.model, self.tokenizer, self.prompt, self.params = (
+            model,
+            tokenizer,
+            list(prompt),
+            params,
+        )
         self.mode, self.draft_tokens, self.draft_model = mode, draft_tokens, draft
         self.results = [RowResult()]
         self.stats = SpeculativeStats(prompt_tokens=len(prompt), rows=1)
@@ -324,7 +370,9 @@ class SpeculativeRun:
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=device)
-            generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
+            generator.manual_seed(
+                params.seed if params.seed is not None else int(torch.seed() % 2**63)
+            )
         processor = Processor(params, self.prompt, model.config.vocab_size, device)
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
         stream = TextStream(self.tokenizer, params.stop)
@@ -336,7 +384,9 @@ class SpeculativeRun:
         sequence = list(self.prompt)
 
         start = time.perf_counter()
-        logits = model(torch.tensor([sequence], device=device), cache=cache, last_only=True)[0]  # [1, V]
+        logits = model(torch.tensor([sequence], device=device), cache=cache, last_only=True)[
+            0
+        ]  # [1, V]
         self.stats.prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
         new = [self._choose(processor.logits(logits[0]), generator)]
@@ -369,10 +419,14 @@ class SpeculativeRun:
                 new = [self._choose(processor.logits(logits[0]), generator)]
                 continue
             kept_before = cache.length
-            logits = model(torch.tensor([[sequence[-1], *draft]], device=device), cache=cache)[0]  # [k + 1, V]
+            logits = model(torch.tensor([[sequence[-1], *draft]], device=device), cache=cache)[
+                0
+            ]  # [k + 1, V]
             new = self._verify(logits, draft, dists, processor, generator)
             accepted = len(new) - 1
-            cache.length = kept_before + 1 + accepted  # rollback: the rejected drafts' slots are dropped
+            cache.length = (
+                kept_before + 1 + accepted
+            )  # rollback: the rejected drafts' slots are dropped
             drafter.rollback(len(sequence) + accepted)
             self.stats.verifications += 1
             self.stats.drafted_tokens += len(draft)
@@ -389,8 +443,14 @@ class SpeculativeRun:
             return int(logits.argmax())
         return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
-    def _verify(self, logits: torch.Tensor, draft: list[int], dists: list[torch.Tensor | None],
-                processor: Processor, generator: torch.Generator | None) -> list[int]:
+    def _verify(
+        self,
+        logits: torch.Tensor,
+        draft: list[int],
+        dists: list[torch.Tensor | None],
+        processor: Processor,
+        generator: torch.Generator | None,
+    ) -> list[int]:
         """The tokens this round adds: the kept prefix of ``draft`` and one token from the target."""
         state = processor.fork() if processor.stateful else processor
         kept: list[int] = []
@@ -410,21 +470,42 @@ class SpeculativeRun:
         return kept + [self._choose(state.logits(logits[len(draft)]), generator)]
 
 
-def generate_speculative(model, tokenizer: Tokenizer, prompt, *, speculate: str = "lookup", draft_tokens: int = 4,
-                         stream: bool = False, **sampling):
+def generate_speculative(
+    model,
+    tokenizer: Tokenizer,
+    prompt,
+    *,
+    speculate: str = "lookup",
+    draft_tokens: int = 4,
+    stream: bool = False,
+    **sampling,
+):
     """:func:`llamakin.generate` with speculative decoding: ``speculate="int4"`` or ``"lookup"``,
     ``draft_tokens`` per draft; ``sampling`` takes generate's sampling keywords (max_new_tokens,
     temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos). Returns the
     text, or with ``stream=True`` a :class:`~llamakin.generate.TextIterator`."""
     from .generate import TextIterator, _params, encode_prompt
 
-    defaults = dict(max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                    seed=None, stop=None, ignore_eos=False)
+    defaults = dict(
+        max_new_tokens=256,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        seed=None,
+        stop=None,
+        ignore_eos=False,
+    )
     unknown = set(sampling) - set(defaults)
     if unknown:
-        raise LlamakinError(f"unknown generation option(s) {', '.join(sorted(unknown))}; use {', '.join(defaults)}.")
+        raise LlamakinError(
+            f"unknown generation option(s) {', '.join(sorted(unknown))}; use {', '.join(defaults)}."
+        )
     params = _params(**{**defaults, **sampling})
-    run = SpeculativeRun(model, tokenizer, encode_prompt(tokenizer, prompt), params, speculate, draft_tokens)
+    run = SpeculativeRun(
+        model, tokenizer, encode_prompt(tokenizer, prompt), params, speculate, draft_tokens
+    )
     if stream:
         return TextIterator(run)
     for _ in run:
@@ -434,5 +515,7 @@ def generate_speculative(model, tokenizer: Tokenizer, prompt, *, speculate: str 
 
 def report(stats: SpeculativeStats) -> str:
     """One line for the CLI."""
-    return (f"[speculation: {stats.accepted_tokens}/{stats.drafted_tokens} draft tokens accepted "
-            f"({100 * stats.acceptance_rate:.0f}%) over {stats.verifications} verifications]")
+    return (
+        f"[speculation: {stats.accepted_tokens}/{stats.drafted_tokens} draft tokens accepted "
+        f"({100 * stats.acceptance_rate:.0f}%) over {stats.verifications} verifications]"
+    )

@@ -20,16 +20,25 @@ def split_rows(fused: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor
     return list(fused.split(list(sizes), dim=0))
 
 
-def _regroup_rotary_rows(w: torch.Tensor, n_heads: int, rotary_dim: int, pairs_first: bool) -> torch.Tensor:
+def _regroup_rotary_rows(
+    w: torch.Tensor, n_heads: int, rotary_dim: int, pairs_first: bool
+) -> torch.Tensor:
     rest = w.shape[1:]
     heads = w.reshape(n_heads, -1, *rest)  # [n_heads, head_dim, *rest]
     half = rotary_dim // 2
     grid = (half, 2) if pairs_first else (2, half)
-    rotary = heads[:, :rotary_dim].reshape(n_heads, *grid, *rest).transpose(1, 2).reshape(n_heads, rotary_dim, *rest)
+    rotary = (
+        heads[:, :rotary_dim]
+        .reshape(n_heads, *grid, *rest)
+        .transpose(1, 2)
+        .reshape(n_heads, rotary_dim, *rest)
+    )
     return torch.cat((rotary, heads[:, rotary_dim:]), dim=1).reshape(w.shape)
 
 
-def interleaved_to_half(w: torch.Tensor, n_heads: int, rotary_dim: int | None = None) -> torch.Tensor:
+def interleaved_to_half(
+    w: torch.Tensor, n_heads: int, rotary_dim: int | None = None
+) -> torch.Tensor:
     """Reorder q or k rows from the interleaved (Meta) RoPE order to the rotate_half (HF) order.
 
     Within the first ``rotary_dim`` rows of each head, HF row ``j * rd/2 + i`` takes Meta row
@@ -41,13 +50,17 @@ def interleaved_to_half(w: torch.Tensor, n_heads: int, rotary_dim: int | None = 
     return _regroup_rotary_rows(w, n_heads, rotary_dim, pairs_first=True)
 
 
-def half_to_interleaved(w: torch.Tensor, n_heads: int, rotary_dim: int | None = None) -> torch.Tensor:
+def half_to_interleaved(
+    w: torch.Tensor, n_heads: int, rotary_dim: int | None = None
+) -> torch.Tensor:
     """Inverse of :func:`interleaved_to_half` (torchchat's ``permute``, docs/variants.md §2.3)."""
     rotary_dim = w.shape[0] // n_heads if rotary_dim is None else rotary_dim
     return _regroup_rotary_rows(w, n_heads, rotary_dim, pairs_first=False)
 
 
-def rope_reorder(w: torch.Tensor, n_heads: int, rotary_dim: int, source: str, target: str) -> torch.Tensor:
+def rope_reorder(
+    w: torch.Tensor, n_heads: int, rotary_dim: int, source: str, target: str
+) -> torch.Tensor:
     """Reorder rows from RoPE layout ``source`` to ``target`` (``half`` or ``interleaved``)."""
     if source == target:
         return w
@@ -67,7 +80,13 @@ def grouped_qkv_to_fused(w: torch.Tensor, num_heads: int, num_kv_heads: int) -> 
     n_rep = num_heads // num_kv_heads
     groups = w.reshape(num_kv_heads, n_rep + 2, -1, *w.shape[1:])  # [Hkv, n_rep + 2, hd, ...]
     q = groups[:, :n_rep].reshape(-1, *w.shape[1:])
-    return torch.cat((q, groups[:, n_rep].reshape(-1, *w.shape[1:]), groups[:, n_rep + 1].reshape(-1, *w.shape[1:])))
+    return torch.cat(
+        (
+            q,
+            groups[:, n_rep].reshape(-1, *w.shape[1:]),
+            groups[:, n_rep + 1].reshape(-1, *w.shape[1:]),
+        )
+    )
 
 
 def fused_qkv_to_grouped(w: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
@@ -76,8 +95,11 @@ def fused_qkv_to_grouped(w: torch.Tensor, num_heads: int, num_kv_heads: int) -> 
     hd = w.shape[0] // (num_heads + 2 * num_kv_heads)
     q, k, v = w.split((num_heads * hd, num_kv_heads * hd, num_kv_heads * hd))
     rest = w.shape[1:]
-    parts = (q.reshape(num_kv_heads, n_rep, hd, *rest), k.reshape(num_kv_heads, 1, hd, *rest),
-             v.reshape(num_kv_heads, 1, hd, *rest))
+    parts = (
+        q.reshape(num_kv_heads, n_rep, hd, *rest),
+        k.reshape(num_kv_heads, 1, hd, *rest),
+        v.reshape(num_kv_heads, 1, hd, *rest),
+    )
     return torch.cat(parts, dim=1).reshape(w.shape)
 
 

@@ -29,25 +29,74 @@ from .token_ids import check_token_ids  # noqa: F401  (re-exported: one place fo
 # -- raw config values ------------------------------------------------------------------------------
 # Keys that are counts or sizes wherever they appear (transformers, Meta, ChatGLM, Qwen v1 and GGUF
 # metadata spellings); each must be a positive integer when present and not null.
-POSITIVE_INT_KEYS = frozenset({
-    "vocab_size", "padded_vocab_size", "hidden_size", "n_embd", "dim", "intermediate_size", "ffn_hidden_size",
-    "inner_hidden_size", "num_hidden_layers", "num_layers", "n_layers", "n_layer", "num_attention_heads",
-    "n_heads", "n_head", "num_key_value_heads", "n_kv_heads", "multi_query_group_num", "head_dim", "kv_channels",
-    "max_position_embeddings", "seq_length", "max_sequence_length", "original_max_position_embeddings",
-    # GGUF, after the architecture prefix
-    "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
-    "attention.head_count_kv", "attention.key_length", "attention.value_length", "rope.dimension_count",
-    "rope.scaling.original_context_length",
-})
+POSITIVE_INT_KEYS = frozenset(
+    {
+        "vocab_size",
+        "padded_vocab_size",
+        "hidden_size",
+        "n_embd",
+        "dim",
+        "intermediate_size",
+        "ffn_hidden_size",
+        "inner_hidden_size",
+        "num_hidden_layers",
+        "num_layers",
+        "n_layers",
+        "n_layer",
+        "num_attention_heads",
+        "n_heads",
+        "n_head",
+        "num_key_value_heads",
+        "n_kv_heads",
+        "multi_query_group_num",
+        "head_dim",
+        "kv_channels",
+        "max_position_embeddings",
+        "seq_length",
+        "max_sequence_length",
+        "original_max_position_embeddings",
+        # GGUF, after the architecture prefix
+        "context_length",
+        "embedding_length",
+        "block_count",
+        "feed_forward_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "attention.key_length",
+        "attention.value_length",
+        "rope.dimension_count",
+        "rope.scaling.original_context_length",
+    }
+)
 # Keys that are real numbers (> 0 where it matters to the model: a scale, a base, an epsilon).
-POSITIVE_FLOAT_KEYS = frozenset({
-    "rope_theta", "rotary_emb_base", "rope_ratio", "rms_norm_eps", "layer_norm_epsilon", "layernorm_epsilon",
-    "norm_eps", "layer_norm_eps", "partial_rotary_factor", "factor", "low_freq_factor", "high_freq_factor",
-    "beta_fast", "beta_slow", "attention_factor", "embedding_multiplier", "residual_multiplier", "logits_scaling",
-    "attention_multiplier",
-    # GGUF
-    "rope.freq_base", "attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.scaling.factor",
-})
+POSITIVE_FLOAT_KEYS = frozenset(
+    {
+        "rope_theta",
+        "rotary_emb_base",
+        "rope_ratio",
+        "rms_norm_eps",
+        "layer_norm_epsilon",
+        "layernorm_epsilon",
+        "norm_eps",
+        "layer_norm_eps",
+        "partial_rotary_factor",
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "beta_fast",
+        "beta_slow",
+        "attention_factor",
+        "embedding_multiplier",
+        "residual_multiplier",
+        "logits_scaling",
+        "attention_multiplier",
+        # GGUF
+        "rope.freq_base",
+        "attention.layer_norm_rms_epsilon",
+        "attention.layer_norm_epsilon",
+        "rope.scaling.factor",
+    }
+)
 REAL_KEYS = frozenset({"mscale", "mscale_all_dim"})  # any finite number
 ROPE_DICTS = ("rope_scaling", "rope_parameters")
 ROPE_STRING_KEYS = frozenset({"type", "rope_type"})
@@ -59,7 +108,9 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_real(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(
+        value
+    )
 
 
 def _check_value(key: str, short: str, value: Any, where: str) -> None:
@@ -67,30 +118,41 @@ def _check_value(key: str, short: str, value: Any, where: str) -> None:
         return
     if short in POSITIVE_INT_KEYS:
         if not _is_int(value) or value <= 0:
-            raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}; fix the config.")
+            raise ConfigError(
+                f"{where}: {key} must be a positive integer, got {value!r}; fix the config."
+            )
     elif short in POSITIVE_FLOAT_KEYS:
         if not _is_real(value) or value <= 0:
-            raise ConfigError(f"{where}: {key} must be a positive number, got {value!r}; fix the config.")
+            raise ConfigError(
+                f"{where}: {key} must be a positive number, got {value!r}; fix the config."
+            )
     elif short in REAL_KEYS:
         if not _is_real(value):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}; fix the config.")
 
 
-def check_raw_config(raw: dict[str, Any], where: str, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+def check_raw_config(
+    raw: dict[str, Any], where: str, prefix: str = "", skip: tuple[str, ...] = ()
+) -> None:
     """Refuse values of the wrong type or range under well-known keys of a checkpoint config.
 
     ``prefix`` is stripped from keys first (a GGUF architecture, ``"llama."``). Keys llamakin
     does not know are left to the family adapter.
     """
-    for key, kind, want in (("model_type", str, "a string"), ("architectures", list, "a list of strings")):
+    for key, kind, want in (
+        ("model_type", str, "a string"),
+        ("architectures", list, "a list of strings"),
+    ):
         value = raw.get(key)
-        wrong = not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value))
+        wrong = not isinstance(value, kind) or (
+            kind is list and not all(isinstance(v, str) for v in value)
+        )
         if value is not None and wrong:
             raise ConfigError(f"{where}: {key} must be {want}, got {value!r}; fix the config.")
     for key, value in raw.items():
         if not isinstance(key, str):
             continue
-        short = key[len(prefix):] if prefix and key.startswith(prefix) else key
+        short = key[len(prefix) :] if prefix and key.startswith(prefix) else key
         if short in skip:
             continue
         _check_value(key, short, value, where)
@@ -98,14 +160,22 @@ def check_raw_config(raw: dict[str, Any], where: str, prefix: str = "", skip: tu
             for sub, v in value.items():
                 if sub in ROPE_STRING_KEYS:
                     if not isinstance(v, str):
-                        raise ConfigError(f"{where}: {key}.{sub} must be a string, got {v!r}; fix the config.")
+                        raise ConfigError(
+                            f"{where}: {key}.{sub} must be a string, got {v!r}; fix the config."
+                        )
                 elif sub in ROPE_BOOL_KEYS:
                     if not isinstance(v, bool):
-                        raise ConfigError(f"{where}: {key}.{sub} must be true or false, got {v!r}; fix the config.")
-                elif isinstance(v, (dict, list)):  # per-layer-type parameters, longrope factor lists, mrope
+                        raise ConfigError(
+                            f"{where}: {key}.{sub} must be true or false, got {v!r}; fix the config."
+                        )
+                elif isinstance(
+                    v, (dict, list)
+                ):  # per-layer-type parameters, longrope factor lists, mrope
                     continue  # sections: the adapter accepts or refuses them by name
                 elif v is not None and not _is_real(v):
-                    raise ConfigError(f"{where}: {key}.{sub} must be a number, got {v!r}; fix the config.")
+                    raise ConfigError(
+                        f"{where}: {key}.{sub} must be a number, got {v!r}; fix the config."
+                    )
                 else:
                     _check_value(f"{key}.{sub}", sub, v, where)
 
@@ -117,10 +187,20 @@ def translated(read, raw: dict[str, Any], where: str):
         return read(raw)
     except LlamakinError:
         raise
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError, KeyError, IndexError, AttributeError) as e:
+    except (
+        TypeError,
+        ValueError,
+        ZeroDivisionError,
+        OverflowError,
+        KeyError,
+        IndexError,
+        AttributeError,
+    ) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{where} has a value llamakin cannot use ({type(e).__name__}: {detail}); "
-                          "fix or restore the checkpoint's config.") from None
+        raise ConfigError(
+            f"{where} has a value llamakin cannot use ({type(e).__name__}: {detail}); "
+            "fix or restore the checkpoint's config."
+        ) from None
 
 
 # -- model size against file and memory -------------------------------------------------------------
@@ -182,17 +262,24 @@ def _size(n: float) -> str:
     return f"{n} bytes"
 
 
-def check_plausible_size(config, where: str, stored: int | None, dtype: torch.dtype,
-                         device: torch.device | str = "cpu") -> int:
+def check_plausible_size(
+    config, where: str, stored: int | None, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> int:
     """Refuse a config whose model the checkpoint cannot hold or the device cannot allocate;
     returns the parameter count. ``stored``: values the file stores (None: not from a file)."""
     c = config
     rough = 2 * c.vocab_size * c.hidden_size + c.num_layers * (
-        c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * c.hidden_size
-        + 3 * c.hidden_size * c.intermediate_size)
-    if rough > 1 << 50:  # a million billion parameters: beyond any machine, and beyond torch's size arithmetic
-        raise CheckpointError(f"{where}: its config describes a model of about {rough:.1e} parameters, far beyond any "
-                              "memory; the config is corrupt.")
+        c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        + c.num_heads * c.head_dim * c.hidden_size
+        + 3 * c.hidden_size * c.intermediate_size
+    )
+    if (
+        rough > 1 << 50
+    ):  # a million billion parameters: beyond any machine, and beyond torch's size arithmetic
+        raise CheckpointError(
+            f"{where}: its config describes a model of about {rough:.1e} parameters, far beyond any "
+            "memory; the config is corrupt."
+        )
     params = parameter_count(config)
     if stored is not None and params > STORED_SLACK * stored + 4096:
         raise CheckpointError(
@@ -210,8 +297,27 @@ def check_plausible_size(config, where: str, stored: int | None, dtype: torch.dt
     return params
 
 
-_INTEGER_DTYPES = frozenset({"bool", "u8", "i8", "u16", "i16", "u32", "i32", "u64", "i64",  # safetensors / GGUF codes
-                             "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64"})
+_INTEGER_DTYPES = frozenset(
+    {
+        "bool",
+        "u8",
+        "i8",
+        "u16",
+        "i16",
+        "u32",
+        "i32",
+        "u64",
+        "i64",  # safetensors / GGUF codes
+        "uint8",
+        "int8",
+        "uint16",
+        "int16",
+        "uint32",
+        "int32",
+        "uint64",
+        "int64",
+    }
+)
 
 
 def is_weight_dtype(name: str) -> bool:
@@ -228,17 +334,25 @@ def parse_device(device: torch.device | str) -> torch.device:
         try:
             parsed = torch.device(device)
         except (RuntimeError, TypeError, ValueError):
-            raise LlamakinError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps.") from None
+            raise LlamakinError(
+                f"unknown device {device!r}; use cpu, cuda, cuda:N or mps."
+            ) from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise LlamakinError(f"device {device!s} was asked for but this machine has no usable CUDA GPU "
-                                "(or torch was built without CUDA); use --device cpu.")
+            raise LlamakinError(
+                f"device {device!s} was asked for but this machine has no usable CUDA GPU "
+                "(or torch was built without CUDA); use --device cpu."
+            )
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise LlamakinError(f"device {device!s} does not exist: this machine has {torch.cuda.device_count()} "
-                                "CUDA device(s), numbered from 0.")
+            raise LlamakinError(
+                f"device {device!s} does not exist: this machine has {torch.cuda.device_count()} "
+                "CUDA device(s), numbered from 0."
+            )
     elif parsed.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise LlamakinError(f"device {device!s} was asked for but Apple's MPS is not available here; use cpu.")
+            raise LlamakinError(
+                f"device {device!s} was asked for but Apple's MPS is not available here; use cpu."
+            )
     elif parsed.type not in ("cpu", "meta"):
         raise LlamakinError(f"device {device!s} is not supported; use cpu, cuda, cuda:N or mps.")
     return parsed

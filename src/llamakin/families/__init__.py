@@ -10,7 +10,20 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import UnsupportedError
-from . import chatglm, diff_unilm, diffllama, glm, granite, internlm, llama, meta, mistral, native, qwen, qwen1
+from . import (
+    chatglm,
+    diff_unilm,
+    diffllama,
+    glm,
+    granite,
+    internlm,
+    llama,
+    meta,
+    mistral,
+    native,
+    qwen,
+    qwen1,
+)
 from .base import Family, TensorRule
 
 # Order matters for export of a config with no family: the first family that expresses it
@@ -19,9 +32,24 @@ from .base import Family, TensorRule
 # expresses everything).
 FAMILIES: dict[str, Family] = {
     f.name: f
-    for f in (llama.FAMILY, diffllama.FAMILY, qwen.QWEN2, qwen.QWEN3, mistral.FAMILY, granite.FAMILY,
-              meta.FAMILY, glm.GLM, glm.GLM4, qwen1.FAMILY, internlm.INTERNLM, internlm.INTERNLM2,
-              chatglm.CHATGLM2, chatglm.CHATGLM, diff_unilm.FAMILY, native.FAMILY)
+    for f in (
+        llama.FAMILY,
+        diffllama.FAMILY,
+        qwen.QWEN2,
+        qwen.QWEN3,
+        mistral.FAMILY,
+        granite.FAMILY,
+        meta.FAMILY,
+        glm.GLM,
+        glm.GLM4,
+        qwen1.FAMILY,
+        internlm.INTERNLM,
+        internlm.INTERNLM2,
+        chatglm.CHATGLM2,
+        chatglm.CHATGLM,
+        diff_unilm.FAMILY,
+        native.FAMILY,
+    )
 }
 # The families transformers implements natively (a PEFT adapter names their HF modules).
 HF_FAMILIES = ("llama", "mistral", "granite", "qwen2", "qwen3", "diffllama", "glm", "glm4")
@@ -65,7 +93,17 @@ def family_for_export(config: ModelConfig, name: str | None = None) -> Family:
     for family in FAMILIES.values():
         if family.unsupported(config) is None:
             return family
-    raise UnsupportedError("no known checkpoint format expresses this model's configuration exactly.")
+    raise UnsupportedError(
+        "no known checkpoint format expresses this model's configuration exactly."
+    )
 
 
-__all__ = ["FAMILIES", "HF_FAMILIES", "Family", "TensorRule", "detect_family", "family_for_export", "get_family"]
+__all__ = [
+    "FAMILIES",
+    "HF_FAMILIES",
+    "Family",
+    "TensorRule",
+    "detect_family",
+    "family_for_export",
+    "get_family",
+]

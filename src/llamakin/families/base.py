@@ -33,7 +33,9 @@ class Family:
     description: str
     architectures: tuple[str, ...] = ()
     # Checkpoint tensors that carry no weights and are skipped on load (e.g. RoPE buffers).
-    ignored: tuple[str, ...] = field(default=(r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)rotary_pos_emb\.inv_freq$"))
+    ignored: tuple[str, ...] = field(
+        default=(r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)rotary_pos_emb\.inv_freq$")
+    )
     # The output matrix's name, which tied checkpoints sometimes store anyway (a copy of the embedding).
     tied_output: str = "lm_head.weight"
     # Where the config lives and how weights are written on export.
@@ -73,5 +75,3 @@ class Family:
             diffs = [k for k in ours.to_dict() if getattr(back, k) != getattr(ours, k)]
             return f"the {self.name} format cannot express {', '.join(diffs)}"
         return None
-
-

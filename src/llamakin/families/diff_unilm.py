@@ -37,12 +37,21 @@ def _adjacent_pairs(canonical: str, names: tuple[str, ...], config: ModelConfig)
 
     def to_canonical(parts: list[torch.Tensor]) -> torch.Tensor:
         q, k, v = parts
-        return torch.cat((adjacent_pairs_to_halves(q, H), adjacent_pairs_to_halves(k, Hkv),
-                          adjacent_pairs_to_halves(v, Hkv)))
+        return torch.cat(
+            (
+                adjacent_pairs_to_halves(q, H),
+                adjacent_pairs_to_halves(k, Hkv),
+                adjacent_pairs_to_halves(v, Hkv),
+            )
+        )
 
     def from_canonical(t: torch.Tensor) -> list[torch.Tensor]:
         q, k, v = t.split(sizes)
-        return [halves_to_adjacent_pairs(q, H), halves_to_adjacent_pairs(k, Hkv), halves_to_adjacent_pairs(v, Hkv)]
+        return [
+            halves_to_adjacent_pairs(q, H),
+            halves_to_adjacent_pairs(k, Hkv),
+            halves_to_adjacent_pairs(v, Hkv),
+        ]
 
     return TensorRule(canonical, names, to_canonical, from_canonical)
 
@@ -50,13 +59,20 @@ def _adjacent_pairs(canonical: str, names: tuple[str, ...], config: ModelConfig)
 _A = "layers.{i}.attn."
 UNILM_TABLE: dict[str, Entry] = {
     **meta_style_table(),
-    "layers.{i}.attn.qkv.weight": Transformed(tuple(_A + f"{p}_proj.weight" for p in "qkv"), _adjacent_pairs),
+    "layers.{i}.attn.qkv.weight": Transformed(
+        tuple(_A + f"{p}_proj.weight" for p in "qkv"), _adjacent_pairs
+    ),
     "layers.{i}.attn.o_proj.weight": _A + "out_proj.weight",
     "layers.{i}.attn.pair_norm.weight": _A + "subln.weight",
-    **{f"layers.{{i}}.attn.{n}": _A + n for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")},
+    **{
+        f"layers.{{i}}.attn.{n}": _A + n
+        for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+    },
 }
 
-UNILM_SUBLN_EPS = 1e-5  # multihead_diffattn.py: RMSNorm(2 * head_dim, eps=1e-5, elementwise_affine=True)
+UNILM_SUBLN_EPS = (
+    1e-5  # multihead_diffattn.py: RMSNorm(2 * head_dim, eps=1e-5, elementwise_affine=True)
+)
 
 
 class DiffUnilmFamily(Family):
@@ -66,34 +82,53 @@ class DiffUnilmFamily(Family):
         embed = require(c, "embed_dim", where)
         try:
             return ModelConfig(
-                vocab_size=require(c, "vocab_size", where), hidden_size=embed,
-                num_layers=require(c, "num_layers", where), num_heads=2 * pairs,
-                num_kv_heads=2 * (c.get("num_kv_heads") or pairs), head_dim=embed // pairs // 2,
-                intermediate_size=require(c, "ffn_dim", where), max_position_embeddings=c.get("max_positions", 2048),
-                norm_eps=c.get("norm_eps", 1e-5), rope_theta=float(c.get("rope_theta", 10000.0)),
-                rope_layout="interleaved", attention_kind="differential", diff_norm_affine=True,
+                vocab_size=require(c, "vocab_size", where),
+                hidden_size=embed,
+                num_layers=require(c, "num_layers", where),
+                num_heads=2 * pairs,
+                num_kv_heads=2 * (c.get("num_kv_heads") or pairs),
+                head_dim=embed // pairs // 2,
+                intermediate_size=require(c, "ffn_dim", where),
+                max_position_embeddings=c.get("max_positions", 2048),
+                norm_eps=c.get("norm_eps", 1e-5),
+                rope_theta=float(c.get("rope_theta", 10000.0)),
+                rope_layout="interleaved",
+                attention_kind="differential",
+                diff_norm_affine=True,
                 diff_norm_eps=float(c.get("subln_eps", UNILM_SUBLN_EPS)),
-                tie_word_embeddings=bool(c.get("tie_word_embeddings", False)), family=self.name,
+                tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+                family=self.name,
             )
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 
     def config_to_checkpoint(self, config: ModelConfig) -> dict[str, Any]:
         if 2 * config.head_dim * (config.num_heads // 2) != config.hidden_size:
-            raise ConfigError("unilm's attention derives head_dim from embed_dim; they disagree here.")
+            raise ConfigError(
+                "unilm's attention derives head_dim from embed_dim; they disagree here."
+            )
         return {
-            "architectures": ["DiffTransformer"], "model_type": self.name, "vocab_size": config.vocab_size,
-            "embed_dim": config.hidden_size, "num_layers": config.num_layers, "num_heads": config.num_heads // 2,
-            "num_kv_heads": config.num_kv_heads // 2, "ffn_dim": config.intermediate_size,
-            "max_positions": config.max_position_embeddings, "norm_eps": config.norm_eps,
+            "architectures": ["DiffTransformer"],
+            "model_type": self.name,
+            "vocab_size": config.vocab_size,
+            "embed_dim": config.hidden_size,
+            "num_layers": config.num_layers,
+            "num_heads": config.num_heads // 2,
+            "num_kv_heads": config.num_kv_heads // 2,
+            "ffn_dim": config.intermediate_size,
+            "max_positions": config.max_position_embeddings,
+            "norm_eps": config.norm_eps,
             "subln_eps": config.norm_eps if config.diff_norm_eps is None else config.diff_norm_eps,
-            "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_word_embeddings,
+            "rope_theta": config.rope_theta,
+            "tie_word_embeddings": config.tie_word_embeddings,
         }
 
     def tensor_table(self) -> dict[str, Entry]:
         return UNILM_TABLE
 
 
-FAMILY = DiffUnilmFamily(name="diff_transformer",
-                         description="Differential Transformer, microsoft/unilm module layout (adjacent pairs, subln)",
-                         tied_output="output.weight")
+FAMILY = DiffUnilmFamily(
+    name="diff_transformer",
+    description="Differential Transformer, microsoft/unilm module layout (adjacent pairs, subln)",
+    tied_output="output.weight",
+)

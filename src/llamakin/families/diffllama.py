@@ -12,7 +12,9 @@ from .hf import HFDecoderFamily
 class DiffLlamaFamily(HFDecoderFamily):
     def family_knobs(self, hf: dict[str, Any]) -> dict[str, Any]:
         bias = bool(hf.get("attention_bias", False))
-        return dict(attention_kind="differential", q_bias=bias, k_bias=bias, v_bias=bias, o_bias=bias)
+        return dict(
+            attention_kind="differential", q_bias=bias, k_bias=bias, v_bias=bias, o_bias=bias
+        )
 
     def family_keys(self, config: ModelConfig) -> dict[str, Any]:
         return {"attention_bias": config.q_bias, "lambda_std_dev": 0.1}

@@ -52,9 +52,13 @@ GGUF_TABLE: dict[str, Entry] = {
     "layers.{i}.mlp.gate_up.weight": (_B + "ffn_gate.weight", _B + "ffn_up.weight"),
     "layers.{i}.mlp.down.weight": _B + "ffn_down.weight",
 }
-QKV_BIAS: dict[str, Entry] = {"layers.{i}.attn.qkv.bias": tuple(_B + f"attn_{p}.bias" for p in "qkv")}
-QK_NORM: dict[str, Entry] = {"layers.{i}.attn.q_norm.weight": _B + "attn_q_norm.weight",
-                             "layers.{i}.attn.k_norm.weight": _B + "attn_k_norm.weight"}
+QKV_BIAS: dict[str, Entry] = {
+    "layers.{i}.attn.qkv.bias": tuple(_B + f"attn_{p}.bias" for p in "qkv")
+}
+QK_NORM: dict[str, Entry] = {
+    "layers.{i}.attn.q_norm.weight": _B + "attn_q_norm.weight",
+    "layers.{i}.attn.k_norm.weight": _B + "attn_k_norm.weight",
+}
 
 
 @dataclass
@@ -74,21 +78,34 @@ class GGUFFamily(Family):
         head_dim = meta.get(p + "attention.key_length") or hidden // heads
         names = set(meta.get(TENSOR_NAMES, ()))
         if "rope_freqs.weight" in names:
-            raise UnsupportedError("this GGUF stores RoPE frequency factors (rope_freqs.weight, Llama 3.1 style), "
-                                   "which llamakin does not read yet; use the Hugging Face checkpoint instead.")
+            raise UnsupportedError(
+                "this GGUF stores RoPE frequency factors (rope_freqs.weight, Llama 3.1 style), "
+                "which llamakin does not read yet; use the Hugging Face checkpoint instead."
+            )
         scaling_type = meta.get(p + "rope.scaling.type", "none")
         if scaling_type in ("none", None):
             scaling = RopeScaling()
         elif scaling_type in ("linear", "yarn"):
-            scaling = RopeScaling(type=scaling_type, factor=float(require(meta, p + "rope.scaling.factor", where)),
-                                  original_max_position_embeddings=meta.get(p + "rope.scaling.original_context_length"))
+            scaling = RopeScaling(
+                type=scaling_type,
+                factor=float(require(meta, p + "rope.scaling.factor", where)),
+                original_max_position_embeddings=meta.get(
+                    p + "rope.scaling.original_context_length"
+                ),
+            )
         else:
             raise UnsupportedError(f"{where}: RoPE scaling {scaling_type!r} is not supported.")
         tokens = meta.get("tokenizer.ggml.tokens")
         vocab = meta.get(p + "vocab_size") or (len(tokens) if tokens else None)
         if not vocab:
-            raise ConfigError(f"{where} gives no vocabulary size ({p}vocab_size or tokenizer.ggml.tokens).")
-        eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+            raise ConfigError(
+                f"{where} gives no vocabulary size ({p}vocab_size or tokenizer.ggml.tokens)."
+            )
+        eos = [
+            meta[k]
+            for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+            if k in meta
+        ]
         try:
             return ModelConfig(
                 vocab_size=int(vocab),
@@ -103,7 +120,9 @@ class GGUFFamily(Family):
                 rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)),
                 rotary_dim=meta.get(p + "rope.dimension_count") or head_dim,
                 rope_scaling=scaling,
-                q_bias=self.qkv_bias, k_bias=self.qkv_bias, v_bias=self.qkv_bias,
+                q_bias=self.qkv_bias,
+                k_bias=self.qkv_bias,
+                v_bias=self.qkv_bias,
                 qk_norm=self.qk_norm,
                 tie_word_embeddings="output.weight" not in names,
                 bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
@@ -136,7 +155,9 @@ class GGUFFamily(Family):
             meta[p + "rope.scaling.type"] = s.type
             meta[p + "rope.scaling.factor"] = s.factor
             if s.original_max_position_embeddings is not None:
-                meta[p + "rope.scaling.original_context_length"] = s.original_max_position_embeddings
+                meta[p + "rope.scaling.original_context_length"] = (
+                    s.original_max_position_embeddings
+                )
         if config.bos_token_id is not None:
             meta["tokenizer.ggml.bos_token_id"] = config.bos_token_id
         if config.eos_token_ids:
@@ -151,27 +172,60 @@ class GGUFFamily(Family):
     def unsupported(self, config: ModelConfig) -> str | None:
         if len(config.eos_token_ids) > 2:
             config = config.replace(eos_token_ids=config.eos_token_ids[:2])
-        if config.rope_scaling.type in ("linear", "yarn"):  # GGUF keeps only type, factor, original context
+        if config.rope_scaling.type in (
+            "linear",
+            "yarn",
+        ):  # GGUF keeps only type, factor, original context
             s = config.rope_scaling
-            config = config.replace(rope_scaling=RopeScaling(type=s.type, factor=s.factor,
-                                                             original_max_position_embeddings=s.original_max_position_embeddings))
+            config = config.replace(
+                rope_scaling=RopeScaling(
+                    type=s.type,
+                    factor=s.factor,
+                    original_max_position_embeddings=s.original_max_position_embeddings,
+                )
+            )
         return super().unsupported(config)
 
     def tensor_table(self) -> dict[str, Entry]:
-        table = {**GGUF_TABLE, **(QKV_BIAS if self.qkv_bias else {}), **(QK_NORM if self.qk_norm else {})}
-        if self.permute_qk:  # llama.cpp's converter stores llama's q/k rows in Meta's interleaved order
+        table = {
+            **GGUF_TABLE,
+            **(QKV_BIAS if self.qkv_bias else {}),
+            **(QK_NORM if self.qk_norm else {}),
+        }
+        if (
+            self.permute_qk
+        ):  # llama.cpp's converter stores llama's q/k rows in Meta's interleaved order
             for key in ("layers.{i}.attn.qkv.weight", "layers.{i}.attn.qkv.bias"):
                 if key in table:
                     table[key] = Transformed(table[key], _interleaved_qk)
         return table
 
 
-LLAMA = GGUFFamily(name="gguf-llama", description="GGUF, llama architecture (LLaMA, Mistral, SmolLM, ...)",
-                   tied_output="output.weight", weights_format="gguf", arch="llama")
-QWEN2 = GGUFFamily(name="gguf-qwen2", description="GGUF, qwen2 architecture", tied_output="output.weight",
-                   weights_format="gguf", arch="qwen2", permute_qk=False, qkv_bias=True)
-QWEN3 = GGUFFamily(name="gguf-qwen3", description="GGUF, qwen3 architecture", tied_output="output.weight",
-                   weights_format="gguf", arch="qwen3", permute_qk=False, qk_norm=True)
+LLAMA = GGUFFamily(
+    name="gguf-llama",
+    description="GGUF, llama architecture (LLaMA, Mistral, SmolLM, ...)",
+    tied_output="output.weight",
+    weights_format="gguf",
+    arch="llama",
+)
+QWEN2 = GGUFFamily(
+    name="gguf-qwen2",
+    description="GGUF, qwen2 architecture",
+    tied_output="output.weight",
+    weights_format="gguf",
+    arch="qwen2",
+    permute_qk=False,
+    qkv_bias=True,
+)
+QWEN3 = GGUFFamily(
+    name="gguf-qwen3",
+    description="GGUF, qwen3 architecture",
+    tied_output="output.weight",
+    weights_format="gguf",
+    arch="qwen3",
+    permute_qk=False,
+    qk_norm=True,
+)
 GGUF_FAMILIES = {f.arch: f for f in (LLAMA, QWEN2, QWEN3)}
 
 

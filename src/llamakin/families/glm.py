@@ -19,8 +19,13 @@ class GlmFamily(HFDecoderFamily):
 
     def family_knobs(self, hf: dict[str, Any]) -> dict[str, Any]:
         bias = bool(hf.get("attention_bias", True))
-        return dict(rope_layout="interleaved", q_bias=bias, k_bias=bias, v_bias=bias,
-                    post_sublayer_norms=self.post_norms)
+        return dict(
+            rope_layout="interleaved",
+            q_bias=bias,
+            k_bias=bias,
+            v_bias=bias,
+            post_sublayer_norms=self.post_norms,
+        )
 
     def family_keys(self, config: ModelConfig) -> dict[str, Any]:
         return {"attention_bias": config.q_bias}
@@ -30,8 +35,21 @@ class Glm4Family(GlmFamily):
     post_norms = True
 
 
-_COMMON = dict(fused_gate_up=True, default_max_positions=131072, default_eps=1.5625e-07, default_partial_rotary=0.5)
-GLM = GlmFamily(name="glm", description="GLM-4 (HF GlmForCausalLM; half-dim interleaved RoPE, fused gate_up)",
-                architectures=("GlmForCausalLM",), **_COMMON)
-GLM4 = Glm4Family(name="glm4", description="GLM-4-0414 (HF Glm4ForCausalLM; adds post-attention/post-MLP norms)",
-                  architectures=("Glm4ForCausalLM",), **_COMMON)
+_COMMON = dict(
+    fused_gate_up=True,
+    default_max_positions=131072,
+    default_eps=1.5625e-07,
+    default_partial_rotary=0.5,
+)
+GLM = GlmFamily(
+    name="glm",
+    description="GLM-4 (HF GlmForCausalLM; half-dim interleaved RoPE, fused gate_up)",
+    architectures=("GlmForCausalLM",),
+    **_COMMON,
+)
+GLM4 = Glm4Family(
+    name="glm4",
+    description="GLM-4-0414 (HF Glm4ForCausalLM; adds post-attention/post-MLP norms)",
+    architectures=("Glm4ForCausalLM",),
+    **_COMMON,
+)

@@ -14,7 +14,11 @@ class GraniteFamily(HFDecoderFamily):
     def family_knobs(self, hf: dict[str, Any]) -> dict[str, Any]:
         bias = bool(hf.get("attention_bias", False))
         return dict(
-            q_bias=bias, k_bias=bias, v_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),
+            q_bias=bias,
+            k_bias=bias,
+            v_bias=bias,
+            o_bias=bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
             embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
             residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
             logits_scaling=float(hf.get("logits_scaling", 1.0)),

@@ -21,7 +21,9 @@ from .tables import Entry
 _ROPE_KEYS = {f.name for f in fields(RopeScaling)} - {"type"}
 
 
-def read_rope(hf: dict[str, Any], where: str, default_partial: float = 1.0) -> tuple[float, float, RopeScaling]:
+def read_rope(
+    hf: dict[str, Any], where: str, default_partial: float = 1.0
+) -> tuple[float, float, RopeScaling]:
     """(theta, partial_rotary_factor, scaling) from a transformers config dict.
 
     Accepts the v5 ``rope_parameters`` dict and the legacy ``rope_theta`` / ``rope_scaling``
@@ -57,7 +59,10 @@ def read_rope(hf: dict[str, Any], where: str, default_partial: float = 1.0) -> t
 def write_rope(config: ModelConfig, always_partial: bool = False) -> dict[str, Any]:
     """config.json keys for RoPE: v5 ``rope_parameters`` plus the legacy keys older readers use."""
     partial = config.rotary_dim / config.head_dim
-    params: dict[str, Any] = {"rope_type": config.rope_scaling.type, "rope_theta": config.rope_theta}
+    params: dict[str, Any] = {
+        "rope_type": config.rope_scaling.type,
+        "rope_theta": config.rope_theta,
+    }
     if partial != 1.0 or always_partial:
         params["partial_rotary_factor"] = partial
     scaling = None
@@ -70,7 +75,12 @@ def write_rope(config: ModelConfig, always_partial: bool = False) -> dict[str, A
             scaling.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow)
             if not s.truncate:
                 scaling["truncate"] = False
-        for key in ("original_max_position_embeddings", "mscale", "mscale_all_dim", "attention_factor"):
+        for key in (
+            "original_max_position_embeddings",
+            "mscale",
+            "mscale_all_dim",
+            "attention_factor",
+        ):
             if getattr(s, key) is not None:
                 scaling[key] = getattr(s, key)
         if s.type in ("llama3", "yarn") and s.original_max_position_embeddings is None:
@@ -90,25 +100,38 @@ HF_TABLE: dict[str, Entry] = {
     "lm_head.weight": "lm_head.weight",
     "layers.{i}.attn_norm.weight": _P + "input_layernorm.weight",
     "layers.{i}.mlp_norm.weight": _P + "post_attention_layernorm.weight",
-    **{f"layers.{{i}}.attn.qkv.{s}": tuple(_A + f"{p}_proj.{s}" for p in "qkv") for s in ("weight", "bias")},
+    **{
+        f"layers.{{i}}.attn.qkv.{s}": tuple(_A + f"{p}_proj.{s}" for p in "qkv")
+        for s in ("weight", "bias")
+    },
     **{f"layers.{{i}}.attn.o_proj.{s}": _A + f"o_proj.{s}" for s in ("weight", "bias")},
     "layers.{i}.attn.q_norm.weight": _A + "q_norm.weight",  # Qwen3
     "layers.{i}.attn.k_norm.weight": _A + "k_norm.weight",
-    **{f"layers.{{i}}.attn.{n}": _A + n for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")},  # DiffLlama
+    **{
+        f"layers.{{i}}.attn.{n}": _A + n
+        for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+    },  # DiffLlama
     "layers.{i}.attn_out_norm.weight": _P + "post_self_attn_layernorm.weight",  # GLM-4-0414
     "layers.{i}.mlp_out_norm.weight": _P + "post_mlp_layernorm.weight",
-    **{f"layers.{{i}}.mlp.gate_up.{s}": (_P + f"mlp.gate_proj.{s}", _P + f"mlp.up_proj.{s}") for s in ("weight", "bias")},
+    **{
+        f"layers.{{i}}.mlp.gate_up.{s}": (_P + f"mlp.gate_proj.{s}", _P + f"mlp.up_proj.{s}")
+        for s in ("weight", "bias")
+    },
     **{f"layers.{{i}}.mlp.down.{s}": _P + f"mlp.down_proj.{s}" for s in ("weight", "bias")},
 }
 # GLM stores gate and up as one matrix, gate rows first (docs/variants.md §6.3)
-GATE_UP_FUSED: dict[str, Entry] = {f"layers.{{i}}.mlp.gate_up.{s}": _P + f"mlp.gate_up_proj.{s}" for s in ("weight", "bias")}
+GATE_UP_FUSED: dict[str, Entry] = {
+    f"layers.{{i}}.mlp.gate_up.{s}": _P + f"mlp.gate_up_proj.{s}" for s in ("weight", "bias")
+}
 
 
 @dataclass
 class HFDecoderFamily(Family):
     """A transformers ``*ForCausalLM`` whose tensors follow Llama's naming (docs/variants.md §3.2)."""
 
-    fused_gate_up: bool = False  # GLM stores ``mlp.gate_up_proj`` (gate rows first, docs/variants.md §6.3)
+    fused_gate_up: bool = (
+        False  # GLM stores ``mlp.gate_up_proj`` (gate rows first, docs/variants.md §6.3)
+    )
     default_max_positions: int = 2048
     default_eps: float = 1e-6
     default_partial_rotary: float = 1.0
@@ -118,7 +141,9 @@ class HFDecoderFamily(Family):
         where = f"{self.name} config.json"
         act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
         if act != "silu":
-            raise UnsupportedError(f"{where}: hidden_act {act!r} is not supported (llamakin's SwiGLU uses silu).")
+            raise UnsupportedError(
+                f"{where}: hidden_act {act!r} is not supported (llamakin's SwiGLU uses silu)."
+            )
         theta, partial, scaling = read_rope(hf, where, self.default_partial_rotary)
         hidden, heads = require(hf, "hidden_size", where), require(hf, "num_attention_heads", where)
         head_dim = hf.get("head_dim") or (hidden // heads if heads else None)
@@ -184,7 +209,9 @@ class HFDecoderFamily(Family):
         return {**HF_TABLE, **GATE_UP_FUSED} if self.fused_gate_up else HF_TABLE
 
 
-def sliding_layers_from_types(hf: dict[str, Any], num_layers: int, default_start: int) -> tuple[int, ...]:
+def sliding_layers_from_types(
+    hf: dict[str, Any], num_layers: int, default_start: int
+) -> tuple[int, ...]:
     """Layer indices using the sliding window, from ``layer_types`` or ``max_window_layers``."""
     types = hf.get("layer_types")
     if types:
@@ -195,10 +222,16 @@ def sliding_layers_from_types(hf: dict[str, Any], num_layers: int, default_start
 
 def layer_types_keys(config: ModelConfig) -> dict[str, Any]:
     """Qwen2/Qwen3-style sliding-window keys for a config."""
-    sliding = set(range(config.num_layers)) if config.sliding_window_layers is None else set(config.sliding_window_layers)
+    sliding = (
+        set(range(config.num_layers))
+        if config.sliding_window_layers is None
+        else set(config.sliding_window_layers)
+    )
     if config.sliding_window is None:
         sliding = set()
-    types = ["sliding_attention" if i in sliding else "full_attention" for i in range(config.num_layers)]
+    types = [
+        "sliding_attention" if i in sliding else "full_attention" for i in range(config.num_layers)
+    ]
     first = min(sliding) if sliding else config.num_layers
     return {
         "use_sliding_window": config.sliding_window is not None,

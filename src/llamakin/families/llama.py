@@ -12,7 +12,13 @@ from .hf import HFDecoderFamily
 class LlamaFamily(HFDecoderFamily):
     def family_knobs(self, hf: dict[str, Any]) -> dict[str, Any]:
         bias = bool(hf.get("attention_bias", False))
-        return dict(q_bias=bias, k_bias=bias, v_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+        return dict(
+            q_bias=bias,
+            k_bias=bias,
+            v_bias=bias,
+            o_bias=bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+        )
 
     def family_keys(self, config: ModelConfig) -> dict[str, Any]:
         return {"attention_bias": config.q_bias, "mlp_bias": config.mlp_bias}

@@ -19,13 +19,20 @@ from .tables import Entry, meta_style_table
 # Meta's llama/model.py names (docs/variants.md §3.2): wq/wk/wv/wo, q and k rows in interleaved RoPE order
 META_TABLE: dict[str, Entry] = {
     **meta_style_table(),
-    "layers.{i}.attn.qkv.weight": tuple(f"layers.{{i}}.attention.{w}.weight" for w in ("wq", "wk", "wv")),
+    "layers.{i}.attn.qkv.weight": tuple(
+        f"layers.{{i}}.attention.{w}.weight" for w in ("wq", "wk", "wv")
+    ),
     "layers.{i}.attn.o_proj.weight": "layers.{i}.attention.wo.weight",
 }
 
 # Llama 3.1's rope scaling, switched on by ``use_scaled_rope`` (docs/variants.md §2.4).
-LLAMA31_SCALING = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                              original_max_position_embeddings=8192)
+LLAMA31_SCALING = RopeScaling(
+    type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
 DEFAULT_MAX_SEQ_LEN = 4096  # params.json does not record the context; Llama 2's is used
 
 
@@ -57,7 +64,9 @@ class MetaFamily(Family):
             width = ffn_width(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
         vocab = require(params, "vocab_size", where)
         if vocab <= 0:
-            raise ConfigError(f"{where} has vocab_size {vocab}; set it to the tokenizer's vocabulary size.")
+            raise ConfigError(
+                f"{where} has vocab_size {vocab}; set it to the tokenizer's vocabulary size."
+            )
         try:
             return ModelConfig(
                 vocab_size=vocab,
@@ -102,8 +111,12 @@ class MetaFamily(Family):
 
     def unsupported(self, config: ModelConfig) -> str | None:
         if config.max_position_embeddings != DEFAULT_MAX_SEQ_LEN:
-            config = config.replace(max_position_embeddings=DEFAULT_MAX_SEQ_LEN)  # not stored, not a knob of the weights
-        config = config.replace(bos_token_id=None, eos_token_ids=(), pad_token_id=None)  # tokenizer's business
+            config = config.replace(
+                max_position_embeddings=DEFAULT_MAX_SEQ_LEN
+            )  # not stored, not a knob of the weights
+        config = config.replace(
+            bos_token_id=None, eos_token_ids=(), pad_token_id=None
+        )  # tokenizer's business
         return super().unsupported(config)
 
     def tensor_table(self) -> dict[str, Entry]:

@@ -18,7 +18,9 @@ class NativeFamily(Family):
     def config_from_checkpoint(self, config: dict[str, Any]) -> ModelConfig:
         knobs = config.get(FORMAT_KEY)
         if not isinstance(knobs, dict):
-            raise ConfigError(f"a llamakin config.json needs a {FORMAT_KEY!r} object with the model's knobs.")
+            raise ConfigError(
+                f"a llamakin config.json needs a {FORMAT_KEY!r} object with the model's knobs."
+            )
         return ModelConfig.from_dict({**knobs, "family": self.name})
 
     def config_to_checkpoint(self, config: ModelConfig) -> dict[str, Any]:
@@ -30,4 +32,6 @@ class NativeFamily(Family):
         return [rename(name, name) for name in canonical_parameters(config)]
 
 
-FAMILY = NativeFamily(name="llamakin", description="llamakin's own format (every knob, canonical tensor names)")
+FAMILY = NativeFamily(
+    name="llamakin", description="llamakin's own format (every knob, canonical tensor names)"
+)

@@ -32,7 +32,9 @@ class Qwen2Family(HFDecoderFamily):
 class Qwen3Family(HFDecoderFamily):
     def family_knobs(self, hf: dict[str, Any]) -> dict[str, Any]:
         bias = bool(hf.get("attention_bias", False))
-        return dict(q_bias=bias, k_bias=bias, v_bias=bias, o_bias=bias, qk_norm=True, **_sliding(hf))
+        return dict(
+            q_bias=bias, k_bias=bias, v_bias=bias, o_bias=bias, qk_norm=True, **_sliding(hf)
+        )
 
     def family_keys(self, config: ModelConfig) -> dict[str, Any]:
         return {"attention_bias": config.q_bias, **layer_types_keys(config)}

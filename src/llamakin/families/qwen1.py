@@ -23,10 +23,15 @@ QWEN1_TABLE: dict[str, Entry] = {
     "lm_head.weight": "lm_head.weight",
     "layers.{i}.attn_norm.weight": _H + "ln_1.weight",
     "layers.{i}.mlp_norm.weight": _H + "ln_2.weight",
-    **{f"layers.{{i}}.attn.qkv.{s}": _H + f"attn.c_attn.{s}" for s in ("weight", "bias")},  # already [q | k | v]
+    **{
+        f"layers.{{i}}.attn.qkv.{s}": _H + f"attn.c_attn.{s}" for s in ("weight", "bias")
+    },  # already [q | k | v]
     **{f"layers.{{i}}.attn.o_proj.{s}": _H + f"attn.c_proj.{s}" for s in ("weight", "bias")},
     # the naming trap: SiLU is applied to w2, so w2 is the gate and w1 the up projection
-    **{f"layers.{{i}}.mlp.gate_up.{s}": (_H + f"mlp.w2.{s}", _H + f"mlp.w1.{s}") for s in ("weight", "bias")},
+    **{
+        f"layers.{{i}}.mlp.gate_up.{s}": (_H + f"mlp.w2.{s}", _H + f"mlp.w1.{s}")
+        for s in ("weight", "bias")
+    },
     **{f"layers.{{i}}.mlp.down.{s}": _H + f"mlp.c_proj.{s}" for s in ("weight", "bias")},
 }
 
@@ -42,17 +47,27 @@ class Qwen1Family(Family):
         eos = c.get("eos_token_id")
         try:
             return ModelConfig(
-                vocab_size=require(c, "vocab_size", where), hidden_size=hidden,
-                num_layers=require(c, "num_hidden_layers", where), num_heads=heads, head_dim=head_dim,
+                vocab_size=require(c, "vocab_size", where),
+                hidden_size=hidden,
+                num_layers=require(c, "num_hidden_layers", where),
+                num_heads=heads,
+                head_dim=head_dim,
                 intermediate_size=doubled // 2,
                 max_position_embeddings=c.get("max_position_embeddings") or trained,
                 norm_eps=c.get("layer_norm_epsilon", 1e-6),
                 rope_theta=float(c.get("rotary_emb_base", 10000.0)),
                 rotary_dim=int(head_dim * c.get("rotary_pct", 1.0)),
-                rope_scaling=(RopeScaling(type="qwen_dynamic", original_max_position_embeddings=trained)
-                              if c.get("use_dynamic_ntk") else RopeScaling()),
+                rope_scaling=(
+                    RopeScaling(type="qwen_dynamic", original_max_position_embeddings=trained)
+                    if c.get("use_dynamic_ntk")
+                    else RopeScaling()
+                ),
                 logn_attention_length=trained if c.get("use_logn_attn") else None,
-                q_bias=True, k_bias=True, v_bias=True, o_bias=not no_bias, mlp_bias=not no_bias,
+                q_bias=True,
+                k_bias=True,
+                v_bias=True,
+                o_bias=not no_bias,
+                mlp_bias=not no_bias,
                 tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
                 eos_token_ids=eos_ids_from_json(eos),
                 family=self.name,
@@ -61,19 +76,31 @@ class Qwen1Family(Family):
             raise ConfigError(f"{where}: {e}") from None
 
     def config_to_checkpoint(self, config: ModelConfig) -> dict[str, Any]:
-        trained = (config.rope_scaling.original_max_position_embeddings or config.logn_attention_length
-                   or config.max_position_embeddings)
+        trained = (
+            config.rope_scaling.original_max_position_embeddings
+            or config.logn_attention_length
+            or config.max_position_embeddings
+        )
         if config.o_bias != config.mlp_bias:
-            raise ConfigError("Qwen v1's no_bias switches the o and MLP biases together; they differ here.")
+            raise ConfigError(
+                "Qwen v1's no_bias switches the o and MLP biases together; they differ here."
+            )
         out = {
-            "architectures": ["QWenLMHeadModel"], "model_type": self.name,
-            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-            "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-            "kv_channels": config.head_dim, "intermediate_size": 2 * config.intermediate_size,
-            "layer_norm_epsilon": config.norm_eps, "seq_length": trained,
+            "architectures": ["QWenLMHeadModel"],
+            "model_type": self.name,
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads,
+            "kv_channels": config.head_dim,
+            "intermediate_size": 2 * config.intermediate_size,
+            "layer_norm_epsilon": config.norm_eps,
+            "seq_length": trained,
             "max_position_embeddings": config.max_position_embeddings,
-            "rotary_emb_base": config.rope_theta, "rotary_pct": config.rotary_dim / config.head_dim,
-            "no_bias": not config.o_bias, "tie_word_embeddings": config.tie_word_embeddings,
+            "rotary_emb_base": config.rope_theta,
+            "rotary_pct": config.rotary_dim / config.head_dim,
+            "no_bias": not config.o_bias,
+            "tie_word_embeddings": config.tie_word_embeddings,
             "use_dynamic_ntk": config.rope_scaling.type == "qwen_dynamic",
             "use_logn_attn": config.logn_attention_length is not None,
         }
@@ -90,5 +117,8 @@ class Qwen1Family(Family):
         return super().unsupported(config)
 
 
-FAMILY = Qwen1Family(name="qwen", description="Qwen v1 (remote-code QWenLMHeadModel: fused c_attn, w2 = gate, logn/NTK)",
-                     architectures=("QWenLMHeadModel",))
+FAMILY = Qwen1Family(
+    name="qwen",
+    description="Qwen v1 (remote-code QWenLMHeadModel: fused c_attn, w2 = gate, logn/NTK)",
+    architectures=("QWenLMHeadModel",),
+)

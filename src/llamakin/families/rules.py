@@ -43,7 +43,6 @@ def fused_rows(canonical: str, sources: tuple[str, ...], sizes: tuple[int, ...])
     return TensorRule(canonical, sources, concat_rows, lambda t: split_rows(t, sizes))
 
 
-
 def fused_rows_partial(canonical: str, parts: tuple[tuple[str | None, int], ...]) -> TensorRule:
     """A fused canonical vector whose row blocks exist in the checkpoint only for some parts.
 
@@ -56,11 +55,18 @@ def fused_rows_partial(canonical: str, parts: tuple[tuple[str | None, int], ...]
     def to_canonical(found: list[torch.Tensor]) -> torch.Tensor:
         it = iter(found)
         like = found[0]
-        blocks = [next(it) if here else like.new_zeros((n, *like.shape[1:]))
-                  for here, n in zip(present, sizes)]
+        blocks = [
+            next(it) if here else like.new_zeros((n, *like.shape[1:]))
+            for here, n in zip(present, sizes)
+        ]
         return concat_rows(blocks)
 
     def from_canonical(t: torch.Tensor) -> list[torch.Tensor]:
         return [block for here, block in zip(present, split_rows(t, sizes)) if here]
 
-    return TensorRule(canonical, tuple(name for name, _ in parts if name is not None), to_canonical, from_canonical)
+    return TensorRule(
+        canonical,
+        tuple(name for name, _ in parts if name is not None),
+        to_canonical,
+        from_canonical,
+    )

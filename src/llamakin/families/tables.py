@@ -72,25 +72,41 @@ def blocks_present(name: str, config: ModelConfig) -> tuple[bool, ...]:
     return (True,) * len(block_sizes(name, config))
 
 
-def rules_from_table(table: Mapping[str, Entry], config: ModelConfig, format_name: str) -> list[TensorRule]:
+def rules_from_table(
+    table: Mapping[str, Entry], config: ModelConfig, format_name: str
+) -> list[TensorRule]:
     """The tensor rules of every parameter of a ``config`` model, in the model's parameter order."""
     rules = []
     for canonical in canonical_parameters(config):
         layer = _LAYER.match(canonical)
-        key, index, inner = (f"layers.{{i}}.{layer[2]}", layer[1], layer[2]) if layer else (canonical, None, canonical)
+        key, index, inner = (
+            (f"layers.{{i}}.{layer[2]}", layer[1], layer[2])
+            if layer
+            else (canonical, None, canonical)
+        )
         entry = table.get(key)
         if entry is None:
-            raise UnsupportedError(f"the {format_name} format has no tensor for llamakin's {key}; save this model in "
-                                   "another format (the llamakin format holds every configuration).")
+            raise UnsupportedError(
+                f"the {format_name} format has no tensor for llamakin's {key}; save this model in "
+                "another format (the llamakin format holds every configuration)."
+            )
         if isinstance(entry, str):
             rules.append(rename(canonical, entry.format(i=index)))
         elif isinstance(entry, tuple):
             sources = tuple(s.format(i=index) for s in entry)
             sizes, present = block_sizes(inner, config), blocks_present(inner, config)
-            rules.append(fused_rows(canonical, sources, sizes) if all(present) else fused_rows_partial(
-                canonical, tuple((s if here else None, n) for s, here, n in zip(sources, present, sizes))))
+            rules.append(
+                fused_rows(canonical, sources, sizes)
+                if all(present)
+                else fused_rows_partial(
+                    canonical,
+                    tuple((s if here else None, n) for s, here, n in zip(sources, present, sizes)),
+                )
+            )
         else:
-            rules.append(entry.make(canonical, tuple(s.format(i=index) for s in entry.sources), config))
+            rules.append(
+                entry.make(canonical, tuple(s.format(i=index) for s in entry.sources), config)
+            )
     return rules
 
 
@@ -106,15 +122,26 @@ def meta_style_table(prefix: str = "") -> dict[str, Entry]:
         "lm_head.weight": "output.weight",
         "layers.{i}.attn_norm.weight": m + "attention_norm.weight",
         "layers.{i}.mlp_norm.weight": m + "ffn_norm.weight",
-        "layers.{i}.mlp.gate_up.weight": (m + "feed_forward.w1.weight", m + "feed_forward.w3.weight"),
+        "layers.{i}.mlp.gate_up.weight": (
+            m + "feed_forward.w1.weight",
+            m + "feed_forward.w3.weight",
+        ),
         "layers.{i}.mlp.down.weight": m + "feed_forward.w2.weight",
     }
 
 
-def one_source(to_canonical: Callable[[torch.Tensor, ModelConfig], torch.Tensor],
-               from_canonical: Callable[[torch.Tensor, ModelConfig], torch.Tensor]) -> Callable[..., TensorRule]:
+def one_source(
+    to_canonical: Callable[[torch.Tensor, ModelConfig], torch.Tensor],
+    from_canonical: Callable[[torch.Tensor, ModelConfig], torch.Tensor],
+) -> Callable[..., TensorRule]:
     """A :class:`Transformed` maker for one checkpoint tensor reordered into one canonical parameter."""
+
     def make(canonical: str, sources: tuple[str, ...], config: ModelConfig) -> TensorRule:
-        return TensorRule(canonical, sources, lambda parts: to_canonical(parts[0], config),
-                          lambda t: [from_canonical(t, config)])
+        return TensorRule(
+            canonical,
+            sources,
+            lambda parts: to_canonical(parts[0], config),
+            lambda t: [from_canonical(t, config)],
+        )
+
     return make

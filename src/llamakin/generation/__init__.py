@@ -20,5 +20,13 @@ from .rows import Row, RowResult
 from .sampling import RowSampler
 from .text import TextStream
 
-__all__ = ["PrefixCache", "Row", "RowBatch", "RowResult", "RowSampler", "SamplingParams", "TextStream",
-           "derive_seed"]
+__all__ = [
+    "PrefixCache",
+    "Row",
+    "RowBatch",
+    "RowResult",
+    "RowSampler",
+    "SamplingParams",
+    "TextStream",
+    "derive_seed",
+]

@@ -39,8 +39,15 @@ def bucket(n: int, limit: int) -> int:
 class RowBatch:
     """Up to ``max_rows`` rows of up to ``max_len`` tokens each, over one KV cache."""
 
-    def __init__(self, model, eos_token_ids, max_rows: int, max_len: int, prefix_cache: PrefixCache | None = None,
-                 select_adapters=None):
+    def __init__(
+        self,
+        model,
+        eos_token_ids,
+        max_rows: int,
+        max_len: int,
+        prefix_cache: PrefixCache | None = None,
+        select_adapters=None,
+    ):
         self.model = model
         # called with each row's adapter (``Row.adapter``; padding rows 0) before every forward, in the
         # forward's row order: how per-row LoRA adapters reach the model (llamakin.lora.multi.select_rows)
@@ -48,7 +55,11 @@ class RowBatch:
         self.eos = set(eos_token_ids)
         self.max_rows, self.max_len = max_rows, max_len
         self.cache = KVCache(model.config, max_rows, max_len, model.dtype, model.device)
-        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_reuse_supported(model.config) else None
+        self.prefix_cache = (
+            prefix_cache
+            if prefix_cache is not None and prefix_reuse_supported(model.config)
+            else None
+        )
         self.rows: list[Row] = []
 
     @property
@@ -60,7 +71,9 @@ class RowBatch:
         """Prefill ``rows`` into free cache rows and sample each one's first token. On an
         exception no row of ``rows`` stays admitted."""
         if len(rows) > self.free:
-            raise ValueError(f"{len(rows)} rows do not fit: {self.free} of {self.max_rows} are free")
+            raise ValueError(
+                f"{len(rows)} rows do not fit: {self.free} of {self.max_rows} are free"
+            )
         first = len(self.rows)
         try:
             self._admit(rows)
@@ -83,7 +96,9 @@ class RowBatch:
         for row in leaders.values():
             reuse = None
             if self.prefix_cache is not None:
-                m, entry = self.prefix_cache.lookup(row.prompt, row.adapter, limit=len(row.prompt) - 1)
+                m, entry = self.prefix_cache.lookup(
+                    row.prompt, row.adapter, limit=len(row.prompt) - 1
+                )
                 if entry is not None:
                     reuse = (m, entry)
             if reuse is None:
@@ -116,8 +131,8 @@ class RowBatch:
         ids = torch.zeros((count, longest), dtype=torch.long)
         mask = torch.zeros((count, longest), dtype=torch.long)
         for i, row in enumerate(rows):
-            ids[i, longest - len(row.prompt):] = torch.tensor(row.prompt)
-            mask[i, longest - len(row.prompt):] = 1
+            ids[i, longest - len(row.prompt) :] = torch.tensor(row.prompt)
+            mask[i, longest - len(row.prompt) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         padded = bool((mask == 0).any())
         for i in range(count):
@@ -127,20 +142,31 @@ class RowBatch:
         view = self.cache.view(slice(first, first + count), longest)
         for i, row in enumerate(rows):
             row.length, row.pad = longest, longest - len(row.prompt)
-            row.position = (PrefixLMPosition(tracker.rows[i].mask_position, tracker.rows[i].ctx, tracker.rows[i].length)
-                            if self.model.config.prefix_lm else LinearPosition(len(row.prompt)))
+            row.position = (
+                PrefixLMPosition(
+                    tracker.rows[i].mask_position, tracker.rows[i].ctx, tracker.rows[i].length
+                )
+                if self.model.config.prefix_lm
+                else LinearPosition(len(row.prompt))
+            )
             self.rows.append(row)
         self.select_adapters([row.adapter for row in rows])
-        logits = self.model(ids, attention_mask=mask if padded else None, position_ids=positions, cache=view,
-                            last_only=True)[:, -1]
+        logits = self.model(
+            ids,
+            attention_mask=mask if padded else None,
+            position_ids=positions,
+            cache=view,
+            last_only=True,
+        )[:, -1]
         return {id(row): logits[i] for i, row in enumerate(rows)}
 
     def _prefill_reusing(self, row: Row, reused: int, entry) -> torch.Tensor:
         """Copy ``reused`` slots of keys/values from ``entry``, prefill the rest of the prompt."""
         index = len(self.rows)
         self._reset_valid(index)
-        for keys, values, stored_keys, stored_values in zip(self.cache.keys, self.cache.values, entry.keys,
-                                                            entry.values):
+        for keys, values, stored_keys, stored_values in zip(
+            self.cache.keys, self.cache.values, entry.keys, entry.values
+        ):
             keys[index, :, :reused] = stored_keys[:, :reused]
             values[index, :, :reused] = stored_values[:, :reused]
         row.length, row.pad, row.reused = len(row.prompt), 0, reused
@@ -174,7 +200,9 @@ class RowBatch:
         tokens = torch.tensor([r.last_token for r in self.rows] + [0] * pad, device=device)[:, None]
         slots = torch.tensor([r.length for r in self.rows] + [0] * pad, device=device)
         self.select_adapters([r.adapter for r in self.rows] + [0] * pad)
-        logits = Decoder(self.model, view).step_rows(tokens, torch.tensor(positions, device=device), slots)
+        logits = Decoder(self.model, view).step_rows(
+            tokens, torch.tensor(positions, device=device), slots
+        )
         for index, row in enumerate(self.rows):
             row.length += 1
             row.fed.append(row.last_token)
@@ -210,8 +238,12 @@ class RowBatch:
         start, end = row.pad, row.length
         if end - start != len(tokens):  # (cannot happen: every fed token wrote one slot)
             return
-        self.prefix_cache.store(tokens, [k[index, :, start:end] for k in self.cache.keys],
-                                [v[index, :, start:end] for v in self.cache.values], row.adapter)
+        self.prefix_cache.store(
+            tokens,
+            [k[index, :, start:end] for k in self.cache.keys],
+            [v[index, :, start:end] for v in self.cache.values],
+            row.adapter,
+        )
 
     def _remove(self, index: int) -> None:
         last = len(self.rows) - 1

@@ -30,11 +30,27 @@ class SamplingParams:
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(s for s in (self.stop or ()) if s))
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
-            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature must be 0 (greedy) or a positive number"),
-            (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                   and -2**63 <= self.seed < 2**64), "seed must be an integer from -2^63 to 2^64 - 1"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be 0 (off) or a positive integer"),
+            (
+                isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+                "max_new_tokens must be at least 1",
+            ),
+            (
+                self.temperature >= 0 and math.isfinite(self.temperature),
+                "temperature must be 0 (greedy) or a positive number",
+            ),
+            (
+                self.seed is None
+                or (
+                    isinstance(self.seed, int)
+                    and not isinstance(self.seed, bool)
+                    and -(2**63) <= self.seed < 2**64
+                ),
+                "seed must be an integer from -2^63 to 2^64 - 1",
+            ),
+            (
+                isinstance(self.top_k, int) and self.top_k >= 0,
+                "top_k must be 0 (off) or a positive integer",
+            ),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition_penalty must be positive (1.0 is off)"),
@@ -46,9 +62,11 @@ class SamplingParams:
                 raise LlamakinError(f"{message}; got {self._show()}.")
 
     def _show(self) -> str:
-        return (f"max_new_tokens={self.max_new_tokens}, temperature={self.temperature}, top_k={self.top_k}, "
-                f"top_p={self.top_p}, min_p={self.min_p}, repetition_penalty={self.repetition_penalty}, "
-                f"seed={self.seed}")
+        return (
+            f"max_new_tokens={self.max_new_tokens}, temperature={self.temperature}, top_k={self.top_k}, "
+            f"top_p={self.top_p}, min_p={self.min_p}, repetition_penalty={self.repetition_penalty}, "
+            f"seed={self.seed}"
+        )
 
     @property
     def greedy(self) -> bool:

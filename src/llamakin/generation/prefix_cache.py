@@ -38,8 +38,10 @@ def prefix_reuse_supported(config) -> bool:
 def _weights_stamp(model) -> tuple:
     """Changes when a parameter or buffer is replaced or modified in place (an inference tensor,
     which cannot be modified outside inference mode, counts by identity)."""
-    return tuple((id(t), 0 if t.is_inference() else t._version)
-                 for t in itertools.chain(model.parameters(), model.buffers()))
+    return tuple(
+        (id(t), 0 if t.is_inference() else t._version)
+        for t in itertools.chain(model.parameters(), model.buffers())
+    )
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -88,7 +90,9 @@ class PrefixCache:
             self._entries.clear()
             self.bytes = 0
 
-    def lookup(self, tokens: Sequence[int], adapter: Any = None, limit: int | None = None) -> tuple[int, _Entry | None]:
+    def lookup(
+        self, tokens: Sequence[int], adapter: Any = None, limit: int | None = None
+    ) -> tuple[int, _Entry | None]:
         """The longest stored prefix of ``tokens`` (at most ``limit`` tokens): ``(m, entry)``, whose
         first ``m`` slots hold those tokens' keys/values; ``(0, None)`` when nothing matches."""
         best, found = 0, None
@@ -109,8 +113,13 @@ class PrefixCache:
             self.reused_tokens += best
             return best, found
 
-    def store(self, tokens: Sequence[int], keys: list[torch.Tensor], values: list[torch.Tensor],
-              adapter: Any = None) -> bool:
+    def store(
+        self,
+        tokens: Sequence[int],
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        adapter: Any = None,
+    ) -> bool:
         """Keep copies of ``keys``/``values`` (per layer ``[kv_heads, len(tokens), head_dim]``) for
         ``tokens``; False when they alone exceed the budget."""
         tokens = tuple(tokens)
@@ -119,8 +128,13 @@ class PrefixCache:
             return False
         entry = _Entry(tokens, [k.clone() for k in keys], [v.clone() for v in values], nbytes)
         with self._lock:
-            for key in [k for k, e in self._entries.items()
-                        if k[0] == adapter and len(e.tokens) <= len(tokens) and tokens[:len(e.tokens)] == e.tokens]:
+            for key in [
+                k
+                for k, e in self._entries.items()
+                if k[0] == adapter
+                and len(e.tokens) <= len(tokens)
+                and tokens[: len(e.tokens)] == e.tokens
+            ]:
                 self.bytes -= self._entries.pop(key).nbytes  # served by the new, longer entry
             self._entries[(adapter, tokens)] = entry
             self.bytes += nbytes
@@ -131,6 +145,12 @@ class PrefixCache:
         return True
 
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self._entries), "bytes": self.bytes, "budget_bytes": self.budget_bytes,
-                "hits": self.hits, "misses": self.misses, "reused_tokens": self.reused_tokens,
-                "evictions": self.evictions}
+        return {
+            "entries": len(self._entries),
+            "bytes": self.bytes,
+            "budget_bytes": self.budget_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "reused_tokens": self.reused_tokens,
+            "evictions": self.evictions,
+        }

@@ -60,14 +60,18 @@ class Row:
     stream: TextStream
     result: RowResult = field(default_factory=RowResult)
     on_text: Callable[[str], None] | None = None  # every text piece, as soon as it is safe to show
-    on_token: Callable[[int, bool], None] | None = None  # every sampled token, and whether it was kept
+    on_token: Callable[[int, bool], None] | None = (
+        None  # every sampled token, and whether it was kept
+    )
     cancelled: Callable[[], bool] = lambda: False  # polled between steps: a True frees the row
     adapter: Any = None  # per-row adapter id (None: the model's own weights); keys the prefix cache
     owner: Any = None  # the caller's object for this row (the server's Request)
     # -- cache state, kept by the batch
     length: int = 0  # cache slots filled (left padding included)
     pad: int = 0  # slots of left padding before the prompt
-    fed: list[int] = field(default_factory=list)  # generated tokens whose keys/values are in the cache
+    fed: list[int] = field(
+        default_factory=list
+    )  # generated tokens whose keys/values are in the cache
     position: LinearPosition | PrefixLMPosition | None = None
     last_token: int = -1
     reused: int = 0  # prompt tokens whose keys/values came from the prefix cache

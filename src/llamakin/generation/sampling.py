@@ -11,15 +11,18 @@ from .params import SamplingParams, derive_seed
 
 
 # -- logits processors (each a pure function on float32 [B, V] logits) ----------------------------
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """CTRL-style penalty on every token already in the row (prompt and output): positive logits
     are divided by ``penalty``, negative ones multiplied. ``seen`` is a bool ``[B, V]`` mask."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
 
 
-def apply_frequency_presence(logits: torch.Tensor, counts: torch.Tensor, frequency: float,
-                             presence: float) -> torch.Tensor:
+def apply_frequency_presence(
+    logits: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float
+) -> torch.Tensor:
     """OpenAI's penalties: ``logit - frequency * count - presence * (count > 0)`` per generated token."""
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
@@ -53,8 +56,13 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def next_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
-                generator: torch.Generator | None, counts: torch.Tensor | None = None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor | None,
+    generator: torch.Generator | None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Choose one token per row from the last-position logits ``[B, V]``.
 
     ``seen`` marks tokens of the prompt and output (repetition penalty); ``counts`` counts the
@@ -63,7 +71,9 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if (params.frequency_penalty or params.presence_penalty) and counts is not None:
-        logits = apply_frequency_presence(logits, counts, params.frequency_penalty, params.presence_penalty)
+        logits = apply_frequency_presence(
+            logits, counts, params.frequency_penalty, params.presence_penalty
+        )
     if params.greedy:
         return logits.argmax(-1)
     # shifted so each row's best logit is 0 first: softmax is unchanged, and a tiny temperature
@@ -85,8 +95,15 @@ class RowSampler:
     one request differ and each is reproducible), the tokens seen (repetition penalty), the counts
     of generated tokens (frequency/presence penalties) and its logits processors."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device, prompt: Sequence[int],
-                 index: int = 0, processors: Sequence[LogitsProcessor] = ()):
+    def __init__(
+        self,
+        params: SamplingParams,
+        vocab_size: int,
+        device: torch.device,
+        prompt: Sequence[int],
+        index: int = 0,
+        processors: Sequence[LogitsProcessor] = (),
+    ):
         self.params = params
         self.processors = list(processors)
         self.generator = None
@@ -107,8 +124,15 @@ class RowSampler:
         logits = logits.float()
         for processor in self.processors:
             logits = processor(generated, logits)
-        token = int(next_tokens(logits[None], self.params, None if self.seen is None else self.seen[None],
-                                self.generator, None if self.counts is None else self.counts[None])[0])
+        token = int(
+            next_tokens(
+                logits[None],
+                self.params,
+                None if self.seen is None else self.seen[None],
+                self.generator,
+                None if self.counts is None else self.counts[None],
+            )[0]
+        )
         if self.seen is not None:
             self.seen[token] = True
         if self.counts is not None:

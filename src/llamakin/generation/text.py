@@ -28,12 +28,12 @@ class TextStream:
         self.stopped = False
 
     def _decode_new(self) -> str:
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
         if full.endswith("\ufffd") or len(full) < len(prefix):
             return ""  # an incomplete multi-byte character: wait for the next token
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
     def push(self, token_id: int) -> str:
         if self.stopped:
@@ -45,9 +45,9 @@ class TextStream:
     def finish(self) -> str:
         """Everything still held back (at the end of generation)."""
         if not self.stopped and self.read_offset < len(self.ids):
-            tail = self.tokenizer.decode(self.ids[self.prefix_offset:])
-            prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-            self.text += tail[len(prefix):]
+            tail = self.tokenizer.decode(self.ids[self.prefix_offset :])
+            prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+            self.text += tail[len(prefix) :]
             self.read_offset = len(self.ids)
         return self._release(final=True)
 
@@ -57,11 +57,11 @@ class TextStream:
             hits = [i for i in (self.text.find(s, window_start) for s in self.stop) if i >= 0]
             if hits:
                 self.stopped = True
-                self.text = self.text[:min(hits)]
+                self.text = self.text[: min(hits)]
         end = len(self.text)
         if self.stop and not self.stopped and not final:
             end -= self._held_back()
-        piece = self.text[self.emitted:end]
+        piece = self.text[self.emitted : end]
         self.emitted = max(self.emitted, end)
         return piece
 

@@ -18,10 +18,21 @@ from ..errors import CheckpointError
 from .atomic import atomic_write
 from .tensors import TensorSource
 
-
 _MAGIC = b"GGUF"
 # Metadata value types (gguf spec): fixed-size ones as struct formats; 8 = string, 9 = array.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -33,8 +44,10 @@ class _Cursor:
 
     def take(self, n: int) -> memoryview:
         if self.pos + n > len(self.data):
-            raise CheckpointError(f"{self.path} ends inside its header; the file is truncated, so download it again.")
-        view = self.data[self.pos:self.pos + n]
+            raise CheckpointError(
+                f"{self.path} ends inside its header; the file is truncated, so download it again."
+            )
+        view = self.data[self.pos : self.pos + n]
         self.pos += n
         return view
 
@@ -55,7 +68,9 @@ class _Cursor:
                 dtype = np.dtype(_SCALARS[item_kind])
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
             return [self.value(item_kind) for _ in range(count)]
-        raise CheckpointError(f"{self.path} has an unknown metadata value type {kind}; the file is corrupt.")
+        raise CheckpointError(
+            f"{self.path} has an unknown metadata value type {kind}; the file is corrupt."
+        )
 
 
 class GGUFFile(TensorSource):
@@ -73,15 +88,21 @@ class GGUFFile(TensorSource):
         try:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         except FileNotFoundError:
-            raise CheckpointError(f"{self.path} does not exist; give the path of a .gguf file.") from None
+            raise CheckpointError(
+                f"{self.path} does not exist; give the path of a .gguf file."
+            ) from None
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{self.path} cannot be read ({e}).") from None
         cur = _Cursor(memoryview(self._map), self.path)
         if bytes(cur.take(4)) != _MAGIC if len(self._map) >= 4 else True:
-            raise CheckpointError(f"{self.path} is not a GGUF file (wrong magic bytes); check the path.")
+            raise CheckpointError(
+                f"{self.path} is not a GGUF file (wrong magic bytes); check the path."
+            )
         version = cur.scalar("<I")
         if version not in (2, 3):
-            raise CheckpointError(f"{self.path} is GGUF version {version}; llamakin reads versions 2 and 3.")
+            raise CheckpointError(
+                f"{self.path} is GGUF version {version}; llamakin reads versions 2 and 3."
+            )
         n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
@@ -95,31 +116,50 @@ class GGUFFile(TensorSource):
             infos.append((name, dims, kind, offset))
         alignment = self.metadata.get("general.alignment", 32)
         # the spec requires a power of two (llama.cpp refuses anything else); 0 would divide by zero
-        if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise CheckpointError(f"{self.path} declares general.alignment={alignment!r}, which is not a power of two; "
-                                  "the file is corrupt.")
+        if (
+            isinstance(alignment, bool)
+            or not isinstance(alignment, int)
+            or alignment <= 0
+            or alignment & (alignment - 1)
+        ):
+            raise CheckpointError(
+                f"{self.path} declares general.alignment={alignment!r}, which is not a power of two; "
+                "the file is corrupt."
+            )
         data_start = -(-cur.pos // alignment) * alignment
         self._tensors: dict[str, tuple[tuple[int, ...], Any, int, int]] = {}
         for name, dims, kind, offset in infos:
             if name in self._tensors:
-                raise CheckpointError(f"{self.path} declares tensor {name} twice; the file is corrupt.")
+                raise CheckpointError(
+                    f"{self.path} declares tensor {name} twice; the file is corrupt."
+                )
             try:
                 qtype = GGMLQuantizationType(kind)
             except ValueError:
-                raise CheckpointError(f"{self.path}: tensor {name} has unknown ggml type {kind}; the file is corrupt "
-                                      "or newer than the gguf package.") from None
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} has unknown ggml type {kind}; the file is corrupt "
+                    "or newer than the gguf package."
+                ) from None
             if qtype not in GGML_QUANT_SIZES:
-                raise CheckpointError(f"{self.path}: tensor {name} has ggml type {qtype.name}, which has no block "
-                                      "size; the file is corrupt.")
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} has ggml type {qtype.name}, which has no block "
+                    "size; the file is corrupt."
+                )
             block, type_size = GGML_QUANT_SIZES[qtype]
             shape = tuple(int(n) for n in reversed(dims))  # ggml lists dimensions fastest-first
             if block > 1 and shape and shape[-1] % block:
-                raise CheckpointError(f"{self.path}: tensor {name} has rows of {shape[-1]} values, not a multiple of "
-                                      f"the {block}-value blocks of {qtype.name}; the file is corrupt.")
-            nbytes = math.prod(shape) // block * type_size  # Python integers: a hostile shape cannot wrap around
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} has rows of {shape[-1]} values, not a multiple of "
+                    f"the {block}-value blocks of {qtype.name}; the file is corrupt."
+                )
+            nbytes = (
+                math.prod(shape) // block * type_size
+            )  # Python integers: a hostile shape cannot wrap around
             start = data_start + offset
             if start + nbytes > len(self._map):
-                raise CheckpointError(f"{self.path} ends inside tensor {name}; the file is truncated, so download it again.")
+                raise CheckpointError(
+                    f"{self.path} ends inside tensor {name}; the file is truncated, so download it again."
+                )
             self._tensors[name] = (shape, qtype, start, nbytes)
 
     def names(self) -> list[str]:
@@ -138,17 +178,23 @@ class GGUFFile(TensorSource):
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as stored, ``uint8 [rows, bytes per row]`` (for formats kept quantized)."""
         shape, _, start, nbytes = self._tensors[name]
-        return np.asarray(self._map[start:start + nbytes]).reshape(shape[0] if len(shape) > 1 else 1, -1)
+        return np.asarray(self._map[start : start + nbytes]).reshape(
+            shape[0] if len(shape) > 1 else 1, -1
+        )
 
     def get(self, name: str) -> torch.Tensor:
         from gguf.quants import dequantize
 
         shape, qtype, start, nbytes = self._tensors[name]
         try:
-            raw = np.asarray(self._map[start:start + nbytes]).reshape(math.prod(shape[:-1]) if len(shape) > 1 else 1, -1)
+            raw = np.asarray(self._map[start : start + nbytes]).reshape(
+                math.prod(shape[:-1]) if len(shape) > 1 else 1, -1
+            )
             values = dequantize(raw, qtype)
         except (ValueError, TypeError, IndexError) as e:
-            raise CheckpointError(f"{self.path}: tensor {name} cannot be decoded ({e}); the file is corrupt.") from None
+            raise CheckpointError(
+                f"{self.path}: tensor {name} cannot be decoded ({e}); the file is corrupt."
+            ) from None
         except NotImplementedError:
             raise CheckpointError(
                 f"{self.path}: tensor {name} uses quantization {qtype.name}, which the gguf package cannot "
@@ -160,23 +206,39 @@ class GGUFFile(TensorSource):
         self._map = None
 
 
-def write_gguf(path: Path, architecture: str, metadata: list[tuple[str, Any, str]],
-               tensors: dict[str, torch.Tensor], quant_types: dict[str, str]) -> None:
+def write_gguf(
+    path: Path,
+    architecture: str,
+    metadata: list[tuple[str, Any, str]],
+    tensors: dict[str, torch.Tensor],
+    quant_types: dict[str, str],
+) -> None:
     """Write a GGUF file. ``metadata`` holds ``(key, value, kind)`` with kind one of
     ``str``, ``u32``, ``f32``, ``bool``, ``str_array``, ``i32_array``, ``f32_array``;
     ``quant_types`` maps tensor name to ``F32``, ``F16`` or ``Q8_0``; a failure leaves no file."""
     atomic_write(path, lambda tmp: _write_gguf(tmp, architecture, metadata, tensors, quant_types))
 
 
-def _write_gguf(tmp: Path, architecture: str, metadata: list[tuple[str, Any, str]],
-                tensors: dict[str, torch.Tensor], quant_types: dict[str, str]) -> None:
+def _write_gguf(
+    tmp: Path,
+    architecture: str,
+    metadata: list[tuple[str, Any, str]],
+    tensors: dict[str, torch.Tensor],
+    quant_types: dict[str, str],
+) -> None:
     import gguf
     from gguf.quants import quantize
 
     writer = gguf.GGUFWriter(str(tmp), architecture)
-    adders = {"str": writer.add_string, "u32": writer.add_uint32, "f32": writer.add_float32,
-              "bool": writer.add_bool, "str_array": writer.add_array, "i32_array": writer.add_array,
-              "f32_array": writer.add_array}
+    adders = {
+        "str": writer.add_string,
+        "u32": writer.add_uint32,
+        "f32": writer.add_float32,
+        "bool": writer.add_bool,
+        "str_array": writer.add_array,
+        "i32_array": writer.add_array,
+        "f32_array": writer.add_array,
+    }
     for key, value, kind in metadata:
         adders[kind](key, value)
     for name, tensor in tensors.items():

@@ -56,7 +56,9 @@ def _read_index(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index} is not a valid shard index ({e}); restore it from the original checkpoint.") from None
+        raise CheckpointError(
+            f"{index} is not a valid shard index ({e}); restore it from the original checkpoint."
+        ) from None
     missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
     if missing:
         raise CheckpointError(
@@ -75,7 +77,9 @@ class SafetensorsSource(TensorSource):
             try:
                 handle = safe_open(str(f), framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:
-                raise _corrupt(f, str(e).replace("Error while deserializing header: ", "")) from None
+                raise _corrupt(
+                    f, str(e).replace("Error while deserializing header: ", "")
+                ) from None
             self._handles[f] = handle
             for name in handle.keys():
                 self._where[name] = f
@@ -86,8 +90,10 @@ class SafetensorsSource(TensorSource):
         source = cls(sorted({index.parent / f for f in weight_map.values()}))
         absent = sorted(n for n, f in weight_map.items() if n not in source._where)
         if absent:
-            raise CheckpointError(f"{index} lists tensors that its shards do not contain (e.g. {absent[0]}); "
-                                  "the checkpoint is incomplete.")
+            raise CheckpointError(
+                f"{index} lists tensors that its shards do not contain (e.g. {absent[0]}); "
+                "the checkpoint is incomplete."
+            )
         return source
 
     def names(self) -> list[str]:
@@ -117,8 +123,12 @@ class TorchBinSource(TensorSource):
         self._tensors: dict[str, torch.Tensor] = {}
         for f in files:
             state = self._load(f)
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                raise CheckpointError(f"{f} does not hold a flat dict of tensors; it is not a model state dict.")
+            if not isinstance(state, dict) or not all(
+                isinstance(v, torch.Tensor) for v in state.values()
+            ):
+                raise CheckpointError(
+                    f"{f} does not hold a flat dict of tensors; it is not a model state dict."
+                )
             self._tensors.update(state)
 
     @staticmethod
@@ -129,11 +139,15 @@ class TorchBinSource(TensorSource):
             if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
                 raise _corrupt(f, str(e).splitlines()[0]) from None
         except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad pickle
-            raise _corrupt(f, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise _corrupt(
+                f, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise _corrupt(f, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise _corrupt(
+                f, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
 
     @classmethod
     def from_index(cls, index: Path) -> "TorchBinSource":
@@ -182,7 +196,9 @@ def open_weights(directory: Path) -> TensorSource:
     )
 
 
-def shard_plan(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+def shard_plan(
+    tensors: dict[str, torch.Tensor], max_shard_bytes: int
+) -> list[dict[str, torch.Tensor]]:
     """Group tensors, in order, into shards of at most ``max_shard_bytes`` (one tensor may exceed it)."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -196,26 +212,39 @@ def shard_plan(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[d
     return shards
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
-                      max_shard_bytes: int = 5 * 1024 ** 3) -> list[Path]:
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 5 * 1024**3
+) -> list[Path]:
     """Write ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` plus the HF index)
     atomically: each file is written under a temporary name and renamed into place."""
     directory.mkdir(parents=True, exist_ok=True)
     shards = shard_plan(tensors, max_shard_bytes)
     n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
     written = []
     for shard, name in zip(shards, names):
         # One shard at a time is copied to fresh CPU storage (safetensors refuses views that share
         # memory, as split rows of one fused matrix do): export never holds a second full copy.
-        materialised = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in shard.items()}
-        atomic_write(directory / name, lambda tmp: save_file(materialised, str(tmp), metadata={"format": "pt"}))
+        materialised = {
+            k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for k, v in shard.items()
+        }
+        atomic_write(
+            directory / name,
+            lambda tmp: save_file(materialised, str(tmp), metadata={"format": "pt"}),
+        )
         materialised = None  # free this shard's copy before the next one
         written.append(directory / name)
     if n > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: name for shard, name in zip(shards, names) for k in shard}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: name for shard, name in zip(shards, names) for k in shard},
+        }
         write_json(index, directory / "model.safetensors.index.json")
         written.append(directory / "model.safetensors.index.json")
     return written
@@ -224,11 +253,13 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
 def write_torch(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A plain state dict of tensors with ``torch.save`` (Meta's ``consolidated.00.pth``), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+    state = {
+        k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()
+    }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def write_json(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
-
-
+    atomic_write(
+        path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    )

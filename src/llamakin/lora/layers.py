@@ -37,8 +37,14 @@ class LoraLinear(Linear):
     ``quantized`` instead, which computes the frozen product; the adapters are then float32.
     """
 
-    def __init__(self, base: Linear, parts: tuple[tuple[str, int], ...], ranks: dict[str, int],
-                 scales: dict[str, float], dropout: float = 0.0):
+    def __init__(
+        self,
+        base: Linear,
+        parts: tuple[tuple[str, int], ...],
+        ranks: dict[str, int],
+        scales: dict[str, float],
+        dropout: float = 0.0,
+    ):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a new weight
         self.in_features, self.out_features = base.in_features, base.out_features
         if isinstance(base, Linear):
@@ -59,10 +65,12 @@ class LoraLinear(Linear):
             offsets[name] = (start, rows)
             start += rows
         self.offsets = offsets
-        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(ranks[n], self.in_features, **kw))
-                                        for n in self.adapted})
-        self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.empty(offsets[n][1], ranks[n], **kw))
-                                        for n in self.adapted})
+        self.lora_A = nn.ParameterDict(
+            {n: nn.Parameter(torch.empty(ranks[n], self.in_features, **kw)) for n in self.adapted}
+        )
+        self.lora_B = nn.ParameterDict(
+            {n: nn.Parameter(torch.empty(offsets[n][1], ranks[n], **kw)) for n in self.adapted}
+        )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_adapter()
 
@@ -74,7 +82,9 @@ class LoraLinear(Linear):
             nn.init.zeros_(self.lora_B[name])
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={self.lora_A[n].shape[0]}, scale={self.scales[n]:g}" for n in self.adapted)
+        ranks = ", ".join(
+            f"{n}: r={self.lora_A[n].shape[0]}, scale={self.scales[n]:g}" for n in self.adapted
+        )
         return f"in_features={self.in_features}, out_features={self.out_features}, lora=({ranks})"
 
     def delta(self, name: str) -> torch.Tensor:
@@ -93,18 +103,22 @@ class LoraLinear(Linear):
         z = linear(h, a[0] if len(a) == 1 else torch.cat(a))  # every part's A x in one product
         zs = z.split([t.shape[0] for t in a], dim=-1)
         deltas = [linear(zp * self.scales[n], self.lora_B[n]) for n, zp in zip(self.adapted, zs)]
-        if len(deltas) == len(self.parts):  # every part adapted: the update covers all rows in order
+        if len(deltas) == len(
+            self.parts
+        ):  # every part adapted: the update covers all rows in order
             return y + (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))
         for name, d in zip(self.adapted, deltas):
             start, rows = self.offsets[name]
-            y[..., start:start + rows] += d  # the base product's output is not saved for backward
+            y[..., start : start + rows] += d  # the base product's output is not saved for backward
         return y
 
     def base_layer(self) -> Linear:
         """A plain layer with the same (possibly merged) weight and bias, no adapter."""
         if self.quantized is not None:
             return self.quantized
-        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain = Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
+        )
         plain.weight, plain.bias = self.weight, self.bias
         return plain
 
@@ -112,11 +126,13 @@ class LoraLinear(Linear):
     def merge_(self) -> Linear:
         """Add every update into the weight (in float32, rounded once) and return the plain layer."""
         if self.quantized is not None:
-            raise UnsupportedError("this LoRA layer's base is quantized (QLoRA), so the adapter cannot be folded into "
-                                   "it; merge into the float base instead: llamakin.load(BASE, adapter=ADAPTER_DIR).")
+            raise UnsupportedError(
+                "this LoRA layer's base is quantized (QLoRA), so the adapter cannot be folded into "
+                "it; merge into the float base instead: llamakin.load(BASE, adapter=ADAPTER_DIR)."
+            )
         for name in self.adapted:
             start, rows = self.offsets[name]
-            rows_view = self.weight[start:start + rows]
+            rows_view = self.weight[start : start + rows]
             rows_view.copy_((rows_view.float() + self.delta(name)).to(self.weight.dtype))
         return self.base_layer()
 

@@ -22,8 +22,16 @@ from .quantized import check_mode
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # Hugging Face module names -> llamakin's logical names (what PEFT's target_modules list holds).
-HF_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-            "down_proj": "down", "lm_head": "lm_head"}
+HF_NAMES = {
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "lm_head": "lm_head",
+}
 
 
 def parse_targets(value: Any) -> tuple[str, ...]:
@@ -36,9 +44,13 @@ def parse_targets(value: Any) -> tuple[str, ...]:
         elif item in TARGETS or item in HF_NAMES:
             names.add(HF_NAMES.get(item, item))
         elif item:
-            raise ConfigError(f"unknown LoRA target {item!r}; choose from {', '.join(TARGETS)} (or 'all').")
+            raise ConfigError(
+                f"unknown LoRA target {item!r}; choose from {', '.join(TARGETS)} (or 'all')."
+            )
     if not names:
-        raise ConfigError("lora.targets is empty; name at least one projection, e.g. lora.targets=q,v.")
+        raise ConfigError(
+            "lora.targets is empty; name at least one projection, e.g. lora.targets=q,v."
+        )
     return tuple(t for t in TARGETS if t in names)
 
 
@@ -74,7 +86,9 @@ class LoraSettings:
         known = {"rank", "alpha", "dropout", "targets", "quantize", "group_size"}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown LoRA setting lora.{unknown[0]}; valid: {', '.join(sorted(known))}.")
+            raise ConfigError(
+                f"unknown LoRA setting lora.{unknown[0]}; valid: {', '.join(sorted(known))}."
+            )
         return cls(**values)
 
 
@@ -102,7 +116,11 @@ def freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def attach(model: Transformer, specs: dict[str, tuple[dict[str, int], dict[str, float]]], dropout: float = 0.0) -> Transformer:
+def attach(
+    model: Transformer,
+    specs: dict[str, tuple[dict[str, int], dict[str, float]]],
+    dropout: float = 0.0,
+) -> Transformer:
     """Replace the named projections by :class:`LoraLinear` layers (in place): ``specs`` maps a
     module path to (rank per part, scale per part). The base is frozen, the adapters trainable."""
     freeze(model)
@@ -114,7 +132,9 @@ def attach(model: Transformer, specs: dict[str, tuple[dict[str, int], dict[str, 
         parent = model.get_submodule(parent_path) if parent_path else model
         base = getattr(parent, attr)
         if isinstance(base, LoraLinear):
-            raise ConfigError(f"{path} already has a LoRA adapter; merge it first (llamakin.lora.merge).")
+            raise ConfigError(
+                f"{path} already has a LoRA adapter; merge it first (llamakin.lora.merge)."
+            )
         setattr(parent, attr, LoraLinear(base, parts, ranks, scales, dropout))
     return model
 
@@ -122,8 +142,10 @@ def attach(model: Transformer, specs: dict[str, tuple[dict[str, int], dict[str, 
 def apply_lora(model: Transformer, settings: LoraSettings) -> Transformer:
     """Fresh (PEFT-initialised) adapters on ``settings.targets``; everything else frozen."""
     if "lm_head" in settings.targets and model.lm_head is None:
-        raise ConfigError("lora.targets has lm_head but this model ties its output head to the embedding matrix; "
-                          "drop lm_head from the targets.")
+        raise ConfigError(
+            "lora.targets has lm_head but this model ties its output head to the embedding matrix; "
+            "drop lm_head from the targets."
+        )
     specs = {}
     for path, parts in projection_parts(model):
         chosen = [name for name, _ in parts if name in settings.targets]
@@ -149,5 +171,17 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-__all__ = ["DEFAULT_TARGETS", "HF_NAMES", "TARGETS", "LoraSettings", "apply_lora", "attach", "freeze",
-           "lora_layers", "merge", "parse_targets", "projection_parts", "trainable_parameters"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "HF_NAMES",
+    "TARGETS",
+    "LoraSettings",
+    "apply_lora",
+    "attach",
+    "freeze",
+    "lora_layers",
+    "merge",
+    "parse_targets",
+    "projection_parts",
+    "trainable_parameters",
+]

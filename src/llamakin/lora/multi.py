@@ -42,7 +42,13 @@ class AdapterSelection(threading.local):
 class MultiLoraLinear(nn.Module):
     """A frozen projection plus every loaded adapter's update, chosen per row (see the module doc)."""
 
-    def __init__(self, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, selection: AdapterSelection):
+    def __init__(
+        self,
+        base: nn.Module,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        selection: AdapterSelection,
+    ):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -51,7 +57,9 @@ class MultiLoraLinear(nn.Module):
         self.selection = selection
 
     @property
-    def weight(self) -> torch.Tensor:  # attention's partial-bias mask reads the base's device through it
+    def weight(
+        self,
+    ) -> torch.Tensor:  # attention's partial-bias mask reads the base's device through it
         return self.base.weight
 
     @property
@@ -78,16 +86,22 @@ def parse_adapter_options(values: Sequence[str]) -> tuple[list[str], dict[str, s
         name, sep, directory = value.partition("=")
         if sep and NAME.match(name) and directory:
             if name in named:
-                raise LlamakinError(f"--adapter {name}=... is given twice; give each adapter a different name.")
+                raise LlamakinError(
+                    f"--adapter {name}=... is given twice; give each adapter a different name."
+                )
             named[name] = directory
         else:
             plain.append(value)
     if plain and named:
-        raise LlamakinError("--adapter DIR (merged into the model) and --adapter NAME=DIR (chosen per request) cannot "
-                            "be mixed; name every adapter as NAME=DIR.")
+        raise LlamakinError(
+            "--adapter DIR (merged into the model) and --adapter NAME=DIR (chosen per request) cannot "
+            "be mixed; name every adapter as NAME=DIR."
+        )
     if len(plain) > 1:
-        raise LlamakinError("several --adapter DIR were given but only one can be merged into the model; serve them "
-                            "side by side as --adapter NAME=DIR (llamakin serve).")
+        raise LlamakinError(
+            "several --adapter DIR were given but only one can be merged into the model; serve them "
+            "side by side as --adapter NAME=DIR (llamakin serve)."
+        )
     return plain, named
 
 
@@ -95,14 +109,20 @@ def attach_adapters(model: Transformer, adapters: dict[str, str | Path]) -> list
     """Load every PEFT adapter of ``adapters`` (name -> directory) onto ``model`` unmerged (in place);
     returns the names, whose indices for :func:`select_rows` are 1, 2, ... in this order."""
     if getattr(model, "adapter_selection", None) is not None:
-        raise LlamakinError("this model already serves adapters; load the base again to change them.")
+        raise LlamakinError(
+            "this model already serves adapters; load the base again to change them."
+        )
     names = list(adapters)
     loaded = [adapter_weights(model, adapters[name]) for name in names]
     selection = AdapterSelection()
     dtype, device = model.dtype, model.device
     for path, parts in projection_parts(model):
-        ranks = {part: max((specs[path][0].get(part, 0) for specs, _, _ in loaded if path in specs), default=0)
-                 for part, _ in parts}
+        ranks = {
+            part: max(
+                (specs[path][0].get(part, 0) for specs, _, _ in loaded if path in specs), default=0
+            )
+            for part, _ in parts
+        }
         if not any(ranks.values()):
             continue
         base = model.get_submodule(path)
@@ -115,12 +135,16 @@ def attach_adapters(model: Transformer, adapters: dict[str, str | Path]) -> list
                 if (path, part) in weights:
                     a, b = weights[(path, part)]
                     r, scale = a.shape[0], specs[path][1][part]
-                    a_stack[index, col:col + r] = a.float()
-                    b_stack[index, row:row + rows, col:col + r] = scale * b.float()
+                    a_stack[index, col : col + r] = a.float()
+                    b_stack[index, row : row + rows, col : col + r] = scale * b.float()
                 row, col = row + rows, col + ranks[part]
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, attr, MultiLoraLinear(base, a_stack.to(device, dtype), b_stack.to(device, dtype), selection))
+        setattr(
+            parent,
+            attr,
+            MultiLoraLinear(base, a_stack.to(device, dtype), b_stack.to(device, dtype), selection),
+        )
     model.adapter_selection = selection
     return names
 
@@ -145,5 +169,11 @@ def with_adapter(model: nn.Module, index: int, fn: Callable[..., Any], *args: An
         select_rows(model, None)
 
 
-__all__ = ["AdapterSelection", "MultiLoraLinear", "attach_adapters", "parse_adapter_options", "select_rows",
-           "with_adapter"]
+__all__ = [
+    "AdapterSelection",
+    "MultiLoraLinear",
+    "attach_adapters",
+    "parse_adapter_options",
+    "select_rows",
+    "with_adapter",
+]

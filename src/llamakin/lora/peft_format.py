@@ -39,22 +39,28 @@ PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
+_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$"
+)
 
 
 def hf_family(config: ModelConfig) -> tuple[Family, bool]:
     """The transformers family whose module names the adapter uses, and whether q/k rows are
     in the interleaved RoPE order (and need the permutation on the way)."""
     if config.rope_layout not in ("half", "interleaved"):
-        raise UnsupportedError(f"LoRA adapters in PEFT's format need a transformers model class; this model's "
-                               f"{config.rope_layout!r} RoPE has none.")
+        raise UnsupportedError(
+            f"LoRA adapters in PEFT's format need a transformers model class; this model's "
+            f"{config.rope_layout!r} RoPE has none."
+        )
     permute = config.rope_layout == "interleaved"
     hf_config = config.replace(rope_layout="half") if permute else config
     for name in (config.family, *HF_FAMILIES):
         if name in HF_FAMILIES and get_family(name).unsupported(hf_config) is None:
             return get_family(name), permute
-    raise UnsupportedError("no transformers model class expresses this model exactly, so a PEFT adapter has no "
-                           "module names to use; export the merged model instead (--merge).")
+    raise UnsupportedError(
+        "no transformers model class expresses this model exactly, so a PEFT adapter has no "
+        "module names to use; export the merged model instead (--merge)."
+    )
 
 
 def module_names(model: Transformer, family: Family) -> dict[tuple[str, str], str]:
@@ -70,7 +76,9 @@ def module_names(model: Transformer, family: Family) -> dict[tuple[str, str], st
     return names
 
 
-def _rope_rows(model: Transformer, part: str, b: torch.Tensor, source: str, target: str) -> torch.Tensor:
+def _rope_rows(
+    model: Transformer, part: str, b: torch.Tensor, source: str, target: str
+) -> torch.Tensor:
     c = model.config
     heads = c.num_heads if part == "q" else c.num_kv_heads
     return rope_reorder(b, heads, c.rotary_dim, source, target)
@@ -84,7 +92,9 @@ def save_adapter(model: Transformer, directory: str | Path, base_model: str | No
     """Write the model's LoRA adapters as a PEFT adapter directory; returns it."""
     layers = lora_layers(model)
     if not any(layer.adapted for layer in layers.values()):
-        raise UnsupportedError("the model has no LoRA adapter to export; train with --recipe lora-sft or load one.")
+        raise UnsupportedError(
+            "the model has no LoRA adapter to export; train with --recipe lora-sft or load one."
+        )
     family, permute = hf_family(model.config)
     names = module_names(model, family)
     tensors: dict[str, torch.Tensor] = {}
@@ -96,8 +106,10 @@ def save_adapter(model: Transformer, directory: str | Path, base_model: str | No
             dropout = layer.dropout.p
         for part in layer.adapted:
             if (path, part) not in names:
-                raise UnsupportedError(f"{family.name} models fuse the projection that llamakin's {path} ({part}) "
-                                       "adapts, so PEFT has no module for it; export the merged model (--merge).")
+                raise UnsupportedError(
+                    f"{family.name} models fuse the projection that llamakin's {path} ({part}) "
+                    "adapts, so PEFT has no module for it; export the merged model (--merge)."
+                )
             hf = names[(path, part)]
             a, b = layer.lora_A[part].detach(), layer.lora_B[part].detach()
             if permute and part in ("q", "k"):
@@ -148,10 +160,14 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
 
     directory = Path(directory).expanduser()
     if not directory.is_dir():
-        raise CheckpointError(f"{directory} is not a directory; give a PEFT adapter directory "
-                              f"({CONFIG_FILE} + {WEIGHTS_FILE}).")
+        raise CheckpointError(
+            f"{directory} is not a directory; give a PEFT adapter directory "
+            f"({CONFIG_FILE} + {WEIGHTS_FILE})."
+        )
     if not (directory / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{directory} has no {CONFIG_FILE}; it is not a PEFT adapter directory.")
+        raise CheckpointError(
+            f"{directory} has no {CONFIG_FILE}; it is not a PEFT adapter directory."
+        )
     config = read_json(directory / CONFIG_FILE)
     if (directory / WEIGHTS_FILE).is_file():
         from safetensors import SafetensorError
@@ -160,33 +176,53 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
         try:
             tensors = load_file(str(directory / WEIGHTS_FILE))
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{directory / WEIGHTS_FILE} cannot be read ({e}); copy the adapter again.") from None
+            raise CheckpointError(
+                f"{directory / WEIGHTS_FILE} cannot be read ({e}); copy the adapter again."
+            ) from None
     elif (directory / LEGACY_WEIGHTS_FILE).is_file():
         try:
-            tensors = torch.load(directory / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+            tensors = torch.load(
+                directory / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True
+            )
         except Exception as e:  # pickle errors have many types
-            raise CheckpointError(f"{directory / LEGACY_WEIGHTS_FILE} cannot be read ({e}); copy the adapter again.") from None
+            raise CheckpointError(
+                f"{directory / LEGACY_WEIGHTS_FILE} cannot be read ({e}); copy the adapter again."
+            ) from None
     else:
-        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE} (or {LEGACY_WEIGHTS_FILE}); it is not a PEFT adapter "
-                              "directory.")
+        raise CheckpointError(
+            f"{directory} has no {WEIGHTS_FILE} (or {LEGACY_WEIGHTS_FILE}); it is not a PEFT adapter "
+            "directory."
+        )
     return config, tensors
 
 
 def _check_config(config: dict[str, Any], where: str) -> None:
     kind = config.get("peft_type")
     if kind != "LORA":
-        raise UnsupportedError(f"{where} is a {kind} adapter; llamakin loads LoRA adapters (peft_type LORA) only.")
+        raise UnsupportedError(
+            f"{where} is a {kind} adapter; llamakin loads LoRA adapters (peft_type LORA) only."
+        )
     refusals = [
         (config.get("use_dora"), "uses DoRA (use_dora), which llamakin does not implement"),
-        (config.get("fan_in_fan_out"), "stores transposed (fan_in_fan_out) weights, which only GPT-2 style models use"),
-        (config.get("modules_to_save"), f"also replaces whole modules ({config.get('modules_to_save')}) "
-                                        "(modules_to_save), which llamakin does not load"),
-        (config.get("bias") not in (None, "none"), f"trains biases (bias={config.get('bias')!r}), which llamakin "
-                                                   "does not load"),
+        (
+            config.get("fan_in_fan_out"),
+            "stores transposed (fan_in_fan_out) weights, which only GPT-2 style models use",
+        ),
+        (
+            config.get("modules_to_save"),
+            f"also replaces whole modules ({config.get('modules_to_save')}) "
+            "(modules_to_save), which llamakin does not load",
+        ),
+        (
+            config.get("bias") not in (None, "none"),
+            f"trains biases (bias={config.get('bias')!r}), which llamakin does not load",
+        ),
     ]
     for bad, why in refusals:
         if bad:
-            raise UnsupportedError(f"{where} {why}; use an adapter without it or merge it with PEFT first.")
+            raise UnsupportedError(
+                f"{where} {why}; use an adapter without it or merge it with PEFT first."
+            )
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -197,7 +233,9 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def load_adapter(model: Transformer, directory: str | Path, merge_weights: bool = False) -> Transformer:
+def load_adapter(
+    model: Transformer, directory: str | Path, merge_weights: bool = False
+) -> Transformer:
     """Attach a PEFT LoRA adapter to ``model`` (in place): as trainable :class:`LoraLinear`
     layers, or folded into the weights with ``merge_weights`` (plain layers, fastest inference)."""
     specs, weights, dropout = adapter_weights(model, directory)
@@ -224,8 +262,10 @@ def adapter_weights(model: Transformer, directory: str | Path):
     for key, value in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise UnsupportedError(f"{directory}: tensor {key!r} is not a LoRA A/B weight of a linear layer; "
-                                   "llamakin loads LoRA on q, k, v, o, gate, up, down and lm_head only.")
+            raise UnsupportedError(
+                f"{directory}: tensor {key!r} is not a LoRA A/B weight of a linear layer; "
+                "llamakin loads LoRA on q, k, v, o, gate, up, down and lm_head only."
+            )
         pairs.setdefault(m["module"], {})[m["which"]] = value
     if not pairs:
         raise CheckpointError(f"{directory} holds no LoRA tensors.")
@@ -234,19 +274,27 @@ def adapter_weights(model: Transformer, directory: str | Path):
     weights: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for module, ab in sorted(pairs.items()):
         if module not in by_name:
-            raise UnsupportedError(f"{directory} adapts {module!r}, which this {family.name} model does not have "
-                                   "as a LoRA target (q, k, v, o, gate, up, down, lm_head); check the base model.")
+            raise UnsupportedError(
+                f"{directory} adapts {module!r}, which this {family.name} model does not have "
+                "as a LoRA target (q, k, v, o, gate, up, down, lm_head); check the base model."
+            )
         if set(ab) != {"A", "B"}:
-            raise CheckpointError(f"{directory} has lora_{'A' if 'A' in ab else 'B'} but not the other for {module!r}.")
+            raise CheckpointError(
+                f"{directory} has lora_{'A' if 'A' in ab else 'B'} but not the other for {module!r}."
+            )
         path, part = by_name[module]
         a, b = ab["A"], ab["B"]
         rows = dict(layer_parts[path])[part]
         layer_in = model.get_submodule(path).in_features
         r = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != layer_in or b.shape != (rows, r):
-            raise CheckpointError(f"{directory}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)} but the "
-                                  f"base needs [r, {layer_in}] and [{rows}, r]; the adapter was trained for another model.")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+            raise CheckpointError(
+                f"{directory}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)} but the "
+                f"base needs [r, {layer_in}] and [{rows}, r]; the adapter was trained for another model."
+            )
+        alpha = _pattern_value(
+            config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)
+        )
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         if permute and part in ("q", "k"):
             b = _rope_rows(model, part, b, "half", "interleaved")
@@ -256,4 +304,13 @@ def adapter_weights(model: Transformer, directory: str | Path):
     return specs, weights, float(config.get("lora_dropout") or 0.0)
 
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "adapter_weights", "hf_family", "load_adapter", "module_names", "read_adapter", "save_adapter"]
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "adapter_weights",
+    "hf_family",
+    "load_adapter",
+    "module_names",
+    "read_adapter",
+    "save_adapter",
+]

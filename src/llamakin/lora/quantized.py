@@ -57,19 +57,33 @@ class FrozenQuantizedLinear(nn.Module):
         if isinstance(weight, Int4Weight):
             self.kind, self.group_size = "int4", weight.group_size
             self.register_buffer("nibbles", pack_nibbles(weight.q), persistent=False)
-            self.register_buffer("scales", weight.scales.to(torch.float32).contiguous(), persistent=False)
-            self.register_buffer("zeros", weight.zeros.to(torch.float32).contiguous(), persistent=False)
+            self.register_buffer(
+                "scales", weight.scales.to(torch.float32).contiguous(), persistent=False
+            )
+            self.register_buffer(
+                "zeros", weight.zeros.to(torch.float32).contiguous(), persistent=False
+            )
         else:
             self.kind, self.group_size = "int8", None
             self.register_buffer("qweight", weight.qweight.contiguous(), persistent=False)
-            self.register_buffer("scales", weight.scales.to(torch.float32).contiguous(), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+            self.register_buffer(
+                "scales", weight.scales.to(torch.float32).contiguous(), persistent=False
+            )
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().clone(), persistent=False
+        )
 
-    def dequantize(self, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(
+        self, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """Rows ``start:stop`` of the weight in ``dtype``."""
         if self.kind == "int4":
-            w = Int4Weight(unpack_nibbles(self.nibbles[start:stop]), self.scales[start:stop], self.zeros[start:stop],
-                           self.group_size)
+            w = Int4Weight(
+                unpack_nibbles(self.nibbles[start:stop]),
+                self.scales[start:stop],
+                self.zeros[start:stop],
+                self.group_size,
+            )
         else:
             w = Int8Weight(self.qweight[start:stop], self.scales[start:stop])
         return w.dequantize(dtype)
@@ -79,13 +93,17 @@ class FrozenQuantizedLinear(nn.Module):
         return [(s, min(s + step, self.out_features)) for s in range(0, self.out_features, step)]
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = QuantizedProduct.apply(x.reshape(-1, self.in_features), self, self.bias if bias is None else bias)
+        y = QuantizedProduct.apply(
+            x.reshape(-1, self.in_features), self, self.bias if bias is None else bias
+        )
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{self.kind}{group}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{self.kind}{group}"
+        )
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -99,7 +117,9 @@ class QuantizedProduct(torch.autograd.Function):
     weight and bias are frozen: no gradient for them)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, module: FrozenQuantizedLinear, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, module: FrozenQuantizedLinear, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """``x [M, in_features]`` -> ``[M, out_features]``."""
         dtype = _compute_dtype(x)
         rows = x.to(dtype)
@@ -130,7 +150,9 @@ def check_mode(mode: str | None, group_size: int) -> str | None:
     if mode not in MODES:
         raise ConfigError(f"lora.quantize must be int4, int8 or none, got {mode!r}.")
     if group_size not in GROUP_SIZES:
-        raise ConfigError(f"lora.group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}.")
+        raise ConfigError(
+            f"lora.group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}."
+        )
     return mode
 
 
@@ -143,8 +165,11 @@ def quantize_base(model: nn.Module, mode: str, group_size: int = 32) -> nn.Modul
         if name != HEAD and mode == "int4":
             check_group_size(group_size, linear.in_features, f" ({name})")
         bias = _bias_for(model, name, linear.bias)
-        weight = quantize_int8(linear.weight) if name == HEAD or mode == "int8" else \
-            quantize_int4(linear.weight, group_size)
+        weight = (
+            quantize_int8(linear.weight)
+            if name == HEAD or mode == "int8"
+            else quantize_int4(linear.weight, group_size)
+        )
         model.set_submodule(name, FrozenQuantizedLinear(weight, bias))
     if model.lm_head is None:
         model.lm_head = FrozenQuantizedLinear(quantize_int8(model.embed.weight))
@@ -161,7 +186,9 @@ def _frozen_embedding(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_quantized_base(path, mode: str, group_size: int = 32, device: torch.device | str = "cpu") -> nn.Module:
+def load_quantized_base(
+    path, mode: str, group_size: int = 32, device: torch.device | str = "cpu"
+) -> nn.Module:
     """``path`` (anything :func:`llamakin.load` reads) with a frozen quantized base, read straight into
     the quantized layouts (no whole float copy of the model; a llamakin-quantized checkpoint is
     dequantized and quantized again in ``mode``)."""
@@ -174,12 +201,16 @@ def load_quantized_base(path, mode: str, group_size: int = 32, device: torch.dev
         float_model = load_quantized_checkpoint(source.path, torch.float32, device, dequantize=True)
         return quantize_base(float_model, mode, group_size)
     weights: dict[str, Int4Weight | Int8Weight] = {}
-    model = load_quantized(source.path, torch.float32, device, mode, group_size, head="int8", collect=weights)
+    model = load_quantized(
+        source.path, torch.float32, device, mode, group_size, head="int8", collect=weights
+    )
     for name, weight in weights.items():
         old = model.get_submodule(name)
         model.set_submodule(name, FrozenQuantizedLinear(weight, old.bias))
     del weights
-    with torch.no_grad():  # float tensors read zero-copy from a mapped safetensors file keep all of it resident
+    with (
+        torch.no_grad()
+    ):  # float tensors read zero-copy from a mapped safetensors file keep all of it resident
         for module in model.modules():
             for name, param in module.named_parameters(recurse=False):
                 param.data = param.data.clone()
@@ -194,5 +225,12 @@ def quantized_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-__all__ = ["FrozenQuantizedLinear", "MODES", "QuantizedProduct", "check_mode", "load_quantized_base",
-           "quantize_base", "quantized_bytes"]
+__all__ = [
+    "FrozenQuantizedLinear",
+    "MODES",
+    "QuantizedProduct",
+    "check_mode",
+    "load_quantized_base",
+    "quantize_base",
+    "quantized_bytes",
+]

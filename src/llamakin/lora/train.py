@@ -24,7 +24,9 @@ from .peft_format import save_adapter
 from .quantized import load_quantized_base
 
 
-def lora_model(cfg: TrainConfig, vocab_size: int | None = None, float_base: bool = False) -> Transformer:
+def lora_model(
+    cfg: TrainConfig, vocab_size: int | None = None, float_base: bool = False
+) -> Transformer:
     """``init_from`` with fresh adapters (seeded by ``cfg.seed``), the base frozen: in float32, or
     held as int4/int8 with ``lora.quantize`` (QLoRA; ``float_base`` loads it in float32 anyway)."""
     import llamakin
@@ -35,8 +37,10 @@ def lora_model(cfg: TrainConfig, vocab_size: int | None = None, float_base: bool
     else:
         model = llamakin.load(cfg.init_from).float()
     if vocab_size is not None and model.config.vocab_size < vocab_size:
-        raise TrainingError(f"{cfg.init_from} has {model.config.vocab_size} embeddings but the data's tokenizer has "
-                            f"{vocab_size} tokens; prepare the data with the base model's tokenizer.")
+        raise TrainingError(
+            f"{cfg.init_from} has {model.config.vocab_size} embeddings but the data's tokenizer has "
+            f"{vocab_size} tokens; prepare the data with the base model's tokenizer."
+        )
     torch.manual_seed(cfg.seed)
     apply_lora(model, settings)
     model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -62,7 +66,9 @@ def run_model(run: str | Path, float_base: bool = False) -> tuple[Transformer, T
     run = Path(run).expanduser()
     config_path, checkpoint = run / "train_config.json", run / "ckpt.pt"
     if not config_path.is_file() or not checkpoint.is_file():
-        raise LlamakinError(f"{run} is not a finished or checkpointed training run (no train_config.json and ckpt.pt).")
+        raise LlamakinError(
+            f"{run} is not a finished or checkpointed training run (no train_config.json and ckpt.pt)."
+        )
     cfg = TrainConfig(**json.loads(config_path.read_text())["train"])
     if not cfg.lora:
         raise LlamakinError(f"{run} is not a LoRA run; its full model is in {run / 'model'}.")
@@ -71,10 +77,15 @@ def run_model(run: str | Path, float_base: bool = False) -> tuple[Transformer, T
     adapters = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(adapters - set(state))
     if missing:
-        raise LlamakinError(f"{checkpoint} lacks adapter tensor {missing[0]!r}; the run's settings changed after it.")
+        raise LlamakinError(
+            f"{checkpoint} lacks adapter tensor {missing[0]!r}; the run's settings changed after it."
+        )
     model.load_state_dict({n: state[n] for n in adapters}, strict=False)
-    data = Path(cfg.data[0]).expanduser() if len(cfg.data) == 1 and (Path(cfg.data[0]).expanduser() / "meta.json").is_file() \
+    data = (
+        Path(cfg.data[0]).expanduser()
+        if len(cfg.data) == 1 and (Path(cfg.data[0]).expanduser() / "meta.json").is_file()
         else run / "data"
+    )
     return model.eval(), cfg, data
 
 
@@ -91,7 +102,9 @@ def export_run(run: str | Path, out: str | Path, merged: bool = False) -> Path:
         merge(model)
         try:
             family = hf_family(model.config)[0].name
-            model, _ = fit_to_family(model, family)  # an interleaved-RoPE base: q/k rows to HF's order
+            model, _ = fit_to_family(
+                model, family
+            )  # an interleaved-RoPE base: q/k rows to HF's order
         except UnsupportedError:  # no transformers class: the format the base would be saved in
             family = None
         model.save_pretrained(out, family=family)

@@ -40,7 +40,9 @@ class Attention(nn.Module):
         self.register_buffer("qkv_bias_zeroed", None, persistent=False)
         self.init_buffers()
         self.o_proj = Linear(H * hd, d, bias=config.o_bias)
-        if config.qk_norm:  # Qwen3: one weight shared by all heads, before RoPE (docs/variants.md §5.3)
+        if (
+            config.qk_norm
+        ):  # Qwen3: one weight shared by all heads, before RoPE (docs/variants.md §5.3)
             self.q_norm = RMSNorm(hd, config.norm_eps, config.rmsnorm_order)
             self.k_norm = RMSNorm(hd, config.norm_eps, config.rmsnorm_order)
         else:
@@ -48,7 +50,9 @@ class Attention(nn.Module):
 
     def init_buffers(self) -> None:
         """(Re)build the non-persistent buffers (also after ``to_empty`` on a meta-built model)."""
-        if self.partial_bias and isinstance(self.qkv, nn.Linear):  # quantized qkv carry their bias masked
+        if self.partial_bias and isinstance(
+            self.qkv, nn.Linear
+        ):  # quantized qkv carry their bias masked
             c = self.config
             flags = (c.q_bias, c.k_bias, c.v_bias)
             zeroed = torch.cat([torch.full((n,), not f) for n, f in zip(self.split_sizes, flags)])
@@ -71,10 +75,14 @@ class Attention(nn.Module):
         qk, v = qkv.split((self.split_sizes[0] + self.split_sizes[1], self.split_sizes[2]), dim=-1)
         qk = qk.view(B, T, c.num_heads + c.num_kv_heads, c.head_dim)
         if self.q_norm is not None:
-            qk = torch.cat((self.q_norm(qk[:, :, :c.num_heads]), self.k_norm(qk[:, :, c.num_heads:])), dim=2)
+            qk = torch.cat(
+                (self.q_norm(qk[:, :, : c.num_heads]), self.k_norm(qk[:, :, c.num_heads :])), dim=2
+            )
         return qk.transpose(1, 2), v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, rope: Rope, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope, mask: AttentionMask, cache: KVCache | None = None
+    ) -> torch.Tensor:
         qk, v = self.project(x)
         layout = self.config.rope_layout
         if cache is not None and rope.key_cos is not None:
@@ -94,7 +102,9 @@ class Attention(nn.Module):
         out = self.attend(q, k, v, mask)  # [B, T, H * hd]
         return self.o_proj(out)
 
-    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    def sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
+    ) -> torch.Tensor:
         """``scaled_dot_product_attention``; a few queries in half precision on a CPU that only
         emulates it are computed in float32 (decoding: 2.8x faster for 8 rows over 256 keys in
         bfloat16 on AVX2, measured; for long prompts both take the same time)."""
@@ -102,12 +112,19 @@ class Attention(nn.Module):
         if q.shape[2] <= FEW_QUERIES and emulated_half(q):
             q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, scale=self.config.scale,
+            q,
+            k,
+            v,
+            attn_mask=mask.mask,
+            is_causal=mask.is_causal,
+            scale=self.config.scale,
             enable_gqa=self.config.kv_groups > 1,
         )
         return out.to(dtype)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
+    ) -> torch.Tensor:
         out = self.sdpa(q, k, v, mask)
         B, _, T, _ = q.shape
         return out.transpose(1, 2).reshape(B, T, -1)
@@ -142,7 +159,9 @@ class DifferentialAttention(Attention):
         self.lambda_q2 = nn.Parameter(torch.zeros(hd))
         self.lambda_k2 = nn.Parameter(torch.zeros(hd))
         # HF DiffLlama's group norm has no weight; unilm's ``subln`` has one (docs/variants.md §7.1, §7.2)
-        eps = config.norm_eps if config.diff_norm_eps is None else config.diff_norm_eps  # unilm's subln: 1e-5
+        eps = (
+            config.norm_eps if config.diff_norm_eps is None else config.diff_norm_eps
+        )  # unilm's subln: 1e-5
         self.pair_norm = RMSNorm(2 * hd, eps, config.rmsnorm_order, affine=config.diff_norm_affine)
 
     def reset_lambdas(self, std: float = 0.1) -> None:
@@ -151,14 +170,22 @@ class DifferentialAttention(Attention):
             nn.init.normal_(p, 0.0, std)
 
     def lambda_full(self, dtype: torch.dtype) -> torch.Tensor:
-        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1, dim=-1, dtype=torch.float32)).to(dtype)
-        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2, dim=-1, dtype=torch.float32)).to(dtype)
+        lambda_1 = torch.exp(
+            torch.sum(self.lambda_q1 * self.lambda_k1, dim=-1, dtype=torch.float32)
+        ).to(dtype)
+        lambda_2 = torch.exp(
+            torch.sum(self.lambda_q2 * self.lambda_k2, dim=-1, dtype=torch.float32)
+        ).to(dtype)
         return lambda_1 - lambda_2 + self.lambda_init
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
+    ) -> torch.Tensor:
         B, Hkv, S, hd = v.shape
         halves = v.view(B, 2, Hkv // 2, S, hd)
-        wide_v = torch.cat((halves[:, 0], halves[:, 1]), dim=-1).repeat(1, 2, 1, 1)  # [B, Hkv, S, 2hd]
+        wide_v = torch.cat((halves[:, 0], halves[:, 1]), dim=-1).repeat(
+            1, 2, 1, 1
+        )  # [B, Hkv, S, 2hd]
         out = self.sdpa(q, k, wide_v, mask)  # [B, H, T, 2hd]
         first, second = out.chunk(2, dim=1)  # pairs (j, j + H/2)
         diff = first - self.lambda_full(q.dtype) * second

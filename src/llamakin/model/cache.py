@@ -19,14 +19,26 @@ class KVCache:
     is never attended to and positions count only real tokens.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         if max_len <= 0 or batch_size <= 0:
-            raise LlamakinError(f"a KV cache needs a positive batch size and length, got {batch_size} and {max_len}.")
+            raise LlamakinError(
+                f"a KV cache needs a positive batch size and length, got {batch_size} and {max_len}."
+            )
         shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
         # one tensor per layer: indexing a layer is then free, not a select on every step
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.keys = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)
+        ]
+        self.values = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)
+        ]
         self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.length = 0  # slots filled so far (the same for every row)
@@ -55,16 +67,18 @@ class KVCache:
             )
         if attention_mask is not None:
             new = attention_mask[:, -new_tokens:].to(torch.bool)
-            self.valid[:, self.length:self.length + new_tokens] = new
+            self.valid[:, self.length : self.length + new_tokens] = new
             if not self.padded and not bool(new.all()):
                 self.padded = True
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's keys/values of one layer; return all keys/values so far (views)."""
         end = self.length + k.shape[2]
         keys, values = self.keys[layer], self.values[layer]
-        keys[:, :, self.length:end] = k
-        values[:, :, self.length:end] = v
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
         return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, new_tokens: int) -> None:
@@ -104,7 +118,9 @@ class SlotWriter:
         self.cache, self.slots = cache, slots
         self.rows = torch.arange(slots.shape[0], device=slots.device)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         keys[self.rows, :, self.slots] = k[:, :, 0]
         values[self.rows, :, self.slots] = v[:, :, 0]
@@ -119,8 +135,14 @@ class AttentionMask:
     is_causal: bool
 
 
-def build_mask(key_valid: torch.Tensor | None, past: int, new: int, window: int | None,
-               device: torch.device, prefix_end: torch.Tensor | None = None) -> AttentionMask:
+def build_mask(
+    key_valid: torch.Tensor | None,
+    past: int,
+    new: int,
+    window: int | None,
+    device: torch.device,
+    prefix_end: torch.Tensor | None = None,
+) -> AttentionMask:
     """Mask for ``new`` queries at slots ``past .. past+new-1`` over keys at slots ``0 .. past+new-1``.
 
     A key is visible when it is not in the future, inside the sliding window if any
@@ -148,7 +170,9 @@ def build_mask(key_valid: torch.Tensor | None, past: int, new: int, window: int 
     return AttentionMask(allowed[:, None], False)
 
 
-def decode_masks(key_valid: torch.Tensor, slots: torch.Tensor, windows: set[int | None]) -> dict[int | None, AttentionMask]:
+def decode_masks(
+    key_valid: torch.Tensor, slots: torch.Tensor, windows: set[int | None]
+) -> dict[int | None, AttentionMask]:
     """Masks for one new token per row, at cache slot ``slots[b]``, over every slot of the cache."""
     k_pos = torch.arange(key_valid.shape[1], device=key_valid.device)[None]
     slots = slots[:, None]

@@ -69,10 +69,21 @@ class _Step(nn.Module):
         self.model = model
         self.cache = cache
 
-    def forward(self, tokens, positions, slot, key_valid, keys: list[torch.Tensor], values: list[torch.Tensor],
-                rope_alpha: torch.Tensor, *adapter_ids: torch.Tensor):
+    def forward(
+        self,
+        tokens,
+        positions,
+        slot,
+        key_valid,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        rope_alpha: torch.Tensor,
+        *adapter_ids: torch.Tensor,
+    ):
         self.cache.keys, self.cache.values, self.cache.rope_alpha = keys, values, rope_alpha
-        if adapter_ids:  # several LoRA adapters chosen per row (llamakin.lora.multi): the indices are an input
+        if (
+            adapter_ids
+        ):  # several LoRA adapters chosen per row (llamakin.lora.multi): the indices are an input
             self.model.adapter_selection.ids = adapter_ids[0]
         return self.model.decode_step(tokens, positions, slot, key_valid, self.cache)
 
@@ -137,8 +148,11 @@ class TraceCache:
     def keys(self, model: nn.Module | None = None) -> list[tuple]:
         """The cached trace keys (of ``model`` only, if given), least recently used first."""
         with self._lock:
-            return [key for (owner, key), entry in self._entries.items()
-                    if model is None or (owner == id(model) and entry[0]() is model)]
+            return [
+                key
+                for (owner, key), entry in self._entries.items()
+                if model is None or (owner == id(model) and entry[0]() is model)
+            ]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -160,8 +174,10 @@ def _count_from_environment(name: str, default: int) -> int:
     return value
 
 
-TRACES = TraceCache(_count_from_environment("LLAMAKIN_TRACE_CACHE", DEFAULT_TRACE_CACHE),
-                    _count_from_environment("LLAMAKIN_TRACE_BUDGET", DEFAULT_TRACE_BUDGET))
+TRACES = TraceCache(
+    _count_from_environment("LLAMAKIN_TRACE_CACHE", DEFAULT_TRACE_CACHE),
+    _count_from_environment("LLAMAKIN_TRACE_BUDGET", DEFAULT_TRACE_BUDGET),
+)
 
 
 def _traceable(model) -> bool:
@@ -184,8 +200,14 @@ class Decoder:
 
     def _trace(self):
         cache = self.cache
-        key = (cache.batch_size, cache.max_len, cache.keys[0].dtype, cache.keys[0].device, self.model.training,
-               getattr(self.model, "adapter_selection", None) is not None)
+        key = (
+            cache.batch_size,
+            cache.max_len,
+            cache.keys[0].dtype,
+            cache.keys[0].device,
+            self.model.training,
+            getattr(self.model, "adapter_selection", None) is not None,
+        )
         stamp = _weights_stamp(self.model)
         graph = TRACES.get(self.model, key, stamp)
         if graph is None and TRACES.may_record():
@@ -199,12 +221,20 @@ class Decoder:
         cache = self.cache
         B, last = cache.batch_size, cache.max_len - 1
         device = cache.keys[0].device
-        saved = [(k[:, :, last].clone(), v[:, :, last].clone()) for k, v in zip(cache.keys, cache.values)]
+        saved = [
+            (k[:, :, last].clone(), v[:, :, last].clone()) for k, v in zip(cache.keys, cache.values)
+        ]
         position_shape = (B, 2, 1) if self.model.config.rope_layout == "glm2d" else (B, 1)
-        example = (torch.zeros(B, 1, dtype=torch.long, device=device),
-                   torch.zeros(position_shape, dtype=torch.long, device=device),
-                   torch.full((B,), last, dtype=torch.long, device=device), cache.valid, list(cache.keys),
-                   list(cache.values), cache.rope_alpha, *_adapter_inputs(self.model, B, device))
+        example = (
+            torch.zeros(B, 1, dtype=torch.long, device=device),
+            torch.zeros(position_shape, dtype=torch.long, device=device),
+            torch.full((B,), last, dtype=torch.long, device=device),
+            cache.valid,
+            list(cache.keys),
+            list(cache.values),
+            cache.rope_alpha,
+            *_adapter_inputs(self.model, B, device),
+        )
         training = self.model.training
         step = _Step(self.model, _Holder())
         try:
@@ -212,7 +242,9 @@ class Decoder:
                 warnings.simplefilter("ignore")
                 # a compilation unit of its own, so the graph goes when the trace goes (TorchScript still
                 # keeps other records of every recording: see LLAMAKIN_TRACE_BUDGET above)
-                traced = torch.jit.trace(step, example, check_trace=False, _compilation_unit=torch._C.CompilationUnit())
+                traced = torch.jit.trace(
+                    step, example, check_trace=False, _compilation_unit=torch._C.CompilationUnit()
+                )
                 return torch.jit.freeze(traced.eval())
         finally:
             self.model.train(training)  # freezing needs eval mode; the model keeps its own
@@ -230,10 +262,20 @@ class Decoder:
         cache.advance(1)
         return logits
 
-    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def step_rows(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
         """Rows at their own lengths: row b writes slot ``slots[b]``; the caller tracks lengths."""
         cache = self.cache
         if self._graph is not None:
-            return self._graph(tokens, positions, slots, cache.valid, cache.keys, cache.values, cache.rope_alpha,
-                               *_adapter_inputs(self.model, tokens.shape[0], tokens.device))
+            return self._graph(
+                tokens,
+                positions,
+                slots,
+                cache.valid,
+                cache.keys,
+                cache.values,
+                cache.rope_alpha,
+                *_adapter_inputs(self.model, tokens.shape[0], tokens.device),
+            )
         return self.model.decode_step(tokens, positions, slots, cache.valid, cache)

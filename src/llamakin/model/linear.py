@@ -50,8 +50,13 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out_features, in_features = weight.shape
     rows = x.reshape(-1, in_features).float()
     step = max(1, UPCAST_SLICE_ELEMENTS // in_features)
-    y = torch.cat([linear(rows, weight[start:start + step].float())
-                   for start in range(0, out_features, step)], dim=-1)
+    y = torch.cat(
+        [
+            linear(rows, weight[start : start + step].float())
+            for start in range(0, out_features, step)
+        ],
+        dim=-1,
+    )
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
@@ -60,7 +65,9 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, through :func:`decode_linear` for few-row float32 inference on CPU and
     :func:`upcast_linear` for half-precision weights on CPUs without instructions for them."""
-    if x.device.type == "cpu" and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
+    if x.device.type == "cpu" and not (
+        torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+    ):
         rows = x.numel() // x.shape[-1]
         if weight.dtype == torch.float32 and rows <= MAX_DECODE_ROWS and weight.is_contiguous():
             return decode_linear(x, weight, bias)

@@ -24,7 +24,9 @@ class LinearPositions:
         self.config = config
         self.next: torch.Tensor | None = None
 
-    def prompt(self, ids: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def prompt(
+        self, ids: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Position ids ``[B, T]`` for a prompt, and the prefix-LM bound (None here)."""
         if valid is None:
             positions = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
@@ -60,10 +62,14 @@ class PrefixLMPositions:
         for mask_id in c.mask_token_ids:  # [gMASK] before [MASK], as the reference does
             if mask_id in tokens[:ctx]:
                 return _Row(ctx, tokens.index(mask_id), len(tokens))
-        raise LlamakinError("a prefix-LM prompt needs a [gMASK] or [MASK] token before <sop>; the tokenizer "
-                            "adds them, so encode the prompt with special tokens.")
+        raise LlamakinError(
+            "a prefix-LM prompt needs a [gMASK] or [MASK] token before <sop>; the tokenizer "
+            "adds them, so encode the prompt with special tokens."
+        )
 
-    def prompt(self, ids: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt(
+        self, ids: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ids ``[B, 2, T]`` and the prefix end (a cache slot) per row ``[B]``."""
         B, T = ids.shape
         positions = torch.zeros(B, 2, T, dtype=torch.long)
@@ -74,14 +80,18 @@ class PrefixLMPositions:
             row = self._row(ids[b, pad:].tolist())
             self.rows.append(row)
             p = torch.arange(T - pad)
-            positions[b, 0, pad:] = torch.where(p < row.ctx, p, torch.full_like(p, row.mask_position))
+            positions[b, 0, pad:] = torch.where(
+                p < row.ctx, p, torch.full_like(p, row.mask_position)
+            )
             positions[b, 1, pad:] = torch.where(p < row.ctx, torch.zeros_like(p), p - row.ctx + 1)
             prefix_end[b] = pad + row.ctx
         self.device = ids.device
         return positions.to(ids.device), prefix_end.to(ids.device)
 
     def step(self) -> torch.Tensor:
-        out = torch.tensor([[[r.mask_position], [r.length - r.ctx + 1]] for r in self.rows], device=self.device)
+        out = torch.tensor(
+            [[[r.mask_position], [r.length - r.ctx + 1]] for r in self.rows], device=self.device
+        )
         for r in self.rows:
             r.length += 1
         return out

@@ -17,10 +17,14 @@ from torch import nn
 from ..config import ModelConfig, RopeScaling
 
 
-def default_inv_freq(rotary_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+def default_inv_freq(
+    rotary_dim: int, theta: float, device: torch.device | None = None
+) -> torch.Tensor:
     """``1 / theta ** (2i / rd)`` for ``i < rd/2`` (docs/variants.md §2.1)."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
-    return 1.0 / (theta ** exponents)
+    exponents = (
+        torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
+    )
+    return 1.0 / (theta**exponents)
 
 
 def _llama3(inv_freq: torch.Tensor, s: RopeScaling, original_context: int) -> torch.Tensor:
@@ -29,7 +33,9 @@ def _llama3(inv_freq: torch.Tensor, s: RopeScaling, original_context: int) -> to
     high_wavelen = original_context / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (original_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smooth = (original_context / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
@@ -39,18 +45,25 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _yarn(inv_freq: torch.Tensor, s: RopeScaling, rotary_dim: int, theta: float,
-          original_context: int) -> tuple[torch.Tensor, float]:
+def _yarn(
+    inv_freq: torch.Tensor, s: RopeScaling, rotary_dim: int, theta: float, original_context: int
+) -> tuple[torch.Tensor, float]:
     """YaRN: ramp between interpolated and extrapolated frequencies (docs/variants.md §2.4)."""
     if s.attention_factor is not None:
         attention_factor = s.attention_factor
     elif s.mscale and s.mscale_all_dim:
-        attention_factor = _yarn_mscale(s.factor, s.mscale) / _yarn_mscale(s.factor, s.mscale_all_dim)
+        attention_factor = _yarn_mscale(s.factor, s.mscale) / _yarn_mscale(
+            s.factor, s.mscale_all_dim
+        )
     else:
         attention_factor = _yarn_mscale(s.factor)
 
     def correction_dim(rotations: float) -> float:
-        return rotary_dim * math.log(original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+        return (
+            rotary_dim
+            * math.log(original_context / (rotations * 2 * math.pi))
+            / (2 * math.log(theta))
+        )
 
     low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
     if s.truncate:
@@ -58,12 +71,16 @@ def _yarn(inv_freq: torch.Tensor, s: RopeScaling, rotary_dim: int, theta: float,
     low, high = max(low, 0), min(high, rotary_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32, device=inv_freq.device) - low)
-            / (high - low)).clamp(0, 1)
+    ramp = (
+        (torch.arange(rotary_dim // 2, dtype=torch.float32, device=inv_freq.device) - low)
+        / (high - low)
+    ).clamp(0, 1)
     extrapolation_weight = 1 - ramp
     powers = theta ** (torch.arange(0, rotary_dim, 2, device=inv_freq.device).float() / rotary_dim)
     interpolated = 1.0 / (s.factor * powers)
-    return interpolated * (1 - extrapolation_weight) + inv_freq * extrapolation_weight, attention_factor
+    return interpolated * (
+        1 - extrapolation_weight
+    ) + inv_freq * extrapolation_weight, attention_factor
 
 
 def frequency_dim(config: ModelConfig) -> int:
@@ -88,8 +105,9 @@ def qwen_ntk_inv_freq(config: ModelConfig, alpha: torch.Tensor) -> torch.Tensor:
     return (1.0 / base[:, None] ** exponents)[:, None]
 
 
-def inv_freq_for(config: ModelConfig, seq_len: int | None = None,
-                 device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+def inv_freq_for(
+    config: ModelConfig, seq_len: int | None = None, device: torch.device | None = None
+) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the cos/sin attention factor for ``config.rope_scaling``.
 
     ``seq_len`` (max position + 1 of the current call) only matters for ``dynamic`` scaling,
@@ -105,9 +123,13 @@ def inv_freq_for(config: ModelConfig, seq_len: int | None = None,
     original_context = s.original_max_position_embeddings or config.max_position_embeddings
     if s.type == "dynamic":
         length = max(seq_len or 0, config.max_position_embeddings)
-        theta = theta * ((s.factor * length / config.max_position_embeddings) - (s.factor - 1)) ** (rd / (rd - 2))
+        theta = theta * ((s.factor * length / config.max_position_embeddings) - (s.factor - 1)) ** (
+            rd / (rd - 2)
+        )
     inv_freq = default_inv_freq(rd, theta, device)
-    if config.rope_inv_freq_dtype == "float16":  # ChatGLM-6B creates them .half() (docs/variants.md §6.1)
+    if (
+        config.rope_inv_freq_dtype == "float16"
+    ):  # ChatGLM-6B creates them .half() (docs/variants.md §6.1)
         inv_freq = inv_freq.half().float()
     if s.type == "linear":
         return inv_freq / s.factor, 1.0
@@ -143,8 +165,9 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         self._static: dict[torch.device, tuple[torch.Tensor, float]] = {}
 
-    def frequencies(self, positions: torch.Tensor, ntk_alpha: torch.Tensor | None,
-                    seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    def frequencies(
+        self, positions: torch.Tensor, ntk_alpha: torch.Tensor | None, seq_len: int | None = None
+    ) -> tuple[torch.Tensor, float]:
         """``[rd/2]`` inverse frequencies, or ``[B, 1, rd/2]`` (one set per row) for Qwen v1's NTK."""
         device = positions.device
         kind = self.config.rope_scaling.type
@@ -156,32 +179,50 @@ class RotaryEmbedding(nn.Module):
             self._static[device] = inv_freq_for(self.config, None, device)
         return self._static[device]
 
-    def _tables(self, positions: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype):
+    def _tables(
+        self, positions: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype
+    ):
         # float32 tables cast to the activations' dtype (transformers, docs/variants.md §2.1), or ChatGLM-6B's
         # tables computed in the model's dtype (docs/variants.md §6.1)
         table_dtype = dtype if self.config.rope_table_dtype == "model" else torch.float32
-        angles = positions.to(table_dtype)[..., None] * inv_freq.to(table_dtype)  # [B, T, rd/2] (docs/variants.md §2.1)
+        angles = positions.to(table_dtype)[..., None] * inv_freq.to(
+            table_dtype
+        )  # [B, T, rd/2] (docs/variants.md §2.1)
         cos, sin = angles.cos(), angles.sin()
         if factor != 1.0:
             cos, sin = cos * factor, sin * factor
         cos, sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
-        if self.config.rope_layout == "interleaved":  # pairs (2i, 2i + 1): [c0 c0 c1 c1 ...], [-s0 s0 -s1 s1 ...]
+        if (
+            self.config.rope_layout == "interleaved"
+        ):  # pairs (2i, 2i + 1): [c0 c0 c1 c1 ...], [-s0 s0 -s1 s1 ...]
             return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
-        return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)  # pairs (i, i + rd/2): [c | c], [-s | s]
+        return torch.cat((cos, cos), -1), torch.cat(
+            (-sin, sin), -1
+        )  # pairs (i, i + rd/2): [c | c], [-s | s]
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype, ntk_alpha: torch.Tensor | None = None,
-                seq_len: int | None = None, key_positions: torch.Tensor | None = None):
+    def forward(
+        self,
+        positions: torch.Tensor,
+        dtype: torch.dtype,
+        ntk_alpha: torch.Tensor | None = None,
+        seq_len: int | None = None,
+        key_positions: torch.Tensor | None = None,
+    ):
         """``positions`` ``[B, T]``, or ``[B, 2, T]`` (position and block position) for 2-D RoPE;
         ``ntk_alpha`` ``[B]`` Qwen v1's per-row NTK alpha; ``seq_len`` what ``dynamic`` scaling
         measures (default: the largest position + 1). With ``key_positions`` ``[B, S]`` also the
         tables of those key slots, from the same frequencies: ``(cos, sin, key_cos, key_sin)``."""
         inv_freq, factor = self.frequencies(positions, ntk_alpha, seq_len)
         if key_positions is not None:
-            return (*self._tables(positions, inv_freq, factor, dtype),
-                    *self._tables(key_positions, inv_freq, factor, dtype))
+            return (
+                *self._tables(positions, inv_freq, factor, dtype),
+                *self._tables(key_positions, inv_freq, factor, dtype),
+            )
         if self.config.rope_layout != "glm2d":
             return self._tables(positions, inv_freq, factor, dtype)
-        (cos1, sin1), (cos2, sin2) = (self._tables(positions[:, i], inv_freq, factor, dtype) for i in (0, 1))
+        (cos1, sin1), (cos2, sin2) = (
+            self._tables(positions[:, i], inv_freq, factor, dtype) for i in (0, 1)
+        )
         return torch.cat((cos1, cos2), -1), torch.cat((sin1, sin2), -1)
 
 
@@ -195,7 +236,9 @@ def rotary_partner(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, layout: str) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, layout: str
+) -> torch.Tensor:
     """Rotate the first ``cos.shape[-1]`` features of every head of ``x`` ``[B, H, T, hd]``.
 
     ``half`` rotates pairs ``(i, i + rd/2)`` (HF rotate_half, docs/variants.md §2.1); ``interleaved`` rotates

@@ -12,7 +12,14 @@ from ..config import ModelConfig
 from ..errors import LlamakinError
 from ..token_ids import check_token_ids
 from .attention import DifferentialAttention, make_attention
-from .cache import AttentionMask, KVCache, SlotWriter, build_mask, decode_masks, positions_from_valid
+from .cache import (
+    AttentionMask,
+    KVCache,
+    SlotWriter,
+    build_mask,
+    decode_masks,
+    positions_from_valid,
+)
 from .linear import Linear, linear
 from .mlp import make_mlp
 from .norm import make_norm
@@ -43,17 +50,26 @@ class Block(nn.Module):
         else:
             self.attn_out_norm = self.mlp_out_norm = None
 
-    def _residual(self, base: torch.Tensor, branch: torch.Tensor, out_norm: nn.Module | None) -> torch.Tensor:
+    def _residual(
+        self, base: torch.Tensor, branch: torch.Tensor, out_norm: nn.Module | None
+    ) -> torch.Tensor:
         if out_norm is not None:
             branch = out_norm(branch)
         if self.residual_multiplier != 1.0:
             branch = branch * self.residual_multiplier
         return base + branch
 
-    def forward(self, x: torch.Tensor, rope: Rope, masks: dict[int | None, AttentionMask],
-                cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope,
+        masks: dict[int | None, AttentionMask],
+        cache: KVCache | None,
+    ) -> torch.Tensor:
         h = self.attn_norm(x)
-        x = self._residual(self._base(x, h), self.attn(h, rope, masks[self.window], cache), self.attn_out_norm)
+        x = self._residual(
+            self._base(x, h), self.attn(h, rope, masks[self.window], cache), self.attn_out_norm
+        )
         h = self.mlp_norm(x)
         return self._residual(self._base(x, h), self.mlp(h), self.mlp_out_norm)
 
@@ -84,8 +100,11 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.final_norm = make_norm(config)
-        self.lm_head = None if config.tie_word_embeddings else Linear(
-            config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         self.rope = RotaryEmbedding(config)
         self.init_weights()
 
@@ -122,7 +141,9 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.final_norm.weight.dtype  # not the embedding's: it may be quantized (llamakin.quant)
+        return (
+            self.final_norm.weight.dtype
+        )  # not the embedding's: it may be quantized (llamakin.quant)
 
     @property
     def device(self) -> torch.device:
@@ -134,9 +155,16 @@ class Transformer(nn.Module):
         max_len = self.config.max_position_embeddings if max_len is None else max_len
         return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
 
-    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False, hidden_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        hidden_only: bool = False,
+    ) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` (``[B, 1, vocab]`` with ``last_only``).
 
         With ``hidden_only`` the last block's output ``[B, T, hidden]`` instead: :meth:`head` turns
@@ -147,16 +175,20 @@ class Transformer(nn.Module):
         (for a prefix LM they follow its 2-D scheme, see :mod:`llamakin.model.positions`).
         """
         if input_ids.dim() != 2:
-            raise LlamakinError(f"input_ids must have shape [batch, tokens], got {tuple(input_ids.shape)}.")
+            raise LlamakinError(
+                f"input_ids must have shape [batch, tokens], got {tuple(input_ids.shape)}."
+            )
         if not torch.jit.is_tracing():
             check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if cache is not None:
             if cache.batch_size != B:
-                raise LlamakinError(f"the KV cache was made for batch size {cache.batch_size}, not {B}.")
+                raise LlamakinError(
+                    f"the KV cache was made for batch size {cache.batch_size}, not {B}."
+                )
             cache.reserve(T, attention_mask)
-            key_valid = cache.valid[:, :past + T] if cache.padded else None
+            key_valid = cache.valid[:, : past + T] if cache.padded else None
         elif attention_mask is not None and not bool(attention_mask.all()):
             key_valid = attention_mask[:, -T:].to(torch.bool)
         else:
@@ -168,23 +200,40 @@ class Transformer(nn.Module):
             position_ids = derived if position_ids is None else position_ids
         elif position_ids is None:
             if self.config.prefix_lm:
-                raise LlamakinError("a prefix-LM model decoding from a cache needs explicit position_ids "
-                                    "(llamakin.generate computes them).")
+                raise LlamakinError(
+                    "a prefix-LM model decoding from a cache needs explicit position_ids "
+                    "(llamakin.generate computes them)."
+                )
             if key_valid is not None:
                 position_ids = positions_from_valid(key_valid, past)
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
         key_positions = None
-        if cache is not None and self.config.rope_cached_keys:  # keys cached before RoPE: rotate them all
-            key_positions = (positions_from_valid(key_valid, 0) if key_valid is not None
-                             else torch.arange(past + T, device=input_ids.device)[None].expand(B, -1))
+        if (
+            cache is not None and self.config.rope_cached_keys
+        ):  # keys cached before RoPE: rotate them all
+            key_positions = (
+                positions_from_valid(key_valid, 0)
+                if key_valid is not None
+                else torch.arange(past + T, device=input_ids.device)[None].expand(B, -1)
+            )
         ntk_alpha = self._ntk_alpha(B, T, key_valid, past, cache)
-        masks = {w: build_mask(key_valid, past, T, w, input_ids.device, prefix_end) for w in self._windows()}
-        return self._logits(input_ids, self._rope(position_ids, ntk_alpha, key_positions), masks, cache, last_only,
-                            hidden_only)
+        masks = {
+            w: build_mask(key_valid, past, T, w, input_ids.device, prefix_end)
+            for w in self._windows()
+        }
+        return self._logits(
+            input_ids,
+            self._rope(position_ids, ntk_alpha, key_positions),
+            masks,
+            cache,
+            last_only,
+            hidden_only,
+        )
 
-    def _ntk_alpha(self, B: int, T: int, key_valid: torch.Tensor | None, past: int,
-                   cache: KVCache | None) -> torch.Tensor | None:
+    def _ntk_alpha(
+        self, B: int, T: int, key_valid: torch.Tensor | None, past: int, cache: KVCache | None
+    ) -> torch.Tensor | None:
         """Qwen v1's dynamic-NTK alpha per row ``[B]`` (docs/variants.md §5.1): measured on each row's real
         tokens when a sequence starts (``QWenModel.forward``'s prefill branch: one alpha per row
         from its attention mask) and kept in the cache for every later call of that generation."""
@@ -195,14 +244,23 @@ class Transformer(nn.Module):
             return cache.rope_alpha
         lengths = key_valid[:, -T:].sum(-1).tolist() if key_valid is not None else [T] * B
         device = self.embed.weight.device
-        alpha = torch.tensor([float(qwen_ntk_alpha(max(n, 1), s.original_max_position_embeddings)) for n in lengths],
-                             dtype=torch.float32, device=device)
+        alpha = torch.tensor(
+            [float(qwen_ntk_alpha(max(n, 1), s.original_max_position_embeddings)) for n in lengths],
+            dtype=torch.float32,
+            device=device,
+        )
         if cache is not None:
             cache.rope_alpha.copy_(alpha)  # in place: views of a server's cache share it
         return alpha
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                    key_valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        key_valid: torch.Tensor,
+        cache: KVCache,
+    ) -> torch.Tensor:
         """One decoding step with static shapes (traced by :mod:`llamakin.model.decode`): logits ``[B, vocab]``.
 
         ``tokens`` ``[B, 1]``; ``positions`` ``[B, 1]`` (``[B, 2, 1]`` for 2-D RoPE); ``slots`` ``[B]``
@@ -218,15 +276,21 @@ class Transformer(nn.Module):
     def _windows(self) -> set[int | None]:
         return {block.window for block in self.layers}
 
-    def _rope(self, positions: torch.Tensor, ntk_alpha: torch.Tensor | None = None,
-              key_positions: torch.Tensor | None = None) -> Rope:
+    def _rope(
+        self,
+        positions: torch.Tensor,
+        ntk_alpha: torch.Tensor | None = None,
+        key_positions: torch.Tensor | None = None,
+    ) -> Rope:
         """cos/sin tables (and those of every cached key when keys are cached before RoPE), and
         Qwen v1's logn factor on q when it applies (inference only, docs/variants.md §5.1)."""
         if self.config.rope_layout == "glm2d" and positions.dim() == 2:
             positions = torch.stack((positions, torch.zeros_like(positions)), 1)
         key_cos = key_sin = None
         if key_positions is not None:
-            cos, sin, key_cos, key_sin = self.rope(positions, self.dtype, ntk_alpha, key_positions=key_positions)
+            cos, sin, key_cos, key_sin = self.rope(
+                positions, self.dtype, ntk_alpha, key_positions=key_positions
+            )
         else:
             cos, sin = self.rope(positions, self.dtype, ntk_alpha)
         q_scale = None
@@ -237,15 +301,24 @@ class Transformer(nn.Module):
             q_scale = q_scale.to(self.dtype)[:, None, :, None]
         return Rope(cos, sin, q_scale, key_cos, key_sin)
 
-    def _logits(self, input_ids: torch.Tensor, rope: Rope, masks: dict[int | None, AttentionMask],
-                cache: KVCache | SlotWriter | None, last_only: bool, hidden_only: bool = False) -> torch.Tensor:
+    def _logits(
+        self,
+        input_ids: torch.Tensor,
+        rope: Rope,
+        masks: dict[int | None, AttentionMask],
+        cache: KVCache | SlotWriter | None,
+        last_only: bool,
+        hidden_only: bool = False,
+    ) -> torch.Tensor:
         x = self.embed(input_ids)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.layers:
             if checkpointed:  # keep only each block's input; recompute its inside during backward
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, masks, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, rope, masks, cache, use_reentrant=False
+                )
             else:
                 x = block(x, rope, masks, cache)
         if isinstance(cache, KVCache):

@@ -11,8 +11,9 @@ from .model import load_quantized
 from .tensors import check_group_size
 
 
-def quantize_checkpoint(source: str | Path, destination: str | Path, mode: str, group_size: int = 32,
-                        head: str = "int8") -> Path:
+def quantize_checkpoint(
+    source: str | Path, destination: str | Path, mode: str, group_size: int = 32, head: str = "int8"
+) -> Path:
     """Quantize every projection of ``source`` (any checkpoint ``llamakin.load`` reads) to ``mode``
     and write :mod:`llamakin.quant.files`' format to ``destination``. A GGUF's Q4_0/Q4_1 matrices
     go to int4 group 32 exactly; everything else is quantized from its float values."""
@@ -25,8 +26,16 @@ def quantize_checkpoint(source: str | Path, destination: str | Path, mode: str, 
 
     source = resolve(source)
     weights: dict[str, object] = {}
-    model = load_quantized(source, torch.float32, "cpu", mode, group_size,
-                           activation_dtype=torch.float32, head=head, collect=weights)
+    model = load_quantized(
+        source,
+        torch.float32,
+        "cpu",
+        mode,
+        group_size,
+        activation_dtype=torch.float32,
+        head=head,
+        collect=weights,
+    )
     out = save_quantized(model, destination, weights)
     try:  # the tokenizer goes along, so the directory is a complete model
         load_tokenizer(source).save(out)

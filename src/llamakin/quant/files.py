@@ -44,20 +44,30 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
     return config.is_file() and KEY in read_json(config)
 
 
-def weight_tensors(name: str, weight, bias: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], str]:
+def weight_tensors(
+    name: str, weight, bias: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
     """The file tensors and the kind string of one quantized matrix."""
     if isinstance(weight, Int8Weight):
-        out, kind = {f"{name}.qweight": weight.qweight, f"{name}.scales": weight.scales.float()}, "int8"
+        out, kind = (
+            {f"{name}.qweight": weight.qweight, f"{name}.scales": weight.scales.float()},
+            "int8",
+        )
     else:
-        out = {f"{name}.qweight": pack_nibbles(weight.q), f"{name}.scales": weight.scales.float(),
-               f"{name}.zeros": weight.zeros.float()}
+        out = {
+            f"{name}.qweight": pack_nibbles(weight.q),
+            f"{name}.scales": weight.scales.float(),
+            f"{name}.zeros": weight.zeros.float(),
+        }
         kind = f"int4-g{weight.group_size}"
     if bias is not None:
         out[f"{name}.bias"] = bias
     return out, kind
 
 
-def save_quantized(model: nn.Module, directory: str | Path, weights: dict[str, object] | None = None) -> Path:
+def save_quantized(
+    model: nn.Module, directory: str | Path, weights: dict[str, object] | None = None
+) -> Path:
     """Write ``model`` (with quantized modules) in the format above. ``weights`` may give the
     :class:`Int4Weight`/:class:`Int8Weight` of modules directly (as ``llamakin quantize`` does);
     otherwise they are recovered from the modules (exact, see :meth:`Int4Linear.quantized_weight`)."""
@@ -80,7 +90,11 @@ def save_quantized(model: nn.Module, directory: str | Path, weights: dict[str, o
     for name, p in model.named_parameters():
         tensors[name] = p.detach()
     config = FAMILY.config_to_checkpoint(model.config)
-    config[KEY] = {"format": FORMAT, "dtype": str(model.dtype).removeprefix("torch."), "modules": modules}
+    config[KEY] = {
+        "format": FORMAT,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "modules": modules,
+    }
     written = write_safetensors(tensors, directory)
     written.append(directory / "config.json")
     write_json(config, written[-1])
@@ -88,8 +102,13 @@ def save_quantized(model: nn.Module, directory: str | Path, weights: dict[str, o
     return directory
 
 
-def load_quantized_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device | str,
-                              dequantize: bool = False, activation_dtype: torch.dtype | None = None):
+def load_quantized_checkpoint(
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    dequantize: bool = False,
+    activation_dtype: torch.dtype | None = None,
+):
     """Read a checkpoint written by :func:`save_quantized` (``dequantize``: into a float model)."""
     from ..checkpoint import read_json
     from ..families.native import FAMILY
@@ -100,9 +119,15 @@ def load_quantized_checkpoint(path: str | Path, dtype: torch.dtype, device: torc
     directory = resolve_model(path).path
     raw = read_json(directory / "config.json")
     info = raw[KEY]
-    if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("modules"), dict):
-        raise CheckpointError(f"{directory}/config.json has a {KEY} entry of an unknown format; "
-                              f"this llamakin reads format {FORMAT}.")
+    if (
+        not isinstance(info, dict)
+        or info.get("format") != FORMAT
+        or not isinstance(info.get("modules"), dict)
+    ):
+        raise CheckpointError(
+            f"{directory}/config.json has a {KEY} entry of an unknown format; "
+            f"this llamakin reads format {FORMAT}."
+        )
     config = FAMILY.config_from_checkpoint(raw)
     device = torch.device(device)
     with torch.device("meta"):
@@ -113,12 +138,18 @@ def load_quantized_checkpoint(path: str | Path, dtype: torch.dtype, device: torc
 
         def get(name: str) -> torch.Tensor:
             if name not in available:
-                raise CheckpointError(f"{directory} lacks tensor {name!r}; the quantized checkpoint is incomplete.")
+                raise CheckpointError(
+                    f"{directory} lacks tensor {name!r}; the quantized checkpoint is incomplete."
+                )
             return source.get(name)
 
         used: set[str] = set()
         for name, kind in info["modules"].items():
-            keys = [k for k in (f"{name}.qweight", f"{name}.scales", f"{name}.zeros", f"{name}.bias") if k in available]
+            keys = [
+                k
+                for k in (f"{name}.qweight", f"{name}.scales", f"{name}.zeros", f"{name}.bias")
+                if k in available
+            ]
             used.update(keys)
             bias = get(f"{name}.bias").to(dtype) if f"{name}.bias" in available else None
             if kind.startswith("embedding-int8"):
@@ -129,14 +160,23 @@ def load_quantized_checkpoint(path: str | Path, dtype: torch.dtype, device: torc
                 weight = Int8Weight(get(f"{name}.qweight"), get(f"{name}.scales"))
                 module = Int8Linear(weight, bias, activation_dtype, device)
             elif kind.startswith("int4-g"):
-                weight = Int4Weight(unpack_nibbles(get(f"{name}.qweight")), get(f"{name}.scales"),
-                                    get(f"{name}.zeros"), int(kind.removeprefix("int4-g")))
+                weight = Int4Weight(
+                    unpack_nibbles(get(f"{name}.qweight")),
+                    get(f"{name}.scales"),
+                    get(f"{name}.zeros"),
+                    int(kind.removeprefix("int4-g")),
+                )
                 module = Int4Linear(weight, bias, activation_dtype, device)
             else:
-                raise CheckpointError(f"{directory}: module {name!r} has unknown quantization {kind!r}.")
+                raise CheckpointError(
+                    f"{directory}: module {name!r} has unknown quantization {kind!r}."
+                )
             if dequantize and isinstance(module, QuantizedLinear):
-                float_module = nn.Linear(module.in_features, module.out_features, bias=bias is not None)
+                float_module = nn.Linear(
+                    module.in_features, module.out_features, bias=bias is not None
+                )
                 from ..model.linear import Linear
+
                 float_module.__class__ = Linear
                 float_module.weight = nn.Parameter(weight.dequantize(dtype))
                 if bias is not None:
@@ -149,12 +189,17 @@ def load_quantized_checkpoint(path: str | Path, dtype: torch.dtype, device: torc
                 continue
             used.add(name)
             module_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(module_name), leaf,
-                    nn.Parameter(get(name).to(device=device, dtype=dtype)))
+            setattr(
+                model.get_submodule(module_name),
+                leaf,
+                nn.Parameter(get(name).to(device=device, dtype=dtype)),
+            )
         extra = sorted(available - used)
         if extra:
-            raise CheckpointError(f"{directory} has tensor {extra[0]!r} that this quantized model does not use; "
-                                  "the checkpoint does not match its config.")
+            raise CheckpointError(
+                f"{directory} has tensor {extra[0]!r} that this quantized model does not use; "
+                "the checkpoint does not match its config."
+            )
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
             module_name, _, leaf = name.rpartition(".")

@@ -29,7 +29,11 @@ def _blocks(raw: np.ndarray, block_bytes: int) -> np.ndarray:
 
 
 def _halves(blocks: np.ndarray, offset: int) -> np.ndarray:
-    return np.ascontiguousarray(blocks[..., offset:offset + 2]).view(np.float16)[..., 0].astype(np.float32)
+    return (
+        np.ascontiguousarray(blocks[..., offset : offset + 2])
+        .view(np.float16)[..., 0]
+        .astype(np.float32)
+    )
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:

@@ -51,11 +51,15 @@ ACTIVATION_CHOICE = {"int4": torch.bfloat16, "int8": torch.bfloat16}
 
 # -- int4 --------------------------------------------------------------------------------------
 INT4_ROW_MULTIPLE = 16  # the CPU packing needs N % 16 == 0 (CUDA tinygemm: 8); modules pad rows
+
+
 def pack_int4(w: Int4Weight, device: torch.device | str = "cpu") -> torch.Tensor:
     """The kernel layout of ``w.q`` for ``device``."""
     device = torch.device(device)
     if device.type == "cuda":
-        nibbles = ((w.q[:, 0::2].to(torch.int32) << 4) | w.q[:, 1::2].to(torch.int32)).to(torch.uint8)
+        nibbles = ((w.q[:, 0::2].to(torch.int32) << 4) | w.q[:, 1::2].to(torch.int32)).to(
+            torch.uint8
+        )
         return torch.ops.aten._convert_weight_to_int4pack(nibbles.to(device), 8)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 1)
 
@@ -90,7 +94,9 @@ def _unblock(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _cpu_block(n: int, k: int) -> int | None:
-    probe = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(n * 7919 + k))
+    probe = torch.randint(
+        0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(n * 7919 + k)
+    )
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
     if packed.dtype != torch.uint8 or packed.numel() * 2 != n * k:
         return None
@@ -105,7 +111,9 @@ def scale_and_zero(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack((w.scales.t(), w.zeros.t()), dim=-1).to(dtype).contiguous()
 
 
-def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_zero: torch.Tensor) -> torch.Tensor:
+def int4_mm(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_zero: torch.Tensor
+) -> torch.Tensor:
     """``x [M, K]`` (in ``scale_zero``'s dtype) times the int4 weight: ``[M, N]``."""
     if x.device.type == "cuda":
         return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scale_zero)
@@ -123,13 +131,18 @@ def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> tor
 # -- fbgemm dynamic int8 (activations quantized per tensor on the fly; measured, not the default) ----
 @functools.cache
 def fbgemm_available() -> bool:
-    return "x86" in torch.backends.quantized.supported_engines or "fbgemm" in torch.backends.quantized.supported_engines
+    return (
+        "x86" in torch.backends.quantized.supported_engines
+        or "fbgemm" in torch.backends.quantized.supported_engines
+    )
 
 
 def pack_fbgemm(w: Int8Weight, bias: torch.Tensor | None = None):
     engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
     torch.backends.quantized.engine = engine
-    qt = torch._make_per_channel_quantized_tensor(w.qweight, w.scales.double(), torch.zeros_like(w.scales, dtype=torch.long), 0)
+    qt = torch._make_per_channel_quantized_tensor(
+        w.qweight, w.scales.double(), torch.zeros_like(w.scales, dtype=torch.long), 0
+    )
     return torch.ops.quantized.linear_prepack(qt, bias)
 
 
@@ -139,9 +152,18 @@ def fbgemm_linear(x: torch.Tensor, packed) -> torch.Tensor:
 
 # -- for the benchmark: int4 dequantized to float32 in slices, then a float32 product ----------
 def int4_dequant_product(x: torch.Tensor, w: Int4Weight, rows: int = 512) -> torch.Tensor:
-    return torch.cat([x @ Int4Weight(w.q[i:i + rows], w.scales[i:i + rows], w.zeros[i:i + rows],
-                                     w.group_size).dequantize().t()
-                      for i in range(0, w.q.shape[0], rows)], dim=-1)
+    return torch.cat(
+        [
+            x
+            @ Int4Weight(
+                w.q[i : i + rows], w.scales[i : i + rows], w.zeros[i : i + rows], w.group_size
+            )
+            .dequantize()
+            .t()
+            for i in range(0, w.q.shape[0], rows)
+        ],
+        dim=-1,
+    )
 
 
 def int4_product_fn(act: torch.dtype):

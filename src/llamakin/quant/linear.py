@@ -22,8 +22,13 @@ class QuantizedLinear(nn.Module):
 
     kind = ""
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
-                 activation_dtype: torch.dtype):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: torch.Tensor | None,
+        activation_dtype: torch.dtype,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.activation_dtype = activation_dtype
@@ -46,8 +51,10 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"activations={str(self.activation_dtype).removeprefix('torch.')}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"activations={str(self.activation_dtype).removeprefix('torch.')}"
+        )
 
 
 class Int8Linear(QuantizedLinear):
@@ -55,14 +62,21 @@ class Int8Linear(QuantizedLinear):
 
     kind = "int8"
 
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None = None,
-                 activation_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        weight: Int8Weight,
+        bias: torch.Tensor | None = None,
+        activation_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
         device = torch.device(device) if device is not None else weight.qweight.device
         act = activation_dtype or kernels.activation_dtype(device, "int8")
         N, K = weight.shape
         super().__init__(K, N, None if bias is None else bias.to(device), act)
         self.register_buffer("qweight", weight.qweight.to(device).contiguous())
-        self.register_buffer("scales", weight.scales.to(device=device, dtype=torch.float32).contiguous())
+        self.register_buffer(
+            "scales", weight.scales.to(device=device, dtype=torch.float32).contiguous()
+        )
         self.register_buffer("kernel_scales", self.scales.to(act, copy=True), persistent=False)
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
@@ -83,25 +97,38 @@ class Int4Linear(QuantizedLinear):
 
     kind = "int4"
 
-    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None,
-                 activation_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        weight: Int4Weight,
+        bias: torch.Tensor | None = None,
+        activation_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
         device = torch.device(device) if device is not None else weight.q.device
         act = activation_dtype or kernels.activation_dtype(device, "int4")
         N, K = weight.shape
         super().__init__(K, N, None if bias is None else bias.to(device), act)
         self.group_size = weight.group_size
-        self.register_buffer("scales", weight.scales.to(device=device, dtype=torch.float32, copy=True))
-        self.register_buffer("zeros", weight.zeros.to(device=device, dtype=torch.float32, copy=True))
+        self.register_buffer(
+            "scales", weight.scales.to(device=device, dtype=torch.float32, copy=True)
+        )
+        self.register_buffer(
+            "zeros", weight.zeros.to(device=device, dtype=torch.float32, copy=True)
+        )
         weight = _pad_rows(weight, kernels.INT4_ROW_MULTIPLE)
         self.register_buffer("packed", kernels.pack_int4(weight, device), persistent=False)
-        self.register_buffer("scale_zero", kernels.scale_and_zero(weight, act).to(device), persistent=False)
+        self.register_buffer(
+            "scale_zero", kernels.scale_and_zero(weight, act).to(device), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] >= kernels.INT4_DEQUANT_ROWS and self.packed.device.type == "cpu":
             weight = self._unpacked_float32()
             if weight is not None:  # many rows: the float32 GEMM on the exact dequantized weight
-                y = F.linear(rows.float(), weight, None if self.bias is None else self.bias.float()).to(x.dtype)
+                y = F.linear(
+                    rows.float(), weight, None if self.bias is None else self.bias.float()
+                ).to(x.dtype)
                 return y.view(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
@@ -116,7 +143,7 @@ class Int4Linear(QuantizedLinear):
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         y = kernels.int4_mm(rows, self.packed, self.group_size, self.scale_zero)
-        return y if y.shape[-1] == self.out_features else y[:, :self.out_features]
+        return y if y.shape[-1] == self.out_features else y[:, : self.out_features]
 
     @torch.no_grad()
     def quantized_weight(self) -> Int4Weight:
@@ -125,12 +152,19 @@ class Int4Linear(QuantizedLinear):
         (exact: the error is far below half a step); groups with scale 0 get ``q = 0``."""
         K, g, n = self.in_features, self.group_size, self.out_features
         padded = Int4Weight(torch.zeros(1, 1), self.scales, self.zeros, g)
-        padded = _pad_rows(Int4Weight(torch.zeros(n, 1, dtype=torch.uint8, device=self.scales.device),
-                                      self.scales, self.zeros, g), kernels.INT4_ROW_MULTIPLE)
+        padded = _pad_rows(
+            Int4Weight(
+                torch.zeros(n, 1, dtype=torch.uint8, device=self.scales.device),
+                self.scales,
+                self.zeros,
+                g,
+            ),
+            kernels.INT4_ROW_MULTIPLE,
+        )
         sz = kernels.scale_and_zero(padded, torch.float32)
         cols = []
         for start in range(0, K, 64):
-            eye = torch.eye(K, dtype=torch.float32, device=self.packed.device)[start:start + 64]
+            eye = torch.eye(K, dtype=torch.float32, device=self.packed.device)[start : start + 64]
             cols.append(kernels.int4_mm(eye, self.packed, g, sz).t()[:n])
         w = torch.cat(cols, dim=1).view(n, K // g, g)
         scales, zeros = self.scales, self.zeros
@@ -148,7 +182,9 @@ def _pad_rows(w: Int4Weight, multiple: int) -> Int4Weight:
     extra = -w.q.shape[0] % multiple
     if not extra:
         return w
-    pad = lambda t, value: torch.cat((t, torch.full((extra, t.shape[1]), value, dtype=t.dtype, device=t.device)))
+    pad = lambda t, value: torch.cat(
+        (t, torch.full((extra, t.shape[1]), value, dtype=t.dtype, device=t.device))
+    )
     return Int4Weight(pad(w.q, 0), pad(w.scales, 0.0), pad(w.zeros, 0.0), w.group_size)
 
 
@@ -184,8 +220,13 @@ class Int8Embedding(nn.Module):
     @torch.no_grad()
     def to_int8_rows(self) -> Int8Weight:
         """The table requantized with one scale per row (a tied head's int8 matrix), slice by slice."""
-        parts = [quantize_int8(self.dequantize(i, i + 4096).float()) for i in range(0, self.num_embeddings, 4096)]
-        return Int8Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
+        parts = [
+            quantize_int8(self.dequantize(i, i + 4096).float())
+            for i in range(0, self.num_embeddings, 4096)
+        ]
+        return Int8Weight(
+            torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts])
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         q = self.qweight[ids].to(torch.float32)

@@ -51,9 +51,21 @@ def _bias_for(model: nn.Module, module_name: str, bias: torch.Tensor | None) -> 
     """The bias as the float model would apply it: a partial q/k/v bias masked, its mask retired."""
     parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if bias is not None and child == "qkv" and isinstance(parent, Attention) and parent.partial_bias:
-        zeroed = torch.cat([torch.full((n,), not f) for n, f in
-                            zip(parent.split_sizes, (parent.config.q_bias, parent.config.k_bias, parent.config.v_bias))])
+    if (
+        bias is not None
+        and child == "qkv"
+        and isinstance(parent, Attention)
+        and parent.partial_bias
+    ):
+        zeroed = torch.cat(
+            [
+                torch.full((n,), not f)
+                for n, f in zip(
+                    parent.split_sizes,
+                    (parent.config.q_bias, parent.config.k_bias, parent.config.v_bias),
+                )
+            ]
+        )
         bias = bias.masked_fill(zeroed.to(bias.device), 0.0)
         parent.qkv_bias_zeroed = None
     return bias
@@ -69,9 +81,15 @@ def _float_to(kind: str, weight: torch.Tensor, group_size: int):
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str = "int4", group_size: int = 32, head: str | None = None,
-                   embedding: bool = True, activation_dtype: torch.dtype | None = None,
-                   collect: dict | None = None) -> nn.Module:
+def quantize_model(
+    model: nn.Module,
+    mode: str = "int4",
+    group_size: int = 32,
+    head: str | None = None,
+    embedding: bool = True,
+    activation_dtype: torch.dtype | None = None,
+    collect: dict | None = None,
+) -> nn.Module:
     """Replace every projection of a float ``model`` (in place) by its ``mode`` (int8/int4) version.
 
     ``head``: the output head's kind (default: int8; ``"int4"`` or ``"none"`` possible). A tied
@@ -125,9 +143,16 @@ def _float_tensor(source, rule) -> torch.Tensor:
     return rule.to_canonical([source.get(n) for n in rule.sources])
 
 
-def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | str, mode: str,
-                   group_size: int = 32, activation_dtype: torch.dtype | None = None, head: str = "int8",
-                   collect: dict | None = None):
+def load_quantized(
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    mode: str,
+    group_size: int = 32,
+    activation_dtype: torch.dtype | None = None,
+    head: str = "int8",
+    collect: dict | None = None,
+):
     """Build the model of checkpoint ``path`` with quantized projections read straight from the
     file: no float copy of a quantized matrix is ever allocated whole beyond one tensor at a time.
     ``head``: the head's kind in int8/int4 modes; ``collect``: receives each module's
@@ -155,8 +180,13 @@ def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | 
     with source:
         # the size check of the float loader (checkpoint.load): a config the file cannot hold, or a model
         # the device cannot fit, is refused before anything is built; quantized weights take ~1 byte each
-        check_plausible_size(config, where, stored_values(source), dtype if mode == "auto" and not gguf else torch.int8,
-                             device)
+        check_plausible_size(
+            config,
+            where,
+            stored_values(source),
+            dtype if mode == "auto" and not gguf else torch.int8,
+            device,
+        )
         with torch.device("meta"):
             model = Transformer(config)
         model = model.to(dtype=dtype)
@@ -164,7 +194,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | 
         params = dict(model.named_parameters())
         covered = {r.canonical for r in rules}
         if covered != set(params):
-            raise AssertionError(f"{family.name} rules do not cover {sorted(set(params) ^ covered)}")
+            raise AssertionError(
+                f"{family.name} rules do not cover {sorted(set(params) ^ covered)}"
+            )
         ck.check_tensors(rules, params, source, family, where, config.tie_word_embeddings)
         projections = set(projection_names(model))
         modules: dict[str, QuantizedLinear] = {}
@@ -196,7 +228,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | 
                     if kind == "int4":
                         check_group_size(group_size, in_features, f" ({module_name})")
                     build(module_name, _float_to(kind, _float_tensor(source, rule), group_size))
-            embed, tied_head = _embedding(mode, source, gguf, embed_rule, config, dtype, head, group_size)
+            embed, tied_head = _embedding(
+                mode, source, gguf, embed_rule, config, dtype, head, group_size
+            )
             if tied_head is not None:
                 build(HEAD, tied_head)
         for name, module in modules.items():
@@ -212,7 +246,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype, device: torch.device | 
     for name, value in floats.items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        setattr(module, leaf, nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))
+        setattr(
+            module, leaf, nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
+        )
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
             module_name, _, leaf = name.rpartition(".")
@@ -240,19 +276,27 @@ def release_freed_memory() -> None:
         pass
 
 
-def _choose(mode: str, module_name: str, gguf_source, rule, group_size: int, head: str) -> str | None:
+def _choose(
+    mode: str, module_name: str, gguf_source, rule, group_size: int, head: str
+) -> str | None:
     """The kind of one projection: 'q4' (exact from Q4_0/Q4_1), 'int4', 'int8' or None (float)."""
     if mode == "auto":
         return _gguf_kind(gguf_source, rule, mode) if gguf_source is not None else None
     if module_name == HEAD:
         mode = None if head == "none" else head
-    if mode == "int4" and group_size == BLOCK and gguf_source is not None \
-            and _gguf_kind(gguf_source, rule, mode) == "q4":
+    if (
+        mode == "int4"
+        and group_size == BLOCK
+        and gguf_source is not None
+        and _gguf_kind(gguf_source, rule, mode) == "q4"
+    ):
         return "q4"
     return mode
 
 
-def _embedding(mode: str, source, gguf: bool, rule, config, dtype: torch.dtype, head_kind: str, group_size: int):
+def _embedding(
+    mode: str, source, gguf: bool, rule, config, dtype: torch.dtype, head_kind: str, group_size: int
+):
     """(quantized embedding or None, quantized tied head or None). A Q8_0 table is kept exactly;
     other tables are quantized to int8 groups of 32 (``auto``: only Q4_0/Q4_1 ones)."""
     kind = source.quant_type(rule.sources[0]) if gguf else None
@@ -294,7 +338,9 @@ def weights_summary(model: nn.Module) -> tuple[str, str]:
             kinds.add("int8 embedding")
         else:
             continue
-        inside.update(id(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+        inside.update(
+            id(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+        )
     dtypes, other = set(), set()
     for tensor in (*model.parameters(), *model.buffers()):
         if id(tensor) in inside:

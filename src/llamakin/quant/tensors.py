@@ -61,11 +61,15 @@ class Int4Weight:
 
 def check_group_size(group_size: int, in_features: int, where: str = "") -> None:
     if group_size not in GROUP_SIZES:
-        raise LlamakinError(f"int4 group size {group_size} is not supported{where}; use one of "
-                            f"{', '.join(map(str, GROUP_SIZES))}.")
+        raise LlamakinError(
+            f"int4 group size {group_size} is not supported{where}; use one of "
+            f"{', '.join(map(str, GROUP_SIZES))}."
+        )
     if in_features % group_size:
-        raise LlamakinError(f"a matrix with {in_features} input features{where} cannot be split into groups of "
-                            f"{group_size}; use a group size that divides it (e.g. 32).")
+        raise LlamakinError(
+            f"a matrix with {in_features} input features{where} cannot be split into groups of "
+            f"{group_size}; use a group size that divides it (e.g. 32)."
+        )
 
 
 ROWS_PER_SLICE = 4096  # quantizers work on row slices: no float32 copy of a large matrix at once
@@ -77,11 +81,11 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for start in range(0, weight.shape[0], ROWS_PER_SLICE):
-        w = weight[start:start + ROWS_PER_SLICE].detach().to(torch.float32)
+        w = weight[start : start + ROWS_PER_SLICE].detach().to(torch.float32)
         s = w.abs().amax(dim=1).div(127.0)
         safe = torch.where(s > 0, s, torch.ones_like(s))
-        q[start:start + ROWS_PER_SLICE] = torch.round(w / safe[:, None]).clamp_(-127, 127)
-        scales[start:start + ROWS_PER_SLICE] = s
+        q[start : start + ROWS_PER_SLICE] = torch.round(w / safe[:, None]).clamp_(-127, 127)
+        scales[start : start + ROWS_PER_SLICE] = s
     return Int8Weight(q, scales)
 
 
@@ -97,7 +101,9 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 32) -> Int4Weight:
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.round((w - lo[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.uint8)
     zeros = lo + 8 * scales
-    return Int4Weight(q.reshape(N, K).contiguous(), scales.contiguous(), zeros.contiguous(), group_size)
+    return Int4Weight(
+        q.reshape(N, K).contiguous(), scales.contiguous(), zeros.contiguous(), group_size
+    )
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,9 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     index: int = 0  # which of the request's n samples this is (its seed is derived from it)
-    forks: list["Request"] = field(default_factory=list)  # the other samples, prefilled with this one
+    forks: list["Request"] = field(
+        default_factory=list
+    )  # the other samples, prefilled with this one
     # per-row hooks of the generation core (see llamakin.generation.rows): a factory of this row's
     # logits processors (called once per row, so stateful ones such as a JSON grammar start fresh for
     # every sample), and the index of the row's LoRA adapter (llamakin.lora.multi; 0: the base model)
@@ -75,18 +77,35 @@ class Request:
 class Engine:
     """Owns the model, the tokenizer and the generation core's rows; serves :class:`Request` objects."""
 
-    def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 context: int | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        context: int | None = None,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    ):
         if max_batch < 1 or max_queue < 1:
             raise LlamakinError("--max-batch and --max-queue must be at least 1.")
         if prefix_cache_bytes < 0:
-            raise LlamakinError("--prefix-cache-mb must be 0 (off) or a positive number of megabytes.")
+            raise LlamakinError(
+                "--prefix-cache-mb must be 0 (off) or a positive number of megabytes."
+            )
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.context = min(context or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.context = min(
+            context or model.config.max_position_embeddings, model.config.max_position_embeddings
+        )
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
-        self.batch = RowBatch(model, tokenizer.eos_token_ids, max_batch, self.context, self.prefix_cache,
-                              select_adapters=lambda adapters: select_rows(model, [a or 0 for a in adapters]))
+        self.batch = RowBatch(
+            model,
+            tokenizer.eos_token_ids,
+            max_batch,
+            self.context,
+            self.prefix_cache,
+            select_adapters=lambda adapters: select_rows(model, [a or 0 for a in adapters]),
+        )
         self.cache = self.batch.cache
         self.waiting: collections.deque[Request] = collections.deque()
         self.lock = threading.Lock()
@@ -115,18 +134,28 @@ class Engine:
                 f"together more than this server's context of {self.context} tokens; shorten the prompt or lower max_tokens."
             )
         if 1 + len(request.forks) > self.max_batch:
-            raise LlamakinError(f"n={1 + len(request.forks)} samples need as many rows, but this server decodes at most "
-                                f"{self.max_batch} (--max-batch); lower n.")
+            raise LlamakinError(
+                f"n={1 + len(request.forks)} samples need as many rows, but this server decodes at most "
+                f"{self.max_batch} (--max-batch); lower n."
+            )
         with self.lock:
             if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the server is busy: {len(self.waiting)} requests are already waiting; retry shortly.")
+                raise QueueFull(
+                    f"the server is busy: {len(self.waiting)} requests are already waiting; retry shortly."
+                )
             self.waiting.append(request)
         self.wakeup.set()
 
     def status(self) -> dict[str, int]:
-        status = {"running": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                  "context": self.context, "generated_tokens": self.generated_tokens,
-                  "decode_traces": len(decode.TRACES), "decode_traces_recorded": decode.TRACES.traced}
+        status = {
+            "running": len(self.rows),
+            "waiting": len(self.waiting),
+            "max_batch": self.max_batch,
+            "context": self.context,
+            "generated_tokens": self.generated_tokens,
+            "decode_traces": len(decode.TRACES),
+            "decode_traces_recorded": decode.TRACES.traced,
+        }
         if self.prefix_caching:
             status["prefix_cache"] = self.prefix_cache.stats()
         return status
@@ -174,13 +203,25 @@ class Engine:
     def _row(self, request: Request) -> Row:
         params, model = request.params, self.model
         processors = request.make_processors() if request.make_processors is not None else ()
-        sampler = RowSampler(params, model.config.vocab_size, model.device, request.prompt_ids, request.index,
-                             processors)
-        return Row(list(request.prompt_ids), params, sampler, TextStream(self.tokenizer, params.stop), owner=request,
-                   adapter=request.adapter,
-                   on_text=lambda piece: request.emit("text", piece),
-                   on_token=lambda token, kept: self._counted(request, kept),
-                   cancelled=request.cancelled.is_set)
+        sampler = RowSampler(
+            params,
+            model.config.vocab_size,
+            model.device,
+            request.prompt_ids,
+            request.index,
+            processors,
+        )
+        return Row(
+            list(request.prompt_ids),
+            params,
+            sampler,
+            TextStream(self.tokenizer, params.stop),
+            owner=request,
+            adapter=request.adapter,
+            on_text=lambda piece: request.emit("text", piece),
+            on_token=lambda token, kept: self._counted(request, kept),
+            cancelled=request.cancelled.is_set,
+        )
 
     def _counted(self, request: Request, kept: bool) -> None:
         if kept:
@@ -210,14 +251,32 @@ def _failure(error: Exception) -> str:
     return f"generation failed for this request ({type(error).__name__}: {error}); other requests were not affected."
 
 
-def new_request(prompt_ids: list[int], params: SamplingParams, n: int = 1,
-                make_processors: Callable[[], list[LogitsProcessor]] | None = None, adapter: int = 0) -> Request:
+def new_request(
+    prompt_ids: list[int],
+    params: SamplingParams,
+    n: int = 1,
+    make_processors: Callable[[], list[LogitsProcessor]] | None = None,
+    adapter: int = 0,
+) -> Request:
     """A request bound to the running event loop; with ``n > 1`` its ``forks`` are the other samples
     (each with its own event queue, sample index and derived seed, the same hooks)."""
     loop = asyncio.get_running_loop()
-    request = Request(prompt_ids, params, loop, asyncio.Queue(), make_processors=make_processors, adapter=adapter)
-    request.forks = [Request(prompt_ids, params, loop, asyncio.Queue(), id=request.id, index=i,
-                             make_processors=make_processors, adapter=adapter) for i in range(1, n)]
+    request = Request(
+        prompt_ids, params, loop, asyncio.Queue(), make_processors=make_processors, adapter=adapter
+    )
+    request.forks = [
+        Request(
+            prompt_ids,
+            params,
+            loop,
+            asyncio.Queue(),
+            id=request.id,
+            index=i,
+            make_processors=make_processors,
+            adapter=adapter,
+        )
+        for i in range(1, n)
+    ]
     return request
 
 

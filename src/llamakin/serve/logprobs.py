@@ -31,7 +31,9 @@ class TokenLogprobs:
 
 
 @torch.inference_mode()
-def token_logprobs(model, ids: list[int], start: int, top: int, ended_by: Sequence[int] = ()) -> TokenLogprobs:
+def token_logprobs(
+    model, ids: list[int], start: int, top: int, ended_by: Sequence[int] = ()
+) -> TokenLogprobs:
     """Log-probabilities of ``ids[start:]`` given what precedes each, and the ``top`` alternatives.
 
     ``ended_by``: the end-of-sequence ids, when one of them ended the generation (the engine does not
@@ -49,11 +51,13 @@ def token_logprobs(model, ids: list[int], start: int, top: int, ended_by: Sequen
         tops.append(None)
         start = 1
     if start < len(ids):
-        hidden = model(torch.tensor([ids], device=model.device), hidden_only=True)[0, start - 1:len(ids) - 1]
+        hidden = model(torch.tensor([ids], device=model.device), hidden_only=True)[
+            0, start - 1 : len(ids) - 1
+        ]
         targets = torch.tensor(ids[start:], device=model.device)
         for s in range(0, hidden.shape[0], HEAD_ROWS):
-            table = model.head(hidden[s:s + HEAD_ROWS]).float().log_softmax(-1)
-            logprobs += table.gather(-1, targets[s:s + HEAD_ROWS, None])[:, 0].tolist()
+            table = model.head(hidden[s : s + HEAD_ROWS]).float().log_softmax(-1)
+            logprobs += table.gather(-1, targets[s : s + HEAD_ROWS, None])[:, 0].tolist()
             if top > 0:
                 values, indices = table.topk(top, dim=-1)
                 tops += [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
@@ -64,7 +68,7 @@ def token_logprobs(model, ids: list[int], start: int, top: int, ended_by: Sequen
 
 def completions_logprobs(tokenizer, scored: TokenLogprobs) -> dict:
     """The legacy completions shape: ``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``."""
-    tokens = [tokenizer.decode([i]) for i in scored.ids[scored.start:]]
+    tokens = [tokenizer.decode([i]) for i in scored.ids[scored.start :]]
     offsets, position = [], 0
     for piece in tokens:
         offsets.append(position)
@@ -78,16 +82,24 @@ def completions_logprobs(tokenizer, scored: TokenLogprobs) -> dict:
         for i, lp in alternatives:  # best first; two ids that decode alike keep the better one
             named.setdefault(tokenizer.decode([i]), lp)
         top.append(named)
-    return {"tokens": tokens, "token_logprobs": scored.logprobs, "top_logprobs": top, "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": scored.logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
 
 
 def chat_logprobs(tokenizer, scored: TokenLogprobs) -> dict:
     """The chat completions shape: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``."""
+
     def entry(token_id: int, logprob: float) -> dict:
         text = tokenizer.decode([token_id])
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     content = []
-    for token_id, logprob, top in zip(scored.ids[scored.start:], scored.logprobs, scored.top):
-        content.append({**entry(token_id, logprob), "top_logprobs": [entry(i, lp) for i, lp in top or []]})
+    for token_id, logprob, top in zip(scored.ids[scored.start :], scored.logprobs, scored.top):
+        content.append(
+            {**entry(token_id, logprob), "top_logprobs": [entry(i, lp) for i, lp in top or []]}
+        )
     return {"content": content}

@@ -35,8 +35,18 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
-ENDPOINTS = frozenset({"/", "/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/v1/completions",
-                       "/v1/chat/completions"})
+ENDPOINTS = frozenset(
+    {
+        "/",
+        "/health",
+        "/metrics",
+        "/tokenize",
+        "/detokenize",
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+    }
+)
 
 
 class _EngineState:
@@ -44,37 +54,70 @@ class _EngineState:
 
     def __init__(self, engine):
         self.engine = engine
-        self.cache_bytes = sum(t.numel() * t.element_size() for t in engine.cache.keys + engine.cache.values)
+        self.cache_bytes = sum(
+            t.numel() * t.element_size() for t in engine.cache.keys + engine.cache.values
+        )
 
     def collect(self):
         engine = self.engine
         rows = list(engine.rows)  # the engine thread may change the list meanwhile: read it once
         used = sum(row.length for row in rows)
         capacity = engine.max_batch * engine.context
-        yield GaugeMetricFamily("llamakin_requests_running", "Requests being decoded now.", value=len(rows))
-        yield GaugeMetricFamily("llamakin_requests_waiting", "Requests queued for a free row.",
-                                value=len(engine.waiting))
-        yield CounterMetricFamily("llamakin_generation_tokens", "Tokens generated (end-of-sequence not counted).",
-                                  value=engine.generated_tokens)
-        yield GaugeMetricFamily("llamakin_kv_cache_usage_ratio",
-                                "Fraction of the KV cache's slots holding a running request's tokens.",
-                                value=used / capacity)
-        yield GaugeMetricFamily("llamakin_kv_cache_used_tokens", "KV-cache slots holding a running request's tokens.",
-                                value=used)
-        yield GaugeMetricFamily("llamakin_kv_cache_capacity_tokens", "KV-cache slots: rows times context.",
-                                value=capacity)
-        yield GaugeMetricFamily("llamakin_kv_cache_bytes", "Memory held by the KV cache's keys and values.",
-                                value=self.cache_bytes)
+        yield GaugeMetricFamily(
+            "llamakin_requests_running", "Requests being decoded now.", value=len(rows)
+        )
+        yield GaugeMetricFamily(
+            "llamakin_requests_waiting",
+            "Requests queued for a free row.",
+            value=len(engine.waiting),
+        )
+        yield CounterMetricFamily(
+            "llamakin_generation_tokens",
+            "Tokens generated (end-of-sequence not counted).",
+            value=engine.generated_tokens,
+        )
+        yield GaugeMetricFamily(
+            "llamakin_kv_cache_usage_ratio",
+            "Fraction of the KV cache's slots holding a running request's tokens.",
+            value=used / capacity,
+        )
+        yield GaugeMetricFamily(
+            "llamakin_kv_cache_used_tokens",
+            "KV-cache slots holding a running request's tokens.",
+            value=used,
+        )
+        yield GaugeMetricFamily(
+            "llamakin_kv_cache_capacity_tokens",
+            "KV-cache slots: rows times context.",
+            value=capacity,
+        )
+        yield GaugeMetricFamily(
+            "llamakin_kv_cache_bytes",
+            "Memory held by the KV cache's keys and values.",
+            value=self.cache_bytes,
+        )
         prefix = engine.prefix_cache.stats() if getattr(engine, "prefix_caching", False) else None
         if prefix is not None:
-            yield CounterMetricFamily("llamakin_prefix_cache_hits", "Prompts that reused cached keys/values of an "
-                                      "earlier request.", value=prefix["hits"])
-            yield CounterMetricFamily("llamakin_prefix_cache_reused_tokens", "Prompt tokens whose keys/values were "
-                                      "reused instead of computed.", value=prefix["reused_tokens"])
-            yield GaugeMetricFamily("llamakin_prefix_cache_bytes", "Memory held by the prefix cache.",
-                                    value=prefix["bytes"])
-            yield GaugeMetricFamily("llamakin_prefix_cache_entries", "Sequences in the prefix cache.",
-                                    value=prefix["entries"])
+            yield CounterMetricFamily(
+                "llamakin_prefix_cache_hits",
+                "Prompts that reused cached keys/values of an earlier request.",
+                value=prefix["hits"],
+            )
+            yield CounterMetricFamily(
+                "llamakin_prefix_cache_reused_tokens",
+                "Prompt tokens whose keys/values were reused instead of computed.",
+                value=prefix["reused_tokens"],
+            )
+            yield GaugeMetricFamily(
+                "llamakin_prefix_cache_bytes",
+                "Memory held by the prefix cache.",
+                value=prefix["bytes"],
+            )
+            yield GaugeMetricFamily(
+                "llamakin_prefix_cache_entries",
+                "Sequences in the prefix cache.",
+                value=prefix["entries"],
+            )
 
 
 class ServerMetrics:
@@ -82,21 +125,41 @@ class ServerMetrics:
 
     def __init__(self, engine, model_name: str):
         self.registry = registry = CollectorRegistry()
-        self.http_requests = Counter("llamakin_http_requests", "HTTP requests answered, by endpoint and status code.",
-                                     ["endpoint", "status"], registry=registry)
-        self.finished = Counter("llamakin_request_finished", "Generations ended, by reason (stop, length, error, "
-                                "abort).", ["reason"], registry=registry)
-        self.prompt_tokens = Counter("llamakin_prompt_tokens", "Prompt tokens of the generation requests accepted.",
-                                     registry=registry)
-        self.time_to_first_token = Histogram("llamakin_time_to_first_token_seconds",
-                                             "From a request's arrival (queueing included) to its first token.",
-                                             buckets=TTFT_BUCKETS, registry=registry)
-        self.time_per_output_token = Histogram("llamakin_time_per_output_token_seconds",
-                                               "Between two consecutive tokens of one request.",
-                                               buckets=TPOT_BUCKETS, registry=registry)
+        self.http_requests = Counter(
+            "llamakin_http_requests",
+            "HTTP requests answered, by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.finished = Counter(
+            "llamakin_request_finished",
+            "Generations ended, by reason (stop, length, error, abort).",
+            ["reason"],
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "llamakin_prompt_tokens",
+            "Prompt tokens of the generation requests accepted.",
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "llamakin_time_to_first_token_seconds",
+            "From a request's arrival (queueing included) to its first token.",
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.time_per_output_token = Histogram(
+            "llamakin_time_per_output_token_seconds",
+            "Between two consecutive tokens of one request.",
+            buckets=TPOT_BUCKETS,
+            registry=registry,
+        )
         dtype, quantization = weights_summary(engine.model)
-        model_info = GaugeMetricFamily("llamakin_model_info", "The served model; the value is always 1.",
-                                       labels=["model", "dtype", "quantization", "device"])
+        model_info = GaugeMetricFamily(
+            "llamakin_model_info",
+            "The served model; the value is always 1.",
+            labels=["model", "dtype", "quantization", "device"],
+        )
         model_info.add_metric([model_name, dtype, quantization, str(engine.model.device)], 1)
         registry.register(_Constant(model_info))
         registry.register(_EngineState(engine))

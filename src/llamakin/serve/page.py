@@ -11,8 +11,10 @@ from functools import lru_cache
 from importlib import resources
 
 PAGE_FILE = "chat.html"
-CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'")
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
+)
 
 
 @lru_cache(maxsize=1)
@@ -26,5 +28,10 @@ def add_page_route(app) -> None:
 
     @app.get("/", include_in_schema=False)
     async def page():
-        return HTMLResponse(chat_page(), headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY,
-                                                  "Cache-Control": "no-cache"})
+        return HTMLResponse(
+            chat_page(),
+            headers={
+                "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+                "Cache-Control": "no-cache",
+            },
+        )

@@ -27,13 +27,23 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import LlamakinError
 from ..generation import SamplingParams
 from .logprobs import MAX_TOP_LOGPROBS
 
-StrictFloat = Annotated[float, Strict()]  # strict still takes a JSON integer (1 -> 1.0), never a string
+StrictFloat = Annotated[
+    float, Strict()
+]  # strict still takes a JSON integer (1 -> 1.0), never a string
 StrictInt = Annotated[int, Strict()]
 StrictBool = Annotated[bool, Strict()]
 StrictStr = Annotated[str, Strict()]
@@ -47,20 +57,50 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_N = 128  # OpenAI's limit for n
 
 # Fields a client may send that do not change the generated text; anything else unknown is a 400.
-IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
-                            "prompt_cache_key", "safety_identifier"})
+IGNORED_FIELDS = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "parallel_tool_calls",
+        "prompt_cache_key",
+        "safety_identifier",
+    }
+)
 
 
 class APIError(Exception):
     """An answer with OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code, self.headers = status, message, kind, param, code, headers
+        self.status, self.message, self.kind, self.param, self.code, self.headers = (
+            status,
+            message,
+            kind,
+            param,
+            code,
+            headers,
+        )
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 # -- request bodies --------------------------------------------------------------------------------
@@ -84,6 +124,7 @@ class FunctionCall(_Strict):
 
 class ToolCallIn(_Strict):
     """A tool call of an earlier assistant turn, sent back in ``messages``."""
+
     id: StrictStr
     type: Literal["function"] = "function"
     function: FunctionCall
@@ -92,14 +133,18 @@ class ToolCallIn(_Strict):
 class Message(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None  # OpenAI's optional participant name; it does not change the prompt
+    name: StrictStr | None = (
+        None  # OpenAI's optional participant name; it does not change the prompt
+    )
     tool_call_id: StrictStr | None = None  # role "tool": the call this message answers
     tool_calls: list[ToolCallIn] | None = None  # role "assistant": the calls it made
 
     @model_validator(mode="after")
     def _tool_fields(self):
         if self.role == "tool" and self.tool_call_id is None:
-            raise ValueError("a message with role 'tool' needs 'tool_call_id', the id of the call it answers")
+            raise ValueError(
+                "a message with role 'tool' needs 'tool_call_id', the id of the call it answers"
+            )
         if self.tool_call_id is not None and self.role != "tool":
             raise ValueError("only a message with role 'tool' carries 'tool_call_id'")
         if self.tool_calls is not None and self.role != "assistant":
@@ -109,12 +154,17 @@ class Message(_Strict):
     def text(self) -> str:
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        )
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates take it (transformers' convention): a tool call's
         ``arguments`` decoded to an object when they are JSON, as templates ``tojson`` them."""
-        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        out: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         if self.tool_calls:
@@ -124,15 +174,22 @@ class Message(_Strict):
                     arguments = json.loads(call.function.arguments)
                 except ValueError:
                     arguments = call.function.arguments
-                calls.append({"id": call.id, "type": "function",
-                              "function": {"name": call.function.name, "arguments": arguments}})
+                calls.append(
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.function.name, "arguments": arguments},
+                    }
+                )
             out["tool_calls"] = calls
         return out
 
 
 # -- tools and response_format (what they mean: structured.py) --------------------------------------
 class FunctionDef(_Strict):
-    name: Annotated[str, Strict(), Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule for names
+    name: Annotated[
+        str, Strict(), Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    ]  # OpenAI's rule for names
     description: StrictStr | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
     strict: StrictBool | None = None  # arguments are always enforced when a call is forced
@@ -173,7 +230,9 @@ class JSONSchemaResponseFormat(_Strict):
     json_schema: JSONSchemaFormat
 
 
-ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")]
+ResponseFormat = Annotated[
+    TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")
+]
 
 
 class _Sampling(BaseModel):
@@ -182,7 +241,9 @@ class _Sampling(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: StrictFloat = Field(1.0, ge=0, le=2)
     top_p: StrictFloat = Field(1.0, gt=0, le=1)
-    n: StrictInt = Field(1, ge=1, le=MAX_N)  # samples of one prompt (at most --max-batch, checked later)
+    n: StrictInt = Field(
+        1, ge=1, le=MAX_N
+    )  # samples of one prompt (at most --max-batch, checked later)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
@@ -192,7 +253,9 @@ class _Sampling(BaseModel):
     # vLLM's extra sampling parameters
     top_k: StrictInt = Field(0, ge=-1)  # 0 or -1: off
     min_p: StrictFloat = Field(0.0, ge=0, lt=1)
-    repetition_penalty: StrictFloat = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
+    repetition_penalty: StrictFloat = Field(
+        1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
+    )
     ignore_eos: StrictBool = False
     # known, not implemented: refused unless absent or neutral (see UNSUPPORTED)
     logprobs: Any = None
@@ -203,7 +266,9 @@ class _Sampling(BaseModel):
     @classmethod
     def _temperature(cls, value: float) -> float:
         if 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}; {value:g} overflows the sampler")
+            raise ValueError(
+                f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}; {value:g} overflows the sampler"
+            )
         return value
 
     @field_validator("stop")
@@ -211,16 +276,22 @@ class _Sampling(BaseModel):
     def _stop(cls, value):
         for s in [value] if isinstance(value, str) else value or ():
             if len(s) > MAX_STOP_CHARS:
-                raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters, this one has {len(s)}")
+                raise ValueError(
+                    f"a stop string may have at most {MAX_STOP_CHARS} characters, this one has {len(s)}"
+                )
         return value
 
     @model_validator(mode="after")
     def _unknown_fields(self):
         for name in self.model_extra or {}:
             if name not in IGNORED_FIELDS:
-                raise APIError(400, f"unknown parameter '{name}': this server does not implement it, and ignoring it "
-                                    "could change the answer; remove it from the request.", param=name,
-                               code="unsupported_parameter")
+                raise APIError(
+                    400,
+                    f"unknown parameter '{name}': this server does not implement it, and ignoring it "
+                    "could change the answer; remove it from the request.",
+                    param=name,
+                    code="unsupported_parameter",
+                )
         return self
 
 
@@ -231,7 +302,9 @@ class ChatRequest(_Sampling):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: StrictBool | None = None  # false: a forced tool choice makes exactly one call
+    parallel_tool_calls: StrictBool | None = (
+        None  # false: a forced tool choice makes exactly one call
+    )
     response_format: ResponseFormat | None = None
     functions: Any = None
     function_call: Any = None
@@ -241,10 +314,18 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: (StrictStr | Annotated[list[StrictInt], Field(min_length=1)]
-             | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
-             | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1, max_length=64)])
-    max_tokens: StrictInt | None = Field(16, ge=0)  # OpenAI's default for completions; 0 only with echo
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictInt], Field(min_length=1)]
+        | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+        | Annotated[
+            list[Annotated[list[StrictInt], Field(min_length=1)]],
+            Field(min_length=1, max_length=64),
+        ]
+    )
+    max_tokens: StrictInt | None = Field(
+        16, ge=0
+    )  # OpenAI's default for completions; 0 only with echo
     echo: StrictBool = False
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # top-N per token
     suffix: Any = None
@@ -256,9 +337,17 @@ class CompletionRequest(_Sampling):
 
 # Known parameters this server does not implement, with the values that mean "not used".
 UNSUPPORTED: dict[type, dict[str, tuple]] = {
-    ChatRequest: {"functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {})},
-    CompletionRequest: {"logit_bias": (None, {}), "suffix": (None, ""),
-                        "best_of": (None, 1), "top_logprobs": (None,)},
+    ChatRequest: {
+        "functions": (None, []),
+        "function_call": (None, "none"),
+        "logit_bias": (None, {}),
+    },
+    CompletionRequest: {
+        "logit_bias": (None, {}),
+        "suffix": (None, ""),
+        "best_of": (None, 1),
+        "top_logprobs": (None,),
+    },
 }
 
 
@@ -280,7 +369,9 @@ def _find_problem(value: Any, limit: int) -> str | None:
                 return "a string in the request body holds a lone UTF-16 surrogate (like \\ud800), which is not text"
         elif isinstance(item, (dict, list)):
             if depth > limit:
-                return f"the request body nests more than {limit} levels deep; no request needs that"
+                return (
+                    f"the request body nests more than {limit} levels deep; no request needs that"
+                )
             if isinstance(item, dict):
                 stack.extend((key, depth) for key in item)
                 stack.extend((child, depth + 1) for child in item.values())
@@ -294,15 +385,23 @@ def load_json(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8.",
-                       code="invalid_json") from None
+        raise APIError(
+            400,
+            f"the request body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8.",
+            code="invalid_json",
+        ) from None
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        problem = f"the request body nests more than {MAX_JSON_DEPTH} levels deep; no request needs that"
+        problem = (
+            f"the request body nests more than {MAX_JSON_DEPTH} levels deep; no request needs that"
+        )
     except ValueError as e:
-        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object.",
-                       code="invalid_json") from None
+        raise APIError(
+            400,
+            f"the request body is not valid JSON ({e}); send a JSON object.",
+            code="invalid_json",
+        ) from None
     else:
         problem = _find_problem(value, MAX_JSON_DEPTH)
     if problem:
@@ -316,7 +415,9 @@ def _param(loc: tuple) -> str:
     """``('messages', 0, 'content', 'str')`` -> ``'messages.0.content'`` (drops pydantic's union tags)."""
     parts = []
     for part in loc:
-        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict")):
+        if isinstance(part, str) and (
+            "[" in part or part in ("str", "int", "float", "bool", "list", "dict")
+        ):
             continue
         parts.append(str(part))
     return ".".join(parts)
@@ -335,36 +436,73 @@ def parse_body(raw: bytes, kind: type[_Sampling]):
             message = "unknown field, which this server would have to ignore; remove it"
         elif first["type"] == "missing":
             message = "this field is required"
-        raise APIError(400, f"invalid value for '{where or 'body'}': {message}.", param=where,
-                       code="invalid_value") from None
+        raise APIError(
+            400,
+            f"invalid value for '{where or 'body'}': {message}.",
+            param=where,
+            code="invalid_value",
+        ) from None
     for name, neutral in UNSUPPORTED[kind].items():
         value = getattr(body, name)
         if not any(value == n and type(value) is type(n) for n in neutral):
-            raise APIError(400, f"'{name}' is not supported by this server; remove it from the request.", param=name,
-                           code="unsupported_parameter")
+            raise APIError(
+                400,
+                f"'{name}' is not supported by this server; remove it from the request.",
+                param=name,
+                code="unsupported_parameter",
+            )
     return body
 
 
-def sampling_params(body: _Sampling, prompt_len: int, context: int, prompt_param: str) -> SamplingParams:
+def sampling_params(
+    body: _Sampling, prompt_len: int, context: int, prompt_param: str
+) -> SamplingParams:
     """The engine's parameters for ``body``, after checking that prompt and output fit ``context``."""
     max_tokens = body.prompt_max_tokens()
     room = context - prompt_len
     if room < 1:
-        raise APIError(400, f"the prompt has {prompt_len} tokens, which leaves no room in this server's context of "
-                            f"{context} tokens; shorten it.", param=prompt_param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens, which leaves no room in this server's context of "
+            f"{context} tokens; shorten it.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
     if max_tokens is not None and max_tokens > room:
-        raise APIError(400, f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}, together more than "
-                            f"this server's context of {context} tokens; lower max_tokens.", param="max_tokens",
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}, together more than "
+            f"this server's context of {context} tokens; lower max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     try:
-        return SamplingParams(max_new_tokens=max_tokens or room, temperature=body.temperature, top_p=body.top_p,
-                              top_k=max(body.top_k, 0), min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-                              seed=body.seed, stop=stop, frequency_penalty=body.frequency_penalty,
-                              presence_penalty=body.presence_penalty, ignore_eos=body.ignore_eos)
+        return SamplingParams(
+            max_new_tokens=max_tokens or room,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=max(body.top_k, 0),
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=body.seed,
+            stop=stop,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            ignore_eos=body.ignore_eos,
+        )
     except LlamakinError as e:  # a check the library makes that the schema does not (yet)
         raise APIError(400, str(e), code="invalid_value") from None
 
 
-__all__ = ["APIError", "ChatRequest", "CompletionRequest", "IGNORED_FIELDS", "MAX_JSON_DEPTH", "Message",
-           "load_json", "parse_body", "sampling_params"]
+__all__ = [
+    "APIError",
+    "ChatRequest",
+    "CompletionRequest",
+    "IGNORED_FIELDS",
+    "MAX_JSON_DEPTH",
+    "Message",
+    "load_json",
+    "parse_body",
+    "sampling_params",
+]

@@ -44,7 +44,10 @@ class ChatOutput:
         if self.fmt is None:
             return {"role": "assistant", "content": text}
         content, calls = self.fmt.parse(text)
-        message = {"role": "assistant", "content": content if content.strip() or not calls else None}
+        message = {
+            "role": "assistant",
+            "content": content if content.strip() or not calls else None,
+        }
         if calls:
             message["tool_calls"] = [c.openai() for c in calls]
         return message
@@ -77,7 +80,9 @@ class DeltaStream:
         return out
 
     def feed(self, text: str) -> list[dict[str, Any]]:
-        return [{"content": text}] if self.splitter is None else self._deltas(self.splitter.feed(text))
+        return (
+            [{"content": text}] if self.splitter is None else self._deltas(self.splitter.feed(text))
+        )
 
     def finish(self) -> list[dict[str, Any]]:
         return [] if self.splitter is None else self._deltas(self.splitter.finish())
@@ -87,11 +92,19 @@ def _grammar(tokenizer, vocab_size: int, what: str, param: str, build) -> Gramma
     try:
         return build()
     except LlamakinError as e:
-        raise APIError(400, f"{what}: {e}" if not str(e).startswith(what) else str(e), param=param,
-                       code="invalid_value") from None
+        raise APIError(
+            400,
+            f"{what}: {e}" if not str(e).startswith(what) else str(e),
+            param=param,
+            code="invalid_value",
+        ) from None
     except Exception as e:  # noqa: BLE001 - the compiler refused something it was given: the request's fault
-        raise APIError(400, f"{what} could not be compiled for constrained decoding ({type(e).__name__}: {e}).",
-                       param=param, code="invalid_value") from None
+        raise APIError(
+            400,
+            f"{what} could not be compiled for constrained decoding ({type(e).__name__}: {e}).",
+            param=param,
+            code="invalid_value",
+        ) from None
 
 
 def plan_chat_output(body: ChatRequest, tokenizer, vocab_size: int) -> ChatOutput:
@@ -103,52 +116,94 @@ def plan_chat_output(body: ChatRequest, tokenizer, vocab_size: int) -> ChatOutpu
     choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
     forced = choice == "required" or not isinstance(choice, str)
     if forced and not tools:
-        raise APIError(400, "tool_choice asks for a tool call but the request has no tools; send tools or drop "
-                            "tool_choice.", param="tool_choice")
+        raise APIError(
+            400,
+            "tool_choice asks for a tool call but the request has no tools; send tools or drop "
+            "tool_choice.",
+            param="tool_choice",
+        )
     if not isinstance(choice, str):
         name = choice.function.name
         tools = [t for t in tools if t["function"]["name"] == name]
         if not tools:
-            raise APIError(400, f"tool_choice names the function '{name}', which is not among the tools.",
-                           param="tool_choice")
+            raise APIError(
+                400,
+                f"tool_choice names the function '{name}', which is not among the tools.",
+                param="tool_choice",
+            )
     fmt = None
     if tools and choice != "none":
         template = tokenizer.chat_template or ""
         if "tools" not in template:
-            raise APIError(400, "this model's chat template does not render tools, so the model cannot be told about "
-                                "them; send the request without tools.", param="tools",
-                           code="unsupported_parameter")
+            raise APIError(
+                400,
+                "this model's chat template does not render tools, so the model cannot be told about "
+                "them; send the request without tools.",
+                param="tools",
+                code="unsupported_parameter",
+            )
         fmt = format_for_template(template)
         if fmt is None:
-            raise APIError(400, "this model's chat template renders tools, but in a tool-call format this server "
-                                "cannot parse; send the request without tools.", param="tools",
-                           code="unsupported_parameter")
-        out.template_kwargs["tools"] = all_tools  # the model is told of all of them, even under a named choice
+            raise APIError(
+                400,
+                "this model's chat template renders tools, but in a tool-call format this server "
+                "cannot parse; send the request without tools.",
+                param="tools",
+                code="unsupported_parameter",
+            )
+        out.template_kwargs["tools"] = (
+            all_tools  # the model is told of all of them, even under a named choice
+        )
         out.fmt = fmt
     response_format = body.response_format
     wants_json = response_format is not None and response_format.type != "text"
     if wants_json and fmt is not None:
-        raise APIError(400, "response_format cannot be enforced while the model may call tools; send tool_choice "
-                            "'none' or drop response_format.", param="response_format",
-                       code="unsupported_parameter")
+        raise APIError(
+            400,
+            "response_format cannot be enforced while the model may call tools; send tool_choice "
+            "'none' or drop response_format.",
+            param="response_format",
+            code="unsupported_parameter",
+        )
     if forced:
-        grammar = fmt.grammar(tools, lambda text: lark_literal(tokenizer, text), parallel=body.parallel_tool_calls is not False)
+        grammar = fmt.grammar(
+            tools,
+            lambda text: lark_literal(tokenizer, text),
+            parallel=body.parallel_tool_calls is not False,
+        )
         if grammar is None:
-            raise APIError(400, f"tool_choice {choice if isinstance(choice, str) else 'naming a function'} cannot be "
-                                f"enforced for the '{fmt.name}' tool-call format; use 'auto'.", param="tool_choice",
-                           code="unsupported_parameter")
-        out.grammar = _grammar(tokenizer, vocab_size, "the tools' parameters", "tools",
-                               lambda: Grammar(tokenizer, lark_grammar(grammar), vocab_size,
-                                               "the tools' parameters"))
+            raise APIError(
+                400,
+                f"tool_choice {choice if isinstance(choice, str) else 'naming a function'} cannot be "
+                f"enforced for the '{fmt.name}' tool-call format; use 'auto'.",
+                param="tool_choice",
+                code="unsupported_parameter",
+            )
+        out.grammar = _grammar(
+            tokenizer,
+            vocab_size,
+            "the tools' parameters",
+            "tools",
+            lambda: Grammar(tokenizer, lark_grammar(grammar), vocab_size, "the tools' parameters"),
+        )
     elif wants_json:
         schema = None
         if response_format.type == "json_schema":
             schema = response_format.json_schema.schema_  # None (absent): any JSON object
-        out.grammar = _grammar(tokenizer, vocab_size, "response_format's JSON schema", "response_format",
-                               lambda: Grammar.json(tokenizer, schema, vocab_size, "response_format's JSON schema"))
+        out.grammar = _grammar(
+            tokenizer,
+            vocab_size,
+            "response_format's JSON schema",
+            "response_format",
+            lambda: Grammar.json(tokenizer, schema, vocab_size, "response_format's JSON schema"),
+        )
     if out.grammar is not None and body.ignore_eos:
-        raise APIError(400, "ignore_eos cannot be combined with constrained output (response_format or a forced "
-                            "tool_choice): the grammar ends the answer.", param="ignore_eos")
+        raise APIError(
+            400,
+            "ignore_eos cannot be combined with constrained output (response_format or a forced "
+            "tool_choice): the grammar ends the answer.",
+            param="ignore_eos",
+        )
     return out
 
 

@@ -35,19 +35,28 @@ class TokenizeRequest(_Strict):
     prompt: StrictStr | None = None  # vLLM, plain text
     messages: Annotated[list[Message], Field(min_length=1)] | None = None  # vLLM, a chat
     add_special: StrictBool | None = None  # llama.cpp's name (default false)
-    add_special_tokens: StrictBool | None = None  # vLLM's name (default true for a prompt, false for messages)
+    add_special_tokens: StrictBool | None = (
+        None  # vLLM's name (default true for a prompt, false for messages)
+    )
     add_generation_prompt: StrictBool = True
     with_pieces: StrictBool = False
     return_token_strs: StrictBool = False
 
     @model_validator(mode="after")
     def _one_text(self):
-        given = [name for name in ("content", "prompt", "messages") if getattr(self, name) is not None]
+        given = [
+            name for name in ("content", "prompt", "messages") if getattr(self, name) is not None
+        ]
         if len(given) != 1:
-            raise ValueError("send exactly one of 'content' (llama.cpp), 'prompt' or 'messages' (vLLM), got "
-                             + (", ".join(repr(g) for g in given) or "none"))
-        if self.add_special is not None and self.add_special_tokens is not None \
-                and self.add_special != self.add_special_tokens:
+            raise ValueError(
+                "send exactly one of 'content' (llama.cpp), 'prompt' or 'messages' (vLLM), got "
+                + (", ".join(repr(g) for g in given) or "none")
+            )
+        if (
+            self.add_special is not None
+            and self.add_special_tokens is not None
+            and self.add_special != self.add_special_tokens
+        ):
             raise ValueError("'add_special' and 'add_special_tokens' disagree; send one of them")
         return self
 
@@ -56,7 +65,9 @@ class TokenizeRequest(_Strict):
             return self.add_special
         if self.add_special_tokens is not None:
             return self.add_special_tokens
-        return self.prompt is not None  # llama.cpp: false; vLLM: true for a prompt, false for messages
+        return (
+            self.prompt is not None
+        )  # llama.cpp: false; vLLM: true for a prompt, false for messages
 
 
 class DetokenizeRequest(_Strict):
@@ -75,8 +86,12 @@ def _parse(raw: bytes, kind):
             message = "unknown field; remove it"
         elif first["type"] == "missing":
             message = "this field is required"
-        raise APIError(400, f"invalid value for '{where or 'body'}': {message}.", param=where,
-                       code="invalid_value") from None
+        raise APIError(
+            400,
+            f"invalid value for '{where or 'body'}': {message}.",
+            param=where,
+            code="invalid_value",
+        ) from None
 
 
 def add_token_routes(app, engine, check_model) -> None:
@@ -91,14 +106,21 @@ def add_token_routes(app, engine, check_model) -> None:
         if body.messages is not None:
             messages = [m.for_template() for m in body.messages]
             try:
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+                text = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=body.add_generation_prompt
+                )
             except (TemplateError, LlamakinError) as e:
                 raise APIError(400, str(e), param="messages") from None
         else:
             text = body.content if body.content is not None else body.prompt
         ids = tokenizer.encode(text, add_special_tokens=body.special_tokens())
-        answer = {"tokens": [{"id": i, "piece": tokenizer.decode([i])} for i in ids] if body.with_pieces else ids,
-                  "count": len(ids), "max_model_len": engine.context}
+        answer = {
+            "tokens": [{"id": i, "piece": tokenizer.decode([i])} for i in ids]
+            if body.with_pieces
+            else ids,
+            "count": len(ids),
+            "max_model_len": engine.context,
+        }
         if body.return_token_strs:
             answer["token_strs"] = [tokenizer.id_to_token(i) for i in ids]
         return answer
@@ -111,8 +133,13 @@ def add_token_routes(app, engine, check_model) -> None:
         vocab = tokenizer.vocab_size
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
-            raise APIError(400, f"token id {bad} is not in this tokenizer's vocabulary [0, {vocab}); send ids that "
-                                "/tokenize produced.", param="tokens", code="invalid_value")
+            raise APIError(
+                400,
+                f"token id {bad} is not in this tokenizer's vocabulary [0, {vocab}); send ids that "
+                "/tokenize produced.",
+                param="tokens",
+                code="invalid_value",
+            )
         text = tokenizer.decode(body.tokens)
         return {"content": text, "prompt": text}
 

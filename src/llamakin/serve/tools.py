@@ -30,7 +30,9 @@ from typing import Any, Callable
 
 from ..constrained import lark_json
 
-Quote = Callable[[str], str]  # a literal text -> a Lark item for it (llamakin.constrained.lark_literal)
+Quote = Callable[
+    [str], str
+]  # a literal text -> a Lark item for it (llamakin.constrained.lark_literal)
 
 
 @dataclass
@@ -44,7 +46,11 @@ class ToolCall:
 
     def openai(self, index: int | None = None) -> dict[str, Any]:
         """OpenAI's shape; with ``index``, the shape of a streamed ``delta.tool_calls`` item."""
-        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        call = {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
         return call if index is None else {"index": index, **call}
 
 
@@ -74,7 +80,9 @@ class ToolCallFormat:
         """The calls in the text of one block (between the tags), or None if it is not calls."""
         raise NotImplementedError
 
-    def grammar(self, tools: list[dict[str, Any]], quote: Quote, parallel: bool = True) -> str | None:
+    def grammar(
+        self, tools: list[dict[str, Any]], quote: Quote, parallel: bool = True
+    ) -> str | None:
         """A Lark grammar (llguidance's dialect) of an answer that is only calls of ``tools``
         (OpenAI tool objects; one call unless ``parallel``), or None if this format cannot be forced.
         ``quote`` spells a tag for the tokenizer (a special token, or text)."""
@@ -113,8 +121,8 @@ class Splitter:
                 if at < 0:
                     keep = _partial_suffix(self.pending, self.fmt.start)
                     if len(self.pending) > keep:
-                        out.append(self.pending[:len(self.pending) - keep])
-                        self.pending = self.pending[len(self.pending) - keep:]
+                        out.append(self.pending[: len(self.pending) - keep])
+                        self.pending = self.pending[len(self.pending) - keep :]
                     break
                 if at:
                     out.append(self.pending[:at])
@@ -140,9 +148,9 @@ class Splitter:
         return [rest] if rest else []
 
     def _block(self, block: str) -> list[str | ToolCall]:
-        body = block[len(self.fmt.start):]
+        body = block[len(self.fmt.start) :]
         if self.fmt.end is not None and body.endswith(self.fmt.end):
-            body = body[:-len(self.fmt.end)]
+            body = body[: -len(self.fmt.end)]
         calls = self.fmt.calls_in(body.strip())
         return list(calls) if calls else [block]
 
@@ -168,8 +176,12 @@ def _merge(pieces: list[str | ToolCall]) -> list[str | ToolCall]:
 def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
     function = tool["function"]
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
-    return {"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": parameters},
-            "required": ["name", "arguments"], "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": function["name"]}, "arguments": parameters},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
 
 
 class Hermes(ToolCallFormat):
@@ -184,7 +196,9 @@ class Hermes(ToolCallFormat):
             return None
         return [call] if call else None
 
-    def grammar(self, tools: list[dict[str, Any]], quote: Quote, parallel: bool = True) -> str | None:
+    def grammar(
+        self, tools: list[dict[str, Any]], quote: Quote, parallel: bool = True
+    ) -> str | None:
         # one JSON shape per tool, so each call's arguments follow that tool's own schema
         rules = [f"call_{i}: {lark_json(_call_schema(tool))}" for i, tool in enumerate(tools)]
         alternatives = " | ".join(f"call_{i}" for i in range(len(tools)))
@@ -218,4 +232,12 @@ def format_for_template(chat_template: str | None) -> ToolCallFormat | None:
     return None
 
 
-__all__ = ["FORMATS", "Hermes", "Mistral", "Splitter", "ToolCall", "ToolCallFormat", "format_for_template"]
+__all__ = [
+    "FORMATS",
+    "Hermes",
+    "Mistral",
+    "Splitter",
+    "ToolCall",
+    "ToolCallFormat",
+    "format_for_template",
+]

@@ -39,10 +39,23 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return from_tiktoken(path)
     if name.endswith(".model") or ".model." in name:
         return from_model_file(path)
-    raise CheckpointError(f"{path} is not a tokenizer file llamakin knows (tokenizer.json, tokenizer.model, "
-                          "*.tiktoken, .gguf).")
+    raise CheckpointError(
+        f"{path} is not a tokenizer file llamakin knows (tokenizer.json, tokenizer.model, "
+        "*.tiktoken, .gguf)."
+    )
 
 
-__all__ = ["GGUF_PRE_TOKENIZERS", "SPIECE_UNDERLINE", "TIKTOKEN_PRESETS", "PreTokenizer", "Tokenizer", "from_directory",
-           "from_gguf_metadata", "from_model_file", "from_tiktoken", "gguf_merges", "load_tokenizer",
-           "read_tiktoken_ranks"]
+__all__ = [
+    "GGUF_PRE_TOKENIZERS",
+    "SPIECE_UNDERLINE",
+    "TIKTOKEN_PRESETS",
+    "PreTokenizer",
+    "Tokenizer",
+    "from_directory",
+    "from_gguf_metadata",
+    "from_model_file",
+    "from_tiktoken",
+    "gguf_merges",
+    "load_tokenizer",
+    "read_tiktoken_ranks",
+]

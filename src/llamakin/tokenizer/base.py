@@ -26,9 +26,18 @@ class Tokenizer:
     ``eos_token_ids``: every id that ends generation (EOS, end-of-turn, generation_config's list).
     """
 
-    def __init__(self, backend: Any, *, bos_token: str | None = None, eos_tokens: Sequence[str] = (),
-                 extra_eos_ids: Iterable[int] = (), add_bos: bool = False, add_eos: bool = False,
-                 chat_template: str | None = None, source: str = ""):
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        bos_token: str | None = None,
+        eos_tokens: Sequence[str] = (),
+        extra_eos_ids: Iterable[int] = (),
+        add_bos: bool = False,
+        add_eos: bool = False,
+        chat_template: str | None = None,
+        source: str = "",
+    ):
         self.backend = backend
         self.source = source
         self.bos_token = bos_token
@@ -65,17 +74,26 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         """Render ``messages`` with the model's chat template (sandboxed, transformers' semantics)."""
         from ..chat_template import render
 
         if not self.chat_template:
-            raise LlamakinError(f"the tokenizer from {self.source or 'this model'} has no chat template; "
-                                "use plain generation or supply a template.")
-        return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                      bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                      name=f"the chat template of {self.source or 'this tokenizer'}", **kwargs)
+            raise LlamakinError(
+                f"the tokenizer from {self.source or 'this model'} has no chat template; "
+                "use plain generation or supply a template."
+            )
+        return render(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            name=f"the chat template of {self.source or 'this tokenizer'}",
+            **kwargs,
+        )
 
     def save(self, directory: str | Path) -> None:
         """Write this tokenizer as a Hugging Face tokenizer directory (``tokenizer.json`` or
@@ -87,17 +105,28 @@ class Tokenizer:
             (directory / "tokenizer.model").write_bytes(self.backend.sp.serialized_model_proto())
         else:
             self.backend.save(str(directory / "tokenizer.json"))
-        config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "add_bos_token": self.add_bos,
-                  "add_eos_token": self.add_eos, "tokenizer_class": "PreTrainedTokenizerFast"}
+        config = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "add_bos_token": self.add_bos,
+            "add_eos_token": self.add_eos,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        }
         if self.chat_template:
             config["chat_template"] = self.chat_template
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        )
         if len(self.eos_token_ids) > 1:
-            (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": list(self.eos_token_ids)}) + "\n")
+            (directory / "generation_config.json").write_text(
+                json.dumps({"eos_token_id": list(self.eos_token_ids)}) + "\n"
+            )
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({self.source!r}, vocab={self.vocab_size}, bos={self.bos_token_id}, "
-                f"eos={list(self.eos_token_ids)}, add_bos={self.add_bos})")
+        return (
+            f"Tokenizer({self.source!r}, vocab={self.vocab_size}, bos={self.bos_token_id}, "
+            f"eos={list(self.eos_token_ids)}, add_bos={self.add_bos})"
+        )
 
 
 class _Encoding:

@@ -53,20 +53,33 @@ def from_directory(directory: Path) -> Tokenizer:
         try:
             backend = HFTokenizer.from_file(str(directory / "tokenizer.json"))
         except Exception as e:  # noqa: BLE001 - tokenizers raises a generic Exception
-            raise CheckpointError(f"{directory / 'tokenizer.json'} is not a readable tokenizer ({e}).") from None
+            raise CheckpointError(
+                f"{directory / 'tokenizer.json'} is not a readable tokenizer ({e})."
+            ) from None
         # The tokenizer.json post-processor usually adds what the model expects (e.g. Llama's BOS);
         # add_bos_token asks llamakin to add it where it does not (never twice).
-        return Tokenizer(backend, bos_token=special("bos_token"), eos_tokens=eos, extra_eos_ids=extra_eos,
-                         add_bos=bool(config.get("add_bos_token", False)), chat_template=template,
-                         source=str(directory))
+        return Tokenizer(
+            backend,
+            bos_token=special("bos_token"),
+            eos_tokens=eos,
+            extra_eos_ids=extra_eos,
+            add_bos=bool(config.get("add_bos_token", False)),
+            chat_template=template,
+            source=str(directory),
+        )
     if (directory / "tokenizer.model").is_file():
         tok = from_model_file(directory / "tokenizer.model")
         if config or generation:
-            tok = Tokenizer(tok.backend, bos_token=special("bos_token") or tok.bos_token,
-                            eos_tokens=eos or ([tok.eos_token] if tok.eos_token else []),
-                            extra_eos_ids=list(tok.eos_token_ids) + extra_eos,
-                            add_bos=config.get("add_bos_token", True), add_eos=config.get("add_eos_token", False),
-                            chat_template=template or tok.chat_template, source=str(directory))
+            tok = Tokenizer(
+                tok.backend,
+                bos_token=special("bos_token") or tok.bos_token,
+                eos_tokens=eos or ([tok.eos_token] if tok.eos_token else []),
+                extra_eos_ids=list(tok.eos_token_ids) + extra_eos,
+                add_bos=config.get("add_bos_token", True),
+                add_eos=config.get("add_eos_token", False),
+                chat_template=template or tok.chat_template,
+                source=str(directory),
+            )
         return tok
     rank_files = sorted(directory.glob("*.tiktoken"))
     if rank_files:
@@ -74,8 +87,10 @@ def from_directory(directory: Path) -> Tokenizer:
     ggufs = sorted(directory.glob("*.gguf"))
     if ggufs:
         return from_gguf_metadata(GGUFFile(ggufs[0]).metadata, source=str(ggufs[0]))
-    raise CheckpointError(f"{directory} has no tokenizer.json, tokenizer.model, *.tiktoken or .gguf file; "
-                          "give the tokenizer's path explicitly.")
+    raise CheckpointError(
+        f"{directory} has no tokenizer.json, tokenizer.model, *.tiktoken or .gguf file; "
+        "give the tokenizer's path explicitly."
+    )
 
 
 def _looks_like_tiktoken(path: Path) -> bool:

@@ -5,4 +5,13 @@ from .data import TokenData, prepare
 from .loop import Trainer, TrainingError
 from .run import train
 
-__all__ = ["RECIPES", "TokenData", "TrainConfig", "Trainer", "TrainingError", "prepare", "recipe", "train"]
+__all__ = [
+    "RECIPES",
+    "TokenData",
+    "TrainConfig",
+    "Trainer",
+    "TrainingError",
+    "prepare",
+    "recipe",
+    "train",
+]

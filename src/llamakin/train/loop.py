@@ -60,7 +60,9 @@ BF16_MIN_GAIN = 1.3  # bf16 autocast must make the model's matrix products at le
 MEASURED_ROWS = 2048  # rows (tokens) of the products timed for precision=auto, at most
 
 
-def choose_precision(requested: str, device: torch.device, config=None, tokens: int = MEASURED_ROWS) -> str:
+def choose_precision(
+    requested: str, device: torch.device, config=None, tokens: int = MEASURED_ROWS
+) -> str:
     """``auto``: bfloat16 autocast where it pays for this model, float32 elsewhere (see :func:`decide_precision`)."""
     return decide_precision(requested, device, config, tokens)[0]
 
@@ -74,8 +76,12 @@ def model_matmuls(config, tokens: int) -> list[tuple[int, int, int, int]]:
     qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
     mlp_in = 2 * c.intermediate_size if c.mlp_type == "swiglu" else c.intermediate_size
     shapes: dict[tuple[int, int], int] = {}
-    for inner, outer in ((c.hidden_size, qkv), (c.num_heads * c.head_dim, c.hidden_size),
-                         (c.hidden_size, mlp_in), (c.intermediate_size, c.hidden_size)):
+    for inner, outer in (
+        (c.hidden_size, qkv),
+        (c.num_heads * c.head_dim, c.hidden_size),
+        (c.hidden_size, mlp_in),
+        (c.intermediate_size, c.hidden_size),
+    ):
         shapes[(inner, outer)] = shapes.get((inner, outer), 0) + c.num_layers
     shapes[(c.hidden_size, c.vocab_size)] = shapes.get((c.hidden_size, c.vocab_size), 0) + 1
     return [(rows, inner, outer, count) for (inner, outer), count in shapes.items()]
@@ -85,7 +91,9 @@ def time_matmul(rows: int, inner: int, outer: int, precision: str, device: torch
     """Seconds of one ``linear`` of float32 activations ``[rows, inner]`` and weights ``[outer, inner]``
     as training runs it: plain, or under bf16 autocast (which casts both on every call, the cost
     that makes bf16 slower than float32 for small models). Fastest of a few after a warm-up."""
-    rng = torch.Generator(device=device).manual_seed(0)  # its own: the run's random stream stays untouched
+    rng = torch.Generator(device=device).manual_seed(
+        0
+    )  # its own: the run's random stream stays untouched
     x = torch.randn(rows, inner, device=device, generator=rng)
     w = torch.randn(outer, inner, device=device, generator=rng)
     cuda = device.type == "cuda"
@@ -105,8 +113,9 @@ def time_matmul(rows: int, inner: int, outer: int, precision: str, device: torch
     return fastest
 
 
-def decide_precision(requested: str, device: torch.device, config=None,
-                     tokens: int = MEASURED_ROWS) -> tuple[str, str]:
+def decide_precision(
+    requested: str, device: torch.device, config=None, tokens: int = MEASURED_ROWS
+) -> tuple[str, str]:
     """(precision, why). ``auto`` takes bfloat16 autocast only where it pays for *this* model.
 
     GPUs: bfloat16 where supported. CPUs: only with native bf16 instructions (AVX2 CPUs emulate
@@ -125,16 +134,25 @@ def decide_precision(requested: str, device: torch.device, config=None,
             return "bfloat16", "this GPU supports bfloat16"
         return "float32", "this GPU does not support bfloat16"
     if not cpu_has_native(torch.bfloat16):
-        pays, why = False, "this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so bf16 would be emulated"
+        pays, why = (
+            False,
+            "this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so bf16 would be emulated",
+        )
     else:
         shapes = model_matmuls(config, tokens) if config is not None else [(2048, 2048, 2048, 1)]
         fp32 = sum(count * time_matmul(m, k, n, "float32", device) for m, k, n, count in shapes)
         bf16 = sum(count * time_matmul(m, k, n, "bfloat16", device) for m, k, n, count in shapes)
         gain = fp32 / bf16
         pays = gain >= BF16_MIN_GAIN
-        what = f"this model's {len(shapes)} matrix-product shapes" if config is not None else "a 2048x2048 product"
-        why = (f"bf16 autocast ran {what} {gain:.2f}x as fast as float32 (measured, {shapes[0][0]} rows; "
-               f"bfloat16 needs {BF16_MIN_GAIN}x)")
+        what = (
+            f"this model's {len(shapes)} matrix-product shapes"
+            if config is not None
+            else "a 2048x2048 product"
+        )
+        why = (
+            f"bf16 autocast ran {what} {gain:.2f}x as fast as float32 (measured, {shapes[0][0]} rows; "
+            f"bfloat16 needs {BF16_MIN_GAIN}x)"
+        )
     if dist.is_available() and dist.is_initialized():
         agreed = torch.tensor(int(pays))
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
@@ -156,8 +174,12 @@ def measured_peak_flops(device: torch.device, precision: str) -> float:
     fastest of the products timed for half a second after two warm-ups (thread pools, clocks)."""
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     cuda = device.type == "cuda"
-    n, per_timing = (4096, 10) if cuda else (2048, 1)  # GPUs: enough products per timing to hide the sync
-    rng = torch.Generator(device=device).manual_seed(0)  # its own: the run's random stream stays untouched
+    n, per_timing = (
+        (4096, 10) if cuda else (2048, 1)
+    )  # GPUs: enough products per timing to hide the sync
+    rng = torch.Generator(device=device).manual_seed(
+        0
+    )  # its own: the run's random stream stays untouched
     a = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
     fastest, start = math.inf, time.perf_counter()
@@ -173,7 +195,7 @@ def measured_peak_flops(device: torch.device, precision: str) -> float:
             fastest = min(fastest, (time.perf_counter() - began) / per_timing)
             if time.perf_counter() - start > 0.5:
                 break
-    return 2 * n ** 3 / fastest
+    return 2 * n**3 / fastest
 
 
 # -- model, optimizer, schedule -------------------------------------------------------------------
@@ -184,7 +206,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def freeze_all_but(model: torch.nn.Module, patterns: list[str]) -> list[str]:
@@ -198,7 +223,9 @@ def freeze_all_but(model: torch.nn.Module, patterns: list[str]) -> list[str]:
             trained.append(name)
     if not trained:
         names = ", ".join(n for n, _ in list(model.named_parameters())[:6])
-        raise TrainingError(f"--train-only {','.join(patterns)} matches no parameter; names look like: {names}, ...")
+        raise TrainingError(
+            f"--train-only {','.join(patterns)} matches no parameter; names look like: {names}, ..."
+        )
     return trained
 
 
@@ -248,8 +275,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "step": int, "skipped": int, "rng_torch": torch.Tensor,
-                    "model_config": dict}
+_CHECKPOINT_KEYS = {
+    "model": dict,
+    "optimizer": dict,
+    "step": int,
+    "skipped": int,
+    "rng_torch": torch.Tensor,
+    "model_config": dict,
+}
 
 
 def read_checkpoint(path: Path, model_config, cfg: TrainConfig) -> dict[str, Any]:
@@ -262,21 +295,31 @@ def read_checkpoint(path: Path, model_config, cfg: TrainConfig) -> dict[str, Any
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a truncated or hostile pickle
         detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise TrainingError(f"--resume: {path} is not a readable training checkpoint ({detail}); it may be truncated "
-                            "or not a llamakin checkpoint, so start the run without --resume.") from None
+        raise TrainingError(
+            f"--resume: {path} is not a readable training checkpoint ({detail}); it may be truncated "
+            "or not a llamakin checkpoint, so start the run without --resume."
+        ) from None
     if not isinstance(state, dict):
-        raise TrainingError(f"--resume: {path} holds a {type(state).__name__}, not a llamakin training checkpoint.")
+        raise TrainingError(
+            f"--resume: {path} holds a {type(state).__name__}, not a llamakin training checkpoint."
+        )
     for key, kind in _CHECKPOINT_KEYS.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
-            raise TrainingError(f"--resume: {path} lacks a valid {key!r}; it is not a llamakin training checkpoint "
-                                "(or it is damaged).")
+            raise TrainingError(
+                f"--resume: {path} lacks a valid {key!r}; it is not a llamakin training checkpoint "
+                "(or it is damaged)."
+            )
     if state["model_config"] != model_config.to_dict():
         theirs, ours = state["model_config"], model_config.to_dict()
         differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        raise TrainingError(f"--resume: {path} was saved for another model (it differs in {', '.join(differ[:4])}); "
-                            "resume with the settings it was trained with, or start a new run.")
-    if not 0 <= state["step"] <= 10 ** 12 or state["skipped"] < 0:
-        raise TrainingError(f"--resume: {path} records step {state['step']}, which is not a valid step.")
+        raise TrainingError(
+            f"--resume: {path} was saved for another model (it differs in {', '.join(differ[:4])}); "
+            "resume with the settings it was trained with, or start a new run."
+        )
+    if not 0 <= state["step"] <= 10**12 or state["skipped"] < 0:
+        raise TrainingError(
+            f"--resume: {path} records step {state['step']}, which is not a valid step."
+        )
     return state
 
 
@@ -291,7 +334,11 @@ def keep_metrics_through(path: Path, step: int) -> None:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("step"), int)
+            and record["step"] <= step
+        ):
             kept.append(line)
     atomic_write(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in kept)))
 
@@ -300,8 +347,13 @@ def full_state(model, optimizer, frozen: bool = True) -> tuple[dict, dict]:
     """Full model and optimizer state; without the frozen parameters when ``frozen`` is False."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(model, optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen))
+    return get_state_dict(
+        model,
+        optimizer,
+        options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen
+        ),
+    )
 
 
 def load_state(model, optimizer, model_state: dict, optim_state: dict, frozen: bool = True) -> None:
@@ -309,18 +361,29 @@ def load_state(model, optimizer, model_state: dict, optim_state: dict, frozen: b
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     if not frozen:
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in model_state]
+        missing = [
+            n for n, p in model.named_parameters() if p.requires_grad and n not in model_state
+        ]
         if missing:
-            raise TrainingError(f"the checkpoint lacks trained parameter {missing[0]!r}; it belongs to another run.")
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True, strict=frozen))
+            raise TrainingError(
+                f"the checkpoint lacks trained parameter {missing[0]!r}; it belongs to another run."
+            )
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optim_state,
+        options=StateDictOptions(full_state_dict=True, strict=frozen),
+    )
 
 
 # -- the loop ---------------------------------------------------------------------------------------
 class Trainer:
     save_frozen = True  # checkpoints hold frozen parameters too (LoRA runs: only what trains)
 
-    def __init__(self, cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True):
+    def __init__(
+        self, cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True
+    ):
         self.cfg, self.out, self.resume = cfg, Path(out).expanduser(), resume
         self.rank, self.world, self.device = setup_processes()
         self.is_main = self.rank == 0
@@ -332,10 +395,15 @@ class Trainer:
         self.train_data = TokenData(self.data_dir, "train")
         self.val_data = TokenData(self.data_dir, "val")
         self.model = self._model()
-        self.precision, self.precision_reason = decide_precision(cfg.precision, self.device, self.model.config,
-                                                                 cfg.micro_batch * cfg.seq_len)
+        self.precision, self.precision_reason = decide_precision(
+            cfg.precision, self.device, self.model.config, cfg.micro_batch * cfg.seq_len
+        )
         self.tokens_per_step = cfg.micro_batch * cfg.grad_accum * self.world * cfg.seq_len
-        self.total_steps = (max(1, cfg.budget_tokens // self.tokens_per_step) if cfg.budget_tokens else cfg.max_steps)
+        self.total_steps = (
+            max(1, cfg.budget_tokens // self.tokens_per_step)
+            if cfg.budget_tokens
+            else cfg.max_steps
+        )
 
     def _data(self) -> Path:
         """A prepared dataset directory: given, or prepared into ``out/data`` (once, by rank 0)."""
@@ -361,8 +429,10 @@ class Trainer:
 
             model = llamakin.load(cfg.init_from).float()
             if model.config.vocab_size < self.train_data.vocab_size:
-                raise TrainingError(f"{cfg.init_from} has {model.config.vocab_size} embeddings but the data's tokenizer "
-                                    f"has {self.train_data.vocab_size} tokens; prepare the data with its tokenizer.")
+                raise TrainingError(
+                    f"{cfg.init_from} has {model.config.vocab_size} embeddings but the data's tokenizer "
+                    f"has {self.train_data.vocab_size} tokens; prepare the data with its tokenizer."
+                )
         else:
             config = cfg.model_config(self.train_data.vocab_size)
             check_plausible_size(config, "the training recipe", None, torch.float32, self.device)
@@ -384,7 +454,9 @@ class Trainer:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
 
     def _batch_rows(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """This process's micro-batches of the step's global batch (same rows whatever the process count)."""
@@ -415,7 +487,9 @@ class Trainer:
         total = torch.zeros(2, device=self.device)
         for i in range(self.cfg.eval_batches):
             # fixed validation batches (their own seed), split across processes
-            x, y, mask = self.val_data.batch(self.cfg.seed + 7919, i, self.cfg.micro_batch * self.world, self.cfg.seq_len)
+            x, y, mask = self.val_data.batch(
+                self.cfg.seed + 7919, i, self.cfg.micro_batch * self.world, self.cfg.seq_len
+            )
             sl = slice(self.rank * self.cfg.micro_batch, (self.rank + 1) * self.cfg.micro_batch)
             x, y, mask = x[sl].to(self.device), y[sl].to(self.device), mask[sl].to(self.device)
             total += torch.stack([self._loss_sum(model, x, y, mask), mask.sum().float()])
@@ -429,38 +503,65 @@ class Trainer:
         # the fused kernel: one pass over each tensor instead of ~10 (0.25 s -> 0.05 s per step for
         # 56M parameters on 2 CPU cores, measured); FSDP2's sharded parameters keep the foreach one
         fused = cfg.parallel != "fsdp" and self.device.type in ("cpu", "cuda")
-        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                      betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=1e-8,
+            fused=fused or None,
+        )
         step, skipped, bad_run = 0, 0, 0
         checkpoint = self.out / "ckpt.pt"
         if self.resume:
             state = read_checkpoint(checkpoint, self.model.config, cfg)
             try:
-                load_state(model, optimizer, state["model"], state["optimizer"], frozen=self.save_frozen)
+                load_state(
+                    model, optimizer, state["model"], state["optimizer"], frozen=self.save_frozen
+                )
                 torch.set_rng_state(state["rng_torch"])
             except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-                raise TrainingError(f"--resume: {checkpoint} does not fit this run's model and optimizer "
-                                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); start a new run "
-                                    "without --resume.") from None
+                raise TrainingError(
+                    f"--resume: {checkpoint} does not fit this run's model and optimizer "
+                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); start a new run "
+                    "without --resume."
+                ) from None
             step, skipped = state["step"], state["skipped"]
         if self.is_main:
             # every step appears once: drop what was logged after the checkpoint we resume from
             keep_metrics_through(self.out / "metrics.jsonl", step)
         metrics = open(self.out / "metrics.jsonl", "a") if self.is_main else None
         if self.is_main:
-            (self.out / "train_config.json").write_text(json.dumps(
-                {"train": cfg.to_dict(), "model": self.model.config.to_dict(), "precision": self.precision,
-                 "precision_reason": self.precision_reason,
-                 "world_size": self.world, "trained_parameters": len(self.trained_names)}, indent=2) + "\n")
+            (self.out / "train_config.json").write_text(
+                json.dumps(
+                    {
+                        "train": cfg.to_dict(),
+                        "model": self.model.config.to_dict(),
+                        "precision": self.precision,
+                        "precision_reason": self.precision_reason,
+                        "world_size": self.world,
+                        "trained_parameters": len(self.trained_names),
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
         peak = measured_peak_flops(self.device, self.precision)
         per_token = flops_per_token(self.model, cfg.seq_len)
         if self.is_main and self.progress:
             total = sum(p.numel() for p in self.model.parameters())
-            log.info(f"training {total:,} parameters ({len(self.trained_names)} tensors trained) on "
-                     f"{self.world} x {self.device.type}, {self.precision} (asked: {cfg.precision}; {self.precision_reason}), "
-                     f"{self.tokens_per_step:,} tokens/step, steps {step} -> {self.total_steps}")
+            log.info(
+                f"training {total:,} parameters ({len(self.trained_names)} tensors trained) on "
+                f"{self.world} x {self.device.type}, {self.precision} (asked: {cfg.precision}; {self.precision_reason}), "
+                f"{self.tokens_per_step:,} tokens/step, steps {step} -> {self.total_steps}"
+            )
         params = [p for p in self.model.parameters() if p.requires_grad]
-        bar = tqdm(total=self.total_steps, initial=step, desc="training", unit="step", disable=not self.progress)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=step,
+            desc="training",
+            unit="step",
+            disable=not self.progress,
+        )
         last = {}
         while step < self.total_steps:
             start = time.perf_counter()
@@ -480,7 +581,9 @@ class Trainer:
                 loss_total += loss_sum.detach()
             loss = (self._all_sum(loss_total) / tokens).item()
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
+            grad_norm = (
+                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            ).item()  # FSDP: a DTensor
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 optimizer.step()
                 bad_run = 0
@@ -488,17 +591,29 @@ class Trainer:
                 skipped += 1
                 bad_run += 1
                 if bad_run >= cfg.max_bad_steps:
-                    raise TrainingError(f"training stopped: {bad_run} steps in a row had a non-finite loss or gradient "
-                                        f"(last at step {step}); lower the learning rate or check the data.")
+                    raise TrainingError(
+                        f"training stopped: {bad_run} steps in a row had a non-finite loss or gradient "
+                        f"(last at step {step}); lower the learning rate or check the data."
+                    )
             optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.perf_counter() - start
             tok_s = self.tokens_per_step / elapsed
-            last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step * self.tokens_per_step,
-                    "tokens_per_s": round(tok_s, 1), "mfu": round(tok_s * per_token / peak, 4), "skipped": skipped}
+            last = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": step * self.tokens_per_step,
+                "tokens_per_s": round(tok_s, 1),
+                "mfu": round(tok_s * per_token / peak, 4),
+                "skipped": skipped,
+            }
             if step % cfg.eval_interval == 0 or step == self.total_steps:
                 last["val_loss"] = self.evaluate(model)
-                last["val_ppl"] = math.exp(min(last["val_loss"], 700.0))  # held-out perplexity (exp overflows past ~709)
+                last["val_ppl"] = math.exp(
+                    min(last["val_loss"], 700.0)
+                )  # held-out perplexity (exp overflows past ~709)
             if self.is_main:
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
@@ -506,7 +621,9 @@ class Trainer:
                 bar.update(1)
             if step % cfg.save_interval == 0 or step == self.total_steps:
                 self._save(model, optimizer, step, skipped, checkpoint)
-                if os.environ.get("LLAMAKIN_DIE_AFTER_STEP") == str(step):  # tests: a crash right after a save
+                if os.environ.get("LLAMAKIN_DIE_AFTER_STEP") == str(
+                    step
+                ):  # tests: a crash right after a save
                     os._exit(17)
         bar.close()
         if self.is_main:
@@ -515,11 +632,22 @@ class Trainer:
         return last
 
     def _save(self, model, optimizer, step: int, skipped: int, path: Path) -> None:
-        model_state, optim_state = full_state(model, optimizer, frozen=self.save_frozen)  # collective under FSDP
+        model_state, optim_state = full_state(
+            model, optimizer, frozen=self.save_frozen
+        )  # collective under FSDP
         if self.is_main:
-            atomic_save({"model": model_state, "optimizer": optim_state, "step": step, "skipped": skipped,
-                         "rng_torch": torch.get_rng_state(), "config": self.cfg.to_dict(),
-                         "model_config": self.model.config.to_dict()}, path)
+            atomic_save(
+                {
+                    "model": model_state,
+                    "optimizer": optim_state,
+                    "step": step,
+                    "skipped": skipped,
+                    "rng_torch": torch.get_rng_state(),
+                    "config": self.cfg.to_dict(),
+                    "model_config": self.model.config.to_dict(),
+                },
+                path,
+            )
         if dist.is_initialized():
             dist.barrier()
 

@@ -13,7 +13,11 @@ def read_metrics(run: str | Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise LlamakinError(f"{run} has no metrics.jsonl; point at a training output directory.")
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    lines = [
+        line
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if line.strip()
+    ]
     rows = []
     for n, line in enumerate(lines, 1):
         try:
@@ -22,12 +26,21 @@ def read_metrics(run: str | Path) -> list[dict]:
             if n == len(lines):  # the last line torn by a kill mid-write: the steps before it stand
                 break
             raise LlamakinError(f"{path}:{n} is not valid JSON; remove that line.") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or \
-                not all(isinstance(record.get(k), (int, float)) for k in ("loss", "tokens", "grad_norm")):
-            raise LlamakinError(f"{path}:{n} is not a llamakin metrics record (step, loss, tokens, grad_norm).")
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("step"), int)
+            or not all(
+                isinstance(record.get(k), (int, float)) for k in ("loss", "tokens", "grad_norm")
+            )
+        ):
+            raise LlamakinError(
+                f"{path}:{n} is not a llamakin metrics record (step, loss, tokens, grad_norm)."
+            )
         rows.append(record)
     if not rows:
-        raise LlamakinError(f"{path} holds no complete step yet; plot again once the run has logged one.")
+        raise LlamakinError(
+            f"{path} holds no complete step yet; plot again once the run has logged one."
+        )
     # a resumed run appends: keep the last record of each step
     by_step = {r["step"]: r for r in rows}
     return [by_step[s] for s in sorted(by_step)]
@@ -46,14 +59,22 @@ def plot_runs(runs: list[str | Path], out: str | Path, labels: list[str] | None 
     for run, label in zip(runs, labels):
         rows = read_metrics(run)
         tokens = [r["tokens"] / 1e6 for r in rows]
-        line, = ax_loss.plot(tokens, [r["loss"] for r in rows], alpha=0.5, linewidth=1, label=f"{label} train")
+        (line,) = ax_loss.plot(
+            tokens, [r["loss"] for r in rows], alpha=0.5, linewidth=1, label=f"{label} train"
+        )
         val = [(r["tokens"] / 1e6, r["val_loss"]) for r in rows if "val_loss" in r]
         if val:
-            ax_loss.plot(*zip(*val), marker="o", color=line.get_color(), label=f"{label} validation")
+            ax_loss.plot(
+                *zip(*val), marker="o", color=line.get_color(), label=f"{label} validation"
+            )
         ax_norm.plot(tokens, [r["grad_norm"] for r in rows], alpha=0.7, linewidth=1, label=label)
     ax_loss.set(xlabel="tokens (millions)", ylabel="cross-entropy (nats/token)", title="loss")
-    ax_norm.set(xlabel="tokens (millions)", ylabel="global gradient norm (before clipping)", title="gradient norm",
-                yscale="log")
+    ax_norm.set(
+        xlabel="tokens (millions)",
+        ylabel="global gradient norm (before clipping)",
+        title="gradient norm",
+        yscale="log",
+    )
     for ax in (ax_loss, ax_norm):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -13,9 +13,13 @@ from .config import TrainConfig
 from .loop import Trainer
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
     if cfg.lora:
-        from ..lora.train import LoraTrainer  # here, not above: llamakin.lora.train imports the loop's package
+        from ..lora.train import (
+            LoraTrainer,
+        )  # here, not above: llamakin.lora.train imports the loop's package
 
         trainer_class = LoraTrainer
     else:
