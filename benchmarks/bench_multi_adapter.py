@@ -30,7 +30,7 @@ from bench_lora import cpu_description  # noqa: E402
 from llamakin.catalog import DEFAULT_MODEL  # noqa: E402
 from llamakin.lora import LoraSettings, apply_lora, lora_layers, save_adapter  # noqa: E402
 from llamakin.lora.multi import attach_adapters, select_rows  # noqa: E402
-from llamakin.model.decode import Decoder  # noqa: E402
+from llamakin.speed.decode_trace import Decoder  # noqa: E402
 
 
 def random_adapter(model_name: str, directory: Path, seed: int) -> Path:

@@ -203,8 +203,8 @@ def _step_diff(got, expected):
 
 def _llamakin_steps(model, prompts, new_tokens):
     """GenerationRun's prefill and (traced) decode steps, recording the logits of each step."""
-    from llamakin.model.decode import Decoder
     from llamakin.model.positions import position_tracker
+    from llamakin.speed.decode_trace import Decoder
 
     T = max(len(p) for p in prompts)
     ids = torch.tensor([[3] * (T - len(p)) + p for p in prompts])

@@ -214,8 +214,8 @@ def test_chat_messages_use_the_template(tiny):
 def test_traced_decode_step_equals_the_eager_step(monkeypatch, dtype, batch):
     """The TorchScript replay computes exactly what ``decode_step`` computes (both CPU paths of
     the projection included: 1 row and 4 rows; in bf16 the widened-weight path)."""
-    from llamakin.model import decode
-    from llamakin.model.decode import Decoder
+    from llamakin.speed import decode_trace as decode
+    from llamakin.speed.decode_trace import Decoder
 
     # a fresh trace cache: the process-wide recording budget may be spent by earlier tests
     monkeypatch.setattr(decode, "TRACES", decode.TraceCache(4))
@@ -252,7 +252,7 @@ def test_traced_decode_step_equals_the_eager_step(monkeypatch, dtype, batch):
 def test_frozen_traces_follow_weight_changes_and_keep_the_training_flag(monkeypatch):
     """Frozen traces hold the weights as constants: replacing a weight or changing one in place
     between generations (a training step, a load) must retrace, never replay stale weights."""
-    from llamakin.model.decode import Decoder
+    from llamakin.speed.decode_trace import Decoder
 
     monkeypatch.setenv("LLAMAKIN_TRACE", "1")
     torch.manual_seed(0)

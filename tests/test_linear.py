@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import llamakin
 from llamakin import hardware
-from llamakin.model import linear as linear_module
-from llamakin.model.linear import decode_linear, linear, upcast_linear
+from llamakin.speed import cpu_linear as linear_module
+from llamakin.speed.cpu_linear import decode_linear, linear, upcast_linear
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 16])

@@ -21,7 +21,7 @@ from llamakin.lora.multi import (
     select_rows,
     with_adapter,
 )
-from llamakin.model.decode import Decoder
+from llamakin.speed.decode_trace import Decoder
 from test_lora import randomize_adapters
 from test_server import Server
 from assets import smollm2_gguf
@@ -94,7 +94,7 @@ def test_rows_on_different_adapters_equal_each_adapter_merged_alone(setup):
 @pytest.mark.parametrize("traced", [True, False])
 def test_decode_steps_carry_the_rows_adapters(setup, traced, monkeypatch):
     """The per-row indices are an input of the frozen decode trace, not a constant recorded in it."""
-    from llamakin.model import decode
+    from llamakin.speed import decode_trace as decode
 
     monkeypatch.setenv("LLAMAKIN_TRACE", "1" if traced else "0")
     # a fresh trace cache: the process-wide recording budget may be spent by earlier test files

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import llamakin
 from llamakin.generate import GenerationRun, SamplingParams
-from llamakin.model.decode import Decoder
+from llamakin.speed.decode_trace import Decoder
 from original_code import ChatGLM2, InternLM2, InternLMV1, QwenV1, chatglm2_config
 
 V, D, H, HD = 64, 32, 4, 8

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import llamakin
-import llamakin.model.decode as decode
+import llamakin.speed.decode_trace as decode
 from llamakin.generate import GenerationRun, SamplingParams
 from llamakin.model.cache import KVCache
-from llamakin.model.decode import Decoder, TraceCache
+from llamakin.speed.decode_trace import Decoder, TraceCache
 
 
 def small_model():

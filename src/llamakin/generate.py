@@ -27,7 +27,7 @@ from .generation.sampling import (  # noqa: F401 - the public names of the sampl
     next_tokens,
 )
 from .generation.stats import GenerationStats
-from .model.decode import cache_length_for
+from .speed.decode_trace import cache_length_for
 from .token_ids import check_token_ids
 from .tokenizer import Tokenizer
 

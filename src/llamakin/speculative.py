@@ -62,7 +62,7 @@ from .generation.sampling import (
     apply_top_p,
 )
 from .generation.stats import GenerationStats
-from .model.decode import Decoder, cache_length_for
+from .speed.decode_trace import Decoder, cache_length_for
 from .token_ids import check_token_ids
 from .tokenizer import Tokenizer
 

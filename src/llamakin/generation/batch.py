@@ -13,7 +13,7 @@ in the server; one batch of prompts in :func:`~llamakin.generate`). Admission:
   generator.
 
 A decode step feeds every row its last token, at its own slot and position, rounded up to a few
-batch sizes and cache lengths so the traced step is reused (:mod:`llamakin.model.decode`). A
+batch sizes and cache lengths so the traced step is reused (:mod:`llamakin.speed.decode_trace`). A
 failure while sampling or detokenizing one row marks that row alone (``row.error``); a failure
 of the shared step propagates to the caller. Finished, failed and cancelled rows are retired:
 the last row moves into the hole, and a finished or cancelled row's keys/values go to the prefix
@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from ..model.cache import KVCache
-from ..model.decode import CACHE_BUCKET, Decoder
 from ..model.positions import position_tracker
+from ..speed.decode_trace import CACHE_BUCKET, Decoder
 from .prefix_cache import PrefixCache, prefix_reuse_supported
 from .rows import LinearPosition, PrefixLMPosition, Row
 

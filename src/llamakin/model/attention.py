@@ -10,8 +10,9 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..hardware import emulated_half
-from .cache import AttentionMask, KVCache
+from .cache import KVCache
 from .linear import Linear
+from .masks import AttentionMask
 from .norm import RMSNorm
 from .rope import Rope, apply_rotary
 

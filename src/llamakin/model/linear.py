@@ -1,79 +1,14 @@
-"""The projection layer, with faster CPU paths for decoding and for half-precision weights.
-
-On CPU, MKL computes ``x @ W.T`` for a handful of rows far below memory speed: decoding is a
-stream over every weight once per step, and the layout of that stream decides the speed.
-Measured on SmolLM2-135M's matrices (2 cores, float32, weights out of cache): for 2-16 rows,
-``(W @ x.T).T`` is 2-3.5x faster than ``F.linear``; for one row, splitting ``W``'s rows in two
-halves computed as one batched product (so both cores stream) matches a column-major copy of
-``W`` without keeping one. Weights stay in the usual ``[out, in]`` layout; training, prefill
-and GPUs use ``F.linear`` unchanged. Results equal ``F.linear``'s up to float rounding order.
-
-bfloat16/float16 weights on a CPU without instructions for them (see :mod:`llamakin.hardware`):
-PyTorch emulates the product one row at a time, so its cost grows with every row (measured on
-an AVX2 machine: 1.2 ms for 8 rows of a 1536x576 matrix, 82 ms for 512, 6x slower than float32).
-For :data:`MIN_UPCAST_ROWS` rows or more, :func:`upcast_linear` instead widens the weight to
-float32 in slices of about 4 MB, which stay in cache, and multiplies in float32: the same
-products of the same half-precision values, accumulated in float32 and rounded once to the
-input's dtype (0.61 ms and 14 ms for the examples above). The weights stay half-precision in
-memory; one row (single-sequence decoding) keeps PyTorch's kernel, which is faster there.
-"""
+"""The projection layer of the model: ``nn.Linear`` whose product goes through the CPU speed paths
+of :mod:`llamakin.speed.cpu_linear` (equal to ``F.linear`` up to float rounding order)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import hardware
+from ..speed.cpu_linear import linear
 
-MAX_DECODE_ROWS = 16
-MIN_UPCAST_ROWS = 4
-UPCAST_SLICE_ELEMENTS = 1 << 20
-
-
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` for inputs of at most :data:`MAX_DECODE_ROWS` rows on CPU."""
-    out_features, in_features = weight.shape
-    rows = x.reshape(-1, in_features)
-    if rows.shape[0] == 1 and out_features % 2 == 0:
-        halves = weight.view(2, out_features // 2, in_features).transpose(1, 2)
-        y = torch.bmm(rows.expand(2, 1, in_features), halves).reshape(1, out_features)
-    else:
-        y = (weight @ rows.T).T.contiguous()
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], out_features)
-
-
-def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` of half-precision tensors computed in float32, the weight widened slice by slice."""
-    out_features, in_features = weight.shape
-    rows = x.reshape(-1, in_features).float()
-    step = max(1, UPCAST_SLICE_ELEMENTS // in_features)
-    y = torch.cat(
-        [
-            linear(rows, weight[start : start + step].float())
-            for start in range(0, out_features, step)
-        ],
-        dim=-1,
-    )
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).view(*x.shape[:-1], out_features)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, through :func:`decode_linear` for few-row float32 inference on CPU and
-    :func:`upcast_linear` for half-precision weights on CPUs without instructions for them."""
-    if x.device.type == "cpu" and not (
-        torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
-    ):
-        rows = x.numel() // x.shape[-1]
-        if weight.dtype == torch.float32 and rows <= MAX_DECODE_ROWS and weight.is_contiguous():
-            return decode_linear(x, weight, bias)
-        if rows >= MIN_UPCAST_ROWS and hardware.emulated_half(weight):
-            return upcast_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+__all__ = ["Linear", "linear"]
 
 
 class Linear(nn.Linear):

@@ -99,3 +99,8 @@ class PrefixLMPositions:
 
 def position_tracker(config: ModelConfig) -> LinearPositions | PrefixLMPositions:
     return PrefixLMPositions(config) if config.prefix_lm else LinearPositions(config)
+
+
+def positions_from_valid(key_valid: torch.Tensor, past: int) -> torch.Tensor:
+    """Position ids ``[B, new]`` counting only real tokens (HF's ``cumsum(mask) - 1``; pads get 0)."""
+    return (key_valid.long().cumsum(-1) - 1).clamp_(min=0)[:, past:]

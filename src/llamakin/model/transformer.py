@@ -12,18 +12,12 @@ from ..config import ModelConfig
 from ..errors import LlamakinError
 from ..token_ids import check_token_ids
 from .attention import DifferentialAttention, make_attention
-from .cache import (
-    AttentionMask,
-    KVCache,
-    SlotWriter,
-    build_mask,
-    decode_masks,
-    positions_from_valid,
-)
+from .cache import KVCache, SlotWriter
 from .linear import Linear, linear
+from .masks import AttentionMask, build_mask, decode_masks
 from .mlp import make_mlp
 from .norm import make_norm
-from .positions import position_tracker
+from .positions import position_tracker, positions_from_valid
 from .rope import Rope, RotaryEmbedding, qwen_ntk_alpha
 
 
@@ -261,7 +255,7 @@ class Transformer(nn.Module):
         key_valid: torch.Tensor,
         cache: KVCache,
     ) -> torch.Tensor:
-        """One decoding step with static shapes (traced by :mod:`llamakin.model.decode`): logits ``[B, vocab]``.
+        """One decoding step with static shapes (traced by :mod:`llamakin.speed.decode_trace`): logits ``[B, vocab]``.
 
         ``tokens`` ``[B, 1]``; ``positions`` ``[B, 1]`` (``[B, 2, 1]`` for 2-D RoPE); ``slots`` ``[B]``
         the cache slot each row writes; ``key_valid`` ``[B, max_len]`` which slots hold real tokens.

@@ -30,7 +30,7 @@ from ..errors import LlamakinError
 from ..generation import PrefixCache, Row, RowBatch, RowSampler, SamplingParams, TextStream
 from ..generation.sampling import LogitsProcessor
 from ..lora.multi import select_rows
-from ..model import decode
+from ..speed import decode_trace as decode
 from ..tokenizer import Tokenizer
 
 DEFAULT_PREFIX_CACHE_BYTES = 256 << 20  # --prefix-cache-mb 256

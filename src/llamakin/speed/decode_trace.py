@@ -43,7 +43,7 @@ import weakref
 import torch
 from torch import nn
 
-from .cache import KVCache
+from ..model.cache import KVCache
 
 CACHE_BUCKET = 256  # cache lengths are rounded up to this, so traces are shared between requests
 
