@@ -8,7 +8,7 @@ request's seed for the first row and :func:`~llamakin.generation.derive_seed` fo
 from __future__ import annotations
 
 import collections
-import sys
+import logging
 import time
 from typing import Any, Iterator, Sequence
 
@@ -30,6 +30,8 @@ from .generation.stats import GenerationStats
 from .speed.decode_trace import cache_length_for
 from .token_ids import check_token_ids
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 # -- the generation loop ---------------------------------------------------------------------------
@@ -85,10 +87,9 @@ class GenerationRun:
                     f"the prompt has {longest} tokens and max_new_tokens is {params.max_new_tokens}, together more "
                     f"than the model's context of {context}; shorten the prompt or lower max_new_tokens."
                 )
-            print(
+            log.warning(
                 f"llamakin: note: generating up to {longest + params.max_new_tokens} tokens, past the model's trained "
                 f"context of {context}, which its {model.config.rope_scaling.type} RoPE scaling extends.",
-                file=sys.stderr,
             )
         self.model, self.tokenizer, self.prompts, self.params = model, tokenizer, prompts, params
         self.prefix_cache = prefix_cache

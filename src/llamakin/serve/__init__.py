@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import socket
-import sys
 
 from ..errors import LlamakinError
 from .api import create_app
 from .engine import DEFAULT_PREFIX_CACHE_BYTES, Engine, QueueFull, Request
 from .metrics import weights_summary
+
+log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 
@@ -124,17 +126,12 @@ def run(
         engine, model_name, api_key=api_key, max_body_bytes=max_body_bytes, adapters=adapters
     )
     if not is_loopback(host) and not api_key:
-        print(
-            f"llamakin: warning: serving on {host} without --api-key: anyone who can reach it can use it.",
-            file=sys.stderr,
+        log.warning(
+            f"llamakin: warning: serving on {host} without --api-key: anyone who can reach it can use it."
         )
-    print(startup_line(model, model_name, host, port, engine), file=sys.stderr, flush=True)
+    log.info(startup_line(model, model_name, host, port, engine))
     if adapters:
-        print(
-            f"llamakin: LoRA adapters, chosen per request by 'model': {', '.join(adapters)}",
-            file=sys.stderr,
-            flush=True,
-        )
+        log.info(f"llamakin: LoRA adapters, chosen per request by 'model': {', '.join(adapters)}")
     try:
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(
             sockets=[sock]
