@@ -21,7 +21,7 @@ from .chat_route import add_chat_route
 from .completions_route import add_completion_route
 from .engine import Engine
 from .gateway import Gateway
-from .guard import Guard, error_response
+from .guard import Guard
 from .metrics import CountResponses, ServerMetrics
 from .page import add_page_route
 from .schema import APIError
@@ -39,7 +39,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
-        return error_response(exc.status, exc.message, exc.kind, exc.param, exc.code, exc.headers)
+        return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: HTTPRequest, exc: StarletteHTTPException):
@@ -47,19 +47,20 @@ def add_error_handlers(app: FastAPI) -> None:
             method=request.method, detail=exc.detail
         )
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return APIError(exc.status_code, message, kind, headers=headers).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, exc: RequestValidationError):
         # no route validates a body through FastAPI; kept for safety
-        return error_response(400, f"invalid request: {exc.errors()[:1]}.", code="invalid_value")
+        return APIError(
+            400, f"invalid request: {exc.errors()[:1]}.", code="invalid_value"
+        ).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_, exc: Exception):
         # a bug: still OpenAI's shape, and the server keeps serving
-        return error_response(
-            500, f"internal error ({type(exc).__name__}: {exc}).", kind="server_error"
-        )
+        return APIError(500, f"internal error ({type(exc).__name__}: {exc}).", kind="server_error")
 
 
 def create_app(

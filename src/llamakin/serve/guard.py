@@ -9,20 +9,7 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi.responses import JSONResponse
-
-
-def error_response(
-    status: int,
-    message: str,
-    kind: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
+from .schema import APIError
 
 DRAIN_FACTOR = 16  # an oversized chunked body is read (and dropped) up to this many times the limit
 KEYED_PATHS = (
@@ -57,15 +44,15 @@ class Guard:
                     if not given
                     else "the API key is not correct."
                 )
-                return await error_response(401, message, code="invalid_api_key")(
+                return await APIError(401, message, code="invalid_api_key").response()(
                     scope, receive, send
                 )
-        too_big = error_response(
+        too_big = APIError(
             413,
             f"the request body is larger than {self.limit} bytes; send less.",
             code="request_too_large",
             headers={"Connection": "close"},
-        )
+        ).response()
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await too_big(scope, receive, send)

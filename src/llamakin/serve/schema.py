@@ -102,6 +102,12 @@ class APIError(Exception):
             }
         }
 
+    def response(self):
+        """This error as the HTTP answer (a ``JSONResponse``, also a plain ASGI app)."""
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
 
 # -- request bodies --------------------------------------------------------------------------------
 class _Strict(BaseModel):
