@@ -31,7 +31,7 @@ class LinearPositions:
         if valid is None:
             positions = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
         else:
-            positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
+            positions = positions_from_valid(valid, 0)
         self.next = positions[:, -1:] + 1
         return positions, None
 
