@@ -429,17 +429,17 @@ def _param(loc: tuple) -> str:
     return ".".join(parts)
 
 
-def parse_body(raw: bytes, kind: type[_Sampling]):
-    """A validated request of ``kind`` from the raw body, or :class:`APIError` (400)."""
-    data = load_json(raw)
+def validated(raw: bytes, kind: type[BaseModel], unknown_field: str = "unknown field; remove it"):
+    """A request of ``kind`` from the raw body, or :class:`APIError` (400) naming the first bad
+    field; ``unknown_field`` is the message for a field the request type does not have."""
     try:
-        body = kind.model_validate(data)
+        return kind.model_validate(load_json(raw))
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         where = _param(first["loc"]) or None
-        message = first["msg"]
+        message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            message = "unknown field, which this server would have to ignore; remove it"
+            message = unknown_field
         elif first["type"] == "missing":
             message = "this field is required"
         raise APIError(
@@ -448,6 +448,11 @@ def parse_body(raw: bytes, kind: type[_Sampling]):
             param=where,
             code="invalid_value",
         ) from None
+
+
+def parse_body(raw: bytes, kind: type[_Sampling]):
+    """A validated request of ``kind`` from the raw body, or :class:`APIError` (400)."""
+    body = validated(raw, kind, "unknown field, which this server would have to ignore; remove it")
     for name, neutral in UNSUPPORTED[kind].items():
         value = getattr(body, name)
         if not any(value == n and type(value) is type(n) for n in neutral):

@@ -20,11 +20,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Request as HTTPRequest
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from ..chat_template import TemplateError
 from ..errors import LlamakinError
-from .schema import APIError, Message, StrictBool, StrictInt, StrictStr, _param, _Strict, load_json
+from .schema import APIError, Message, StrictBool, StrictInt, StrictStr, _Strict, validated
 
 MAX_DETOKENIZE_IDS = 1 << 20
 
@@ -75,32 +75,13 @@ class DetokenizeRequest(_Strict):
     tokens: Annotated[list[StrictInt], Field(max_length=MAX_DETOKENIZE_IDS)]
 
 
-def _parse(raw: bytes, kind):
-    try:
-        return kind.model_validate(load_json(raw))
-    except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        where = _param(first["loc"]) or None
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown field; remove it"
-        elif first["type"] == "missing":
-            message = "this field is required"
-        raise APIError(
-            400,
-            f"invalid value for '{where or 'body'}': {message}.",
-            param=where,
-            code="invalid_value",
-        ) from None
-
-
 def add_token_routes(app, engine, check_model) -> None:
     """Register ``/tokenize`` and ``/detokenize`` on ``app`` (``check_model`` refuses another model id)."""
     tokenizer = engine.tokenizer
 
     @app.post("/tokenize")
     async def tokenize(http: HTTPRequest):
-        body = _parse(await http.body(), TokenizeRequest)
+        body = validated(await http.body(), TokenizeRequest)
         if body.model is not None:
             check_model(body.model)
         if body.messages is not None:
@@ -127,7 +108,7 @@ def add_token_routes(app, engine, check_model) -> None:
 
     @app.post("/detokenize")
     async def detokenize(http: HTTPRequest):
-        body = _parse(await http.body(), DetokenizeRequest)
+        body = validated(await http.body(), DetokenizeRequest)
         if body.model is not None:
             check_model(body.model)
         vocab = tokenizer.vocab_size
