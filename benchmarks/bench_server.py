@@ -21,27 +21,13 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
 
 from llamakin.hardware import describe_cpu
-
-TOPICS = [
-    "a lighthouse keeper",
-    "a robot gardener",
-    "the first city on Mars",
-    "a dragon who cannot fly",
-    "a detective in Venice",
-    "the last library",
-    "a chess prodigy",
-    "an old fisherman",
-]
-
+from server_client import TOPICS, percentile, served_model, start_server, stream_chat
 
 SYSTEM = (
     "You are a patient and knowledgeable assistant. Answer every question in a few clear sentences, "
@@ -58,16 +44,6 @@ QUESTIONS = [
 ]
 
 
-def cpu_description() -> str:
-    return describe_cpu()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def one_request(client: httpx.AsyncClient, url: str, model: str, topic: str, max_tokens: int):
     body = {
         "model": model,
@@ -78,24 +54,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, topic: st
         "stream_options": {"include_usage": True},
         "messages": [{"role": "user", "content": f"Write a long story about {topic}."}],
     }
-    start = time.perf_counter()
-    first = None
-    tokens = 0
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if (
-                event.get("choices")
-                and event["choices"][0]["delta"].get("content")
-                and first is None
-            ):
-                first = time.perf_counter() - start
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    return tokens, first if first is not None else time.perf_counter() - start
+    result = await stream_chat(client, url, body)
+    return result.completion_tokens, result.ttft
 
 
 async def level(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
@@ -113,15 +73,14 @@ async def level(url: str, model: str, clients: int, requests: int, max_tokens: i
         done = await asyncio.gather(*(worker(i) for i in range(clients)))
         wall = time.perf_counter() - start
     flat = [x for results in done for x in results]
-    ttft = sorted(t for _, t in flat)
-    p95 = ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))]
+    ttft = [t for _, t in flat]
     return {
         "clients": clients,
         "requests": len(flat),
         "tokens": sum(n for n, _ in flat),
         "tokens_per_s": round(sum(n for n, _ in flat) / wall, 1),
         "ttft_median_s": round(statistics.median(ttft), 3),
-        "ttft_p95_s": round(p95, 3),
+        "ttft_p95_s": round(percentile(ttft, 0.95), 3),
     }
 
 
@@ -141,58 +100,22 @@ async def conversation(url: str, model: str, topic: str, turns: int, max_tokens:
                 "temperature": 0,
                 "messages": messages,
             }
-            start, first, text = time.perf_counter(), None, ""
-            async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    piece = (
-                        event["choices"][0]["delta"].get("content")
-                        if event.get("choices")
-                        else None
-                    )
-                    if piece and first is None:
-                        first = time.perf_counter() - start
-                    text += piece or ""
-            last = first if first is not None else time.perf_counter() - start
-            messages.append({"role": "assistant", "content": text})
+            result = await stream_chat(client, url, body)
+            last = result.ttft
+            messages.append({"role": "assistant", "content": result.text})
     return last
 
 
-def start_server(args, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "llamakin.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--max-batch",
-        str(args.max_batch),
-        *extra,
-    ]
-    if args.model:
-        command += ["--model", args.model]
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.25)
-    return server, url
+def start(args, extra: list[str]):
+    return start_server(["--max-batch", str(args.max_batch), *extra], args.model)
 
 
 def multi_turn(args) -> None:
     results = {}
     for label, megabytes in (("with prefix cache", 256), ("without", 0)):
-        server, url = start_server(args, ["--prefix-cache-mb", str(megabytes)])
+        server, url = start(args, ["--prefix-cache-mb", str(megabytes)])
         try:
-            model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+            model = served_model(url)
             asyncio.run(level(url, model, 1, 1, 8))  # warm-up (traces the decode step)
             times = [
                 asyncio.run(
@@ -247,7 +170,7 @@ def main() -> None:
         "--turn-tokens", type=int, default=48, help="multi-turn: max_tokens of each answer"
     )
     args = parser.parse_args()
-    print("CPU:", cpu_description(), flush=True)
+    print("CPU:", describe_cpu(), flush=True)
     if args.levels:
         throughput(args)
     if args.turns:
@@ -255,9 +178,9 @@ def main() -> None:
 
 
 def throughput(args) -> None:
-    server, url = start_server(args, [])
+    server, url = start(args, [])
     try:
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        model = served_model(url)
         asyncio.run(level(url, model, 1, 1, 8))  # warm-up (traces the decode step)
         rows = []
         for clients in args.levels:

@@ -22,52 +22,12 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 
 from llamakin.hardware import describe_cpu
-
-TOPICS = [
-    "a lighthouse keeper",
-    "a robot gardener",
-    "the first city on Mars",
-    "a dragon who cannot fly",
-    "a detective in Venice",
-    "the last library",
-    "a chess prodigy",
-    "an old fisherman",
-]
-
-
-def cpu_model() -> str:
-    return describe_cpu()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return (
-        ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-        if ordered
-        else float("nan")
-    )
+from server_client import TOPICS, percentile, rss_mb, served_model, start_server, stream_chat
 
 
 async def soak(
@@ -103,42 +63,16 @@ async def soak(
                     }
                 ],
             }
-            start, first, done = time.perf_counter(), None, False
             try:
-                async with client.stream(
-                    "POST", url + "/v1/chat/completions", json=body
-                ) as response:
-                    if response.status_code == 429:
-                        stats["http_429"] += 1
-                        await response.aread()
-                        await asyncio.sleep(float(response.headers.get("retry-after", "1")))
-                        continue
-                    if response.status_code != 200:
-                        raise RuntimeError(
-                            f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                        )
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data: "):
-                            continue
-                        if line == "data: [DONE]":
-                            done = True
-                            break
-                        event = json.loads(line[6:])
-                        if "error" in event:
-                            raise RuntimeError(event["error"]["message"])
-                        if (
-                            first is None
-                            and event.get("choices")
-                            and event["choices"][0]["delta"].get("content")
-                        ):
-                            first = time.perf_counter() - start
-                        if event.get("usage"):
-                            stats["tokens"] += event["usage"]["completion_tokens"]
-                if not done:
-                    raise RuntimeError("the stream ended without [DONE]")
+                result = await stream_chat(client, url, body)
+                if result.status == 429:
+                    stats["http_429"] += 1
+                    await asyncio.sleep(result.retry_after)
+                    continue
                 stats["requests"] += 1
-                stats["latency"].append(time.perf_counter() - start)
-                stats["ttft"].append(first if first is not None else time.perf_counter() - start)
+                stats["tokens"] += result.completion_tokens
+                stats["latency"].append(result.seconds)
+                stats["ttft"].append(result.ttft)
             except Exception as e:  # noqa: BLE001 - counted and reported
                 stats["errors"] += 1
                 stats["first_error"] = stats["first_error"] or f"{type(e).__name__}: {e}"
@@ -239,40 +173,17 @@ def main() -> None:
     parser.add_argument("--trace-cache", type=int, help="LLAMAKIN_TRACE_CACHE for the server")
     args = parser.parse_args()
     print(
-        f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average before: {os.getloadavg()} "
-        "(a shared machine: timings are noisy)",
+        f"CPU: {describe_cpu()} (a shared machine's timings are noisy)",
         flush=True,
     )
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "llamakin.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--max-batch",
-        str(args.max_batch),
-        "--max-queue",
-        str(args.max_queue),
-        "--context",
-        str(args.context),
-    ]
-    if args.model:
-        command += ["--model", args.model]
+    options = ["--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+    options += ["--context", str(args.context)]
     environment = dict(os.environ)
     if args.trace_cache is not None:
         environment["LLAMAKIN_TRACE_CACHE"] = str(args.trace_cache)
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server(options, args.model, env=environment, wait_s=1200)
     try:
-        for _ in range(2400):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        model = served_model(url)
         print(f"server up, RSS {rss_mb(server.pid):.0f} MB", flush=True)
         result = asyncio.run(
             soak(url, model, args.clients, args.seconds, args.max_tokens, server.pid)
