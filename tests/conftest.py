@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -73,3 +74,17 @@ def crash_and_resume(recipe: str, out: Path, settings: list[str]) -> list[float]
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     return metrics_losses(out)
+
+
+async def finished_results(requests, timeout: float = 120) -> list:
+    """Each server-engine request's final ``RowResult``, in order, once it is done (its text pieces
+    skipped); fails on an error event or after ``timeout`` seconds of silence."""
+    results = []
+    for request in requests:
+        while True:
+            kind, payload = await asyncio.wait_for(request.events.get(), timeout)
+            assert kind != "error", payload
+            if kind == "done":
+                results.append(payload)
+                break
+    return results

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 import llamakin
 from llamakin.generate import GenerationRun, SamplingParams
 from original_code import ChatGLM6B
+from conftest import finished_results
 
 V, D, H, LAYERS, INNER = 100, 32, 4, 2, 64
 HD = D // H
@@ -362,16 +363,9 @@ def test_the_server_serves_it_with_the_text_of_generate(checkpoint):
         ]
         for request in requests:
             engine.submit(request)
-        texts = []
-        for request in requests[:3] + [requests[3], *requests[3].forks]:
-            while True:
-                kind, payload = await asyncio.wait_for(request.events.get(), 120)
-                assert kind != "error", payload
-                if kind == "done":
-                    texts.append(payload.text)
-                    break
+        results = await finished_results(requests[:3] + [requests[3], *requests[3].forks])
         engine.stop()
-        return texts
+        return [r.text for r in results]
 
     assert asyncio.run(serve()) == expected
 

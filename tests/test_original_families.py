@@ -21,6 +21,7 @@ import llamakin
 from llamakin.generate import GenerationRun, SamplingParams
 from llamakin.speed.decode_trace import Decoder
 from original_code import ChatGLM2, InternLM2, InternLMV1, QwenV1, chatglm2_config
+from conftest import finished_results
 
 V, D, H, HD = 64, 32, 4, 8
 F32_TOL = (
@@ -652,15 +653,8 @@ def test_qwen1_ntk_in_the_servers_continuous_batch(tmp_path):
         ]
         for request in requests:
             engine.submit(request)
-        results = []
-        for request in requests:
-            while True:
-                kind, payload = await asyncio.wait_for(request.events.get(), 120)
-                assert kind != "error", payload
-                if kind == "done":
-                    results.append(payload.token_ids)
-                    break
+        results = await finished_results(requests)
         engine.stop()
-        return results
+        return [r.token_ids for r in results]
 
     assert asyncio.run(serve()) == expected

@@ -8,6 +8,7 @@ import pytest
 import llamakin
 from llamakin.generation import derive_seed
 from test_server import MODEL, Server, post, tiny  # noqa: F401 - tiny is a fixture
+from conftest import finished_results
 
 openai = pytest.importorskip("openai")
 
@@ -163,16 +164,9 @@ def test_per_row_logits_processors_reach_the_sampler(tiny):  # noqa: F811
             make_processors=make_processors,
         )
         engine.submit(request)
-        results = []
-        for r in (request, *request.forks):
-            while True:
-                kind, payload = await asyncio.wait_for(r.events.get(), 120)
-                assert kind != "error", payload
-                if kind == "done":
-                    results.append(payload.token_ids)
-                    break
+        results = await finished_results([request, *request.forks])
         engine.stop()
-        return results
+        return [r.token_ids for r in results]
 
     results = asyncio.run(serve())
     assert len(made) == 2 and all(
