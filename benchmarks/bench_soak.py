@@ -14,6 +14,7 @@ every batch size and prompt length; errors, 429s, throughput, latency and the se
 The server is a subprocess (the default model unless --model); its RSS is read from /proc.
 
     .venv/bin/python benchmarks/bench_soak.py [--clients 64] [--seconds 60] [--max-batch 8] [--context 2048]
+        [--quantize none]
 """
 
 from __future__ import annotations
@@ -237,6 +238,13 @@ def main() -> None:
         help="sweep prompt lengths (default: one in every 256-slot cache bucket up to --context)",
     )
     parser.add_argument("--trace-cache", type=int, help="LLAMAKIN_TRACE_CACHE for the server")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["auto", "none", "int8", "int4"],
+        help="the server's --quantize (default none: float32 weights, as the README's numbers; "
+        "serve itself defaults to auto)",
+    )
     args = parser.parse_args()
     print(
         f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average before: {os.getloadavg()} "
@@ -257,6 +265,8 @@ def main() -> None:
         str(args.max_queue),
         "--context",
         str(args.context),
+        "--quantize",
+        args.quantize,
     ]
     if args.model:
         command += ["--model", args.model]
@@ -273,7 +283,9 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.25)
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        print(f"server up, RSS {rss_mb(server.pid):.0f} MB", flush=True)
+        print(
+            f"server up (--quantize {args.quantize}), RSS {rss_mb(server.pid):.0f} MB", flush=True
+        )
         result = asyncio.run(
             soak(url, model, args.clients, args.seconds, args.max_tokens, server.pid)
         )
