@@ -639,6 +639,11 @@ def test_generation_past_the_context_only_where_rope_scaling_extends_it(tmp_path
     origin = llamakin.load(internlm_checkpoint(tmp_path / "ilm", kind="origin"))
     with pytest.raises(llamakin.LlamakinError, match="more than the model's context of 16"):
         GenerationRun(origin, _Ids(), rows, SamplingParams(max_new_tokens=5))
+    # ChatGLM2's original indexes a RoPE table of seq_length rows: it cannot go past it either
+    chatglm2 = llamakin.load(chatglm2_checkpoint(tmp_path / "cg2"))
+    with pytest.raises(llamakin.LlamakinError, match="more than the model's context of 64"):
+        GenerationRun(chatglm2, _Ids(), rows, SamplingParams(max_new_tokens=53))
+    GenerationRun(chatglm2, _Ids(), rows, SamplingParams(max_new_tokens=52))  # 64 exactly: fine
 
 
 # -- the server's continuous batch (item 1, through serve/engine.py) -------------------------------------
