@@ -14,6 +14,7 @@ every batch size and prompt length; errors, 429s, throughput, latency and the se
 The server is a subprocess (the default model unless --model); its RSS is read from /proc.
 
     .venv/bin/python benchmarks/bench_soak.py [--clients 64] [--seconds 60] [--max-batch 8] [--context 2048]
+        [--quantize none]
 """
 
 from __future__ import annotations
@@ -171,20 +172,29 @@ def main() -> None:
         help="sweep prompt lengths (default: one in every 256-slot cache bucket up to --context)",
     )
     parser.add_argument("--trace-cache", type=int, help="LLAMAKIN_TRACE_CACHE for the server")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["auto", "none", "int8", "int4"],
+        help="the server's --quantize (default none: float32 weights, as the README's numbers; "
+        "serve itself defaults to auto)",
+    )
     args = parser.parse_args()
     print(
         f"CPU: {describe_cpu()} (a shared machine's timings are noisy)",
         flush=True,
     )
     options = ["--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
-    options += ["--context", str(args.context)]
+    options += ["--context", str(args.context), "--quantize", args.quantize]
     environment = dict(os.environ)
     if args.trace_cache is not None:
         environment["LLAMAKIN_TRACE_CACHE"] = str(args.trace_cache)
     server, url = start_server(options, args.model, env=environment, wait_s=1200)
     try:
         model = served_model(url)
-        print(f"server up, RSS {rss_mb(server.pid):.0f} MB", flush=True)
+        print(
+            f"server up (--quantize {args.quantize}), RSS {rss_mb(server.pid):.0f} MB", flush=True
+        )
         result = asyncio.run(
             soak(url, model, args.clients, args.seconds, args.max_tokens, server.pid)
         )

@@ -198,6 +198,15 @@ def test_inspect_and_arch_diff_cover_it(checkpoint, capsys):
 
 
 # -- against the original's own cache, padding, depth and dtypes (issue 11) ------------------------------
+@pytest.fixture
+def own_trace_cache(monkeypatch):
+    """A fresh trace cache: the process-wide recording budget may be spent by earlier test files,
+    and then the "traced" steps below would silently run eagerly."""
+    from llamakin.speed import decode_trace as decode
+
+    monkeypatch.setattr(decode, "TRACES", decode.TraceCache(8))
+
+
 def _step_diff(got, expected):
     return max((g - e).abs().max().item() for g, e in zip(got, expected))
 
@@ -225,13 +234,14 @@ def _llamakin_steps(model, prompts, new_tokens):
             )[:, -1]
         ]
         decoder = Decoder(model, cache)
+        assert decoder._graph is not None, "the decode step was not traced"
         for _ in range(new_tokens):
             steps.append(decoder.step(steps[-1].argmax(-1)[:, None], tracker.step()))
     return steps
 
 
 @torch.no_grad()
-def test_decoding_with_the_cache_and_padding_matches_the_original(checkpoint):
+def test_decoding_with_the_cache_and_padding_matches_the_original(checkpoint, own_trace_cache):
     directory, _ = checkpoint
     model = llamakin.load(directory)
     expected = ChatGLM6B(directory).greedy(PROMPTS, 6)
@@ -239,7 +249,7 @@ def test_decoding_with_the_cache_and_padding_matches_the_original(checkpoint):
 
 
 @torch.no_grad()
-def test_residual_alpha_is_sqrt_56_at_every_depth(tmp_path):
+def test_residual_alpha_is_sqrt_56_at_every_depth(tmp_path, own_trace_cache):
     """Item 4: GLMBlock's num_layers defaults to 28 and the model never passes its own depth."""
     directory, _ = make_checkpoint(tmp_path / "three", layers=3, seed=1)
     model = llamakin.load(directory)

@@ -249,3 +249,44 @@ def test_subln_keeps_unilm_epsilon_whatever_the_container_norm_eps(tmp_path):
     # HF DiffLlama's group norm shares rms_norm_eps, so this model has no exact DiffLlama form
     with pytest.raises(llamakin.LlamakinError, match="diff_norm_eps"):
         model.save_pretrained(tmp_path / "hf", family="diffllama")
+
+
+@torch.no_grad()
+def test_padded_batch_half_precision_and_export_read_by_the_reference(tmp_path):
+    """The rest of issue 11's list for this family. unilm's model has no padding code (a causal
+    mask over one sequence), so a left-padded row must give the logits of that row alone, also
+    while decoding with the cache; fp16/bf16 runs round like the float32 reference; the export
+    (unilm's tensor names) is read back by the reference itself."""
+    from safetensors.torch import load_file
+
+    pairs, kv_pairs = 4, 2
+    w = make_checkpoint(tmp_path / "unilm", pairs, kv_pairs, seed=3)
+    model = llamakin.load(tmp_path / "unilm")
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, V, (n,), generator=g) for n in (12, 7, 3)]
+    T, new = 12, 5
+    ids = torch.stack([torch.cat([torch.zeros(T - len(r), dtype=torch.long), r]) for r in rows])
+    mask = torch.stack([torch.arange(T) >= T - len(r) for r in rows]).long()
+    logits = model(ids, attention_mask=mask)
+    for b, r in enumerate(rows):
+        assert (logits[b, T - len(r) :] - reference(w, r, pairs, kv_pairs)).abs().max() < 1e-5
+    # decoding the padded batch with the cache, a fixed continuation per row
+    cont = torch.randint(0, V, (3, new), generator=g)
+    cache = model.new_cache(3, T + new)
+    model(ids, attention_mask=mask, cache=cache)
+    for t in range(new):
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+        step = model(cont[:, t : t + 1], attention_mask=mask, cache=cache)
+        for b, r in enumerate(rows):
+            whole = torch.cat([r, cont[b, : t + 1]])
+            expected = reference(w, whole, pairs, kv_pairs)[-1]
+            assert (step[b, -1] - expected).abs().max() < 1e-5, (b, t)
+    ids = rows[0]
+    expected = reference(w, ids, pairs, kv_pairs)
+    for dtype, tol in ((torch.float16, 2e-2), (torch.bfloat16, 1e-1)):
+        half = llamakin.load(tmp_path / "unilm", dtype=dtype)
+        assert (half(ids[None])[0].float() - expected).abs().max() < tol, dtype
+    model.save_pretrained(tmp_path / "out")
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(written) == set(w)
+    assert (model(ids[None])[0] - reference(written, ids, pairs, kv_pairs)).abs().max() < 1e-5

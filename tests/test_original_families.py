@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import llamakin
 from llamakin.generate import GenerationRun, SamplingParams
-from llamakin.speed.decode_trace import Decoder
+from llamakin.speed.decode_trace import Decoder, _traceable
 from original_code import ChatGLM2, InternLM2, InternLMV1, QwenV1, chatglm2_config
 from conftest import finished_results
 
@@ -49,6 +49,16 @@ class _Ids:
         return ""
 
 
+@pytest.fixture(autouse=True)
+def own_trace_cache(monkeypatch):
+    """A fresh trace cache for every test here: the process-wide recording budget
+    (``LLAMAKIN_TRACE_BUDGET``) may be spent by earlier test files, and then the "traced" step
+    would silently run eagerly and the traced path would go untested."""
+    from llamakin.speed import decode_trace as decode
+
+    monkeypatch.setattr(decode, "TRACES", decode.TraceCache(8))
+
+
 def masked_max(a, b, mask):
     return (a - b)[mask.bool()].abs().max().item()
 
@@ -70,7 +80,9 @@ def llamakin_greedy(model, rows, new_tokens, trace=True):
             model(ids, attention_mask=mask if padded else None, cache=cache, last_only=True)[:, -1]
         ]
         decoder = Decoder(model, cache)
-        if not trace:
+        if trace:  # dynamic NTK (a base growing every step) runs eagerly by design
+            assert decoder._graph is not None or not _traceable(model), "the step was not traced"
+        else:
             decoder._graph = None
         positions = mask.sum(-1, keepdim=True)
         for _ in range(new_tokens):
@@ -629,6 +641,11 @@ def test_generation_past_the_context_only_where_rope_scaling_extends_it(tmp_path
     origin = llamakin.load(internlm_checkpoint(tmp_path / "ilm", kind="origin"))
     with pytest.raises(llamakin.LlamakinError, match="more than the model's context of 16"):
         GenerationRun(origin, _Ids(), rows, SamplingParams(max_new_tokens=5))
+    # ChatGLM2's original indexes a RoPE table of seq_length rows: it cannot go past it either
+    chatglm2 = llamakin.load(chatglm2_checkpoint(tmp_path / "cg2"))
+    with pytest.raises(llamakin.LlamakinError, match="more than the model's context of 64"):
+        GenerationRun(chatglm2, _Ids(), rows, SamplingParams(max_new_tokens=53))
+    GenerationRun(chatglm2, _Ids(), rows, SamplingParams(max_new_tokens=52))  # 64 exactly: fine
 
 
 # -- the server's continuous batch (item 1, through serve/engine.py) -------------------------------------
@@ -642,14 +659,31 @@ def test_qwen1_ntk_in_the_servers_continuous_batch(tmp_path):
     directory = qwen_checkpoint(tmp_path / "qwen")
     model = llamakin.load(directory)
     rows, new = prompts([20, 5, 11]), [3, 9, 9]  # alphas 7, 1, 3; the first finishes first
-    expected = [QwenV1(directory).greedy([r], n)[0][0] for r, n in zip(rows, new)]
+    references = [QwenV1(directory).greedy([r], n) for r, n in zip(rows, new)]
+    expected = [tokens[0] for tokens, _ in references]
+    # the logits each row's sampler saw (a pass-through logits processor records them): tokens
+    # alone are too coarse on this tiny model to notice a wrong alpha
+    seen = [[] for _ in rows]
+
+    def recorder(row):
+        def record(generated, logits):
+            seen[row].append(logits.clone())
+            return logits
+
+        return lambda: [record]
 
     async def serve():
         engine = Engine(model, _Ids(), max_batch=4)
         loop = asyncio.get_running_loop()
         requests = [
-            Request(r, SamplingParams(max_new_tokens=n, ignore_eos=True), loop, asyncio.Queue())
-            for r, n in zip(rows, new)
+            Request(
+                r,
+                SamplingParams(max_new_tokens=n, ignore_eos=True),
+                loop,
+                asyncio.Queue(),
+                make_processors=recorder(i),
+            )
+            for i, (r, n) in enumerate(zip(rows, new))
         ]
         for request in requests:
             engine.submit(request)
@@ -658,3 +692,7 @@ def test_qwen1_ntk_in_the_servers_continuous_batch(tmp_path):
         return [r.token_ids for r in results]
 
     assert asyncio.run(serve()) == expected
+    for row, (_, steps) in enumerate(references):
+        assert len(seen[row]) == new[row]
+        diff = max((g - e[0]).abs().max().item() for g, e in zip(seen[row], steps))
+        assert diff < F32_TOL, (row, diff)

@@ -230,6 +230,34 @@ def test_one_rows_sampling_failure_ends_that_request_alone(server, monkeypatch):
     assert alone(server, PROMPTS[0]) == expected[0]
 
 
+def test_one_rows_detokenizing_failure_ends_that_request_alone(server, monkeypatch):
+    """Detokenizing one row fails mid-generation (its tokenizer call raises): that stream ends with
+    an error event, the three others finish with exactly the text they get alone."""
+    from llamakin.generation.text import TextStream
+
+    expected = [alone(server, p) for p in PROMPTS]
+    marker = "never-appears-7"  # the doomed request's stop string marks its text stream
+    push = TextStream.push
+
+    def failing(self, token_id):
+        if marker in self.stop and len(self.ids) >= 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return push(self, token_id)
+
+    monkeypatch.setattr(TextStream, "push", failing)
+    slow_down_steps(server.engine, 0.02, monkeypatch)
+    with ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(stream_text, server, p) for p in PROMPTS]
+        assert wait_until(lambda: server.engine.status()["running"] == 3)
+        doomed = pool.submit(stream_text, server, "Doomed:", stop=[marker])
+        _, events = doomed.result()
+        got = [s.result()[0] for s in streams]
+    assert got == expected
+    assert "error" in events[-1] and {"done": True} not in events, events[-3:]
+    assert "UnicodeDecodeError" in events[-1]["error"]["message"]
+    assert wait_until(lambda: server.engine.status()["running"] == 0)
+
+
 def test_a_failing_prefill_ends_that_request_alone(server, monkeypatch):
     expected = alone(server, PROMPTS[0])
     slow_down_steps(server.engine, 0.02, monkeypatch)
