@@ -89,12 +89,16 @@ def quantize_model(
     embedding: bool = True,
     activation_dtype: torch.dtype | None = None,
     collect: dict | None = None,
+    weights: dict | None = None,
 ) -> nn.Module:
     """Replace every projection of a float ``model`` (in place) by its ``mode`` (int8/int4) version.
 
     ``head``: the output head's kind (default: int8; ``"int4"`` or ``"none"`` possible). A tied
     head gets its own quantized copy. ``embedding``: the embedding table becomes int8 (groups of 32).
+    ``weights``: quantized weights to use for some modules (by name, ``"lm_head"`` for the head)
+    instead of rounding to nearest, e.g. GPTQ's (:func:`llamakin.quant.gptq.gptq_model`).
     """
+    weights = weights or {}
     if mode not in ("int8", "int4"):
         raise LlamakinError(f"quantize_model takes mode 'int8' or 'int4', not {mode!r}.")
     head = head or "int8"
@@ -107,12 +111,12 @@ def quantize_model(
         if kind == "int4":
             check_group_size(group_size, linear.in_features, f" ({name})")
         bias = _bias_for(model, name, linear.bias)
-        weight = _float_to(kind, linear.weight, group_size)
+        weight = weights.get(name) or _float_to(kind, linear.weight, group_size)
         if collect is not None:
             collect[name] = weight
         model.set_submodule(name, _make_module(weight, bias, activation_dtype, device))
     if model.lm_head is None and head != "none":
-        weight = _float_to(head, model.embed.weight, group_size)
+        weight = weights.get(HEAD) or _float_to(head, model.embed.weight, group_size)
         if collect is not None:
             collect[HEAD] = weight
         model.lm_head = _make_module(weight, None, activation_dtype, device)
