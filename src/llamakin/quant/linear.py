@@ -220,13 +220,12 @@ class Int8Embedding(nn.Module):
     @torch.no_grad()
     def to_int8_rows(self) -> Int8Weight:
         """The table requantized with one scale per row (a tied head's int8 matrix), slice by slice."""
-        parts = [
-            quantize_int8(self.dequantize(i, i + 4096).float())
-            for i in range(0, self.num_embeddings, 4096)
-        ]
-        return Int8Weight(
-            torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts])
-        )
+        q = torch.empty_like(self.qweight)
+        scales = torch.empty(self.num_embeddings, dtype=torch.float32, device=q.device)
+        for i in range(0, self.num_embeddings, 1024):  # filled in place: no list, no second copy
+            part = quantize_int8(self.dequantize(i, i + 1024).float())
+            q[i : i + 1024], scales[i : i + 1024] = part.qweight, part.scales
+        return Int8Weight(q, scales)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         q = self.qweight[ids].to(torch.float32)
