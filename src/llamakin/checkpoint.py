@@ -102,7 +102,7 @@ def check_tensors(
         )
     for rule in rules:
         # the expected shapes from a one-byte CPU stand-in (freed at once): on ``meta``, torch.cat
-        # and friends run Python decompositions whose import costs ~68 MB resident (measured)
+        # runs a Python decomposition that imports torch._dynamo (~68 MB resident, measured)
         stand_in = torch.empty(params[rule.canonical].shape, dtype=torch.uint8)
         expected = rule.from_canonical(stand_in)
         for name, want in zip(rule.sources, expected):

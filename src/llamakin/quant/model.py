@@ -225,6 +225,7 @@ def _load_quantized(path, dtype, device, mode, group_size, activation_dtype, hea
                 collect[name] = weight
             modules[name] = _make_module(weight, None, activation_dtype, device)
 
+        release_pages = getattr(source, "release_pages", lambda: None)  # GGUFFile's
         with torch.no_grad():
             for rule in rules:
                 module_name, _, leaf = rule.canonical.rpartition(".")
@@ -244,6 +245,7 @@ def _load_quantized(path, dtype, device, mode, group_size, activation_dtype, hea
                     if kind == "int4":
                         check_group_size(group_size, in_features, f" ({module_name})")
                     build(module_name, _float_to(kind, _float_tensor(source, rule), group_size))
+                release_pages()
             embed, tied_head = _embedding(
                 mode, source, gguf, embed_rule, config, dtype, head, group_size
             )
@@ -346,6 +348,7 @@ def _embedding(
         embed = Int8Embedding(q, d, dtype)
     else:
         embed = Int8Embedding.from_float(_float_tensor(source, rule).to(dtype), BLOCK)
+    getattr(source, "release_pages", lambda: None)()  # the table is copied: drop the file's pages
     head = None
     if config.tie_word_embeddings:
         if mode == "auto" and kind in ("Q4_0", "Q4_1"):
