@@ -17,7 +17,7 @@ between generations retraces. Models whose RoPE frequencies depend on the curren
 On CPU the frozen graph runs under ``torch.jit.optimized_execution(False)``: TorchScript's
 profiling executor otherwise re-optimises a graph on its second call, a pass that bought nothing
 here (the same steady-state step time, measured in ``benchmarks/bench_decode_step.py``) but cost
-10-47 s on that call for the int4 default model on a loaded 2-core AVX2 EPYC (README,
+3-58 s on that call (four runs) for the int4 default model on a loaded 2-core AVX2 EPYC (README,
 Quantization). The graph is the same either way, so the logits are identical. Other devices keep
 the optimising executor (its fusers work there).
 
