@@ -151,3 +151,29 @@ def test_once_the_recording_budget_is_spent_new_shapes_run_eagerly(monkeypatch):
         budgeted.keys()[0][0] == 2
     )  # the batch-2 trace is kept; the second batch-1 step ran eagerly
     assert all(torch.equal(a, b) for a, b in results.values())
+
+
+@torch.no_grad()
+def test_cpu_graph_runs_without_the_reoptimising_executor_and_equals_eager(traces):
+    """The frozen graph runs with TorchScript's profile-guided re-optimisation off on CPU (its
+    second-call pass cost tens of seconds on the int4 model for no speed), with eager's logits."""
+    model = small_model()
+    tokens = torch.tensor([[3], [7]])
+    cache, eager_cache = model.new_cache(2, 32), model.new_cache(2, 32)
+    decoder = Decoder(model, cache)
+    graph, seen = decoder._graph, []
+
+    def recording_graph(*inputs):
+        seen.append(torch._C._get_graph_executor_optimize())
+        return graph(*inputs)
+
+    decoder._graph = recording_graph
+    for step in range(4):
+        positions = torch.full((2, 1), step)
+        traced = decoder.step(tokens, positions)
+        slots = torch.full((2,), step)
+        eager = model.decode_step(tokens, positions, slots, eager_cache.valid, eager_cache)
+        assert torch.equal(traced, eager)
+        tokens = traced.argmax(-1, keepdim=True)
+    assert seen == [False] * 4
+    assert torch._C._get_graph_executor_optimize()  # restored after each call

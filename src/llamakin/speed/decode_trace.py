@@ -14,6 +14,13 @@ parameter and buffer (identity and in-place version counter): training or loadin
 between generations retraces. Models whose RoPE frequencies depend on the current length
 (``dynamic`` NTK: a base that grows with every step) run the same step eagerly. ``LLAMAKIN_TRACE=0`` turns tracing off.
 
+On CPU the frozen graph runs under ``torch.jit.optimized_execution(False)``: TorchScript's
+profiling executor otherwise re-optimises a graph on its second call, a pass that bought nothing
+here (the same steady-state step time, measured in ``benchmarks/bench_decode_step.py``) but cost
+3-58 s on that call (four runs) for the int4 default model on a loaded 2-core AVX2 EPYC (README,
+Quantization). The graph is the same either way, so the logits are identical. Other devices keep
+the optimising executor (its fusers work there).
+
 Memory. A trace is recorded on the caller's own KV cache (the one cache slot the recording run
 writes is saved and restored), not on a scratch cache of the same size: a scratch cache was as
 large as the real one (755 MB for 8 rows of 2048 slots of SmolLM2-135M) and, allocated once per
@@ -191,6 +198,11 @@ def _weights_stamp(model: nn.Module) -> tuple:
     return tuple((id(t), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
 
 
+def _optimize_graph(device: torch.device) -> bool:
+    """Whether TorchScript's executor may re-optimise the frozen graph (not on CPU: see above)."""
+    return device.type != "cpu"
+
+
 class Decoder:
     """Runs decode steps of ``model`` on ``cache``: ``step(tokens [B, 1], positions [B, 1]) -> logits [B, V]``."""
 
@@ -268,14 +280,15 @@ class Decoder:
         """Rows at their own lengths: row b writes slot ``slots[b]``; the caller tracks lengths."""
         cache = self.cache
         if self._graph is not None:
-            return self._graph(
-                tokens,
-                positions,
-                slots,
-                cache.valid,
-                cache.keys,
-                cache.values,
-                cache.rope_alpha,
-                *_adapter_inputs(self.model, tokens.shape[0], tokens.device),
-            )
+            with torch.jit.optimized_execution(_optimize_graph(tokens.device)):
+                return self._graph(
+                    tokens,
+                    positions,
+                    slots,
+                    cache.valid,
+                    cache.keys,
+                    cache.values,
+                    cache.rope_alpha,
+                    *_adapter_inputs(self.model, tokens.shape[0], tokens.device),
+                )
         return self.model.decode_step(tokens, positions, slots, cache.valid, cache)
