@@ -14,7 +14,7 @@ import torch
 import llamakin
 from eval_assets import TEXT, tiny_llama_dir
 from llamakin.errors import LlamakinError
-from llamakin.evaluate import encode_prefix, perplexity, sliding_windows
+from llamakin.evaluate import Window, encode_prefix, perplexity, score_windows, sliding_windows
 
 transformers = pytest.importorskip("transformers")
 
@@ -118,6 +118,33 @@ def test_batching_and_padding_change_nothing(tiny):
     one = perplexity(model, tok, [TEXT, TEXT[:300]], context=48, stride=20, batch_size=1)
     many = perplexity(model, tok, [TEXT, TEXT[:300]], context=48, stride=20, batch_size=5)
     assert many.perplexity == pytest.approx(one.perplexity, rel=1e-6) and many.tokens == one.tokens
+
+
+def test_scores_are_transformers_log_softmax_and_argmax_only_when_asked(tiny):
+    """score_windows' fused log-softmax equals transformers' log_softmax at each scored position;
+    ``greedy=False`` (what perplexity uses) gives the same log-probabilities and no argmax."""
+    _, hf, model, tok = tiny
+    ids = tok.encode(TEXT)[:40]
+    windows = [Window(ids, 5), Window(ids[:30], 0)]
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+    for greedy in (True, False):
+        scores = dict(score_windows(model, windows, batch_size=2, greedy=greedy))
+        for index, w in enumerate(windows):
+            n = len(w.ids) - 1
+            expected = logits[w.score_from : n].gather(
+                -1, torch.tensor(w.ids[w.score_from + 1 :])[:, None]
+            )
+            torch.testing.assert_close(
+                scores[index].logprobs.double(), expected[:, 0], rtol=1e-5, atol=1e-5
+            )
+            if greedy:
+                argmax = logits[w.score_from : n].argmax(-1) == torch.tensor(
+                    w.ids[w.score_from + 1 :]
+                )
+                assert torch.equal(scores[index].greedy, argmax)
+            else:
+                assert scores[index].greedy is None
 
 
 @pytest.mark.parametrize("protocol", ["sliding", "llama.cpp"])

@@ -58,14 +58,21 @@ class Scores:
     """Per-token log-probabilities of one window's scored tokens, and whether each was the argmax."""
 
     logprobs: torch.Tensor  # float32 [n]
-    greedy: torch.Tensor  # bool [n]
+    greedy: torch.Tensor | None  # bool [n]; None unless asked for (``score_windows(greedy=True)``)
 
 
 @torch.inference_mode()
 def score_windows(
-    model, windows: Sequence[Window], batch_size: int = 8, pad_id: int = 0, progress=None
+    model,
+    windows: Sequence[Window],
+    batch_size: int = 8,
+    pad_id: int = 0,
+    progress=None,
+    greedy: bool = True,
 ) -> Iterator[tuple[int, Scores]]:
-    """Log-probabilities of each window's scored tokens: ``(index into windows, Scores)``.
+    """Log-probabilities of each window's scored tokens: ``(index into windows, Scores)``, and with
+    ``greedy`` whether each token is the argmax (a perplexity does not need it: one pass less over
+    the ``[positions, vocab]`` logits).
 
     Windows run ``batch_size`` at a time, longest first (less padding), right-padded with
     ``pad_id``: with causal attention the padding after a row's last token changes none of its
@@ -101,13 +108,16 @@ def score_windows(
         # the positions whose logits predict a scored token, all rows together
         picked = torch.cat([hidden[r, w.score_from : len(w.ids) - 1] for r, w in enumerate(rows)])
         targets = torch.tensor([t for w in rows for t in w.ids[w.score_from + 1 :]], device=device)
-        logprobs, greedy = _target_logprobs(model, picked, targets)
+        logprobs, is_argmax = _target_logprobs(model, picked, targets, greedy)
         offset = 0
         for r, w in enumerate(rows):
             n = len(w.ids) - 1 - w.score_from
             yield (
                 order[start + r],
-                Scores(logprobs[offset : offset + n], greedy[offset : offset + n]),
+                Scores(
+                    logprobs[offset : offset + n],
+                    None if is_argmax is None else is_argmax[offset : offset + n],
+                ),
             )
             offset += n
             if progress is not None:
@@ -115,17 +125,23 @@ def score_windows(
 
 
 def _target_logprobs(
-    model, hidden: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log softmax(head(hidden))[target]`` in float32, and whether the target is the argmax."""
-    logprobs, greedy = [], []
+    model, hidden: torch.Tensor, targets: torch.Tensor, greedy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``log softmax(head(hidden))[target]`` in float32, and (with ``greedy``) whether the target is
+    the argmax.
+
+    ``-cross_entropy(reduction="none")`` is that log-probability through torch's fused log-softmax
+    kernel: the same value as ``logits[target] - logsumexp(logits)`` (within float32 rounding) in
+    fewer passes over the logits (measured on this 2-core CPU, 1,022 positions x 49,152: 0.5 s of
+    the 1.9 s spent beyond the head's product)."""
+    logprobs, is_argmax = [], []
     for s in range(0, hidden.shape[0], HEAD_ROWS):
         logits = model.head(hidden[s : s + HEAD_ROWS]).float()
         target = targets[s : s + HEAD_ROWS]
-        chosen = logits.gather(-1, target[:, None])[:, 0]
-        logprobs.append(chosen - torch.logsumexp(logits, dim=-1))
-        greedy.append(logits.argmax(-1) == target)
-    return torch.cat(logprobs).cpu(), torch.cat(greedy).cpu()
+        logprobs.append(-torch.nn.functional.cross_entropy(logits, target, reduction="none"))
+        if greedy:
+            is_argmax.append(logits.argmax(-1) == target)
+    return torch.cat(logprobs).cpu(), torch.cat(is_argmax).cpu() if greedy else None
 
 
 # -- perplexity ------------------------------------------------------------------------------------
@@ -311,7 +327,7 @@ def perplexity(
         total=len(windows), desc=f"perplexity ({protocol})", unit="window", disable=not progress
     )
     start = time.perf_counter()
-    for _, scores in score_windows(model, windows, batch_size, pad, progress=bar):
+    for _, scores in score_windows(model, windows, batch_size, pad, progress=bar, greedy=False):
         nll = -scores.logprobs.double()
         total += nll.sum().item()
         total_sq += (nll * nll).sum().item()

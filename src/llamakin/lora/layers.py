@@ -10,8 +10,8 @@ llamakin fuses q/k/v into one matrix ``qkv`` (rows ``[q | k | v]``) and gate/up 
 the separate ``q_proj``/``k_proj``/``v_proj`` adapters everyone else trains, so each *part* of
 a fused matrix gets its own ``A`` and ``B``: the adapter maps one-to-one onto Hugging Face
 module names and round-trips through PEFT's format. The base product stays one fused matmul;
-the ``A`` matrices of the parts share one matmul too (they read the same input), and each ``B``
-writes its own rows.
+the ``A`` matrices of the parts share one matmul too (they read the same input), and when every
+part is adapted their ``B`` matrices form one block-diagonal product added into the output.
 """
 
 from __future__ import annotations
@@ -101,15 +101,18 @@ class LoraLinear(Linear):
         h = self.dropout(x)
         a = [self.lora_A[n] for n in self.adapted]
         z = linear(h, a[0] if len(a) == 1 else torch.cat(a))  # every part's A x in one product
+        if len(self.adapted) == len(self.parts):
+            # every part adapted: the parts' scaled B side by side on the diagonal of one
+            # [out, sum r] matrix, so all updates are one product added into y (addmm) instead of
+            # a product per part, a concatenation and an add; the zero blocks add exact zeros
+            b = [self.scales[n] * self.lora_B[n] for n in self.adapted]
+            b = b[0] if len(b) == 1 else torch.block_diag(*b)
+            return torch.addmm(y.flatten(0, -2), z.flatten(0, -2), b.t()).view(y.shape)
         zs = z.split([t.shape[0] for t in a], dim=-1)
-        deltas = [linear(zp * self.scales[n], self.lora_B[n]) for n, zp in zip(self.adapted, zs)]
-        if len(deltas) == len(
-            self.parts
-        ):  # every part adapted: the update covers all rows in order
-            return y + (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))
-        for name, d in zip(self.adapted, deltas):
+        for name, zp in zip(self.adapted, zs):
             start, rows = self.offsets[name]
-            y[..., start : start + rows] += d  # the base product's output is not saved for backward
+            # the base product's output is not saved for backward
+            y[..., start : start + rows] += linear(zp * self.scales[name], self.lora_B[name])
         return y
 
     def base_layer(self) -> Linear:
