@@ -2,7 +2,7 @@
 
 Two measurements, both on the catalog's default model (SmolLM2-135M-Instruct, Q4_1 GGUF):
 
-1. **The whole process** (the issue's number): ``python -m llamakin generate --chat ... --max-new-tokens
+1. **The whole process** (the number users see): ``python -m llamakin generate --chat ... --max-new-tokens
    N`` run as a child (the ``make demo`` command line), its peak RSS from ``getrusage``
    (``ru_maxrss`` of the children), median over --rounds runs.
 2. **Phase by phase, in this process**: after each phase its own peak (``VmHWM``, reset between

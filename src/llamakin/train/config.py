@@ -192,7 +192,7 @@ _SHAKESPEARE_TINY = TrainConfig(
 # 120 warmup steps, weight decay 0.1, no dropout, gradient clipping, bf16 on GPU. Its 8 heads are
 # the baseline's: the Diff model halves them into 4 differential pairs (8 heads of 64 in HF's
 # pairing), which keeps every projection the baseline's size (docs/variants.md §7.1). SmolLM2's 49,152-token
-# vocabulary with tied embeddings gives the 56M parameters of the issue's benchmark.
+# vocabulary with tied embeddings gives the 56M parameters of the training benchmark.
 _PAPER_MODEL = dict(
     hidden_size=512,
     num_layers=8,
