@@ -200,6 +200,9 @@ def test_sigint_stops_the_answer_not_the_program(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
+        # a terminal's Ctrl-C reaches a program whose SIGINT is at its default; a shell's background
+        # job (`make test &`) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         process.stdin.write(b"Tell me everything\n")
