@@ -42,10 +42,11 @@ from llamakin.catalog import home, pull  # noqa: E402
 from llamakin.convert import convert_checkpoint  # noqa: E402
 
 PACKAGE = "llama-cpp-python==0.3.36"
+# built together with the llama library (for the ctypes bindings)
 TOOLS = (
     "llama-bench",
     "llama-perplexity",
-)  # built together with the llama library (for the ctypes bindings)
+)
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    return",
@@ -228,11 +229,12 @@ def speed(
     eight = torch.randint(100, 40000, (8, 1))
     ours: dict[str, list[float]] = {"prefill": [], "decode": [], "decode8": []}
     theirs: dict[str, list[float]] = {"prefill": [], "decode": []}
+    # warm-up
     (
         ours_prefill(model, long, "cpu"),
         ours_decode(model, one, 8, "cpu"),
         ours_decode(model, eight, 4, "cpu"),
-    )  # warm-up
+    )
     for _ in range(rounds):
         ours["prefill"].append(ours_prefill(model, long, "cpu"))
         ours["decode"].append(ours_decode(model, one, 128, "cpu"))

@@ -134,9 +134,8 @@ def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
     blocks = x.float().reshape(-1, 32)
     d = blocks.abs().amax(-1, keepdim=True) / 127
     inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    q = torch.round(
-        blocks * inverse
-    )  # roundf: half away from zero; torch.round: half to even (ties are rare)
+    # roundf: half away from zero; torch.round: half to even (ties are rare)
+    q = torch.round(blocks * inverse)
     return (q * d.half().float()).reshape(shape).to(x.dtype)
 
 

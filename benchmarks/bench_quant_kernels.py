@@ -122,9 +122,8 @@ def main() -> None:
                 errors[name] = (
                     (fn(x[576], weights[0]).float() - F.linear(xs[576], ref_w)).abs().max().item()
                 )
-            for _ in range(
-                args.repeats
-            ):  # kernels interleaved, so load changes hit all of them alike
+            # kernels interleaved, so load changes hit all of them alike
+            for _ in range(args.repeats):
                 for name, (fn, weights, act) in chosen.items():
                     x = {k: v.to(act) for k, v in xs.items()}
                     pairs = [(w, w_k) for w, (_, w_k) in zip(weights, SHAPES)]

@@ -56,9 +56,8 @@ def sync(device: str) -> None:
 
 
 def make_step(model, hf: bool, precision: str, device: str = "cpu"):
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=1e-4, weight_decay=0.1, fused=True
-    )  # as `llamakin train`
+    # as `llamakin train`
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
     def step(x, y):
         x, y = x.to(device), y.to(device)

@@ -75,9 +75,8 @@ class Browser:
             )
             self.call("Page.enable")
             self.call("Runtime.enable")
-            self.call(
-                "Emulation.setFocusEmulationEnabled", enabled=True
-            )  # a headless page counts as focused
+            # a headless page counts as focused
+            self.call("Emulation.setFocusEmulationEnabled", enabled=True)
             self.call(
                 "Emulation.setDeviceMetricsOverride",
                 width=width,

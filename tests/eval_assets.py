@@ -81,9 +81,8 @@ def tiny_llama_dir(root: Path, context: int = 96, seed: int = 0, bos: bool = Fal
         pad_token_id=tok.token_to_id("<|endoftext|>"),
     )
     model = transformers.LlamaForCausalLM(config)
-    with (
-        torch.no_grad()
-    ):  # larger weights than the default init: sharper, more varied distributions
+    # larger weights than the default init: sharper, more varied distributions
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)

@@ -393,13 +393,11 @@ class ChatGLM2:
     @torch.no_grad()
     def forward(self, input_ids, position_ids, attention_mask=None, past=None, use_cache=None):
         c, w = self.config, self.w
-        use_cache = (
-            use_cache if use_cache is not None else c.use_cache
-        )  # AttributeError without the key
+        # AttributeError without the key
+        use_cache = use_cache if use_cache is not None else c.use_cache
         B, T = input_ids.shape
-        hidden = w["transformer.embedding.word_embeddings.weight"][input_ids].transpose(
-            0, 1
-        )  # [T, B, d]
+        # [T, B, d]
+        hidden = w["transformer.embedding.word_embeddings.weight"][input_ids].transpose(0, 1)
         full_mask = None
         if (attention_mask is not None and not attention_mask.all()) or (past and T != 1):
             full_mask = self.get_masks(input_ids, past, attention_mask)
@@ -578,9 +576,8 @@ class ChatGLM6B:
                 gelu, w[t + "mlp.dense_4h_to_h.weight"], w[t + "mlp.dense_4h_to_h.bias"]
             )
         hidden = self.ln(hidden, "transformer.final_layernorm")
-        head = w.get(
-            "lm_head.weight", w["transformer.word_embeddings.weight"]
-        )  # tied when not stored
+        # tied when not stored
+        head = w.get("lm_head.weight", w["transformer.word_embeddings.weight"])
         return linear(hidden, head).permute(1, 0, 2).contiguous(), presents
 
     def greedy(self, rows, new_tokens):

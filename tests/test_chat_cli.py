@@ -80,9 +80,8 @@ def test_system_save_reset_load(tiny, tmp_path, monkeypatch, capsys):
     answer = llamakin.generate(model, tok, hello, max_new_tokens=8)
     saved = json.loads(first.read_text())["messages"]
     assert saved == hello + [{"role": "assistant", "content": answer}]
-    assert json.loads((tmp_path / "empty.json").read_text())["messages"] == [
-        system
-    ]  # /reset keeps the system message
+    # /reset keeps the system message
+    assert json.loads((tmp_path / "empty.json").read_text())["messages"] == [system]
     # after /load the conversation goes on from the saved one
     go_on = saved + [{"role": "user", "content": "Go on"}]
     assert read_conversation(second) == go_on + [
@@ -225,6 +224,5 @@ def test_sigint_stops_the_answer_not_the_program(tmp_path):
     assert [m["role"] for m in messages] == ["user", "assistant"]
     answer = messages[1]["content"]
     assert answer and (shown + out).decode().startswith(answer)
-    assert (
-        len(tok.encode(answer, add_special_tokens=False)) < 7000
-    )  # stopped, far from its 8000 tokens
+    # stopped, far from its 8000 tokens
+    assert len(tok.encode(answer, add_special_tokens=False)) < 7000

@@ -187,9 +187,8 @@ def test_chat_in_chromium(talkative, browser, tmp_path, monkeypatch):
         assert s.engine.status()["generated_tokens"] - before < 200
         partial = answers(browser)[2]
         assert browser.evaluate("history.length") == 6
-        assert (
-            browser.evaluate("history[5].content") == partial
-        )  # the stopped answer stays in the conversation
+        # the stopped answer stays in the conversation
+        assert browser.evaluate("history[5].content") == partial
 
         browser.click("#reset")
         assert browser.evaluate("document.querySelectorAll('.msg').length") == 0
@@ -217,8 +216,7 @@ def test_chat_page_asks_for_the_api_key(talkative, browser):
         note = browser.evaluate("document.querySelectorAll('.msg.assistant .note')[1].textContent")
         assert note.startswith("failed: ") and "context" in note
         assert browser.evaluate("document.getElementById('input').value") == "Too long"
-        assert (
-            browser.evaluate("history.length") == 2
-        )  # the refused question is not part of the conversation
+        # the refused question is not part of the conversation
+        assert browser.evaluate("history.length") == 2
     finally:
         s.close()

@@ -58,6 +58,7 @@ def make_checkpoint(directory, layers: int = LAYERS, seed: int = 0):
     w = {"transformer.word_embeddings.weight": rand(V, D, scale=1.0)}
     for i in range(layers):
         t = f"transformer.layers.{i}."
+        # a buffer the loader must skip
         w |= {
             t + "input_layernorm.weight": 1 + rand(D, scale=0.2),
             t + "input_layernorm.bias": rand(D, scale=0.1),
@@ -72,7 +73,7 @@ def make_checkpoint(directory, layers: int = LAYERS, seed: int = 0):
             t + "mlp.dense_4h_to_h.weight": rand(D, INNER),
             t + "mlp.dense_4h_to_h.bias": rand(D, scale=0.1),
             t + "attention.rotary_emb.inv_freq": torch.ones(HD // 4),
-        }  # a buffer the loader must skip
+        }
     w |= {
         "transformer.final_layernorm.weight": 1 + rand(D, scale=0.2),
         "transformer.final_layernorm.bias": rand(D, scale=0.1),
@@ -294,6 +295,7 @@ def test_export_is_read_by_the_original_and_refuses_another_alpha(checkpoint, tm
     model = llamakin.load(directory)
     model.save_pretrained(tmp_path / "out")
     written = json.loads((tmp_path / "out" / "config.json").read_text())
+    # THUDM/chatglm-6b's config.json, less _name_or_path/transformers_version
     released = {
         "architectures",
         "auto_map",
@@ -313,7 +315,7 @@ def test_export_is_read_by_the_original_and_refuses_another_alpha(checkpoint, tm
         "torch_dtype",
         "use_cache",
         "vocab_size",
-    }  # THUDM/chatglm-6b's config.json, less _name_or_path/transformers_version
+    }
     assert released <= set(written), released - set(written)
     with torch.no_grad():
         assert (

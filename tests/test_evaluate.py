@@ -96,9 +96,8 @@ def test_llama_cpp_protocol_matches_perplexity_cpp(tiny):
         chunk = tokens[i * n_ctx : (i + 1) * n_ctx]
         if add_bos:
             chunk = [tok.bos_token_id] + chunk[1:]
-        x = hf_token_nll(hf, chunk)[
-            first:
-        ]  # logits at first..n_ctx-2 predict tokens first+1..n_ctx-1
+        # logits at first..n_ctx-2 predict tokens first+1..n_ctx-1
+        x = hf_token_nll(hf, chunk)[first:]
         nll += x.sum().item()
         nll2 += (x * x).sum().item()
         count += n_ctx - first - 1
@@ -166,9 +165,8 @@ def test_max_chunks_tokenizes_only_the_prefix_it_needs_with_the_same_result(
     for needed in (1, 100, 1000, 5000, len(full) - 10, len(full) + 10):
         calls.clear()
         assert encode_prefix(counting, text, needed) == full[:needed]
-        assert needed >= len(full) - 100 or max(calls) < len(
-            text
-        )  # never the whole text when a prefix does
+        # never the whole text when a prefix does
+        assert needed >= len(full) - 100 or max(calls) < len(text)
     kwargs = dict(context=64, protocol=protocol, max_chunks=3, batch_size=2)
     prefix = perplexity(model, tok, text, **kwargs)
     monkeypatch.setattr("llamakin.evaluate.encode_prefix", lambda encode, t, needed: encode(t))
@@ -256,7 +254,6 @@ def test_wikipedia_corpus_from_the_gensim_wheel():
 
     text = corpus_file("wikipedia").read_text()
     assert len(text) > 1_000_000
-    assert text.count("{{") + text.count("[[") < 1e-4 * len(
-        text
-    )  # a few nested-caption leftovers at most
+    # a few nested-caption leftovers at most
+    assert text.count("{{") + text.count("[[") < 1e-4 * len(text)
     assert "Anarchism" in text[:2000]

@@ -154,9 +154,8 @@ def test_greedy_is_deterministic_and_streaming_equals_plain(tiny):
 
 def test_seeded_sampling_is_reproducible(tiny):
     model, tok = tiny
-    kwargs = dict(
-        max_new_tokens=16, temperature=5.0, top_p=0.95, ignore_eos=True
-    )  # the tiny model is peaked
+    # the tiny model is peaked
+    kwargs = dict(max_new_tokens=16, temperature=5.0, top_p=0.95, ignore_eos=True)
     a = generate(model, tok, PROMPTS[1], seed=7, **kwargs)
     assert a == generate(model, tok, PROMPTS[1], seed=7, **kwargs)
     assert any(generate(model, tok, PROMPTS[1], seed=s, **kwargs) != a for s in range(8, 12))

@@ -20,9 +20,8 @@ Q = gguf.GGMLQuantizationType
 def write_raw(path, tensors: dict[str, tuple[np.ndarray, Q, tuple[int, ...]]]) -> None:
     writer = gguf.GGUFWriter(str(path), "llama")
     for name, (data, qtype, shape) in tensors.items():
-        writer.add_tensor(
-            name, data, raw_dtype=qtype
-        )  # the byte shape of quantized data implies the element shape
+        # the byte shape of quantized data implies the element shape
+        writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -117,9 +116,8 @@ def test_dequantization_matches_an_independent_implementation(qtype, tmp_path):
 
 GGUF_CASES = {
     "llama": next(c for c in CASES if c.name == "llama"),
-    "qwen2": Case(
-        "qwen2", "Qwen2Config", "Qwen2ForCausalLM"
-    ),  # llama.cpp's qwen2 has no sliding window
+    # llama.cpp's qwen2 has no sliding window
+    "qwen2": Case("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
     # no attention biases either; transformers reads qwen3 GGUFs with its default head_dim 128 only
     "qwen3": Case("qwen3", "Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=128)),
 }

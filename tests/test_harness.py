@@ -18,6 +18,7 @@ from eval_assets import TEXT, tiny_llama_dir
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
+# trailing space
 MC = [
     {
         "question": "Shall I compare thee to a",
@@ -35,7 +36,7 @@ MC = [
         "answer": 0,
     },
     {"question": "Rough winds do shake ", "choices": ["the darling buds", "of May"], "answer": 1},
-]  # trailing space
+]
 ROLLING = [
     {"text": TEXT},
     {"text": TEXT[:200]},
@@ -229,6 +230,5 @@ def test_quantize_model_arg_runs_quantized_layers(setup):
 
     ((ours, _),) = quantized.loglikelihood([Request(r) for r in request])
     ((reference, _),) = plain.loglikelihood([Request(r) for r in request])
-    assert ours != reference and ours == pytest.approx(
-        reference, rel=0.02
-    )  # a tiny random model: 0.8% here
+    # a tiny random model: 0.8% here
+    assert ours != reference and ours == pytest.approx(reference, rel=0.02)

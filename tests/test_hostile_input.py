@@ -309,10 +309,11 @@ def test_gguf_tokenizer_with_bad_merges(merges, fragment):
         ),
         (dict(num_hidden_layers=2.5), "num_hidden_layers must be a positive integer, got 2.5"),
         (dict(rms_norm_eps=True), "rms_norm_eps must be a positive number, got True"),
+        # found by benchmarks/fuzz_files.py
         (
             dict(model_type=[]),
             "model_type must be a string, got []",
-        ),  # found by benchmarks/fuzz_files.py
+        ),
         (dict(architectures=5), "architectures must be a list of strings, got 5"),
     ],
 )

@@ -54,9 +54,8 @@ def test_pytorch_bin_loads_with_weights_only(hf_dir, tmp_path):
     target.mkdir()
     (target / "config.json").write_text((directory / "config.json").read_text())
     state = dict(hf.state_dict())
-    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(
-        8
-    )  # old HF checkpoints carry it
+    # old HF checkpoints carry it
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     torch.save(state, target / "pytorch_model.bin")
     ours = llamakin.load(target)
     ids = torch.randint(0, 128, (2, 7))

@@ -27,9 +27,8 @@ def test_decode_linear_equals_f_linear(rows, out_features):
 @pytest.mark.parametrize("rows", [4, 9, 40])
 @torch.no_grad()
 def test_upcast_linear_is_the_float32_product_rounded_once(monkeypatch, dtype, rows):
-    monkeypatch.setattr(
-        linear_module, "UPCAST_SLICE_ELEMENTS", 7 * 40
-    )  # several slices, the last one short
+    # several slices, the last one short
+    monkeypatch.setattr(linear_module, "UPCAST_SLICE_ELEMENTS", 7 * 40)
     torch.manual_seed(0)
     x, w, b = (
         torch.randn(2, rows, 40).to(dtype),
@@ -85,8 +84,7 @@ def test_bfloat16_model_decodes_like_the_float32_model(monkeypatch):
             model(ids[:, t : t + 1], cache=cache) for t in range(9, 12)
         ]
         logits[native] = torch.cat(steps, 1).float()
-    scale = (
-        reference.abs().max()
-    )  # bf16 keeps 8 significant bits: ~0.4% per rounding, a few roundings deep
+    # bf16 keeps 8 significant bits: ~0.4% per rounding, a few roundings deep
+    scale = reference.abs().max()
     assert (logits[False] - reference).abs().max() < 0.02 * scale
     assert (logits[False] - logits[True]).abs().max() < 0.01 * scale

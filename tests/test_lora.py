@@ -61,9 +61,8 @@ def test_layer_computes_base_plus_scaled_low_rank_update():
     )
     x = torch.randn(2, 5, 12)
     assert torch.equal(layer(x), base(x))  # B = 0 at initialisation: the base model exactly
-    bound = 1 / math.sqrt(
-        12
-    )  # kaiming_uniform(a=sqrt(5)) on fan_in 12, PEFT's (and nn.Linear's) default
+    # kaiming_uniform(a=sqrt(5)) on fan_in 12, PEFT's (and nn.Linear's) default
+    bound = 1 / math.sqrt(12)
     assert layer.lora_A["a"].abs().max() <= bound and layer.lora_A["a"].abs().max() > 0.5 * bound
     with torch.no_grad():
         layer.lora_B["a"].normal_()
@@ -368,9 +367,8 @@ def test_lora_run_trains_adapters_only_and_exports_a_peft_adapter(corpus, tiny_b
     assert [r["step"] for r in rows] == list(range(1, 7)) and "val_loss" in rows[2]
     assert last["loss"] < rows[0]["loss"]
     state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert state["model"] and all(
-        ".lora_A." in n or ".lora_B." in n for n in state["model"]
-    )  # adapters only
+    # adapters only
+    assert state["model"] and all(".lora_A." in n or ".lora_B." in n for n in state["model"])
     assert len(state["model"]) == 2 * 2 * 7
     # the export is PEFT's: transformers + peft give llamakin's logits with the trained adapter
     from llamakin.lora.train import run_model
@@ -592,8 +590,7 @@ def test_lora_under_torchrun_equals_one_process(corpus, tiny_base, tmp_path):  #
         env=env,
         timeout=600,
     )
-    assert fsdp.returncode == 0, (
-        fsdp.stderr
-    )  # FSDP2 shards blocks that hold frozen and trained tensors
+    # FSDP2 shards blocks that hold frozen and trained tensors
+    assert fsdp.returncode == 0, fsdp.stderr
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-4)
     assert (tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors").is_file()

@@ -88,9 +88,8 @@ def test_training_init_and_gradients_flow():
     assert abs(loss.item() - torch.log(torch.tensor(101.0)).item()) < 0.3
     bias_grad = model.layers[0].attn.qkv.bias.grad
     q, k = 6 * 8, 2 * 8
-    assert (
-        bias_grad[: q + k].abs().sum() > 0 and bias_grad[q + k :].abs().sum() == 0
-    )  # no v bias: stays zero
+    # no v bias: stays zero
+    assert bias_grad[: q + k].abs().sum() > 0 and bias_grad[q + k :].abs().sum() == 0
 
 
 def test_rmsnorm_rounding_orders_match_their_references():

@@ -170,11 +170,12 @@ def test_qwen1_ntk_and_logn_decoding_through_the_traced_step(tmp_path):
     directory = qwen_checkpoint(tmp_path / "qwen")
     model = llamakin.load(directory)
     reference = QwenV1(directory)
+    # alpha 1, 7, 3: one trace (same batch and cache bucket) serves all three
     for length in (
         5,
         20,
         11,
-    ):  # alpha 1, 7, 3: one trace (same batch and cache bucket) serves all three
+    ):
         rows = prompts([length], seed=length)
         _, expected = reference.greedy(rows, 8)
         for trace in (True, False):
@@ -195,9 +196,8 @@ def test_qwen1_ntk_and_logn_decoding_through_the_traced_step(tmp_path):
 @torch.no_grad()
 def test_qwen1_padded_batch_computes_alpha_per_row(tmp_path):
     """Item 2: one NTK alpha per row from its real length, as the final release does."""
-    directory = qwen_checkpoint(
-        tmp_path / "qwen", logn=False
-    )  # logn: see the README (key index vs position)
+    # logn: see the README (key index vs position)
+    directory = qwen_checkpoint(tmp_path / "qwen", logn=False)
     model = llamakin.load(directory)
     reference = QwenV1(directory)
     rows = prompts([20, 11, 6, 17])  # alphas 7, 3, 1, 7
@@ -275,6 +275,7 @@ def internlm_checkpoint(directory, layers=2, kind="dynamic", factor=2.0, max_pos
     }
     for i in range(layers):
         p = f"model.layers.{i}."
+        # a persistent buffer in the original
         w |= {
             p + "input_layernorm.weight": 1 + _rand(g, D, scale=0.2),
             p + "post_attention_layernorm.weight": 1 + _rand(g, D, scale=0.2),
@@ -282,7 +283,7 @@ def internlm_checkpoint(directory, layers=2, kind="dynamic", factor=2.0, max_pos
             p + "mlp.up_proj.weight": _rand(g, 48, D),
             p + "mlp.down_proj.weight": _rand(g, D, 48),
             p + "self_attn.rotary_emb.inv_freq": torch.ones(HD // 2),
-        }  # a persistent buffer in the original
+        }
         for n in "qkvo":
             w |= {
                 p + f"self_attn.{n}_proj.weight": _rand(g, D, D),
@@ -337,9 +338,8 @@ def test_internlm_v1_padded_batch_past_the_context(tmp_path):
 def test_internlm_v1_origin_three_layers_and_export(tmp_path):
     directory = internlm_checkpoint(tmp_path / "ilm", layers=3, kind="origin")
     model = llamakin.load(directory)
-    assert (
-        not model.config.rope_cached_keys
-    )  # a fixed base: rotated keys are the same thing, and faster
+    # a fixed base: rotated keys are the same thing, and faster
+    assert not model.config.rope_cached_keys
     model.save_pretrained(tmp_path / "out")
     for rows in (prompts([20]), prompts([9], seed=2)):  # batch 1: see the padded-batch test
         expected = internlm_reference_steps(InternLMV1(tmp_path / "out"), rows, 5)

@@ -106,9 +106,8 @@ def test_reused_prefix_gives_the_logits_of_a_full_prefill(family):
     follow = first + tokens[0] + ids(4, 2)
     got_tokens, got, reused = run(model, [follow], cache)
     want_tokens, want, _ = run(model, [follow], None)
-    assert (
-        reused == len(first) + len(tokens[0]) - 1
-    )  # every computed slot (the last token was never fed)
+    # every computed slot (the last token was never fed)
+    assert reused == len(first) + len(tokens[0]) - 1
     assert max_diff(got, want) < TOL and got_tokens == want_tokens
     # a prompt that shares only part of a stored sequence reuses that part
     branch = first[:7] + ids(5, 3)

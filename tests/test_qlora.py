@@ -51,9 +51,8 @@ def test_quantized_product_and_its_input_gradient_are_the_dequantized_layers(
     y_ref.backward(g)
     assert (x.grad - x_ref.grad).abs().max() < 1e-5
     assert not any(t.requires_grad for t in layer.buffers())
-    if (
-        slice_elements > 1000
-    ):  # gradcheck in float64 against finite differences (the Function's backward itself)
+    # gradcheck in float64 against finite differences (the Function's backward itself)
+    if slice_elements > 1000:
         x64 = torch.randn(1, 64, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(
             lambda t: qlora.QuantizedProduct.apply(t, layer, None), (x64,)

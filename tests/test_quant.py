@@ -21,9 +21,8 @@ from llamakin.quant.linear import Int4Linear, Int8Embedding, Int8Linear, Quantiz
 from llamakin.quant.model import load_quantized, quantize_model
 from llamakin.quant.tensors import pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
 
-BIASED = dict(
-    q_bias=True, k_bias=True, v_bias=False, o_bias=True, mlp_bias=True
-)  # partial qkv bias too
+# partial qkv bias too
+BIASED = dict(q_bias=True, k_bias=True, v_bias=False, o_bias=True, mlp_bias=True)
 
 
 def tiny(tied: bool = True, seed: int = 0, vocab: int = 128, **knobs) -> llamakin.Transformer:
@@ -115,9 +114,8 @@ def test_quantized_modules_compute_the_product_of_their_dequantized_weights(rows
         assert (got - F.linear(x, module.dequantize(), b)).abs().max() < 0.06, module
 
 
-@pytest.mark.parametrize(
-    "out_features", [64, 96, 72]
-)  # 96: 32-row blocks only; 72: padded to 80, no fast path
+# 96: 32-row blocks only; 72: padded to 80, no fast path
+@pytest.mark.parametrize("out_features", [64, 96, 72])
 @torch.no_grad()
 def test_int4_many_rows_take_the_float32_gemm_on_the_exact_weight(out_features, monkeypatch):
     """From ``INT4_DEQUANT_ROWS`` rows the weight is unpacked from the kernel's layout (reshapes
@@ -317,9 +315,8 @@ def test_gguf_file_kept_quantized_matches_the_dequantized_file(tmp_path, quant, 
         if isinstance(module, Int4Linear) and name == "layers.0.attn.qkv":  # bf16 scales: rounded
             rounded, exact = kept.get_submodule(name).scale_zero.float(), module.scale_zero
             assert 0 < (rounded - exact).abs().max() <= exact.abs().max() * 2**-8
-            assert torch.equal(
-                kept.get_submodule(name).dequantize(), module.dequantize()
-            )  # what files keep
+            # what files keep
+            assert torch.equal(kept.get_submodule(name).dequantize(), module.dequantize())
     twin = dequantized_twin(float_model, exact_kept)
     assert (exact_kept(ids) - twin(ids)).abs().max() < 2e-5
     if quant != "Q8_0":  # Q4 matrices are kept exactly; only the head (Q8_0 -> int8 rows) differs
@@ -369,9 +366,8 @@ def test_requantizing_a_gguf_and_a_float_checkpoint(tmp_path, mode):
     assert isinstance(loaded.lm_head, Int8Linear)
     ids = torch.randint(0, 128, (1, 7))
     assert (loaded(ids) - model(ids)).abs().max() < 0.15
-    assert (
-        llamakin.load(tmp_path / "hf", quantize="auto").layers[0].attn.qkv.__class__ is Linear
-    )  # float stays float
+    # float stays float
+    assert llamakin.load(tmp_path / "hf", quantize="auto").layers[0].attn.qkv.__class__ is Linear
 
 
 # -- quantized files ------------------------------------------------------------------------------

@@ -231,9 +231,8 @@ def test_internlm2_grouped_wqkv_and_parity(tmp_path):
     assert config["model_type"] == "internlm2" and config["num_key_value_heads"] == 2
     H, Hkv, hd, d = 6, 2, 8, 48
     n_rep = H // Hkv
-    W = tensors["model.layers.1.attention.wqkv.weight"].view(
-        Hkv, n_rep + 2, hd, d
-    )  # convert2llama.py's view
+    # convert2llama.py's view
+    W = tensors["model.layers.1.attention.wqkv.weight"].view(Hkv, n_rep + 2, hd, d)
     state = hf.state_dict()
     assert torch.equal(
         W[:, :n_rep].reshape(H * hd, d), state["model.layers.1.self_attn.q_proj.weight"]

@@ -53,9 +53,8 @@ def test_echo_with_max_tokens_0_gives_the_prompt_logprobs(setup):
         len(lp["tokens"][0]) + len(lp["tokens"][1]),
     ]
     best = table[0].topk(3)
-    top = lp["top_logprobs"][
-        1
-    ]  # token text -> logprob; ids that decode alike (byte pieces) keep the best
+    # token text -> logprob; ids that decode alike (byte pieces) keep the best
+    top = lp["top_logprobs"][1]
     assert 1 <= len(top) <= 3 and list(top.values())[0] == pytest.approx(
         best.values[0].item(), abs=1e-5
     )

@@ -34,14 +34,12 @@ def test_n_samples_are_distinct_reproducible_and_seeded_from_the_request(server,
     answer = client.completions.create(n=3, **ask)
     texts = [c.text for c in answer.choices]
     assert [c.index for c in answer.choices] == [0, 1, 2] and len(set(texts)) == 3
-    assert answer.usage.prompt_tokens == len(
-        tok.encode("Once upon a time")
-    )  # the prompt counts once
+    # the prompt counts once
+    assert answer.usage.prompt_tokens == len(tok.encode("Once upon a time"))
     assert answer.usage.completion_tokens == 30
     assert [c.text for c in client.completions.create(n=3, **ask).choices] == texts  # reproducible
-    assert (
-        client.completions.create(n=1, **ask).choices[0].text == texts[0]
-    )  # sample 0 is the request's seed
+    # sample 0 is the request's seed
+    assert client.completions.create(n=1, **ask).choices[0].text == texts[0]
     for index, text in enumerate(texts):  # sample j is llamakin.generate with the derived seed
         assert (
             llamakin.generate(
@@ -169,7 +167,6 @@ def test_per_row_logits_processors_reach_the_sampler(tiny):  # noqa: F811
         return [r.token_ids for r in results]
 
     results = asyncio.run(serve())
-    assert len(made) == 2 and all(
-        seen == [0, 1, 2, 3, 4] for seen in made
-    )  # one fresh list per sample
+    # one fresh list per sample
+    assert len(made) == 2 and all(seen == [0, 1, 2, 3, 4] for seen in made)
     assert all(allowed[t] for ids in results for t in ids)

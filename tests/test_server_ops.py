@@ -108,9 +108,8 @@ def test_metrics_count_requests_tokens_and_latencies(server, tiny):  # noqa: F81
         )
         == 1
     )
-    assert (
-        value(scrape(server), requests, endpoint="/metrics", status="200") == 1
-    )  # the first scrape, counted
+    # the first scrape, counted
+    assert value(scrape(server), requests, endpoint="/metrics", status="200") == 1
 
 
 def test_metrics_while_a_request_runs(server, tiny, monkeypatch):  # noqa: F811
@@ -170,9 +169,8 @@ def test_tokenize_and_detokenize_in_llama_cpp_and_vllm_shapes(server, tiny):  # 
     chat = server.client().chat.completions.create(
         model=MODEL, messages=messages, max_tokens=1, temperature=0
     )
-    assert (
-        r["count"] == chat.usage.prompt_tokens
-    )  # the same prompt the chat endpoint generates from
+    # the same prompt the chat endpoint generates from
+    assert r["count"] == chat.usage.prompt_tokens
     assert r["tokens"] == tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
     assert post("/detokenize", {"model": MODEL, "tokens": r["tokens"]}).json()[
         "prompt"

@@ -155,21 +155,23 @@ CALL = (
             "<think>\nhmm\n</think>\n\n",
             [("get_time", {"zone": 1})],
         ),
+        # unclosed
         (
             '<tool_call>\n{"name": "get_time", "arguments": {"zone": 1}}',
             "",
             [("get_time", {"zone": 1})],
-        ),  # unclosed
+        ),
         (
             '<tool_call>\n{"name": "get_time", "arguments": "{\\"zone\\": 1}"}\n</tool_call>',
             "",
             [("get_time", {"zone": 1})],
         ),
+        # stays content
         (
             "<tool_call>\nnot json\n</tool_call>",
             "<tool_call>\nnot json\n</tool_call>",
             [],
-        ),  # stays content
+        ),
         (
             '<tool_call>\n{"arguments": {}}\n</tool_call>',
             '<tool_call>\n{"arguments": {}}\n</tool_call>',

@@ -30,9 +30,8 @@ def test_resolve_catalog_name_and_gguf_file():
     by_name, by_file = resolve_model(NAME), resolve_model(path)
     assert by_name == by_file == ModelSource(path, "gguf")
     assert resolve_model(by_name) is by_name
-    assert (
-        stored_dtype(NAME) == "float32"
-    )  # convert's default dtype for a catalog name (header only)
+    # convert's default dtype for a catalog name (header only)
+    assert stored_dtype(NAME) == "float32"
     assert read_model_config(NAME)[1] == read_model_config(path)[1]
 
 
@@ -55,12 +54,10 @@ def test_inspect_catalog_name_and_gguf_file(spec, capsys):
 
 def test_arch_diff_takes_catalog_names_and_gguf_files(capsys):
     assert main(["arch-diff", NAME, str(smollm2_gguf())]) == 0
-    assert (
-        "no architectural differences" in capsys.readouterr().out
-    )  # the same model, named two ways
-    assert (
-        main(["arch-diff", NAME, "smollm2", "--all"]) == 0
-    )  # a catalog name beside a reference name
+    # the same model, named two ways
+    assert "no architectural differences" in capsys.readouterr().out
+    # a catalog name beside a reference name
+    assert main(["arch-diff", NAME, "smollm2", "--all"]) == 0
     assert "tied embeddings" in capsys.readouterr().out
 
 

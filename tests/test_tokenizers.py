@@ -187,9 +187,8 @@ def test_stop_strings_are_cut_and_held_back(smollm2):
     out.append(stream.finish())
     assert "".join(out) == "The answer is 42."
     assert stream.stopped
-    assert not any(
-        p.endswith("\n") for p in out[:-1]
-    )  # the newline was held until the stop was decided
+    # the newline was held until the stop was decided
+    assert not any(p.endswith("\n") for p in out[:-1])
 
 
 @pytest.mark.parametrize("pre", ["default", None])

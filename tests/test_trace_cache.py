@@ -92,9 +92,8 @@ def test_a_bounded_cache_retraces_with_identical_results(traces, monkeypatch):
                 traced = step
         assert torch.equal(traced, step)
         assert len(traces) <= 2
-    assert (
-        traces.traced == 5 and traces.evicted == 3
-    )  # (2, 32) was evicted by (4, 64), then traced again
+    # (2, 32) was evicted by (4, 64), then traced again
+    assert traces.traced == 5 and traces.evicted == 3
 
 
 def test_generate_goes_through_the_bounded_cache(traces):
@@ -147,9 +146,8 @@ def test_once_the_recording_budget_is_spent_new_shapes_run_eagerly(monkeypatch):
             decoder.step(torch.full((batch, 1), 5), torch.full((batch, 1), 3))
         )
     assert budgeted.traced == 2 and len(budgeted) == 1
-    assert (
-        budgeted.keys()[0][0] == 2
-    )  # the batch-2 trace is kept; the second batch-1 step ran eagerly
+    # the batch-2 trace is kept; the second batch-1 step ran eagerly
+    assert budgeted.keys()[0][0] == 2
     assert all(torch.equal(a, b) for a, b in results.values())
 
 

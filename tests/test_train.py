@@ -67,9 +67,8 @@ def test_prepare_splits_every_document_and_packs(corpus):
     )
     x, y, mask = TokenData(data, "train").batch(1, 5, 3, 16)
     assert x.shape == y.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1]) and mask.all()
-    assert torch.equal(
-        TokenData(data, "train").batch(1, 5, 3, 16)[0], x
-    )  # a pure function of (seed, step)
+    # a pure function of (seed, step)
+    assert torch.equal(TokenData(data, "train").batch(1, 5, 3, 16)[0], x)
 
 
 def test_sft_masks_cover_assistant_tokens_only(tmp_path):
@@ -268,9 +267,8 @@ def test_auto_precision_takes_bf16_only_where_it_measures_faster(monkeypatch):
     )
     monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: False)
     precision, why = loop.decide_precision("auto", cpu)
-    assert (
-        precision == "float32" and "no bf16 instructions" in why
-    )  # emulated: not even measured (rates is empty)
+    # emulated: not even measured (rates is empty)
+    assert precision == "float32" and "no bf16 instructions" in why
     monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: True)
     rates.update(float32=1e11, bfloat16=4e11)  # e.g. AMX / avx512_bf16: ~4x
     assert loop.choose_precision("auto", cpu) == "bfloat16"

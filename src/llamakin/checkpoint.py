@@ -138,9 +138,8 @@ def load_weights(
         for rule in tqdm(rules, desc="loading", unit="tensor", disable=not show, leave=False):
             value = rule.to_canonical([source.get(n) for n in rule.sources])
             params[rule.canonical].copy_(value)
-            del (
-                value
-            )  # freed before the next rule's tensors are read: one source tensor alive at a time
+            # freed before the next rule's tensors are read: one source tensor alive at a time
+            del value
 
 
 def read_checkpoint_config(directory: Path) -> tuple[Family, ModelConfig]:
@@ -153,9 +152,8 @@ def read_checkpoint_config(directory: Path) -> tuple[Family, ModelConfig]:
     elif (directory / "params.json").is_file():
         config_path = directory / "params.json"
         raw = read_json(config_path)
-        check_raw_config(
-            raw, str(config_path), skip=("vocab_size",)
-        )  # Meta writes -1; the adapter says what to do
+        # Meta writes -1; the adapter says what to do
+        check_raw_config(raw, str(config_path), skip=("vocab_size",))
         family = get_family("meta")
     else:
         raise CheckpointError(

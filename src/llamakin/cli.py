@@ -292,9 +292,8 @@ def cmd_serve(args) -> None:
     from .serve import bind, run
 
     _, named = parse_adapter_options(args.adapter or [])  # refused before anything loads
-    sock = bind(
-        args.host, args.port
-    )  # before loading the model: a busy port or bad host fails at once
+    # before loading the model: a busy port or bad host fails at once
+    sock = bind(args.host, args.port)
     model, tokenizer = _open(args)
     model_name = args.served_name or args.model or DEFAULT_MODEL
     if model_name in named:
@@ -810,10 +809,11 @@ def _show_library_messages() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # every later argument is lm-eval's (argparse cannot pass "--x" through)
     if argv[:2] == [
         "eval",
         "harness",
-    ]:  # every later argument is lm-eval's (argparse cannot pass "--x" through)
+    ]:
         argv = ["eval", "harness", "--", *argv[2:]]
     args = build_parser().parse_args(argv)
     _show_library_messages()

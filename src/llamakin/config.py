@@ -265,9 +265,8 @@ class ModelConfig:
                 "rope_scaling must be a llamakin.config.RopeScaling; build one from a dict with "
                 "RopeScaling(**d)."
             )
-        if (
-            self.rope_scaling.type != "dynamic"
-        ):  # a fixed base: rotating before or after caching is the same
+        # a fixed base: rotating before or after caching is the same
+        if self.rope_scaling.type != "dynamic":
             object.__setattr__(self, "rope_cached_keys", False)
 
         if self.attention_kind == "differential":

@@ -174,9 +174,8 @@ def llama_cpp_tokenize(tokenizer: Tokenizer, text: str) -> list[int]:
     """``common_tokenize(ctx, text, add_special=true, parse_special=false)``: the vocabulary's own BOS
     rule, and special-token text in ``text`` encoded as ordinary text."""
     backend = tokenizer.backend
-    if hasattr(
-        backend, "encode_special_tokens"
-    ):  # `tokenizers`: added special tokens are not matched
+    # `tokenizers`: added special tokens are not matched
+    if hasattr(backend, "encode_special_tokens"):
         before = backend.encode_special_tokens
         backend.encode_special_tokens = True
         try:
@@ -223,9 +222,8 @@ def sliding_windows(ids: list[int], context: int, stride: int) -> list[Window]:
     windows, previous_end, begin = [], 0, 0
     while True:
         end = min(begin + context, len(ids))
-        first_target = max(
-            previous_end - begin, 1
-        )  # window-relative index of the first scored token
+        # window-relative index of the first scored token
+        first_target = max(previous_end - begin, 1)
         if end - begin >= 2 and first_target < end - begin:
             windows.append(Window(ids[begin:end], first_target - 1))
         previous_end = end

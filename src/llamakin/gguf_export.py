@@ -63,9 +63,8 @@ def tokenizer_metadata(source: str | Path | None) -> dict[str, Any]:
     spec = json.loads(tok.backend.to_str())
     if spec.get("model", {}).get("type") != "BPE":
         return {}
-    if spec["model"].get(
-        "byte_fallback"
-    ):  # SentencePiece-style BPE: its tokenizer.model translates
+    # SentencePiece-style BPE: its tokenizer.model translates
+    if spec["model"].get("byte_fallback"):
         model_file = directory / "tokenizer.model"
         return _from_sentencepiece(_SentencePiece(model_file).sp) if model_file.is_file() else {}
     return _from_byte_level_bpe(spec, tok, directory)
@@ -198,10 +197,11 @@ def save_gguf(
     meta.pop(TENSOR_NAMES)
     arch = meta.pop("general.architecture")
     tok_meta = tokenizer_metadata(tokenizer_source)
+    # the tokenizer's special ids win over the model config's (as in llama.cpp's converter)
     meta = {
         **meta,
         **tok_meta,
-    }  # the tokenizer's special ids win over the model config's (as in llama.cpp's converter)
+    }
     meta.setdefault(f"{arch}.vocab_size", model.config.vocab_size)
     meta["general.name"] = name
     meta["general.file_type"] = _FILE_TYPE[quant]

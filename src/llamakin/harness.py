@@ -126,9 +126,8 @@ class LlamakinLM(TemplateLM):
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kwargs
     ) -> list[int]:
-        if (
-            add_special_tokens is None
-        ):  # the tokenizer's own rule, unless the text already starts with BOS
+        # the tokenizer's own rule, unless the text already starts with BOS
+        if add_special_tokens is None:
             add_special_tokens = not (self.tok.bos_token and string.startswith(self.tok.bos_token))
         return self.tok.encode(string, add_special_tokens=add_special_tokens)
 

@@ -138,9 +138,8 @@ def accept_or_resample(
         residual[token] = 0.0
     else:
         residual = (p - q).clamp_(min=0.0)
-    if (
-        float(residual.sum()) <= 0.0
-    ):  # p <= q everywhere up to rounding: p itself is the residual's limit
+    # p <= q everywhere up to rounding: p itself is the residual's limit
+    if float(residual.sum()) <= 0.0:
         residual = p
     return int(torch.multinomial(residual, 1, generator=generator))
 
@@ -159,9 +158,8 @@ class LookupDraft:
         n_tokens = len(sequence)
         for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
             tail = sequence[-n:]
-            for start in range(
-                n_tokens - n - 1, -1, -1
-            ):  # most recent first, the tail itself excluded
+            # most recent first, the tail itself excluded
+            for start in range(n_tokens - n - 1, -1, -1):
                 if sequence[start : start + n] == tail:
                     follow = sequence[start + n : start + n + k]
                     return follow, [None] * len(follow)
@@ -384,9 +382,8 @@ class SpeculativeRun:
         sequence = list(self.prompt)
 
         start = time.perf_counter()
-        logits = model(torch.tensor([sequence], device=device), cache=cache, last_only=True)[
-            0
-        ]  # [1, V]
+        # [1, V]
+        logits = model(torch.tensor([sequence], device=device), cache=cache, last_only=True)[0]
         self.stats.prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
         new = [self._choose(processor.logits(logits[0]), generator)]
@@ -419,14 +416,12 @@ class SpeculativeRun:
                 new = [self._choose(processor.logits(logits[0]), generator)]
                 continue
             kept_before = cache.length
-            logits = model(torch.tensor([[sequence[-1], *draft]], device=device), cache=cache)[
-                0
-            ]  # [k + 1, V]
+            # [k + 1, V]
+            logits = model(torch.tensor([[sequence[-1], *draft]], device=device), cache=cache)[0]
             new = self._verify(logits, draft, dists, processor, generator)
             accepted = len(new) - 1
-            cache.length = (
-                kept_before + 1 + accepted
-            )  # rollback: the rejected drafts' slots are dropped
+            # rollback: the rejected drafts' slots are dropped
+            cache.length = kept_before + 1 + accepted
             drafter.rollback(len(sequence) + accepted)
             self.stats.verifications += 1
             self.stats.drafted_tokens += len(draft)

@@ -168,9 +168,8 @@ def check_raw_config(
                         raise ConfigError(
                             f"{where}: {key}.{sub} must be true or false, got {v!r}; fix the config."
                         )
-                elif isinstance(
-                    v, (dict, list)
-                ):  # per-layer-type parameters, longrope factor lists, mrope
+                # per-layer-type parameters, longrope factor lists, mrope
+                elif isinstance(v, (dict, list)):
                     continue  # sections: the adapter accepts or refuses them by name
                 elif v is not None and not _is_real(v):
                     raise ConfigError(
@@ -273,9 +272,8 @@ def check_plausible_size(
         + c.num_heads * c.head_dim * c.hidden_size
         + 3 * c.hidden_size * c.intermediate_size
     )
-    if (
-        rough > 1 << 50
-    ):  # a million billion parameters: beyond any machine, and beyond torch's size arithmetic
+    # a million billion parameters: beyond any machine, and beyond torch's size arithmetic
+    if rough > 1 << 50:
         raise CheckpointError(
             f"{where}: its config describes a model of about {rough:.1e} parameters, far beyond any "
             "memory; the config is corrupt."

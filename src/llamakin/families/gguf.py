@@ -172,10 +172,11 @@ class GGUFFamily(Family):
     def unsupported(self, config: ModelConfig) -> str | None:
         if len(config.eos_token_ids) > 2:
             config = config.replace(eos_token_ids=config.eos_token_ids[:2])
+        # GGUF keeps only type, factor, original context
         if config.rope_scaling.type in (
             "linear",
             "yarn",
-        ):  # GGUF keeps only type, factor, original context
+        ):
             s = config.rope_scaling
             config = config.replace(
                 rope_scaling=RopeScaling(
@@ -192,9 +193,8 @@ class GGUFFamily(Family):
             **(QKV_BIAS if self.qkv_bias else {}),
             **(QK_NORM if self.qk_norm else {}),
         }
-        if (
-            self.permute_qk
-        ):  # llama.cpp's converter stores llama's q/k rows in Meta's interleaved order
+        # llama.cpp's converter stores llama's q/k rows in Meta's interleaved order
+        if self.permute_qk:
             for key in ("layers.{i}.attn.qkv.weight", "layers.{i}.attn.qkv.bias"):
                 if key in table:
                     table[key] = Transformed(table[key], _interleaved_qk)

@@ -107,10 +107,11 @@ HF_TABLE: dict[str, Entry] = {
     **{f"layers.{{i}}.attn.o_proj.{s}": _A + f"o_proj.{s}" for s in ("weight", "bias")},
     "layers.{i}.attn.q_norm.weight": _A + "q_norm.weight",  # Qwen3
     "layers.{i}.attn.k_norm.weight": _A + "k_norm.weight",
+    # DiffLlama
     **{
         f"layers.{{i}}.attn.{n}": _A + n
         for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
-    },  # DiffLlama
+    },
     "layers.{i}.attn_out_norm.weight": _P + "post_self_attn_layernorm.weight",  # GLM-4-0414
     "layers.{i}.mlp_out_norm.weight": _P + "post_mlp_layernorm.weight",
     **{

@@ -111,12 +111,10 @@ class MetaFamily(Family):
 
     def unsupported(self, config: ModelConfig) -> str | None:
         if config.max_position_embeddings != DEFAULT_MAX_SEQ_LEN:
-            config = config.replace(
-                max_position_embeddings=DEFAULT_MAX_SEQ_LEN
-            )  # not stored, not a knob of the weights
-        config = config.replace(
-            bos_token_id=None, eos_token_ids=(), pad_token_id=None
-        )  # tokenizer's business
+            # not stored, not a knob of the weights
+            config = config.replace(max_position_embeddings=DEFAULT_MAX_SEQ_LEN)
+        # tokenizer's business
+        config = config.replace(bos_token_id=None, eos_token_ids=(), pad_token_id=None)
         return super().unsupported(config)
 
     def tensor_table(self) -> dict[str, Entry]:

@@ -23,9 +23,8 @@ QWEN1_TABLE: dict[str, Entry] = {
     "lm_head.weight": "lm_head.weight",
     "layers.{i}.attn_norm.weight": _H + "ln_1.weight",
     "layers.{i}.mlp_norm.weight": _H + "ln_2.weight",
-    **{
-        f"layers.{{i}}.attn.qkv.{s}": _H + f"attn.c_attn.{s}" for s in ("weight", "bias")
-    },  # already [q | k | v]
+    # already [q | k | v]
+    **{f"layers.{{i}}.attn.qkv.{s}": _H + f"attn.c_attn.{s}" for s in ("weight", "bias")},
     **{f"layers.{{i}}.attn.o_proj.{s}": _H + f"attn.c_proj.{s}" for s in ("weight", "bias")},
     # the naming trap: SiLU is applied to w2, so w2 is the gate and w1 the up projection
     **{

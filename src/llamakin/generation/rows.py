@@ -69,9 +69,8 @@ class Row:
     # -- cache state, kept by the batch
     length: int = 0  # cache slots filled (left padding included)
     pad: int = 0  # slots of left padding before the prompt
-    fed: list[int] = field(
-        default_factory=list
-    )  # generated tokens whose keys/values are in the cache
+    # generated tokens whose keys/values are in the cache
+    fed: list[int] = field(default_factory=list)
     position: LinearPosition | PrefixLMPosition | None = None
     last_token: int = -1
     reused: int = 0  # prompt tokens whose keys/values came from the prefix cache

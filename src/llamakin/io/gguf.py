@@ -153,9 +153,8 @@ class GGUFFile(TensorSource):
                     f"{self.path}: tensor {name} has rows of {shape[-1]} values, not a multiple of "
                     f"the {block}-value blocks of {qtype.name}; the file is corrupt."
                 )
-            nbytes = (
-                math.prod(shape) // block * type_size
-            )  # Python integers: a hostile shape cannot wrap around
+            # Python integers: a hostile shape cannot wrap around
+            nbytes = math.prod(shape) // block * type_size
             start = data_start + offset
             if start + nbytes > len(self._map):
                 raise CheckpointError(

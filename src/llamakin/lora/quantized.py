@@ -208,9 +208,8 @@ def load_quantized_base(
         old = model.get_submodule(name)
         model.set_submodule(name, FrozenQuantizedLinear(weight, old.bias))
     del weights
-    with (
-        torch.no_grad()
-    ):  # float tensors read zero-copy from a mapped safetensors file keep all of it resident
+    # float tensors read zero-copy from a mapped safetensors file keep all of it resident
+    with torch.no_grad():
         for module in model.modules():
             for name, param in module.named_parameters(recurse=False):
                 param.data = param.data.clone()

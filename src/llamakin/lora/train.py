@@ -102,9 +102,8 @@ def export_run(run: str | Path, out: str | Path, merged: bool = False) -> Path:
         merge(model)
         try:
             family = hf_family(model.config)[0].name
-            model, _ = fit_to_family(
-                model, family
-            )  # an interleaved-RoPE base: q/k rows to HF's order
+            # an interleaved-RoPE base: q/k rows to HF's order
+            model, _ = fit_to_family(model, family)
         except UnsupportedError:  # no transformers class: the format the base would be saved in
             family = None
         model.save_pretrained(out, family=family)

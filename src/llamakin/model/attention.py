@@ -41,9 +41,8 @@ class Attention(nn.Module):
         self.register_buffer("qkv_bias_zeroed", None, persistent=False)
         self.init_buffers()
         self.o_proj = Linear(H * hd, d, bias=config.o_bias)
-        if (
-            config.qk_norm
-        ):  # Qwen3: one weight shared by all heads, before RoPE (docs/variants.md §5.3)
+        # Qwen3: one weight shared by all heads, before RoPE (docs/variants.md §5.3)
+        if config.qk_norm:
             self.q_norm = RMSNorm(hd, config.norm_eps, config.rmsnorm_order)
             self.k_norm = RMSNorm(hd, config.norm_eps, config.rmsnorm_order)
         else:
@@ -51,9 +50,8 @@ class Attention(nn.Module):
 
     def init_buffers(self) -> None:
         """(Re)build the non-persistent buffers (also after ``to_empty`` on a meta-built model)."""
-        if self.partial_bias and isinstance(
-            self.qkv, nn.Linear
-        ):  # quantized qkv carry their bias masked
+        # quantized qkv carry their bias masked
+        if self.partial_bias and isinstance(self.qkv, nn.Linear):
             c = self.config
             flags = (c.q_bias, c.k_bias, c.v_bias)
             zeroed = torch.cat([torch.full((n,), not f) for n, f in zip(self.split_sizes, flags)])
@@ -160,9 +158,8 @@ class DifferentialAttention(Attention):
         self.lambda_q2 = nn.Parameter(torch.zeros(hd))
         self.lambda_k2 = nn.Parameter(torch.zeros(hd))
         # HF DiffLlama's group norm has no weight; unilm's ``subln`` has one (docs/variants.md §7.1, §7.2)
-        eps = (
-            config.norm_eps if config.diff_norm_eps is None else config.diff_norm_eps
-        )  # unilm's subln: 1e-5
+        # unilm's subln: 1e-5
+        eps = config.norm_eps if config.diff_norm_eps is None else config.diff_norm_eps
         self.pair_norm = RMSNorm(2 * hd, eps, config.rmsnorm_order, affine=config.diff_norm_affine)
 
     def reset_lambdas(self, std: float = 0.1) -> None:
@@ -184,9 +181,8 @@ class DifferentialAttention(Attention):
     ) -> torch.Tensor:
         B, Hkv, S, hd = v.shape
         halves = v.view(B, 2, Hkv // 2, S, hd)
-        wide_v = torch.cat((halves[:, 0], halves[:, 1]), dim=-1).repeat(
-            1, 2, 1, 1
-        )  # [B, Hkv, S, 2hd]
+        # [B, Hkv, S, 2hd]
+        wide_v = torch.cat((halves[:, 0], halves[:, 1]), dim=-1).repeat(1, 2, 1, 1)
         out = self.sdpa(q, k, wide_v, mask)  # [B, H, T, 2hd]
         first, second = out.chunk(2, dim=1)  # pairs (j, j + H/2)
         diff = first - self.lambda_full(q.dtype) * second

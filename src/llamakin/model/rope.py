@@ -127,9 +127,8 @@ def inv_freq_for(
             rd / (rd - 2)
         )
     inv_freq = default_inv_freq(rd, theta, device)
-    if (
-        config.rope_inv_freq_dtype == "float16"
-    ):  # ChatGLM-6B creates them .half() (docs/variants.md §6.1)
+    # ChatGLM-6B creates them .half() (docs/variants.md §6.1)
+    if config.rope_inv_freq_dtype == "float16":
         inv_freq = inv_freq.half().float()
     if s.type == "linear":
         return inv_freq / s.factor, 1.0
@@ -185,20 +184,17 @@ class RotaryEmbedding(nn.Module):
         # float32 tables cast to the activations' dtype (transformers, docs/variants.md §2.1), or ChatGLM-6B's
         # tables computed in the model's dtype (docs/variants.md §6.1)
         table_dtype = dtype if self.config.rope_table_dtype == "model" else torch.float32
-        angles = positions.to(table_dtype)[..., None] * inv_freq.to(
-            table_dtype
-        )  # [B, T, rd/2] (docs/variants.md §2.1)
+        # [B, T, rd/2] (docs/variants.md §2.1)
+        angles = positions.to(table_dtype)[..., None] * inv_freq.to(table_dtype)
         cos, sin = angles.cos(), angles.sin()
         if factor != 1.0:
             cos, sin = cos * factor, sin * factor
         cos, sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
-        if (
-            self.config.rope_layout == "interleaved"
-        ):  # pairs (2i, 2i + 1): [c0 c0 c1 c1 ...], [-s0 s0 -s1 s1 ...]
+        # pairs (2i, 2i + 1): [c0 c0 c1 c1 ...], [-s0 s0 -s1 s1 ...]
+        if self.config.rope_layout == "interleaved":
             return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
-        return torch.cat((cos, cos), -1), torch.cat(
-            (-sin, sin), -1
-        )  # pairs (i, i + rd/2): [c | c], [-s | s]
+        # pairs (i, i + rd/2): [c | c], [-s | s]
+        return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
 
     def forward(
         self,

@@ -115,9 +115,8 @@ class Transformer(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """Training initialisation: N(0, std) matrices and embeddings, zero biases, unit norms,
         N(0, 0.1) differential lambdas (docs/variants.md §7.1), output projections scaled by 1/sqrt(2 * layers)."""
-        if (
-            self.embed.weight.is_meta
-        ):  # built on ``meta`` to be loaded into: no values (see __init__)
+        # built on ``meta`` to be loaded into: no values (see __init__)
+        if self.embed.weight.is_meta:
             return
         residual_std = std / math.sqrt(2 * self.config.num_layers)
         for name, module in self.named_modules():
@@ -147,9 +146,8 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return (
-            self.final_norm.weight.dtype
-        )  # not the embedding's: it may be quantized (llamakin.quant)
+        # not the embedding's: it may be quantized (llamakin.quant)
+        return self.final_norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -215,9 +213,8 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
         key_positions = None
-        if (
-            cache is not None and self.config.rope_cached_keys
-        ):  # keys cached before RoPE: rotate them all
+        # keys cached before RoPE: rotate them all
+        if cache is not None and self.config.rope_cached_keys:
             key_positions = (
                 positions_from_valid(key_valid, 0)
                 if key_valid is not None

@@ -75,9 +75,8 @@ def bind(host: str, port: int) -> socket.socket:
 def startup_line(model, model_name: str, host: str, port: int, engine: Engine) -> str:
     """What is served where: model, dtype, quantization, device, the address and the engine's limits."""
     dtype, quantization = weights_summary(model)
-    shown = (
-        f"[{host}]" if ":" in host else host
-    )  # an IPv6 address in a URL is bracketed (RFC 3986 section 3.2.2)
+    # an IPv6 address in a URL is bracketed (RFC 3986 section 3.2.2)
+    shown = f"[{host}]" if ":" in host else host
     return (
         f"llamakin: serving {model_name} (dtype {dtype}, quantization {quantization}, device {model.device}) "
         f"at http://{shown}:{port} - chat page /, API /v1, metrics /metrics "

@@ -58,9 +58,8 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     index: int = 0  # which of the request's n samples this is (its seed is derived from it)
-    forks: list["Request"] = field(
-        default_factory=list
-    )  # the other samples, prefilled with this one
+    # the other samples, prefilled with this one
+    forks: list["Request"] = field(default_factory=list)
     # per-row hooks of the generation core (see llamakin.generation.rows): a factory of this row's
     # logits processors (called once per row, so stateful ones such as a JSON grammar start fresh for
     # every sample), and the index of the row's LoRA adapter (llamakin.lora.multi; 0: the base model)

@@ -12,11 +12,12 @@ import hmac
 from .schema import APIError
 
 DRAIN_FACTOR = 16  # an oversized chunked body is read (and dropped) up to this many times the limit
+# what --api-key guards (the page, /health and /metrics are open)
 KEYED_PATHS = (
     "/v1",
     "/tokenize",
     "/detokenize",
-)  # what --api-key guards (the page, /health and /metrics are open)
+)
 
 
 class Guard:

@@ -41,9 +41,8 @@ from ..errors import LlamakinError
 from ..generation import SamplingParams
 from .logprobs import MAX_TOP_LOGPROBS
 
-StrictFloat = Annotated[
-    float, Strict()
-]  # strict still takes a JSON integer (1 -> 1.0), never a string
+# strict still takes a JSON integer (1 -> 1.0), never a string
+StrictFloat = Annotated[float, Strict()]
 StrictInt = Annotated[int, Strict()]
 StrictBool = Annotated[bool, Strict()]
 StrictStr = Annotated[str, Strict()]
@@ -193,9 +192,8 @@ class Message(_Strict):
 
 # -- tools and response_format (what they mean: structured.py) --------------------------------------
 class FunctionDef(_Strict):
-    name: Annotated[
-        str, Strict(), Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    ]  # OpenAI's rule for names
+    # OpenAI's rule for names
+    name: Annotated[str, Strict(), Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     description: StrictStr | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
     strict: StrictBool | None = None  # arguments are always enforced when a call is forced
@@ -247,9 +245,8 @@ class _Sampling(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: StrictFloat = Field(1.0, ge=0, le=2)
     top_p: StrictFloat = Field(1.0, gt=0, le=1)
-    n: StrictInt = Field(
-        1, ge=1, le=MAX_N
-    )  # samples of one prompt (at most --max-batch, checked later)
+    # samples of one prompt (at most --max-batch, checked later)
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
@@ -329,9 +326,8 @@ class CompletionRequest(_Sampling):
             Field(min_length=1, max_length=64),
         ]
     )
-    max_tokens: StrictInt | None = Field(
-        16, ge=0
-    )  # OpenAI's default for completions; 0 only with echo
+    # OpenAI's default for completions; 0 only with echo
+    max_tokens: StrictInt | None = Field(16, ge=0)
     echo: StrictBool = False
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # top-N per token
     suffix: Any = None

@@ -65,9 +65,8 @@ class TokenizeRequest(_Strict):
             return self.add_special
         if self.add_special_tokens is not None:
             return self.add_special_tokens
-        return (
-            self.prompt is not None
-        )  # llama.cpp: false; vLLM: true for a prompt, false for messages
+        # llama.cpp: false; vLLM: true for a prompt, false for messages
+        return self.prompt is not None
 
 
 class DetokenizeRequest(_Strict):

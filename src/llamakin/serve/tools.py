@@ -30,9 +30,8 @@ from typing import Any, Callable
 
 from ..constrained import lark_json
 
-Quote = Callable[
-    [str], str
-]  # a literal text -> a Lark item for it (llamakin.constrained.lark_literal)
+# a literal text -> a Lark item for it (llamakin.constrained.lark_literal)
+Quote = Callable[[str], str]
 
 
 @dataclass

@@ -88,9 +88,8 @@ class _Step(nn.Module):
         *adapter_ids: torch.Tensor,
     ):
         self.cache.keys, self.cache.values, self.cache.rope_alpha = keys, values, rope_alpha
-        if (
-            adapter_ids
-        ):  # several LoRA adapters chosen per row (llamakin.lora.multi): the indices are an input
+        # several LoRA adapters chosen per row (llamakin.lora.multi): the indices are an input
+        if adapter_ids:
             self.model.adapter_selection.ids = adapter_ids[0]
         return self.model.decode_step(tokens, positions, slot, key_valid, self.cache)
 

@@ -88,9 +88,8 @@ def from_gguf_metadata(meta: dict[str, Any], source: str = "") -> Tokenizer:
             lambda: _byte_level_tokenizer({t: i for i, t in enumerate(tokens)}, merges, pre), source
         )
         byte_alphabet = set(_bytes_to_unicode().values())
-        control = [
-            t for t in control if set(t) <= byte_alphabet
-        ]  # llama.cpp mislabels some; keep whole ones
+        # llama.cpp mislabels some; keep whole ones
+        control = [t for t in control if set(t) <= byte_alphabet]
         add_bos_default = bool(pre.add_bos)
     elif kind == "llama":
         backend = _built(

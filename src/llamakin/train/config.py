@@ -18,12 +18,10 @@ from ..errors import ConfigError
 class TrainConfig:
     """Everything a run needs besides the data's own vocabulary (which sizes the embedding)."""
 
-    model: dict[str, Any] = field(
-        default_factory=dict
-    )  # ModelConfig knobs (vocab_size comes from the data)
-    data: list[str] = field(
-        default_factory=lambda: ["shakespeare"]
-    )  # a prepared dir, or inputs to prepare
+    # ModelConfig knobs (vocab_size comes from the data)
+    model: dict[str, Any] = field(default_factory=dict)
+    # a prepared dir, or inputs to prepare
+    data: list[str] = field(default_factory=lambda: ["shakespeare"])
     tokenizer: str | None = (
         "train:2048"  # when data needs preparing: "train:VOCAB", a path/catalog name, None: init_from's
     )
@@ -47,15 +45,13 @@ class TrainConfig:
     init_std: float = 0.02
     parallel: str = "ddp"  # under torchrun: ddp | fsdp
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    train_only: list[str] = field(
-        default_factory=list
-    )  # parameter name patterns (fnmatch); empty = all
+    # parameter name patterns (fnmatch); empty = all
+    train_only: list[str] = field(default_factory=list)
     init_from: str | None = (
         None  # a checkpoint to start from (fine-tuning) instead of random weights
     )
-    lora: dict[str, Any] = field(
-        default_factory=dict
-    )  # LoRA on a frozen init_from: rank, alpha, dropout, targets, quantize, group_size
+    # LoRA on a frozen init_from: rank, alpha, dropout, targets, quantize, group_size
+    lora: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = (
         False  # recompute each block in backward instead of keeping its activations
     )

@@ -91,9 +91,8 @@ def time_matmul(rows: int, inner: int, outer: int, precision: str, device: torch
     """Seconds of one ``linear`` of float32 activations ``[rows, inner]`` and weights ``[outer, inner]``
     as training runs it: plain, or under bf16 autocast (which casts both on every call, the cost
     that makes bf16 slower than float32 for small models). Fastest of a few after a warm-up."""
-    rng = torch.Generator(device=device).manual_seed(
-        0
-    )  # its own: the run's random stream stays untouched
+    # its own: the run's random stream stays untouched
+    rng = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(rows, inner, device=device, generator=rng)
     w = torch.randn(outer, inner, device=device, generator=rng)
     cuda = device.type == "cuda"
@@ -174,12 +173,10 @@ def measured_peak_flops(device: torch.device, precision: str) -> float:
     fastest of the products timed for half a second after two warm-ups (thread pools, clocks)."""
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     cuda = device.type == "cuda"
-    n, per_timing = (
-        (4096, 10) if cuda else (2048, 1)
-    )  # GPUs: enough products per timing to hide the sync
-    rng = torch.Generator(device=device).manual_seed(
-        0
-    )  # its own: the run's random stream stays untouched
+    # GPUs: enough products per timing to hide the sync
+    n, per_timing = (4096, 10) if cuda else (2048, 1)
+    # its own: the run's random stream stays untouched
+    rng = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=rng)
     fastest, start = math.inf, time.perf_counter()
@@ -611,9 +608,8 @@ class Trainer:
             }
             if step % cfg.eval_interval == 0 or step == self.total_steps:
                 last["val_loss"] = self.evaluate(model)
-                last["val_ppl"] = math.exp(
-                    min(last["val_loss"], 700.0)
-                )  # held-out perplexity (exp overflows past ~709)
+                # held-out perplexity (exp overflows past ~709)
+                last["val_ppl"] = math.exp(min(last["val_loss"], 700.0))
             if self.is_main:
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
@@ -621,9 +617,8 @@ class Trainer:
                 bar.update(1)
             if step % cfg.save_interval == 0 or step == self.total_steps:
                 self._save(model, optimizer, step, skipped, checkpoint)
-                if os.environ.get("LLAMAKIN_DIE_AFTER_STEP") == str(
-                    step
-                ):  # tests: a crash right after a save
+                # tests: a crash right after a save
+                if os.environ.get("LLAMAKIN_DIE_AFTER_STEP") == str(step):
                     os._exit(17)
         bar.close()
         if self.is_main:
@@ -632,9 +627,8 @@ class Trainer:
         return last
 
     def _save(self, model, optimizer, step: int, skipped: int, path: Path) -> None:
-        model_state, optim_state = full_state(
-            model, optimizer, frozen=self.save_frozen
-        )  # collective under FSDP
+        # collective under FSDP
+        model_state, optim_state = full_state(model, optimizer, frozen=self.save_frozen)
         if self.is_main:
             atomic_save(
                 {

@@ -17,9 +17,10 @@ def train(
     cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     if cfg.lora:
+        # here, not above: llamakin.lora.train imports the loop's package
         from ..lora.train import (
             LoraTrainer,
-        )  # here, not above: llamakin.lora.train imports the loop's package
+        )
 
         trainer_class = LoraTrainer
     else:
