@@ -20,7 +20,8 @@ catalog Q4_1 file — this runs:
 
 The tokens are checked too: llama.cpp's tokenizer (ctypes bindings) against llamakin's on the text.
 Agreement targets: F32 within 0.2%, Q4_1 within 1%. Speed: tokens run through the model per
-second (llama.cpp: its prompt-evaluation rate), medians over --rounds.
+second (llama.cpp: its prompt-evaluation rate), medians over --rounds, the three tools taking
+turns within each round.
 
     LLAMAKIN_HOME=~/.llamakin .venv/bin/python benchmarks/bench_perplexity.py [--corpus wikipedia]
         [--chunks 16] [--context 512] [--rounds 1]
@@ -247,10 +248,22 @@ def main() -> None:
             max_chunks=args.chunks,
             batch_size=args.batch,
         )
-        perplexity(model, tok, text[:20000], **{**run, "max_chunks": 1})  # warm-up
-        ours_runs, theirs_runs = [], []
+        windows = llama_cpp_chunks(
+            ours_ids, args.context, tok.bos_token_id if adds_bos(tok) else None, args.chunks
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            import transformers
+
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        perplexity(model, tok, text[:20000], **{**run, "max_chunks": 1})  # warm-ups
+        transformers_perplexity(hf, windows[:1], 1)
+        # the three tools take turns in every round, so a machine whose load changes during the
+        # run slows each of them alike
+        ours_runs, theirs_runs, hf_runs = [], [], []
         for _ in range(args.rounds):
             ours_runs.append(perplexity(model, tok, text, **run))
+            hf_runs.append(transformers_perplexity(hf, windows, args.batch))
             theirs_runs.append(
                 llama_perplexity(binaries, gguf, text_file, args.context, args.chunks)
             )
@@ -279,16 +292,6 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-        windows = llama_cpp_chunks(
-            ours_ids, args.context, tok.bos_token_id if adds_bos(tok) else None, args.chunks
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            import transformers
-
-            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        transformers_perplexity(hf, windows[:1], 1)  # warm-up
-        hf_runs = [transformers_perplexity(hf, windows, args.batch) for _ in range(args.rounds)]
         hf_ppl = hf_runs[-1][0]
         tokens = sum(len(w.ids) for w in windows)
         ours_rate = statistics.median(r.tokens_per_second for r in ours_runs)
