@@ -4,6 +4,10 @@ Both sides load the same Hugging Face directory (the catalog's default model, Sm
 converted from its GGUF once) in float32, put rank-r adapters on the same projections (dropout 0,
 so both compute exactly the same function), and run the same step (forward, cross-entropy,
 backward, gradient clipping, fused AdamW over the adapters only) on the same random batches.
+llamakin's loss is the training loop's (:func:`llamakin.train.loss.token_loss_sum`: the output
+head fused into the cross-entropy, chunk by chunk); PEFT's is ``F.cross_entropy`` over
+``model(input_ids).logits``, which is what transformers' own ``labels=`` loss computes too
+(``ForCausalLMLoss``: the logits in float32, then ``F.cross_entropy``).
 Steps alternate between the two in one process; medians are compared. Peak memory is measured
 in a fresh process per side (peak RSS in training, and its growth over the loaded model), with
 the bytes the model holds (parameters and buffers: the frozen base plus the adapters).
@@ -40,6 +44,7 @@ from llamakin.lora import LoraSettings, apply_lora  # noqa: E402
 from llamakin.lora.model import parse_targets  # noqa: E402
 from llamakin.lora.quantized import load_quantized_base, quantized_bytes  # noqa: E402
 from llamakin.quant.model import release_freed_memory  # noqa: E402
+from llamakin.train.loss import token_loss_sum  # noqa: E402
 
 SIDES = ("llamakin", "peft", "qlora-int4", "qlora-int8")
 HF_NAMES = {
@@ -108,8 +113,11 @@ def make_step(model, side: str):
 
     def step(x, y):
         start = time.perf_counter()
-        logits = model(input_ids=x).logits if side == "peft" else model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        if side == "peft":  # transformers' logits, then the cross-entropy over them
+            logits = model(input_ids=x).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        else:  # the training loop's own loss: the head fused into it, chunk by chunk
+            loss = token_loss_sum(model, x, y) / y.numel()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -33,6 +33,7 @@ from ..model import Transformer
 from ..validation import check_plausible_size
 from .config import TrainConfig
 from .data import TokenData, prepare
+from .loss import token_loss_sum
 
 log = logging.getLogger(__name__)
 
@@ -468,10 +469,10 @@ class Trainer:
         return micro
 
     def _loss_sum(self, model, x, y, mask) -> torch.Tensor:
+        # the head fused into the loss, chunk by chunk (llamakin.train.loss); FSDP's sharded head
+        # takes the plain path
         with autocast(self.precision, self.device):
-            logits = model(x)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        return (losses * mask.flatten()).sum()
+            return token_loss_sum(model, x, y, mask, fused=self.cfg.parallel != "fsdp")
 
     def _all_sum(self, value: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized():
