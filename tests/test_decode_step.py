@@ -159,3 +159,24 @@ def test_additive_decode_masks_give_what_boolean_masks_give_to_sdpa(dtype, windo
     got = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, enable_gqa=True)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=boolean, enable_gqa=True)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_rmsnorm_without_autograd_is_torch_rms_norm_bit_for_bit(affine, tokens):
+    """Without autograd (decoding, the traced step) float32 RMSNorm takes the explicit form;
+    with autograd ``F.rms_norm``. Both must be the same numbers, and gradients must still flow."""
+    from llamakin.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-6, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.add_(torch.randn(96) * 0.3)
+    x = torch.randn(3, tokens, 96) * 4
+    want = F.rms_norm(x, (96,), norm.weight, 1e-6)
+    with torch.no_grad():
+        assert torch.equal(norm(x), want)
+    x.requires_grad_(True)
+    out = norm(x)
+    assert torch.equal(out.detach(), want) and out.requires_grad
