@@ -217,7 +217,7 @@ def main() -> None:
             v.times.append((time.perf_counter() - start) * 1e3 / args.steps)
         start = time.perf_counter()
         for _ in range(args.steps):
-            int(reference.argmax(-1))
+            reference.argmax(-1).tolist()
         sampling.append((time.perf_counter() - start) * 1e3 / args.steps)
 
     base = statistics.median(variants[0].times)
