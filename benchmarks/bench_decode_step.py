@@ -15,6 +15,12 @@ slots) through each variant, alternating variants round by round in one run, and
   default (``--compile default max``): compiling takes minutes on 2 cores. The compile time is
   printed; torch's on-disk caches (``TORCHINDUCTOR_CACHE_DIR``) make a second process faster.
 
+* ``against``: with ``--against SRC`` (another checkout's ``src`` folder, e.g. a ``git worktree``
+  of the commit before a change), that code's traced step on its own copy of the model and cache,
+  imported under another package name in this process: a before/after comparison of code
+  changes, alternating round by round like every variant (ratios under the same load).
+* ``--batch N`` times an N-row step (every row at the same slot) instead of one row.
+
 Also printed per variant: the time to set it up and of its first three steps (TorchScript
 optimises a graph on its second call), the largest logit difference from the eager step, whether
 ``--greedy`` greedy tokens equal the eager ones, and the cost of greedy sampling (argmax) beside
@@ -27,9 +33,12 @@ within one run, not numbers across runs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,14 +100,40 @@ def make_variants(model, cache, names: list[str], compile_modes: list[str]) -> l
     return variants
 
 
-def greedy(variant: Variant, first: int, start: int, count: int) -> list[int]:
-    """``count`` greedy tokens from slot ``start`` on (every variant rewrites the same slots)."""
+def import_against(src: str):
+    """The ``llamakin`` package of another checkout's ``src`` folder, imported as ``llamakin_against``
+    (its imports are relative, so a renamed copy is a separate package with its own modules)."""
+    folder = Path(tempfile.mkdtemp(prefix="llamakin_against_"))
+    shutil.copytree(Path(src) / "llamakin", folder / "llamakin_against")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("llamakin_against")
+
+
+def against_variant(package, args, prompt: torch.Tensor, tokens, positions, slots) -> Variant:
+    """The other checkout's traced step on its own model and cache (same prompt, same slots)."""
+    from llamakin_against.speed.decode_trace import Decoder as OtherDecoder
+
+    model = package.load(args.model, quantize=args.quantize).eval()
+    cache = model.new_cache(args.batch, args.cache)
+    model(prompt, cache=cache, last_only=True)
+    start = time.perf_counter()
+    decoder = OtherDecoder(model, cache)
+    variant = Variant("against", decoder.step_rows, time.perf_counter() - start)
+    variant.reference = model.decode_step(tokens, positions, slots, cache.valid, cache)
+    return variant
+
+
+def greedy(variant: Variant, first: int, start: int, count: int, batch: int = 1) -> list[int]:
+    """``count`` greedy tokens of row 0 from slot ``start`` on (every variant rewrites the same
+    slots; every row is fed row 0's token)."""
     token, out = first, []
     for i in range(count):
         logits = variant.step(
-            torch.tensor([[token]]), torch.tensor([[start + i]]), torch.tensor([start + i])
+            torch.full((batch, 1), token),
+            torch.full((batch, 1), start + i),
+            torch.full((batch,), start + i),
         )
-        token = int(logits.argmax(-1))
+        token = int(logits[0].argmax(-1))
         out.append(token)
     return out
 
@@ -115,35 +150,57 @@ def main() -> None:
     parser.add_argument("--greedy", type=int, default=8, help="greedy tokens compared to eager")
     parser.add_argument("--variants", nargs="+", default=["trace", "trace-noopt", "eager"])
     parser.add_argument("--compile", nargs="*", default=[], choices=sorted(COMPILE_MODES))
+    parser.add_argument("--batch", type=int, default=1, help="rows per decode step")
+    parser.add_argument(
+        "--quantize", default="auto", help="load(quantize=...): auto, none (float32), int8, int4"
+    )
+    parser.add_argument(
+        "--against", metavar="SRC", help="another checkout's src folder: its traced step too"
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    args.quantize = None if args.quantize == "none" else args.quantize
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(describe_cpu(), flush=True)
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = llamakin.load(args.model, quantize="auto").eval()
-    print(f"loaded {args.model} (quantize='auto') in {time.perf_counter() - start:.1f} s")
+    model = llamakin.load(args.model, quantize=args.quantize).eval()
+    print(
+        f"loaded {args.model} (quantize={args.quantize!r}) in {time.perf_counter() - start:.1f} s"
+    )
     torch.set_grad_enabled(False)
-    cache = model.new_cache(1, args.cache)
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens))
+    cache = model.new_cache(args.batch, args.cache)
+    prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_tokens))
     model(prompt, cache=cache, last_only=True)
-    p = args.prompt_tokens
-    tokens, positions, slots = torch.tensor([[5]]), torch.tensor([[p]]), torch.tensor([p])
+    p, b = args.prompt_tokens, args.batch
+    tokens, positions, slots = torch.full((b, 1), 5), torch.full((b, 1), p), torch.full((b,), p)
 
     variants = make_variants(model, cache, args.variants, args.compile)
     reference = model.decode_step(tokens, positions, slots, cache.valid, cache)
+    if args.against:
+        other = against_variant(
+            import_against(args.against), args, prompt, tokens, positions, slots
+        )
+        print(
+            f"against {args.against}: eager logits vs this checkout's eager: max difference "
+            f"{float((other.reference - reference).abs().max()):.3g}"
+        )
+        variants.append(other)
     eager = Variant(
         "eager",
         lambda t, q, s: model.decode_step(t, q, s, cache.valid, cache),
         0.0,
     )
-    eager_tokens = greedy(eager, 5, p, args.greedy)
+    eager_tokens = greedy(eager, 5, p, args.greedy, b)
     for v in variants:
         for _ in range(3):
             start = time.perf_counter()
             logits = v.step(tokens, positions, slots)
             v.first_calls.append(time.perf_counter() - start)
         v.max_diff = float((logits - reference).abs().max())
-        v.same_greedy = greedy(v, 5, p, args.greedy) == eager_tokens
+        v.same_greedy = greedy(v, 5, p, args.greedy, b) == eager_tokens
         print(
             f"{v.name:12s} setup {v.setup_s:6.1f} s, first steps "
             + " ".join(f"{t:.2f}" for t in v.first_calls)
@@ -160,15 +217,15 @@ def main() -> None:
             v.times.append((time.perf_counter() - start) * 1e3 / args.steps)
         start = time.perf_counter()
         for _ in range(args.steps):
-            int(reference.argmax(-1))
+            reference.argmax(-1).tolist()
         sampling.append((time.perf_counter() - start) * 1e3 / args.steps)
 
     base = statistics.median(variants[0].times)
-    print(f"\nbatch-1 decode step, cache {args.cache}, medians of {args.rounds} rounds:")
+    print(f"\nbatch-{b} decode step, cache {args.cache}, medians of {args.rounds} rounds:")
     for v in variants:
         m = statistics.median(v.times)
         print(
-            f"  {v.name:12s} {m:8.1f} ms/token  {base / m:5.2f}x {variants[0].name}   "
+            f"  {v.name:12s} {m:8.1f} ms/step  {base / m:5.2f}x {variants[0].name}   "
             f"rounds: {' '.join(f'{t:.0f}' for t in v.times)}"
         )
     print(

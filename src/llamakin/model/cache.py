@@ -120,6 +120,13 @@ class SlotWriter:
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[self.rows, :, self.slots] = k[:, :, 0]
-        values[self.rows, :, self.slots] = v[:, :, 0]
+        if self.slots.shape[0] == 1:
+            # one row: a copy along the slot axis, one kernel without advanced indexing (2x
+            # cheaper per write than index_put_ on a 2-core AVX2 EPYC, README "Cutting the rest of
+            # the step"; any strides, so views of a larger cache work too)
+            keys.index_copy_(2, self.slots, k)
+            values.index_copy_(2, self.slots, v)
+        else:
+            keys[self.rows, :, self.slots] = k[:, :, 0]
+            values[self.rows, :, self.slots] = v[:, :, 0]
         return keys, values

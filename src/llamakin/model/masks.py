@@ -10,7 +10,8 @@ import torch
 
 @dataclass
 class AttentionMask:
-    """What SDPA needs: an explicit boolean mask (True = attend) or the ``is_causal`` fast path."""
+    """What SDPA needs: an explicit mask (boolean, True = attend; or additive, 0 / ``-inf``, in the
+    activations' dtype) or the ``is_causal`` fast path."""
 
     mask: torch.Tensor | None
     is_causal: bool
@@ -52,14 +53,27 @@ def build_mask(
 
 
 def decode_masks(
-    key_valid: torch.Tensor, slots: torch.Tensor, windows: set[int | None]
+    key_valid: torch.Tensor,
+    slots: torch.Tensor,
+    windows: set[int | None],
+    dtype: torch.dtype = torch.float32,
 ) -> dict[int | None, AttentionMask]:
-    """Masks for one new token per row, at cache slot ``slots[b]``, over every slot of the cache."""
+    """Masks for one new token per row, at cache slot ``slots[b]``, over every slot of the cache.
+
+    Additive masks in ``dtype`` (0 where a key is visible, ``-inf`` where not), built once per
+    step: ``scaled_dot_product_attention`` turns a boolean mask into exactly this one
+    (``where(mask, 0, -inf)``) inside every call, i.e. in every layer (two kernels per layer,
+    measured in ``benchmarks/bench_decode_step.py``); given the additive mask the results are
+    bit-identical (tested).
+    """
     k_pos = torch.arange(key_valid.shape[1], device=key_valid.device)[None]
     slots = slots[:, None]
     visible = (k_pos <= slots) & key_valid  # [B, S]
     masks = {}
     for window in windows:
         allowed = visible if window is None else visible & (k_pos > slots - window)
-        masks[window] = AttentionMask(allowed[:, None, None, :], False)
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        masks[window] = AttentionMask(
+            additive.masked_fill_(~allowed, float("-inf"))[:, None, None, :], False
+        )
     return masks

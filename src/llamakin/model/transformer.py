@@ -271,7 +271,7 @@ class Transformer(nn.Module):
         Attention covers every cache slot through a mask, so nothing depends on how full the
         cache is. The caller advances the cache.
         """
-        masks = decode_masks(key_valid, slots, self._windows())
+        masks = decode_masks(key_valid, slots, self._windows(), self.dtype)
         key_positions = positions_from_valid(key_valid, 0) if self.config.rope_cached_keys else None
         rope = self._rope(positions, cache.rope_alpha, key_positions)
         return self._logits(tokens, rope, masks, SlotWriter(cache, slots), last_only=True)[:, -1]
