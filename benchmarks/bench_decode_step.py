@@ -37,6 +37,7 @@ within one run, not numbers across runs.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
 import shutil
@@ -108,6 +109,7 @@ def import_against(src: str):
     """The ``llamakin`` package of another checkout's ``src`` folder, imported as ``llamakin_against``
     (its imports are relative, so a renamed copy is a separate package with its own modules)."""
     folder = Path(tempfile.mkdtemp(prefix="llamakin_against_"))
+    atexit.register(shutil.rmtree, folder, True)
     shutil.copytree(Path(src) / "llamakin", folder / "llamakin_against")
     sys.path.insert(0, str(folder))
     return importlib.import_module("llamakin_against")
