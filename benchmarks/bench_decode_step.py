@@ -20,6 +20,10 @@ slots) through each variant, alternating variants round by round in one run, and
   imported under another package name in this process: a before/after comparison of code
   changes, alternating round by round like every variant (ratios under the same load).
 * ``--batch N`` times an N-row step (every row at the same slot) instead of one row.
+* ``--generate N`` (with ``--against``) times whole ``llamakin.generate`` calls instead: the
+  ``--prompt-tokens`` prompt, N new tokens greedily (``ignore_eos``), prefill, traced decode,
+  sampling and Python included, this checkout and the other alternating; tokens/s of the
+  decode (``stream=True`` stats) and the wall time per call, medians.
 
 Also printed per variant: the time to set it up and of its first three steps (TorchScript
 optimises a graph on its second call), the largest logit difference from the eager step, whether
@@ -33,6 +37,7 @@ within one run, not numbers across runs.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
 import shutil
@@ -104,6 +109,7 @@ def import_against(src: str):
     """The ``llamakin`` package of another checkout's ``src`` folder, imported as ``llamakin_against``
     (its imports are relative, so a renamed copy is a separate package with its own modules)."""
     folder = Path(tempfile.mkdtemp(prefix="llamakin_against_"))
+    atexit.register(shutil.rmtree, folder, True)
     shutil.copytree(Path(src) / "llamakin", folder / "llamakin_against")
     sys.path.insert(0, str(folder))
     return importlib.import_module("llamakin_against")
@@ -121,6 +127,39 @@ def against_variant(package, args, prompt: torch.Tensor, tokens, positions, slot
     variant = Variant("against", decoder.step_rows, time.perf_counter() - start)
     variant.reference = model.decode_step(tokens, positions, slots, cache.valid, cache)
     return variant
+
+
+def generate_ab(args, package, other) -> None:
+    """Whole ``generate`` calls of this checkout's package and the other one's, alternating."""
+    runs = {}
+    for name, pkg in (("this", package), ("against", other)):
+        model = pkg.load(args.model, quantize=args.quantize).eval()
+        tokenizer = pkg.load_tokenizer(args.model)
+        runs[name] = (pkg, model, tokenizer, {"tok/s": [], "wall s": []}, [])
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 1000, (args.prompt_tokens,)).tolist()
+    for round_ in range(args.rounds + 1):  # round 0 warms up (traces, caches)
+        for name, (pkg, model, tokenizer, times, texts) in runs.items():
+            start = time.perf_counter()
+            stream = pkg.generate(
+                model, tokenizer, prompt, max_new_tokens=args.generate, ignore_eos=True, stream=True
+            )
+            texts.append("".join(stream))
+            wall = time.perf_counter() - start
+            if round_:
+                times["tok/s"].append(stream.stats.decode_tokens_per_second)
+                times["wall s"].append(wall)
+    print(
+        f"\ngenerate {args.generate} tokens after {args.prompt_tokens}, medians of {args.rounds}:"
+    )
+    for name, (_, _, _, times, texts) in runs.items():
+        print(
+            f"  {name:8s} decode {statistics.median(times['tok/s']):7.2f} tok/s, "
+            f"wall {statistics.median(times['wall s']):6.2f} s per call   "
+            f"rounds: {' '.join(f'{t:.1f}' for t in times['tok/s'])}"
+        )
+    print("  same text:", runs["this"][4] == runs["against"][4])
+    print(describe_cpu(), f"; os.getloadavg() {os.getloadavg()}")
 
 
 def greedy(variant: Variant, first: int, start: int, count: int, batch: int = 1) -> list[int]:
@@ -158,10 +197,20 @@ def main() -> None:
         "--against", metavar="SRC", help="another checkout's src folder: its traced step too"
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--generate", type=int, metavar="N", help="with --against: time whole generate calls"
+    )
     args = parser.parse_args()
     args.quantize = None if args.quantize == "none" else args.quantize
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.generate:
+        if not args.against:
+            raise SystemExit("--generate compares two checkouts: give --against SRC too")
+        print(describe_cpu(), flush=True)
+        torch.set_grad_enabled(False)
+        generate_ab(args, llamakin, import_against(args.against))
+        return
 
     print(describe_cpu(), flush=True)
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """The one-token decode step's cheaper forms against the forms they replaced, for every attention
 feature: additive decode masks built once per step (SDPA otherwise converts a boolean mask in
-every layer) and one-row cache writes by ``index_copy_`` (instead of ``index_put_``)."""
+every layer), one-row cache writes by ``index_copy_`` (instead of ``index_put_``), and RMSNorm's
+explicit float32 form without autograd (instead of ``F.rms_norm``)."""
 
 from __future__ import annotations
 
