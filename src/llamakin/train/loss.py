@@ -16,7 +16,7 @@ normed states (and, when the head is trained, accumulated into the head weight's
 two gradients are kept for backward, which scales them by the incoming gradient (the loss is a
 scalar, so that is exact). Rows of weight zero (SFT's prompt tokens, padding) are skipped: they
 add nothing to the loss or any gradient. Liger-Kernel's fused linear cross-entropy (Hsu et al.
-2024, arXiv:2410.10989, §3.2) does the same on GPUs with Triton kernels; this is plain torch.
+2024, arXiv:2410.10989, section 3.2) does the same on GPUs with Triton kernels; this is plain torch.
 
 The fused path needs the head to be a plain weight: the tied embedding's table or an untied
 :class:`~llamakin.model.linear.Linear` without bias. A quantized head, a LoRA'd head or sharded
