@@ -3,7 +3,8 @@
 For ``baseline-paper-small`` (transformers' LlamaForCausalLM) and ``diff-paper-small``
 (DiffLlamaForCausalLM): both models get the same configuration (the same parameter count, checked)
 and the same loop (fused AdamW, cross-entropy, backward, gradient clipping, step) on the same random
-batches; steps alternate between the two and the medians are compared. On CPU: float32 for
+batches (llamakin's cross-entropy is the training loop's, the head fused into it:
+``llamakin.train.loss.token_loss_sum``; transformers' is ``F.cross_entropy`` over its logits); steps alternate between the two and the medians are compared. On CPU: float32 for
 both, then llamakin's own bfloat16 autocast against its float32. On CUDA (``--device cuda``):
 bfloat16 autocast for both, with each one's MFU against the device's measured bf16 matmul rate.
 
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from llamakin.model import Transformer  # noqa: E402
 from llamakin.train.config import RECIPES  # noqa: E402
 from llamakin.train.loop import flops_per_token, measured_peak_flops  # noqa: E402
+from llamakin.train.loss import token_loss_sum  # noqa: E402
 
 VOCAB = 49152  # SmolLM2's tokenizer, as the recipes use
 
@@ -64,8 +66,12 @@ def make_step(model, hf: bool, precision: str, device: str = "cpu"):
         sync(device)
         start = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-            logits = model(x).logits if hf else model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            if hf:  # transformers' logits, then the cross-entropy over them
+                logits = model(x).logits
+            else:  # the training loop's own loss: the head fused into it, chunk by chunk
+                loss = token_loss_sum(model, x, y) / y.numel()
+        if hf:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -197,3 +197,29 @@ def test_the_training_loop_computes_its_loss_with_token_loss_sum(monkeypatch):
         plain_loss_sum(model, x, y, MASK).item()
     )
     assert calls == [True]
+
+
+@pytest.mark.parametrize("name", ["tied, full training", "lora"])
+def test_bfloat16_autocast_agrees_within_bfloat16_rounding(name):
+    """Under autocast (GPU training's bf16) the head's products run in bfloat16 as the plain
+    head's would; the loss and gradients agree within bfloat16 rounding."""
+    model = MODELS[name]().float()
+    x, y = batch()
+
+    def under_autocast(fn):
+        def run(model, x, y, mask):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(model, x, y, mask)
+
+        return run
+
+    expected_loss, expected = loss_and_grads(
+        model, under_autocast(plain_loss_sum), [(x, y, MASK.float(), 0.1)]
+    )
+    loss, got = loss_and_grads(model, under_autocast(fused), [(x, y, MASK.float(), 0.1)])
+    assert loss == pytest.approx(expected_loss, rel=1e-2)
+    assert got.keys() == expected.keys()
+    for n in expected:
+        assert got[n].dtype == expected[n].dtype == torch.float32
+        scale = expected[n].abs().max().item()
+        torch.testing.assert_close(got[n], expected[n], rtol=0, atol=2e-2 * scale, msg=n)
