@@ -91,7 +91,8 @@ class Int4Linear(QuantizedLinear):
 
     The module keeps the kernel's packed weight, the ``[K / group, N, 2]`` (scale, zero) table in
     the activation dtype (bfloat16 rounds the scales: measured in the README), and the float32
-    scales and zeros as given (a quarter byte per weight at group 32), which files store, so a
+    scales and zeros as given (a quarter byte per weight at group 32; half that where fp16 holds
+    them exactly, as from GGUF Q4_x: ``tensors.compact_scales``), which files store, so a
     quantized checkpoint reads back and writes out bit for bit whatever the activation dtype.
     """
 
