@@ -8,10 +8,15 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 import llamakin
 from llamakin.gguf_export import save_gguf
 from llamakin.io.gguf import GGUFFile
+from llamakin.quant.gguf_blocks import decode_q4, decode_q8_0, q4_to_int4
+from llamakin.quant.gguf_embedding import MappedQ8Embedding
+from llamakin.quant.linear import Int8Embedding
+from llamakin.quant.tensors import compact_scales, expand_scales
 from test_quant import tiny
 
 
@@ -56,3 +61,82 @@ def test_gguf_pages_released_and_read_again(tmp_path):
         assert touched - before > 1500 and touched - released > 1500, (before, touched, released)
         assert (f.raw("token_embd.weight") == first).all()
         assert torch.equal(f.get("token_embd.weight"), f.get("token_embd.weight"))
+
+
+def _q8_0_model(tmp_path, vocab=4096, hidden=512):
+    model = llamakin.Transformer(
+        llamakin.ModelConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_layers=1,
+            num_heads=4,
+            intermediate_size=512,
+            tie_word_embeddings=True,
+        )
+    )
+    save_gguf(model, tmp_path / "m.gguf", quant="Q8_0")
+    return tmp_path / "m.gguf"
+
+
+def _mapped_files(address: int) -> list[str]:
+    """The files whose mapping holds ``address`` (from /proc/self/maps)."""
+    found = []
+    for line in open("/proc/self/maps"):
+        parts = line.split(maxsplit=5)  # lo-hi perms offset device inode [path]
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= address < hi:
+            found.append(parts[5].strip() if len(parts) == 6 else "")
+    return found
+
+
+def test_q8_0_embedding_looked_up_in_the_file(tmp_path):
+    """A GGUF Q8_0 embedding is the file's own mapping (no resident copy), and everything read from
+    it equals the table decoded up front (the tied head's int8 rows, lookups, files)."""
+    path = _q8_0_model(tmp_path)
+    model = llamakin.load(path, quantize="auto")
+    embed = model.embed
+    assert isinstance(embed, MappedQ8Embedding)
+    assert _mapped_files(embed.q_blocks.data_ptr()) == [str(path)]
+    assert _mapped_files(embed.d_blocks.data_ptr()) == [str(path)]
+    with GGUFFile(path) as f:
+        reference = Int8Embedding(*decode_q8_0(f.raw("token_embd.weight")), torch.float32)
+    ids = torch.tensor([[0, 4095, 17, 17], [5, 6, 7, 2048]])
+    assert torch.equal(embed(ids), reference(ids))
+    assert torch.equal(embed.dequantize(100, 1200), reference.dequantize(100, 1200))
+    assert torch.equal(embed.qweight, reference.qweight)
+    assert torch.equal(embed.scales, reference.scales)
+    head, expected = embed.to_int8_rows(), reference.to_int8_rows()
+    assert torch.equal(head.qweight, expected.qweight) and torch.equal(head.scales, expected.scales)
+    assert torch.equal(model.lm_head.qweight, expected.qweight)  # the tied head built from it
+
+
+def test_tracing_does_not_read_the_whole_mapped_table(tmp_path):
+    """``torch.jit.trace`` reads every attribute ``dir()`` lists; the table's decoded views
+    (``qweight``/``scales``) must not be among them, or the whole table becomes resident."""
+    model = llamakin.load(_q8_0_model(tmp_path, vocab=16384), quantize="auto")  # 8.9 MB of Q8_0
+    assert "qweight" not in dir(model.embed) and "scales" not in dir(model.embed)
+    ids = torch.tensor([[1, 2]])
+    torch.jit.trace(nn.Embedding(4, 8), ids % 4, check_trace=False)  # torch's own pages, once
+    before = _resident_file_kb()
+    torch.jit.trace(model.embed, ids, check_trace=False)
+    assert _resident_file_kb() - before < 2048  # the table: 8.9 MB
+
+
+def test_int4_scales_kept_as_exact_halves(tmp_path):
+    """A Q4_1 file's int4 scales and zeros are held as fp16 bits (half of float32) and read back
+    bit for bit; scales that fp16 would round stay float32."""
+    save_gguf(tiny(tied=True), tmp_path / "m.gguf", quant="Q4_1")
+    model = llamakin.load(tmp_path / "m.gguf", quantize="auto")
+    with GGUFFile(tmp_path / "m.gguf") as f:
+        q, d, m = decode_q4(f.raw("blk.0.ffn_down.weight"), "Q4_1")
+    down = model.layers[0].mlp.down
+    assert down.stored_scales.dtype == torch.int16 and down.stored_zeros.dtype == torch.int16
+    exact = q4_to_int4(q, d, m)
+    bits = lambda t: t.view(torch.int32)  # noqa: E731  (bit for bit: -0.0 is not 0.0)
+    assert torch.equal(bits(down.scales), bits(exact.scales))
+    assert torch.equal(bits(down.zeros), bits(exact.zeros))
+    back = down.quantized_weight()
+    assert torch.equal(back.q, exact.q) and torch.equal(bits(back.zeros), bits(exact.zeros))
+    rounded = torch.full((4, 2), 0.1)  # 0.1 is not a float16
+    kept = compact_scales(rounded, rounded)
+    assert kept[0].dtype == torch.float32 and torch.equal(expand_scales(*kept)[1], rounded)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,15 @@ class GGUFFile(TensorSource):
         return np.asarray(self._map[start : start + nbytes]).reshape(
             shape[0] if len(shape) > 1 else 1, -1
         )
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """The tensor's bytes as a ``uint8 [rows, bytes per row]`` tensor that *is* the file's
+        memory mapping (no copy; read-only: never write to it). The tensor keeps the mapping alive
+        after :meth:`close`; only the pages read through it become resident, and
+        :meth:`release_pages` drops them again."""
+        with warnings.catch_warnings():  # torch warns that the read-only array is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(self.raw(name))
 
     def get(self, name: str) -> torch.Tensor:
         from gguf.quants import dequantize

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .tensors import Int4Weight, Int8Weight, quantize_int8
+from .tensors import Int4Weight, Int8Weight, compact_scales, expand_scales, quantize_int8
 
 
 class QuantizedLinear(nn.Module):
@@ -91,7 +91,8 @@ class Int4Linear(QuantizedLinear):
 
     The module keeps the kernel's packed weight, the ``[K / group, N, 2]`` (scale, zero) table in
     the activation dtype (bfloat16 rounds the scales: measured in the README), and the float32
-    scales and zeros as given (a quarter byte per weight at group 32), which files store, so a
+    scales and zeros as given (a quarter byte per weight at group 32; half that where fp16 holds
+    them exactly, as from GGUF Q4_x: ``tensors.compact_scales``), which files store, so a
     quantized checkpoint reads back and writes out bit for bit whatever the activation dtype.
     """
 
@@ -109,17 +110,23 @@ class Int4Linear(QuantizedLinear):
         N, K = weight.shape
         super().__init__(K, N, None if bias is None else bias.to(device), act)
         self.group_size = weight.group_size
-        self.register_buffer(
-            "scales", weight.scales.to(device=device, dtype=torch.float32, copy=True)
-        )
-        self.register_buffer(
-            "zeros", weight.zeros.to(device=device, dtype=torch.float32, copy=True)
-        )
+        # float32 scales and zeros, as fp16 bits where that is exact (GGUF Q4_x): compact_scales
+        compact = compact_scales(weight.scales.to(device), weight.zeros.to(device))
+        self.register_buffer("stored_scales", compact[0].clone())
+        self.register_buffer("stored_zeros", compact[1].clone())
         weight = _pad_rows(weight, kernels.INT4_ROW_MULTIPLE)
         self.register_buffer("packed", kernels.pack_int4(weight, device), persistent=False)
         self.register_buffer(
             "scale_zero", kernels.scale_and_zero(weight, act).to(device), persistent=False
         )
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return expand_scales(self.stored_scales, self.stored_zeros)[0]
+
+    @property
+    def zeros(self) -> torch.Tensor:
+        return expand_scales(self.stored_scales, self.stored_zeros)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -139,7 +146,8 @@ class Int4Linear(QuantizedLinear):
             return None
         n, g = self.out_features, self.group_size
         q = q[:n].view(n, -1, g).float().sub_(8)
-        return q.mul_(self.scales[..., None]).add_(self.zeros[..., None]).view(n, self.in_features)
+        scales, zeros = expand_scales(self.stored_scales, self.stored_zeros)
+        return q.mul_(scales[..., None]).add_(zeros[..., None]).view(n, self.in_features)
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         y = kernels.int4_mm(rows, self.packed, self.group_size, self.scale_zero)
@@ -151,13 +159,10 @@ class Int4Linear(QuantizedLinear):
         scales gives ``(q - 8) * s + z`` per weight, from which ``q`` is recovered by rounding
         (exact: the error is far below half a step); groups with scale 0 get ``q = 0``."""
         K, g, n = self.in_features, self.group_size, self.out_features
-        padded = Int4Weight(torch.zeros(1, 1), self.scales, self.zeros, g)
+        scales, zeros = expand_scales(self.stored_scales, self.stored_zeros)
         padded = _pad_rows(
             Int4Weight(
-                torch.zeros(n, 1, dtype=torch.uint8, device=self.scales.device),
-                self.scales,
-                self.zeros,
-                g,
+                torch.zeros(n, 1, dtype=torch.uint8, device=scales.device), scales, zeros, g
             ),
             kernels.INT4_ROW_MULTIPLE,
         )
@@ -167,7 +172,6 @@ class Int4Linear(QuantizedLinear):
             eye = torch.eye(K, dtype=torch.float32, device=self.packed.device)[start : start + 64]
             cols.append(kernels.int4_mm(eye, self.packed, g, sz).t()[:n])
         w = torch.cat(cols, dim=1).view(n, K // g, g)
-        scales, zeros = self.scales, self.zeros
         safe = torch.where(scales != 0, scales, torch.ones_like(scales))
         q = torch.round((w - zeros[..., None]) / safe[..., None] + 8)
         q = torch.where((scales != 0)[..., None], q, torch.zeros_like(q)).clamp_(0, 15)

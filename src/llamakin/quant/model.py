@@ -28,7 +28,8 @@ from torch import nn
 
 from ..errors import LlamakinError
 from ..model.attention import Attention
-from .gguf_blocks import BLOCK, KEPT_TYPES, decode_q4, decode_q8_0, q4_to_int4
+from .gguf_blocks import BLOCK, KEPT_TYPES, decode_q4, q4_to_int4
+from .gguf_embedding import MappedQ8Embedding
 from .linear import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
 from .tensors import check_group_size, quantize_int4, quantize_int8
 
@@ -251,6 +252,7 @@ def _load_quantized(path, dtype, device, mode, group_size, activation_dtype, hea
             )
             if tied_head is not None:
                 build(HEAD, tied_head)
+            release_pages()  # a table read in place (MappedQ8Embedding) keeps only rows looked up
         for name, module in modules.items():
             bias = floats.pop(name + ".bias", None)
             if bias is not None:
@@ -343,12 +345,10 @@ def _embedding(
     kind = source.quant_type(rule.sources[0]) if gguf else None
     if mode == "auto" and kind not in KEPT_TYPES:
         return None, None
-    if kind == "Q8_0":
-        q, d = decode_q8_0(source.raw(rule.sources[0]))
-        embed = Int8Embedding(q, d, dtype)
+    if kind == "Q8_0":  # looked up in place in the file's mapping (gguf_embedding.py)
+        embed = MappedQ8Embedding(source.mapped(rule.sources[0]), dtype)
     else:
         embed = Int8Embedding.from_float(_float_tensor(source, rule).to(dtype), BLOCK)
-    getattr(source, "release_pages", lambda: None)()  # the table is copied: drop the file's pages
     head = None
     if config.tie_word_embeddings:
         if mode == "auto" and kind in ("Q4_0", "Q4_1"):

@@ -25,11 +25,26 @@ Memory. A trace is recorded on the caller's own KV cache (the one cache slot the
 writes is saved and restored), not on a scratch cache of the same size: a scratch cache was as
 large as the real one (755 MB for 8 rows of 2048 slots of SmolLM2-135M) and, allocated once per
 new shape, made the process grow by that much with every new (batch size, cache length)
-bucket. A frozen trace's constants are the model's own parameter tensors, shared, not copied.
-What remains per trace is TorchScript's: measured on SmolLM2-135M, about 10 MB for the live
-graph, and about 55 MB per recording that TorchScript keeps for the life of the process even
-after the trace is dropped (its type and compilation records). So two bounds, both set by the
-environment and shared by every model in the process:
+bucket. A frozen trace's constants are the model's own parameter tensors, shared, not copied
+(checked on the int4 default model: 306 tensor constants, 121 MB, all but one 128-byte tensor
+the model's own). What remains per trace is TorchScript's: measured on SmolLM2-135M, about 10 MB
+for the live graph, and about 55 MB per recording that TorchScript keeps for the life of the
+process even after the trace is dropped (its type and compilation records). Measured again on
+the int4 default model (2026-12-01, resident set after ``malloc_trim``): recording +36 MB, 18 MB
+of which any first trace in a process costs (a 2-layer toy model's trace alone: +18 MB),
+freezing +9 MB; returning the unfrozen trace instead saved nothing in the whole ``generate``
+process (456 vs 453 MB peak), so the trace is still frozen. Part of the graph is source text:
+every one of the 4,232 recorded operations keeps the Python call stack it was recorded from
+(~1.1 KB each from a shallow caller, ~0.33 MB more per extra frame of the caller), yet a copy of
+the frozen graph costs only 2 MB: most of a recording is elsewhere. glibc's ``mallinfo2``
+counts 40.8 MB more in use after a recording (after a warm-up trace); clearing TorchScript's
+global compilation unit afterwards (``torch._C._jit_clear_class_registry()``, which holds a type
+and a traced ``forward`` per submodule: 596 functions) brought that to +4.4 MB, so that is where
+it lives. It cannot be used: the frozen module still needs those types (it crashed), and it only
+lowers the resident set after the recording, not the recording's own peak. Tracing reads
+every attribute ``dir()`` lists on each module (``torch._jit_internal.module_has_exports``), so
+a module must not expose a costly property (:mod:`llamakin.quant.gguf_embedding`). So two
+bounds, both set by the environment and shared by every model in the process:
 
 * ``LLAMAKIN_TRACE_CACHE`` (default :data:`DEFAULT_TRACE_CACHE`): traces kept, least recently
   used out (:class:`TraceCache`);
