@@ -140,3 +140,29 @@ def test_int4_scales_kept_as_exact_halves(tmp_path):
     rounded = torch.full((4, 2), 0.1)  # 0.1 is not a float16
     kept = compact_scales(rounded, rounded)
     assert kept[0].dtype == torch.float32 and torch.equal(expand_scales(*kept)[1], rounded)
+
+
+def test_writing_into_a_table_read_in_place_changes_neither_the_file_nor_crashes(tmp_path):
+    """The mapping is copy-on-write: load_state_dict into a MappedQ8Embedding writes this
+    process's copy of the pages (a read-only mapping would end the process with SIGSEGV)."""
+    import gguf
+    import numpy as np
+
+    from llamakin.io.gguf import GGUFFile
+    from llamakin.quant.gguf_embedding import MappedQ8Embedding
+
+    path = tmp_path / "table.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    values = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    blocks = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("t", blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    before = path.read_bytes()
+    embedding = MappedQ8Embedding(GGUFFile(path).mapped("t"), torch.float32)
+    state = {k: torch.zeros_like(v) for k, v in embedding.state_dict().items()}
+    embedding.load_state_dict(state, strict=False)
+    assert not embedding.q_blocks.any()
+    assert path.read_bytes() == before

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import mmap
 import struct
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +87,10 @@ class GGUFFile(TensorSource):
 
         self.path = Path(path)
         try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            # copy-on-write: reads share the file's pages; a write into a tensor that is the
+            # mapping (MappedQ8Embedding's table, say load_state_dict into it) gets a private
+            # page instead of a segmentation fault, and the file is never changed
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
         except FileNotFoundError:
             raise CheckpointError(
                 f"{self.path} does not exist; give the path of a .gguf file."
@@ -185,12 +187,10 @@ class GGUFFile(TensorSource):
 
     def mapped(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a ``uint8 [rows, bytes per row]`` tensor that *is* the file's
-        memory mapping (no copy; read-only: never write to it). The tensor keeps the mapping alive
-        after :meth:`close`; only the pages read through it become resident, and
-        :meth:`release_pages` drops them again."""
-        with warnings.catch_warnings():  # torch warns that the read-only array is not writable
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(self.raw(name))
+        memory mapping (no copy; copy-on-write: a write changes this process's copy of a page,
+        never the file). The tensor keeps the mapping alive after :meth:`close`; only the pages
+        read through it become resident, and :meth:`release_pages` drops them again."""
+        return torch.from_numpy(self.raw(name))
 
     def get(self, name: str) -> torch.Tensor:
         from gguf.quants import dequantize
@@ -214,9 +214,11 @@ class GGUFFile(TensorSource):
 
     def release_pages(self) -> None:
         """Drop the file's pages read so far from this process's resident set
-        (``madvise(MADV_DONTNEED)`` on the read-only mapping: they stay in the OS page cache and
-        are read again if touched), so a loader going tensor by tensor holds one tensor's pages,
-        not the whole file's (measured: up to the file's 98 MB of the default model's peak)."""
+        (``madvise(MADV_DONTNEED)``: they stay in the OS page cache and are read again if
+        touched), so a loader going tensor by tensor holds one tensor's pages, not the whole
+        file's (measured: up to the file's 98 MB of the default model's peak). For loaders only:
+        on this copy-on-write mapping it would also drop pages written since (none are while
+        loading)."""
         mapping = getattr(self._map, "_mmap", None)
         if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
             mapping.madvise(mmap.MADV_DONTNEED)
