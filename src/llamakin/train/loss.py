@@ -59,6 +59,15 @@ def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
     return weight
 
 
+def plain_loss_sum(
+    logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The unfused loss: ``sum(mask * cross_entropy(logits, y))`` over whole ``[B, T, vocab]``
+    logits (widened to float32 first)."""
+    losses = F.cross_entropy(widened(logits).flatten(0, 1), y.flatten(), reduction="none")
+    return losses.sum() if mask is None else (losses * mask.flatten()).sum()
+
+
 class ChunkedHeadLoss(torch.autograd.Function):
     """``sum_i w_i * cross_entropy(hidden_i @ weight.T / scaling, y_i)`` with its gradients
     computed chunk by chunk in the forward (see the module docstring). ``hidden`` ``[N, H]``,
@@ -133,9 +142,7 @@ def head_loss_sum(
     positions. A float32 scalar."""
     weight = fused_head_weight(model)
     if weight is None:
-        logits = widened(model.head(hidden))
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-        return losses.sum() if mask is None else (losses * mask.flatten()).sum()
+        return plain_loss_sum(model.head(hidden), y, mask)
     normed = model.final_norm(hidden).flatten(0, 1)
     y = y.flatten()
     # F.cross_entropy's ignore_index (-100) counts as weight zero too
@@ -172,9 +179,7 @@ def token_loss_sum(
     takes the plain ``F.cross_entropy(model(x))`` path (FSDP's sharded head)."""
     core = getattr(model, "module", model)
     if not fused or fused_head_weight(core) is None:
-        logits = widened(model(x))
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-        return losses.sum() if mask is None else (losses * mask.flatten()).sum()
+        return plain_loss_sum(model(x), y, mask)
     return head_loss_sum(core, model(x, hidden_only=True), y, mask, chunk_elements)
 
 
@@ -183,5 +188,6 @@ __all__ = [
     "ChunkedHeadLoss",
     "fused_head_weight",
     "head_loss_sum",
+    "plain_loss_sum",
     "token_loss_sum",
 ]
