@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from llamakin.hardware import describe_cpu  # noqa: E402
 from llamakin.model import Transformer  # noqa: E402
 from llamakin.train.config import RECIPES  # noqa: E402
 from llamakin.train.loop import flops_per_token, measured_peak_flops  # noqa: E402
@@ -99,6 +101,7 @@ def main() -> None:
         help="skip llamakin's CPU bf16-vs-fp32 row (slow on CPUs that emulate bf16)",
     )
     args = parser.parse_args()
+    print(describe_cpu(), f"; load average {os.getloadavg()}", flush=True)
     precision = "bfloat16" if args.device == "cuda" else "float32"
     peak = measured_peak_flops(torch.device(args.device), precision)
     torch.manual_seed(0)
@@ -148,6 +151,7 @@ def main() -> None:
         rows[-1]["bf16 speed-up"] = round(statistics.median(bf16_speeds) / o, 2)
         print(json.dumps(rows[-1]), flush=True)
         del ours, theirs
+    print(f"load average after: {os.getloadavg()}")
     print(
         f"\nbatch {args.batch} x {args.seq}, {args.device}, {precision} unless noted, "
         f"measured matmul peak {peak / 1e12:.2f} TFLOP/s, {torch.get_num_threads()} CPU threads"
