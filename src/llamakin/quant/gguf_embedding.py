@@ -6,8 +6,8 @@ keeps no copy: its only tensor is the file's own mapping of the table's blocks
 (:meth:`llamakin.io.gguf.GGUFFile.mapped`), so only the pages of rows looked up become resident
 (a 576-wide row is 612 bytes, one or two 4 KiB pages) and they stay in the OS page cache, shared.
 
-A lookup decodes the rows it reads exactly as :class:`~llamakin.quant.linear.Int8Embedding` does
-with the table decoded up front (:func:`llamakin.quant.gguf_blocks.decode_q8_0`): ``q`` int8 and
+A lookup decodes the rows it reads with :class:`~llamakin.quant.linear.Int8Embedding`'s own code
+(only where its rows come from differs, ``_groups``), as it does with the table decoded up front (:func:`llamakin.quant.gguf_blocks.decode_q8_0`): ``q`` int8 and
 ``d`` fp16 -> float32, ``w = q * d`` in float32, then the model's dtype. The values are therefore
 identical (tested), and so is everything built from the table (the tied head's int8 rows, files).
 
@@ -20,7 +20,6 @@ import torch
 
 from .gguf_blocks import BLOCK
 from .linear import Int8Embedding
-from .tensors import Int8Weight, quantize_int8
 
 Q8_0_BYTES = 2 + BLOCK
 
@@ -56,24 +55,6 @@ class MappedQ8Embedding(Int8Embedding):
             return self.d_blocks.to(torch.float32)
         return super().__getattr__(name)
 
-    def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        q, d = self.q_blocks[start:stop], self.d_blocks[start:stop]
-        w = q.to(torch.float32) * d.to(torch.float32)[..., None]
-        return w.view(q.shape[0], self.embedding_dim).to(self.dtype)
-
-    @torch.no_grad()
-    def to_int8_rows(self) -> Int8Weight:
-        """The table requantized with one scale per row (a tied head), 1,024 rows at a time."""
-        q = torch.empty(
-            (self.num_embeddings, self.embedding_dim), dtype=torch.int8, device=self.q_blocks.device
-        )
-        scales = torch.empty(self.num_embeddings, dtype=torch.float32, device=q.device)
-        for i in range(0, self.num_embeddings, 1024):
-            part = quantize_int8(self.dequantize(i, i + 1024).float())
-            q[i : i + 1024], scales[i : i + 1024] = part.qweight, part.scales
-        return Int8Weight(q, scales)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        q = self.q_blocks[ids].to(torch.float32)  # only the rows read are copied
-        w = q * self.d_blocks[ids].to(torch.float32)[..., None]
-        return w.view(*ids.shape, self.embedding_dim).to(self.dtype)
+    def _groups(self, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        # only the rows read are copied out of the mapping
+        return self.q_blocks[rows], self.d_blocks[rows].to(torch.float32)

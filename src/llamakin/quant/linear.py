@@ -215,24 +215,32 @@ class Int8Embedding(nn.Module):
         q = torch.round(w / safe[..., None]).clamp_(-127, 127).to(torch.int8).view(V, D)
         return cls(q, scales, weight.dtype)
 
+    def _groups(self, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 values ``[..., groups, group_size]`` and float32 scales ``[..., groups]`` of
+        the rows ``rows`` (ids or a slice); only those rows are read (a subclass may keep the
+        table elsewhere: :class:`~llamakin.quant.gguf_embedding.MappedQ8Embedding`)."""
+        q = self.qweight[rows]
+        groups = self.embedding_dim // self.group_size
+        return q.view(*q.shape[:-1], groups, self.group_size), self.scales[rows]
+
+    def _rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        q, s = self._groups(rows)
+        return (q.to(torch.float32) * s[..., None]).flatten(-2).to(self.dtype)
+
     def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows ``start:stop`` of the table in float (all by default)."""
-        q, s = self.qweight[start:stop], self.scales[start:stop]
-        w = q.to(torch.float32).view(q.shape[0], -1, self.group_size) * s[..., None]
-        return w.view(q.shape).to(self.dtype)
+        return self._rows(slice(start, stop))
 
     @torch.no_grad()
     def to_int8_rows(self) -> Int8Weight:
         """The table requantized with one scale per row (a tied head's int8 matrix), slice by slice."""
-        q = torch.empty_like(self.qweight)
-        scales = torch.empty(self.num_embeddings, dtype=torch.float32, device=q.device)
+        device = self._groups(slice(0, 0))[1].device
+        q = torch.empty((self.num_embeddings, self.embedding_dim), dtype=torch.int8, device=device)
+        scales = torch.empty(self.num_embeddings, dtype=torch.float32, device=device)
         for i in range(0, self.num_embeddings, 1024):  # filled in place: no list, no second copy
             part = quantize_int8(self.dequantize(i, i + 1024).float())
             q[i : i + 1024], scales[i : i + 1024] = part.qweight, part.scales
         return Int8Weight(q, scales)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        q = self.qweight[ids].to(torch.float32)
-        s = self.scales[ids]
-        w = q.view(*q.shape[:-1], -1, self.group_size) * s[..., None]
-        return w.view(*ids.shape, self.embedding_dim).to(self.dtype)
+        return self._rows(ids)
