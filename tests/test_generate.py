@@ -281,3 +281,15 @@ def test_frozen_traces_follow_weight_changes_and_keep_the_training_flag(monkeypa
     changed = decode_logits(True)
     assert not torch.equal(changed, first)
     assert torch.equal(changed, decode_logits(False))
+    # a submodule replaced by one with other weights, and a parameter swapped in its module's dict
+    replacement = copy.deepcopy(model.layers[1].mlp)
+    for weight in replacement.parameters():
+        weight.mul_(0.5)
+    model.layers[1].mlp = replacement
+    swapped = decode_logits(True)
+    assert not torch.equal(swapped, changed)
+    assert torch.equal(swapped, decode_logits(False))
+    norm = model.layers[0].attn_norm
+    norm._parameters["weight"] = torch.nn.Parameter(norm.weight * 2.0)
+    assert not torch.equal(decode_logits(True), swapped)
+    assert torch.equal(decode_logits(True), decode_logits(False))
