@@ -83,16 +83,13 @@ class _Holder:
     rope_alpha: torch.Tensor
 
 
-class _Step(nn.Module):
-    """``decode_step`` with the cache's tensors as explicit inputs, which tracing requires."""
+def _step_function(model, holder: _Holder):
+    """``decode_step`` as a plain function of the cache's tensors, which tracing requires. A
+    function, not a module: tracing a module registers a TorchScript type and a traced ``forward``
+    for every submodule in a global compilation unit, kept for the life of the process."""
+    selection = getattr(model, "adapter_selection", None)
 
-    def __init__(self, model, cache: KVCache):
-        super().__init__()
-        self.model = model
-        self.cache = cache
-
-    def forward(
-        self,
+    def step(
         tokens,
         positions,
         slot,
@@ -102,11 +99,13 @@ class _Step(nn.Module):
         rope_alpha: torch.Tensor,
         *adapter_ids: torch.Tensor,
     ):
-        self.cache.keys, self.cache.values, self.cache.rope_alpha = keys, values, rope_alpha
+        holder.keys, holder.values, holder.rope_alpha = keys, values, rope_alpha
         # several LoRA adapters chosen per row (llamakin.lora.multi): the indices are an input
         if adapter_ids:
-            self.model.adapter_selection.ids = adapter_ids[0]
-        return self.model.decode_step(tokens, positions, slot, key_valid, self.cache)
+            selection.ids = adapter_ids[0]
+        return model.decode_step(tokens, positions, slot, key_valid, holder)
+
+    return step
 
 
 def _adapter_inputs(model, batch: int, device) -> tuple[torch.Tensor, ...]:
@@ -135,12 +134,14 @@ class TraceCache:
         self.budget = 2 * capacity if budget is None else budget  # recordings allowed in all
         self._entries: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._dead: list[weakref.ref] = []  # models collected while the lock was held
         self.traced = 0  # traces recorded so far (a measure of the retracing that eviction costs)
         self.evicted = 0
 
     def get(self, model: nn.Module, key: tuple, stamp: tuple):
         """The trace of ``model`` for ``key`` recorded at weights ``stamp``, or None."""
         with self._lock:
+            self._drop_dead()
             entry = self._entries.get((id(model), key))
             if entry is None or entry[0]() is not model or entry[1] != stamp:
                 return None
@@ -153,6 +154,7 @@ class TraceCache:
 
     def put(self, model: nn.Module, key: tuple, stamp: tuple, graph) -> None:
         with self._lock:
+            self._drop_dead()
             self.traced += 1
             ident = (id(model), key)
             self._entries.pop(ident, None)
@@ -162,13 +164,26 @@ class TraceCache:
                 self.evicted += 1
 
     def _forget(self, ref: weakref.ref) -> None:
-        with self._lock:
+        """A model's weak reference died. Garbage collection can run this inside any allocation,
+        this cache's own locked sections included (then waiting for the lock would deadlock): the
+        model's traces go now if the lock is free, else at the cache's next call."""
+        self._dead.append(ref)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop_dead()
+            finally:
+                self._lock.release()
+
+    def _drop_dead(self) -> None:
+        while self._dead:
+            ref = self._dead.pop()
             for ident in [i for i, entry in self._entries.items() if entry[0] is ref]:
                 del self._entries[ident]
 
     def keys(self, model: nn.Module | None = None) -> list[tuple]:
         """The cached trace keys (of ``model`` only, if given), least recently used first."""
         with self._lock:
+            self._drop_dead()
             return [
                 key
                 for (owner, key), entry in self._entries.items()
@@ -210,6 +225,22 @@ def _traceable(model) -> bool:
 def _weights_stamp(model: nn.Module) -> tuple:
     """Changes when any parameter or buffer is replaced or modified in place."""
     return tuple((id(t), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _optimize_as_frozen(graph: torch._C.Graph) -> None:
+    """The passes ``torch.jit.freeze`` runs on a module's graph once its weights are constants
+    (``torch/csrc/jit/passes/freeze_module.cpp``: ``runOptimization`` without loop unrolling,
+    then ``OptimizeFrozenGraph``), run on the traced function's graph, whose weights already are.
+    The peephole pass is told not to fold the inputs' traced sizes into constants: a module's
+    traced graph has no sizes on its inputs, a function's has, and one input's size varies between
+    calls (a multi-adapter model's row indices: one for all rows, or one per row)."""
+    torch._C._jit_pass_dce(graph)
+    torch._C._jit_pass_cse(graph)
+    torch._C._jit_pass_peephole(graph, True)
+    torch._C._jit_pass_constant_propagation(graph)
+    torch._C._jit_pass_constant_pooling(graph)
+    torch._C._jit_pass_cse(graph)
+    torch._C._jit_pass_optimize_frozen_graph(graph, True)
 
 
 def _optimize_graph(device: torch.device) -> bool:
@@ -261,19 +292,30 @@ class Decoder:
             cache.rope_alpha,
             *_adapter_inputs(self.model, B, device),
         )
-        training = self.model.training
-        step = _Step(self.model, _Holder())
+        # tracing makes every tensor the step reads and does not take as an input a constant of
+        # the graph (the model's own tensor, not a copy), which it refuses for one that requires grad
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         try:
+            for p in trainable:
+                p.requires_grad_(False)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                # a compilation unit of its own, so the graph goes when the trace goes (TorchScript still
-                # keeps other records of every recording: see LLAMAKIN_TRACE_BUDGET above)
+                # a compilation unit of its own, so the function goes when the trace goes
                 traced = torch.jit.trace(
-                    step, example, check_trace=False, _compilation_unit=torch._C.CompilationUnit()
+                    _step_function(self.model, _Holder()),
+                    example,
+                    check_trace=False,
+                    _compilation_unit=torch._C.CompilationUnit(),
                 )
-                return torch.jit.freeze(traced.eval())
+            # torch.jit.trace keeps the traced Python function on the result (for torch.compile
+            # to inline): here a closure over the model, which would keep the model alive as long
+            # as the trace cache keeps its trace (the cache holds models weakly)
+            vars(traced).pop("_torchdynamo_inline", None)
+            _optimize_as_frozen(traced.graph)
+            return traced
         finally:
-            self.model.train(training)  # freezing needs eval mode; the model keeps its own
+            for p in trainable:
+                p.requires_grad_(True)
             for (k, v), (saved_k, saved_v) in zip(zip(cache.keys, cache.values), saved):
                 k[:, :, last] = saved_k
                 v[:, :, last] = saved_v
