@@ -319,6 +319,18 @@ def test_a_kept_trace_does_not_keep_its_model_alive(traces):
     assert alive() is None and len(traces) == 0
 
 
+@torch.no_grad()
+def test_recording_leaves_nothing_in_torchscripts_global_compilation_unit(traces):
+    """``torch.jit.trace`` of a function files it in TorchScript's global compilation unit for
+    good (with the weights its graph holds as constants); the decoder's trace lives in its own, so
+    an evicted trace, or a dropped model's, frees its memory."""
+    before = len(torch.jit._state._python_cu.get_functions())
+    model = small_model()
+    graph = Decoder(model, model.new_cache(1, 32))._graph
+    assert len(torch.jit._state._python_cu.get_functions()) == before
+    assert graph.name == "decode_step"
+
+
 def test_a_model_collected_while_the_cache_is_locked_goes_at_the_next_call():
     """Garbage collection may free a model inside the cache's own locked section (any allocation
     can run it): the weak reference's callback must not wait for the lock (a deadlock, so the

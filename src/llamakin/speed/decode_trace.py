@@ -56,6 +56,7 @@ bounds, both set by the environment and shared by every model in the process:
 from __future__ import annotations
 
 import collections
+import inspect
 import itertools
 import os
 import threading
@@ -227,6 +228,19 @@ def _weights_stamp(model: nn.Module) -> tuple:
     return tuple((id(t), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
 
 
+def _traced_graph(function, example: tuple) -> torch._C.Graph:
+    """The graph ``torch.jit.trace(function, example)`` records (strict, no in-place rewriting),
+    without what it keeps: ``torch.jit.trace`` of a function files the result in TorchScript's
+    global compilation unit, for the life of the process, whatever ``_compilation_unit`` says
+    (``_create_function_from_trace``), and pins the traced Python function on it (here a closure
+    over the model), so neither the graph nor the weights it holds as constants would ever go."""
+    argument_names = list(inspect.signature(function).parameters)
+    graph, _ = torch._C._create_graph_by_tracing(
+        function, list(example), lambda _value: "", True, False, None, argument_names
+    )
+    return graph
+
+
 def _optimize_as_frozen(graph: torch._C.Graph) -> None:
     """The passes ``torch.jit.freeze`` runs on a module's graph once its weights are constants
     (``torch/csrc/jit/passes/freeze_module.cpp``: ``runOptimization`` without loop unrolling,
@@ -300,18 +314,10 @@ class Decoder:
                 p.requires_grad_(False)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                # a compilation unit of its own, so the function goes when the trace goes
-                traced = torch.jit.trace(
-                    _step_function(self.model, _Holder()),
-                    example,
-                    check_trace=False,
-                    _compilation_unit=torch._C.CompilationUnit(),
-                )
-            # torch.jit.trace keeps the traced Python function on the result (for torch.compile
-            # to inline): here a closure over the model, which would keep the model alive as long
-            # as the trace cache keeps its trace (the cache holds models weakly)
-            vars(traced).pop("_torchdynamo_inline", None)
-            _optimize_as_frozen(traced.graph)
+                graph = _traced_graph(_step_function(self.model, _Holder()), example)
+            _optimize_as_frozen(graph)
+            # a compilation unit of its own, so the graph (and the weights it holds) goes with it
+            traced = torch._C._create_function_from_graph("decode_step", graph)
             return traced
         finally:
             for p in trainable:
