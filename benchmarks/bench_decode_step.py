@@ -275,7 +275,7 @@ def main() -> None:
         m = statistics.median(v.times)
         print(
             f"  {v.name:12s} {m:8.1f} ms/step  {base / m:5.2f}x {variants[0].name}   "
-            f"rounds: {' '.join(f'{t:.0f}' for t in v.times)}"
+            f"rounds: {' '.join(f'{t:.1f}' for t in v.times)}"
         )
     print(
         f"  greedy sampling (argmax over {model.config.vocab_size}): {statistics.median(sampling):.3f} ms"

@@ -6,6 +6,9 @@ the same results. RSS over a sweep of the real model is measured in ``benchmarks
 from __future__ import annotations
 
 import gc
+import itertools
+import threading
+import weakref
 
 import pytest
 import torch
@@ -175,3 +178,173 @@ def test_cpu_graph_runs_without_the_reoptimising_executor_and_equals_eager(trace
         tokens = traced.argmax(-1, keepdim=True)
     assert seen == [False] * 4
     assert torch._C._get_graph_executor_optimize()  # restored after each call
+
+
+# -- the step traced as a function -----------------------------------------------------------
+
+
+class _FrozenModuleStep(torch.nn.Module):
+    """The decode step as it used to be recorded: a module holding the model (so a TorchScript
+    type per submodule), traced, then ``torch.jit.freeze``. The function trace must equal it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, slot, key_valid, keys: list[torch.Tensor], values, alpha):
+        holder = decode._Holder()
+        holder.keys, holder.values, holder.rope_alpha = keys, values, alpha
+        return self.model.decode_step(tokens, positions, slot, key_valid, holder)
+
+
+def _frozen_module_trace(model, example):
+    traced = torch.jit.trace(_FrozenModuleStep(model), example, check_trace=False)
+    return torch.jit.freeze(traced.eval())
+
+
+def _family_model(name: str):
+    """A tiny model of one family (test_decode_step's features), float32; or bfloat16; or int4
+    with an int8 head and biases."""
+    from llamakin.quant.model import quantize_model
+    from test_decode_step import BASE, FEATURES, randomized
+
+    if name == "plain bf16":
+        return randomized(llamakin.ModelConfig(**BASE), torch.bfloat16)
+    if name == "int4, int8 head":
+        config = dict(BASE, hidden_size=64, num_heads=4, q_bias=True)
+        return quantize_model(randomized(llamakin.ModelConfig(**config), torch.float32), "int4", 32)
+    return randomized(llamakin.ModelConfig(**BASE, **FEATURES[name]), torch.float32)
+
+
+# every family traced (dynamic NTK, "keys cached before RoPE", is decoded eagerly, never traced)
+FAMILIES = [
+    "plain",
+    "window on some layers",
+    "differential",
+    "qk-norm, interleaved partial rotary",
+    "logn scale",
+    "ChatGLM-6B (2-D RoPE, LayerNorm, GELU)",
+    "plain bf16",
+    "int4, int8 head",
+]
+
+
+def _model_storages(model) -> set[int]:
+    return {
+        t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())
+    }
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@torch.no_grad()
+def test_function_trace_equals_the_frozen_module_trace_and_eager(traces, name):
+    """Bit for bit, step after step, padded rows included: the traced function, the frozen module
+    trace it replaced, and ``decode_step`` in Python."""
+    model = _family_model(name)
+    batch, length = 2, 16
+    ids = torch.randint(
+        0, model.config.vocab_size, (batch, 6), generator=torch.Generator().manual_seed(1)
+    )
+    mask = torch.ones(batch, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    caches = [model.new_cache(batch, length) for _ in range(3)]
+    for cache in caches:
+        model(ids, attention_mask=mask, cache=cache)
+    function = Decoder(model, caches[0])
+    assert isinstance(function._graph, torch.jit.ScriptFunction)
+    reference, scratch = caches[1], model.new_cache(batch, length)  # recorded on a scratch cache
+    glm = model.config.rope_layout == "glm2d"
+    zeros = torch.zeros(batch, 1, dtype=torch.long)
+    example = (zeros, torch.zeros(batch, 2, 1, dtype=torch.long) if glm else zeros)
+    example += (torch.full((batch,), length - 1), scratch.valid, list(scratch.keys))
+    example += (list(scratch.values), scratch.rope_alpha)
+    frozen = _frozen_module_trace(model, example)
+    for t in range(5):
+        tokens = torch.randint(0, model.config.vocab_size, (batch, 1))
+        real = mask.sum(-1, keepdim=True) + t
+        positions = torch.stack((real, torch.zeros_like(real)), 1) if glm else real
+        slots = torch.full((batch,), 6 + t)
+        traced = function.step_rows(tokens, positions, slots)
+        with torch.jit.optimized_execution(False):
+            module = frozen(
+                tokens,
+                positions,
+                slots,
+                reference.valid,
+                reference.keys,
+                reference.values,
+                reference.rope_alpha,
+            )
+        eager = model.decode_step(tokens, positions, slots, caches[2].valid, caches[2])
+        assert torch.equal(traced, module) and torch.equal(traced, eager), (name, t)
+    for a, b, c in zip(
+        caches[0].keys + caches[0].values,
+        reference.keys + reference.values,
+        caches[2].keys + caches[2].values,
+    ):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name", ["plain", "plain bf16", "int4, int8 head"])
+@torch.no_grad()
+def test_function_trace_holds_the_models_own_weights_not_copies(traces, name):
+    """Weights become constants of the traced graph as the model's own tensors (shared storage):
+    every tensor constant larger than a shape-sized table (the key positions ``arange``) is one of
+    the model's parameters or buffers."""
+    model = _family_model(name)
+    cache = model.new_cache(2, 16)
+    graph = Decoder(model, cache)._graph.graph
+    constants = [
+        node.output().toIValue()
+        for node in graph.nodes()
+        if node.kind() == "prim::Constant" and node.output().type().kind() == "TensorType"
+    ]
+    own = _model_storages(model)
+    copies = [c for c in constants if c.untyped_storage().data_ptr() not in own]
+    assert len(constants) - len(copies) >= sum(1 for _ in model.parameters())
+    assert all(c.numel() <= 16 for c in copies), [(c.shape, c.dtype) for c in copies]
+
+
+@torch.no_grad()
+def test_a_kept_trace_does_not_keep_its_model_alive(traces):
+    """The cache holds models weakly: a trace must not refer to its model (``torch.jit.trace``
+    keeps the traced Python function, a closure over the model, unless it is dropped)."""
+    model = small_model()
+    Decoder(model, model.new_cache(1, 32))
+    assert len(traces) == 1
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None and len(traces) == 0
+
+
+@torch.no_grad()
+def test_recording_leaves_nothing_in_torchscripts_global_compilation_unit(traces):
+    """``torch.jit.trace`` of a function files it in TorchScript's global compilation unit for
+    good (with the weights its graph holds as constants); the decoder's trace lives in its own, so
+    an evicted trace, or a dropped model's, frees its memory."""
+    before = len(torch.jit._state._python_cu.get_functions())
+    model = small_model()
+    graph = Decoder(model, model.new_cache(1, 32))._graph
+    assert len(torch.jit._state._python_cu.get_functions()) == before
+    assert graph.name == "decode_step"
+
+
+def test_a_model_collected_while_the_cache_is_locked_goes_at_the_next_call():
+    """Garbage collection may free a model inside the cache's own locked section (any allocation
+    can run it): the weak reference's callback must not wait for the lock (a deadlock, so the
+    test runs in a thread it can give up on)."""
+    lru = TraceCache(2)
+
+    def collect_while_locked():
+        model = small_model()
+        lru.put(model, ("x",), (), "gx")
+        with lru._lock:
+            del model
+            gc.collect()  # the callback runs here, with the lock held
+
+    worker = threading.Thread(target=collect_while_locked, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the callback waited for the lock held by its own thread"
+    assert lru.keys() == []

@@ -12,7 +12,7 @@ float rounding order) and a row with index 0 computes the base alone, bit for bi
 
 The per-row indices are set before each forward with :func:`select_rows` (thread-local: the
 server's engine thread and a request thread computing log-probabilities each see their own) and
-are an *input* of the frozen decode trace (:mod:`llamakin.speed.decode_trace`), never a constant of it.
+are an *input* of the traced decode step (:mod:`llamakin.speed.decode_trace`), never a constant of it.
 """
 
 from __future__ import annotations

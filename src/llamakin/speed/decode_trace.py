@@ -1,61 +1,56 @@
 """The decoding step, run as a TorchScript trace when that is possible.
 
-A decode step is ~40 small tensor operations per layer. On a 2-core CPU the Python around them
+A decode step is ~40 small tensor operations per layer; on a 2-core CPU the Python around them
 costs about as much as the arithmetic, so :class:`Decoder` records
-:meth:`Transformer.decode_step` once per (batch size, cache length, dtype, device) with
-``torch.jit.trace`` and replays it (SmolLM2-135M, float32: 15 -> 20 tok/s, bit-identical logits,
-1.3 s to trace). Every shape in ``decode_step`` is static and its only state is the KV cache,
-mutated in place, so a trace is exact: everything a step reads that can change between
-generations is an input of the trace (the cache's tensors, including Qwen v1's per-row NTK alpha
-fixed at prefill), never a constant recorded while tracing. The trace is then frozen (``torch.jit.freeze``: weights
-become constants, the graph is simplified; another 6%, still bit-identical). Because frozen
-constants would not follow later changes to the weights, a trace is keyed by a stamp of every
-parameter and buffer (identity and in-place version counter): training or loading new weights
-between generations retraces. Models whose RoPE frequencies depend on the current length
-(``dynamic`` NTK: a base that grows with every step) run the same step eagerly. ``LLAMAKIN_TRACE=0`` turns tracing off.
+:meth:`Transformer.decode_step` once per (batch size, cache length, dtype, device, mode,
+adapters) and replays it, with bit-identical logits (speed: README). Every shape in
+``decode_step`` is static and its only state is the KV cache, mutated in place, so a trace is
+exact: everything a step reads that can change between generations is an input of the trace (the
+cache's tensors, Qwen v1's per-row NTK alpha fixed at prefill, a multi-adapter model's row
+indices), never a constant recorded while tracing. Models whose RoPE frequencies depend on the
+current length (``dynamic`` NTK: a base that grows with every step) run the same step eagerly.
+``LLAMAKIN_TRACE=0`` turns tracing off.
 
-On CPU the frozen graph runs under ``torch.jit.optimized_execution(False)``: TorchScript's
-profiling executor otherwise re-optimises a graph on its second call, a pass that bought nothing
-here (the same steady-state step time, measured in ``benchmarks/bench_decode_step.py``) but cost
-3-58 s on that call (four runs) for the int4 default model on a loaded 2-core AVX2 EPYC (README,
-Quantization). The graph is the same either way, so the logits are identical. Other devices keep
-the optimising executor (its fusers work there).
+How a step is recorded. ``decode_step`` is traced as a plain function of those inputs
+(:func:`_step_function`), not as a module holding the model: tracing a module registers a
+TorchScript type and a traced ``forward`` per submodule in TorchScript's global compilation
+unit, for the life of the process (41 MB on the int4 default model), and reads every attribute
+``dir()`` lists on each module (a function trace reads none). The tensors the step reads
+without taking them as inputs, the weights, become constants of the graph: the model's own
+tensors, shared, not copied (tested), as ``torch.jit.freeze`` made them for the module trace;
+the passes freezing ran are run on the graph (:func:`_optimize_as_frozen`), so the graph
+computes what the frozen module trace did, bit for bit (tested on tiny models of every traced
+family, int4 included). Tracing refuses a constant that requires grad, so ``requires_grad`` is
+off while recording. The function is made from the traced graph in a compilation unit of its
+own (:func:`_traced_graph`), so a dropped trace frees its memory. Constants do not follow later
+changes to the weights, so a trace is keyed by a stamp of every parameter and buffer (identity
+and in-place version counter): training or loading new weights between generations retraces.
 
-Memory. A trace is recorded on the caller's own KV cache (the one cache slot the recording run
-writes is saved and restored), not on a scratch cache of the same size: a scratch cache was as
-large as the real one (755 MB for 8 rows of 2048 slots of SmolLM2-135M) and, allocated once per
-new shape, made the process grow by that much with every new (batch size, cache length)
-bucket. A frozen trace's constants are the model's own parameter tensors, shared, not copied
-(checked on the int4 default model: 306 tensor constants, 121 MB, all but one 128-byte tensor
-the model's own). What remains per trace is TorchScript's: measured on SmolLM2-135M, about 10 MB
-for the live graph, and about 55 MB per recording that TorchScript keeps for the life of the
-process even after the trace is dropped (its type and compilation records). Measured again on
-the int4 default model (2026-12-01, resident set after ``malloc_trim``): recording +36 MB, 18 MB
-of which any first trace in a process costs (a 2-layer toy model's trace alone: +18 MB),
-freezing +9 MB; returning the unfrozen trace instead saved nothing in the whole ``generate``
-process (456 vs 453 MB peak), so the trace is still frozen. Part of the graph is source text:
-every one of the 4,232 recorded operations keeps the Python call stack it was recorded from
-(~1.1 KB each from a shallow caller, ~0.33 MB more per extra frame of the caller), yet a copy of
-the frozen graph costs only 2 MB: most of a recording is elsewhere. glibc's ``mallinfo2``
-counts 40.8 MB more in use after a recording (after a warm-up trace); clearing TorchScript's
-global compilation unit afterwards (``torch._C._jit_clear_class_registry()``, which holds a type
-and a traced ``forward`` per submodule: 596 functions) brought that to +4.4 MB, so that is where
-it lives. It cannot be used: the frozen module still needs those types (it crashed), and it only
-lowers the resident set after the recording, not the recording's own peak. Tracing reads
-every attribute ``dir()`` lists on each module (``torch._jit_internal.module_has_exports``), so
-a module must not expose a costly property (:mod:`llamakin.quant.gguf_embedding`). So two
-bounds, both set by the environment and shared by every model in the process:
+On CPU the graph runs under ``torch.jit.optimized_execution(False)``: TorchScript's profiling
+executor otherwise re-optimises a graph on its second call, which bought nothing here (the same
+steady-state step time, ``benchmarks/bench_decode_step.py``) but cost 3-58 s on that call for
+the int4 default model on a loaded 2-core AVX2 EPYC. The graph is the same either way, so the
+logits are identical. Other devices keep the optimising executor (its fusers work there).
+
+Memory (the int4 default model; README, "Where the memory of ``llamakin generate`` goes"). A
+trace is recorded on the caller's own KV cache (the one slot the recording run writes is saved
+and restored), never on a scratch cache as large as the real one. A kept trace holds ~8 MB of
+graph; recording it peaks ~16 MB higher (the graph as traced, before the passes: 7,729 nodes,
+each with the Python call stack it was recorded from as text); a dropped trace frees all of it.
+Two bounds, set by the environment and shared by every model in the process:
 
 * ``LLAMAKIN_TRACE_CACHE`` (default :data:`DEFAULT_TRACE_CACHE`): traces kept, least recently
   used out (:class:`TraceCache`);
-* ``LLAMAKIN_TRACE_BUDGET`` (default :data:`DEFAULT_TRACE_BUDGET`): recordings per process. An
-  evicted shape is recorded again while the budget lasts; after that, a shape without a kept
-  trace runs the same step eagerly (identical logits, slower), so memory stops growing.
+* ``LLAMAKIN_TRACE_BUDGET`` (default :data:`DEFAULT_TRACE_BUDGET`): recordings per process (each
+  takes ~0.5 s on the default model, idle, and much longer under load). An evicted shape is
+  recorded again while the budget lasts; after that, a shape without a kept trace runs the same
+  step eagerly (identical logits, slower).
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 import threading
 import warnings
@@ -82,16 +77,13 @@ class _Holder:
     rope_alpha: torch.Tensor
 
 
-class _Step(nn.Module):
-    """``decode_step`` with the cache's tensors as explicit inputs, which tracing requires."""
+def _step_function(model, holder: _Holder):
+    """``decode_step`` as a plain function of the cache's tensors, which tracing requires. A
+    function, not a module: tracing a module registers a TorchScript type and a traced ``forward``
+    for every submodule in a global compilation unit, kept for the life of the process."""
+    selection = getattr(model, "adapter_selection", None)
 
-    def __init__(self, model, cache: KVCache):
-        super().__init__()
-        self.model = model
-        self.cache = cache
-
-    def forward(
-        self,
+    def step(
         tokens,
         positions,
         slot,
@@ -101,11 +93,13 @@ class _Step(nn.Module):
         rope_alpha: torch.Tensor,
         *adapter_ids: torch.Tensor,
     ):
-        self.cache.keys, self.cache.values, self.cache.rope_alpha = keys, values, rope_alpha
+        holder.keys, holder.values, holder.rope_alpha = keys, values, rope_alpha
         # several LoRA adapters chosen per row (llamakin.lora.multi): the indices are an input
         if adapter_ids:
-            self.model.adapter_selection.ids = adapter_ids[0]
-        return self.model.decode_step(tokens, positions, slot, key_valid, self.cache)
+            selection.ids = adapter_ids[0]
+        return model.decode_step(tokens, positions, slot, key_valid, holder)
+
+    return step
 
 
 def _adapter_inputs(model, batch: int, device) -> tuple[torch.Tensor, ...]:
@@ -118,11 +112,11 @@ def _adapter_inputs(model, batch: int, device) -> tuple[torch.Tensor, ...]:
 
 
 DEFAULT_TRACE_CACHE = 8  # traces kept: the shapes a server uses most (batch sizes x cache lengths)
-DEFAULT_TRACE_BUDGET = 16  # recordings per process (each leaves ~55 MB behind for SmolLM2-135M)
+DEFAULT_TRACE_BUDGET = 16  # recordings per process (time spent recording when shapes churn)
 
 
 class TraceCache:
-    """Frozen decode traces, least recently used first out, at most ``capacity`` in all.
+    """Decode traces, least recently used first out, at most ``capacity`` in all.
 
     Keyed by model (held weakly: a model that is garbage-collected takes its traces along) and by
     the trace key of :class:`Decoder`. ``capacity`` 0 keeps nothing (every step runs a fresh
@@ -134,12 +128,14 @@ class TraceCache:
         self.budget = 2 * capacity if budget is None else budget  # recordings allowed in all
         self._entries: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._dead: list[weakref.ref] = []  # models collected while the lock was held
         self.traced = 0  # traces recorded so far (a measure of the retracing that eviction costs)
         self.evicted = 0
 
     def get(self, model: nn.Module, key: tuple, stamp: tuple):
         """The trace of ``model`` for ``key`` recorded at weights ``stamp``, or None."""
         with self._lock:
+            self._drop_dead()
             entry = self._entries.get((id(model), key))
             if entry is None or entry[0]() is not model or entry[1] != stamp:
                 return None
@@ -152,6 +148,7 @@ class TraceCache:
 
     def put(self, model: nn.Module, key: tuple, stamp: tuple, graph) -> None:
         with self._lock:
+            self._drop_dead()
             self.traced += 1
             ident = (id(model), key)
             self._entries.pop(ident, None)
@@ -161,13 +158,26 @@ class TraceCache:
                 self.evicted += 1
 
     def _forget(self, ref: weakref.ref) -> None:
-        with self._lock:
+        """A model's weak reference died. Garbage collection can run this inside any allocation,
+        this cache's own locked sections included (then waiting for the lock would deadlock): the
+        model's traces go now if the lock is free, else at the cache's next call."""
+        self._dead.append(ref)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop_dead()
+            finally:
+                self._lock.release()
+
+    def _drop_dead(self) -> None:
+        while self._dead:
+            ref = self._dead.pop()
             for ident in [i for i, entry in self._entries.items() if entry[0] is ref]:
                 del self._entries[ident]
 
     def keys(self, model: nn.Module | None = None) -> list[tuple]:
         """The cached trace keys (of ``model`` only, if given), least recently used first."""
         with self._lock:
+            self._drop_dead()
             return [
                 key
                 for (owner, key), entry in self._entries.items()
@@ -223,8 +233,37 @@ def _weights_stamp(model: nn.Module) -> tuple:
     return tuple(stamp)
 
 
+def _traced_graph(function, example: tuple) -> torch._C.Graph:
+    """The graph ``torch.jit.trace(function, example)`` records (strict, no in-place rewriting),
+    without what it keeps: ``torch.jit.trace`` of a function files the result in TorchScript's
+    global compilation unit, for the life of the process, whatever ``_compilation_unit`` says
+    (``_create_function_from_trace``), and pins the traced Python function on it (here a closure
+    over the model), so neither the graph nor the weights it holds as constants would ever go."""
+    argument_names = list(inspect.signature(function).parameters)
+    graph, _ = torch._C._create_graph_by_tracing(
+        function, list(example), lambda _value: "", True, False, None, argument_names
+    )
+    return graph
+
+
+def _optimize_as_frozen(graph: torch._C.Graph) -> None:
+    """The passes ``torch.jit.freeze`` runs on a module's graph once its weights are constants
+    (``torch/csrc/jit/passes/freeze_module.cpp``: ``runOptimization`` without loop unrolling,
+    then ``OptimizeFrozenGraph``), run on the traced function's graph, whose weights already are.
+    The peephole pass is told not to fold the inputs' traced sizes into constants: a module's
+    traced graph has no sizes on its inputs, a function's has, and one input's size varies between
+    calls (a multi-adapter model's row indices: one for all rows, or one per row)."""
+    torch._C._jit_pass_dce(graph)
+    torch._C._jit_pass_cse(graph)
+    torch._C._jit_pass_peephole(graph, True)
+    torch._C._jit_pass_constant_propagation(graph)
+    torch._C._jit_pass_constant_pooling(graph)
+    torch._C._jit_pass_cse(graph)
+    torch._C._jit_pass_optimize_frozen_graph(graph, True)
+
+
 def _optimize_graph(device: torch.device) -> bool:
-    """Whether TorchScript's executor may re-optimise the frozen graph (not on CPU: see above)."""
+    """Whether TorchScript's executor may re-optimise the graph (not on CPU: see above)."""
     return device.type != "cpu"
 
 
@@ -272,19 +311,22 @@ class Decoder:
             cache.rope_alpha,
             *_adapter_inputs(self.model, B, device),
         )
-        training = self.model.training
-        step = _Step(self.model, _Holder())
+        # tracing makes every tensor the step reads and does not take as an input a constant of
+        # the graph (the model's own tensor, not a copy), which it refuses for one that requires grad
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         try:
+            for p in trainable:
+                p.requires_grad_(False)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                # a compilation unit of its own, so the graph goes when the trace goes (TorchScript still
-                # keeps other records of every recording: see LLAMAKIN_TRACE_BUDGET above)
-                traced = torch.jit.trace(
-                    step, example, check_trace=False, _compilation_unit=torch._C.CompilationUnit()
-                )
-                return torch.jit.freeze(traced.eval())
+                graph = _traced_graph(_step_function(self.model, _Holder()), example)
+            _optimize_as_frozen(graph)
+            # a compilation unit of its own, so the graph (and the weights it holds) goes with it
+            traced = torch._C._create_function_from_graph("decode_step", graph)
+            return traced
         finally:
-            self.model.train(training)  # freezing needs eval mode; the model keeps its own
+            for p in trainable:
+                p.requires_grad_(True)
             for (k, v), (saved_k, saved_v) in zip(zip(cache.keys, cache.values), saved):
                 k[:, :, last] = saved_k
                 v[:, :, last] = saved_v
