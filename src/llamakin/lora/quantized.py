@@ -193,7 +193,8 @@ def load_quantized_base(
     the quantized layouts (no whole float copy of the model; a llamakin-quantized checkpoint is
     dequantized and quantized again in ``mode``)."""
     from ..quant.files import is_quantized_checkpoint, load_quantized_checkpoint
-    from ..quant.model import load_quantized, release_freed_memory
+    from ..quant.model import load_quantized
+    from ..resident import release_freed_memory
     from ..source import resolve_model
 
     source = resolve_model(path)

@@ -55,9 +55,10 @@ def load_calibrated(
     ``calibration`` (see :func:`calibration_text`). ``collect`` receives each module's weight
     (as :func:`~llamakin.quant.model.quantize_model`'s). Returns ``(model, seconds of GPTQ)``."""
     from .. import checkpoint
+    from ..resident import release_freed_memory
     from ..tokenizer import load_tokenizer
     from .gptq import calibration_ids, gptq_model
-    from .model import quantize_model, release_freed_memory
+    from .model import quantize_model
     from .tensors import check_group_size
 
     if mode not in ("int8", "int4"):

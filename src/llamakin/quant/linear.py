@@ -240,7 +240,12 @@ class Int8Embedding(nn.Module):
         for i in range(0, self.num_embeddings, 1024):  # filled in place: no list, no second copy
             part = quantize_int8(self.dequantize(i, i + 1024).float())
             q[i : i + 1024], scales[i : i + 1024] = part.qweight, part.scales
+            self._rows_read(i, i + 1024)
         return Int8Weight(q, scales)
+
+    def _rows_read(self, start: int, stop: int) -> None:
+        """Called after rows ``start:stop`` were read in a pass over the table (a subclass that
+        reads a mapped file drops their pages then)."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self._rows(ids)

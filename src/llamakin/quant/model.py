@@ -19,8 +19,6 @@ Partial q/k/v biases (ChatGLM-style masks) are folded into the quantized module'
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from torch import nn
 
 from ..errors import LlamakinError
 from ..model.attention import Attention
+from ..resident import large_allocations_mapped, release_freed_memory
 from .gguf_blocks import BLOCK, KEPT_TYPES, decode_q4, q4_to_int4
 from .gguf_embedding import MappedQ8Embedding
 from .linear import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
@@ -281,42 +280,6 @@ def _load_quantized(path, dtype, device, mode, group_size, activation_dtype, hea
         p.requires_grad_(True)
     release_freed_memory()
     return model.eval()
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-MAPPED_FROM = 128 * 1024  # glibc's initial threshold
-MAPPED_AFTER = 32 * 1024 * 1024  # glibc's largest dynamic threshold (64-bit)
-
-
-@contextlib.contextmanager
-def large_allocations_mapped():
-    """Within: every allocation from 128 KiB up gets its own ``mmap``, returned to the OS by
-    ``free`` (glibc). Otherwise glibc raises its threshold to the size of each freed mapping, and
-    the loader's transients (one per tensor, up to tens of MB) then come from the heap, which
-    keeps them: measured on the default model, peak RSS while loading 714 -> 523 MB. After it the
-    threshold is glibc's largest dynamic one (32 MiB), what the heap would have reached anyway."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, MAPPED_FROM)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        yield
-        return
-    try:
-        yield
-    finally:
-        libc.mallopt(M_MMAP_THRESHOLD, MAPPED_AFTER)
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by loading's temporaries back to the OS (glibc keeps it otherwise:
-    measured 186 MB of the default model's resident set)."""
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _choose(
