@@ -60,6 +60,43 @@ def test_linear_dispatches_half_weights_by_rows_and_cpu(monkeypatch):
     assert calls == [(4, 16), (64, 16)]  # a CPU with bf16 instructions keeps PyTorch's kernel
 
 
+@pytest.mark.parametrize("rows", [8, 40])
+@torch.no_grad()
+def test_onednn_linear_equals_f_linear(rows):
+    """oneDNN's GEMM (AVX-512 CPUs' path from 8 rows) computes F.linear: same products, another
+    summation order."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, rows, 576), torch.randn(97, 576), torch.randn(97)
+    for bias in (None, b):
+        got = linear_module.onednn_linear(x, w, bias)
+        assert got.shape == (2, rows, 97)
+        assert torch.allclose(got, F.linear(x, w, bias), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_dispatches_float32_by_rows_cpu_grad_and_tracing(monkeypatch):
+    """float32 from 8 rows goes to oneDNN on AVX-512 only, never where autograd records or inside
+    a TorchScript trace (which cannot record the op); fewer rows take the decode forms."""
+    chosen = linear_module._onednn_preferred.__wrapped__()
+    assert chosen == (hardware.has_avx512() and torch.backends.mkldnn.is_available())
+    torch.manual_seed(0)
+    w = torch.randn(24, 16)
+    calls = []
+    monkeypatch.setattr(
+        linear_module, "onednn_linear", lambda *a: calls.append(a[0].shape[0]) or F.linear(*a)
+    )
+    for avx512 in (False, True):
+        monkeypatch.setattr(linear_module, "_onednn_preferred", lambda avx512=avx512: avx512)
+        with torch.no_grad():
+            for rows in (1, 7, 8, 64):
+                linear(torch.randn(rows, 16), w)
+            torch.jit.trace(lambda x: linear(x, w), torch.randn(64, 16), check_trace=False)
+        linear(torch.randn(64, 16), w.requires_grad_())  # training: F.linear
+        w.requires_grad_(False)
+    assert calls == [8, 64]
+
+
 @torch.no_grad()
 def test_bfloat16_model_decodes_like_the_float32_model(monkeypatch):
     """A bf16 model whose products are upcast agrees with PyTorch's bf16 kernels and with float32."""

@@ -70,3 +70,9 @@ def cpu_has_native(dtype: torch.dtype) -> bool:
 def emulated_half(t: torch.Tensor) -> bool:
     """Whether ``t`` is a half-precision CPU tensor whose products this CPU can only emulate."""
     return t.device.type == "cpu" and t.dtype in HALF_DTYPES and not cpu_has_native(t.dtype)
+
+
+def has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (``avx512f``): oneDNN's float32 GEMM then beats MKL's on
+    llamakin's shapes (:mod:`llamakin.speed.cpu_linear`)."""
+    return "avx512f" in _cpu_flags()

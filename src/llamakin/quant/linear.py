@@ -10,9 +10,9 @@ activation's dtype. Inputs are cast to the kernel's activation dtype
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..speed import cpu_linear
 from . import kernels
 from .tensors import Int4Weight, Int8Weight, compact_scales, expand_scales, quantize_int8
 
@@ -133,7 +133,7 @@ class Int4Linear(QuantizedLinear):
         if rows.shape[0] >= kernels.INT4_DEQUANT_ROWS and self.packed.device.type == "cpu":
             weight = self._unpacked_float32()
             if weight is not None:  # many rows: the float32 GEMM on the exact dequantized weight
-                y = F.linear(
+                y = cpu_linear.linear(
                     rows.float(), weight, None if self.bias is None else self.bias.float()
                 ).to(x.dtype)
                 return y.view(*x.shape[:-1], self.out_features)
