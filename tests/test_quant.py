@@ -142,6 +142,29 @@ def test_int4_many_rows_take_the_float32_gemm_on_the_exact_weight(out_features, 
     assert (module(x) - exact).abs().max() > 1e-4  # the kernel, bf16 activations
 
 
+@torch.no_grad()
+def test_int8_many_rows_take_the_float32_gemm_on_the_exact_weight(monkeypatch):
+    """From ``INT8_DEQUANT_ROWS`` rows the int8 weight is widened to float32 slice by slice and
+    multiplied in float32: exact to the dequantized weight (up to summation order), whatever the
+    kernel path's activation dtype; fewer rows keep the kernel."""
+    from llamakin.quant import kernels
+    from llamakin.speed import cpu_linear
+
+    torch.manual_seed(3)
+    w, b = torch.randn(200, 128) * 0.1, torch.randn(200)
+    module = Int8Linear(quantize_int8(w), b, torch.bfloat16)
+    x = torch.randn(3, 16, 128)
+    exact = F.linear(x, module.dequantize(), b)
+    monkeypatch.setattr(kernels, "INT8_DEQUANT_ROWS", 48)  # 48 rows here: the many-rows path
+    monkeypatch.setattr(cpu_linear, "UPCAST_SLICE_ELEMENTS", 70 * 128)  # 3 slices, the last short
+    fast = module(x)
+    assert fast.dtype == torch.float32 and fast.shape == (3, 16, 200)
+    assert torch.allclose(fast, exact, atol=1e-5, rtol=0)
+    assert module(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    monkeypatch.setattr(kernels, "INT8_DEQUANT_ROWS", 49)
+    assert (module(x) - exact).abs().max() > 1e-4  # the kernel, bf16 activations
+
+
 def test_int4_cpu_layout_is_recognised_on_this_build():
     """The reshape-only unpacking matches torch 2.13's CPU packing (AVX2 and, if its blocks are 64
     rows, AVX-512) for the shapes of real models; a shape it does not know returns None."""

@@ -71,6 +71,13 @@ def pack_int4(w: Int4Weight, device: torch.device | str = "cpu") -> torch.Tensor
 # 8-12 ms at 128; unpacking plus the float32 product 7.4 ms at 32 rows, 8-13 ms at 128; a whole
 # 512-token prefill of SmolLM2-135M from its Q4_1 file runs 1.40x faster (README, Quantization).
 INT4_DEQUANT_ROWS = int(os.environ.get("LLAMAKIN_INT4_DEQUANT_ROWS", "128"))
+# The same for int8 (:class:`~llamakin.quant.linear.Int8Linear`), its weight widened to float32 in
+# slices of ~4 MB (cpu_linear.sliced_float32_linear). Measured on a 2-core AVX-512 EPYC
+# (2026-12-01), against ``_weight_int8pack_mm`` with bf16 activations: the 49,152 x 576 head 1.34x
+# faster at 256 rows, 2.0x at 384-512; the layers' matrices 0.90-0.91x at 256, 0.97-1.05x at 384,
+# 1.10-1.12x at 512; below 128 rows the kernel wins (0.3-0.9x). On the AVX2 EPYC a float32 prefill
+# already ran 2.1-2.4x the int8 one.
+INT8_DEQUANT_ROWS = int(os.environ.get("LLAMAKIN_INT8_DEQUANT_ROWS", "384"))
 # The CPU packing (aten/src/ATen/native/cpu/int4mm_kernel.cpp, weight_to_int4pack_kernel): blocks of
 # B output rows, B = 32 on AVX2 and 64 on AVX-512; row k of a full block is B/2 bytes whose low
 # nibbles hold rows 0..B/2-1 and high nibbles rows B/2..B-1 (a partial last block and builds

@@ -79,6 +79,19 @@ class Int8Linear(QuantizedLinear):
         )
         self.register_buffer("kernel_scales", self.scales.to(act, copy=True), persistent=False)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows >= kernels.INT8_DEQUANT_ROWS and self.qweight.device.type == "cpu":
+            # many rows: the float32 GEMM on the exact dequantized weight, widened slice by slice
+            bias = None if self.bias is None else self.bias.float()
+            y = cpu_linear.sliced_float32_linear(x, self.out_features, self._float32_rows, bias)
+            return y.to(x.dtype)
+        return super().forward(x)
+
+    def _float32_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Output rows ``start:stop`` of the dequantized weight (``Int8Weight.dequantize``'s values)."""
+        return self.qweight[start:stop].to(torch.float32) * self.scales[start:stop, None]
+
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         return kernels.int8_mm(rows, self.qweight, self.kernel_scales)
 

@@ -34,6 +34,7 @@ rows keeps ``W @ x.T``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,18 +64,32 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` of half-precision tensors computed in float32, the weight widened slice by slice."""
     out_features, in_features = weight.shape
+    y = sliced_float32_linear(x, out_features, lambda start, stop: weight[start:stop].float(), bias)
+    return y.to(x.dtype)
+
+
+def sliced_float32_linear(
+    x: torch.Tensor,
+    out_features: int,
+    float32_rows: Callable[[int, int], torch.Tensor],
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``F.linear`` in float32 of a weight that is only ever made float32 slice by slice:
+    ``float32_rows(start, stop)`` gives its output rows ``start:stop`` (about
+    :data:`UPCAST_SLICE_ELEMENTS` values each, which stay in cache); the result is float32."""
+    in_features = x.shape[-1]
     rows = x.reshape(-1, in_features).float()
     step = max(1, UPCAST_SLICE_ELEMENTS // in_features)
     y = torch.cat(
         [
-            linear(rows, weight[start : start + step].float())
+            linear(rows, float32_rows(start, min(start + step, out_features)))
             for start in range(0, out_features, step)
         ],
         dim=-1,
     )
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).view(*x.shape[:-1], out_features)
+    return y.view(*x.shape[:-1], out_features)
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
