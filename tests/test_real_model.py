@@ -38,7 +38,9 @@ def test_logits_match_transformers(models):
     ids = torch.tensor([tok.encode(PROMPTS[2])])
     expected = theirs(ids).logits
     got = ours(ids)
-    assert (got - expected).abs().max().item() < 1e-4  # measured: 0.0 (O(30) logits)
+    # float32 rounding only: 0.0 where both run MKL (AVX2); 1.5e-4 on logits up to ~16 on AVX-512
+    # CPUs, where llamakin's products of 8+ rows are oneDNN's (another summation order): 1e-5 relative
+    assert (got - expected).abs().max().item() < 5e-4
 
 
 @torch.no_grad()
