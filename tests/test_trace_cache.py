@@ -5,6 +5,7 @@ the same results. RSS over a sweep of the real model is measured in ``benchmarks
 
 from __future__ import annotations
 
+import collections
 import gc
 import itertools
 import threading
@@ -348,3 +349,58 @@ def test_a_model_collected_while_the_cache_is_locked_goes_at_the_next_call():
     worker.join(timeout=60)
     assert not worker.is_alive(), "the callback waited for the lock held by its own thread"
     assert lru.keys() == []
+
+
+def _step_logits(batch, monkeypatch) -> list[torch.Tensor]:
+    """Every decode step's logits of ``batch`` from now on (recorded around ``Decoder.step_rows``)."""
+    seen: list[torch.Tensor] = []
+    step_rows = Decoder.step_rows
+    monkeypatch.setattr(
+        Decoder, "step_rows", lambda self, *a: seen.append(step_rows(self, *a)) or seen[-1]
+    )
+    return seen
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("traced", [True, False])
+def test_row_batch_keeps_its_decoder_and_retraces_weights_changed_before_an_admission(
+    traces, monkeypatch, traced
+):
+    """A batch makes its Decoder (and so checks the weights stamp, a walk over every tensor) once
+    per shape between admissions, not every step; weights changed before a new row is admitted
+    (a long-lived server batch) are traced again, so the traced steps equal eager decoding."""
+    from llamakin.generation.batch import RowBatch
+
+    monkeypatch.setenv("LLAMAKIN_TRACE", "1" if traced else "0")
+    model = small_model()
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
+    run = GenerationRun(
+        model, _NoTokenizer(), prompts, SamplingParams(max_new_tokens=8, ignore_eos=True)
+    )
+    rows = run._rows(collections.deque())
+    batch = RowBatch(model, (), 4, 64)
+    logits = _step_logits(batch, monkeypatch)
+    made = []
+    monkeypatch.setattr(
+        "llamakin.generation.batch.Decoder",
+        lambda *a: made.append(a) or Decoder(*a),
+    )
+    batch.admit(rows[:3])  # 3 rows: the batch's bucket is 4 rows, as it stays with the fourth
+    for _ in range(3):
+        batch.step()
+    assert len(made) == 1  # one Decoder for three steps of one shape
+    model.layers[0].mlp.down.weight.mul_(-1.0)  # in place, between two admissions
+    batch.admit(rows[3:])
+    batch.step()
+    assert len(made) == 2
+    after = logits[-1]
+    monkeypatch.setenv("LLAMAKIN_TRACE", "0")
+    eager = Decoder(model, batch.cache.view(slice(0, 4), 64))
+    assert eager._graph is None
+    # the same step again, eagerly, on the cache as it was: rows at their lengths before the step
+    for row in batch.rows:
+        row.length -= 1
+    tokens = torch.tensor([[r.fed[-1]] for r in batch.rows])
+    positions = torch.tensor([[r.length - r.pad] for r in batch.rows])  # left padding: not counted
+    slots = torch.tensor([r.length for r in batch.rows])
+    assert torch.allclose(eager.step_rows(tokens, positions, slots), after, atol=1e-5, rtol=0)

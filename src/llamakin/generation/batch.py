@@ -37,7 +37,14 @@ def bucket(n: int, limit: int) -> int:
 
 
 class RowBatch:
-    """Up to ``max_rows`` rows of up to ``max_len`` tokens each, over one KV cache."""
+    """Up to ``max_rows`` rows of up to ``max_len`` tokens each, over one KV cache.
+
+    Decode steps reuse one :class:`~llamakin.speed.decode_trace.Decoder` while the batch bucket
+    and cache length stay the same, and make a new one (which checks the weights stamp: changed
+    weights are traced again) at every admission: weights changed between requests reach the next
+    step after the next admission; a change made while rows are decoding, with no admission in
+    between, reaches the traced step only then (eager decoding sees it at once).
+    """
 
     def __init__(
         self,
@@ -61,6 +68,9 @@ class RowBatch:
             else None
         )
         self.rows: list[Row] = []
+        # the decode step's Decoder, kept while the batch bucket and cache length stay the same;
+        # made again (checking the weights stamp, speed/decode_trace.py) on every admission
+        self._decoder: tuple[tuple[int, int], Decoder] | None = None
 
     @property
     def free(self) -> int:
@@ -75,6 +85,7 @@ class RowBatch:
                 f"{len(rows)} rows do not fit: {self.free} of {self.max_rows} are free"
             )
         first = len(self.rows)
+        self._decoder = None  # weights changed since the last admission are traced again
         try:
             self._admit(rows)
         except BaseException:
@@ -192,7 +203,13 @@ class RowBatch:
         batch = bucket(n, self.max_rows)
         longest = max(r.length for r in self.rows) + 1
         length = min(-(-longest // CACHE_BUCKET) * CACHE_BUCKET, self.max_len)
-        view = self.cache.view(slice(0, batch), length)
+        if self._decoder is None or self._decoder[0] != (batch, length):
+            # a Decoder walks every weight for its stamp (~0.3-0.9 ms for SmolLM2-135M, ~8% of an
+            # int4 step): once per shape between admissions, not once per step
+            self._decoder = (
+                (batch, length),
+                Decoder(self.model, self.cache.view(slice(0, batch), length)),
+            )
         device = self.model.device
         pad = batch - n
         positions = [r.position.take() for r in self.rows]
@@ -200,9 +217,7 @@ class RowBatch:
         tokens = torch.tensor([r.last_token for r in self.rows] + [0] * pad, device=device)[:, None]
         slots = torch.tensor([r.length for r in self.rows] + [0] * pad, device=device)
         self.select_adapters([r.adapter for r in self.rows] + [0] * pad)
-        logits = Decoder(self.model, view).step_rows(
-            tokens, torch.tensor(positions, device=device), slots
-        )
+        logits = self._decoder[1].step_rows(tokens, torch.tensor(positions, device=device), slots)
         for index, row in enumerate(self.rows):
             row.length += 1
             row.fed.append(row.last_token)
