@@ -404,3 +404,15 @@ def test_row_batch_keeps_its_decoder_and_retraces_weights_changed_before_an_admi
     positions = torch.tensor([[r.length - r.pad] for r in batch.rows])  # left padding: not counted
     slots = torch.tensor([r.length for r in batch.rows])
     assert torch.allclose(eager.step_rows(tokens, positions, slots), after, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_kept_traces_carry_no_source_text(traces):
+    """The tracer's per-node Python call stacks (~1 KB a node) are dropped after recording; the
+    graph computes the same (the equality tests above run on such graphs)."""
+    model = small_model()
+    cache = model.new_cache(1, 16)
+    model(torch.arange(4).view(1, 4), cache=cache)
+    graph = Decoder(model, cache)._graph.graph
+    nodes = list(graph.nodes())
+    assert len(nodes) > 50 and all(node.sourceRange() == "" for node in nodes)
