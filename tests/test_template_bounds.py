@@ -30,7 +30,8 @@ def refused(template, fragment):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     message = str(info.value)
-    assert message.startswith(NAME) and fragment in message, message
+    fragments = (fragment,) if isinstance(fragment, str) else fragment  # any one of several bounds
+    assert message.startswith(NAME) and any(f in message for f in fragments), message
     assert "\n" not in message
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 1024, f"rendering grew the peak RSS by {grown_mb:.0f} MB"
@@ -46,8 +47,9 @@ def refused(template, fragment):
             "ran longer than 2 s",
         ),
         (
+            # whichever bound comes first: a fast CPU writes 8,388,608 x's in under 2 s
             "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
-            "ran longer than 2 s",
+            ("ran longer than 2 s", f"output passed {MAX_OUTPUT_CHARS:,} characters"),
         ),
         (
             "{% for m in messages recursive %}{{ loop(messages) }}{% endfor %}",
