@@ -8,7 +8,7 @@ stay mapped after they were read. Each function here is a no-op where its call i
 
 * :func:`large_allocations_mapped` / :func:`release_freed_memory`: glibc's heap while and after
   loading.
-* :func:`release_pages` / :func:`advise_random`: a tensor that *is* part of a read-only file
+* :func:`page_dropper` / :func:`release_pages` / :func:`advise_random`: a tensor that *is* part of a read-only file
   mapping (:meth:`llamakin.io.gguf.GGUFFile.mapped`), through ``madvise(2)``.
 """
 
@@ -19,6 +19,7 @@ import ctypes
 import functools
 import gc
 import mmap
+from collections.abc import Callable
 
 import torch
 
@@ -95,17 +96,30 @@ def in_file_mapping(address: int, length: int) -> bool:
     return False
 
 
-def release_pages(address: int, length: int) -> None:
-    """Drop the whole pages inside bytes ``address : address + length`` of a read-only file
-    mapping from the resident set (``MADV_DONTNEED``; they stay in the OS page cache and are read
-    back, unchanged, when touched). The partial pages at either end are left alone, so no byte
-    outside the range is affected. Only for mappings nothing writes to; a range that is not
-    inside one mapping of a file (anonymous memory, whose dropped pages would read back as
-    zeros) is left alone."""
+def page_dropper(address: int, length: int) -> Callable[[int, int], None] | None:
+    """For bytes ``address : address + length`` inside one mapping of a file, read-only in
+    practice: ``drop(start, stop)``, which drops the whole pages within bytes ``start:stop`` of
+    that range from the resident set (``MADV_DONTNEED``; they stay in the OS page cache and are
+    read back, unchanged, when touched; partial pages at either end are left alone, so no byte
+    outside is affected). None for a range that is not inside one file mapping (anonymous
+    memory, whose dropped pages would read back as zeros). ``/proc/self/maps`` is read here,
+    once, not at every drop (a loader drops a table's pages slice by slice)."""
     if not in_file_mapping(address, length):
-        return
-    first = -(-address // PAGE) * PAGE
-    _advise(first, (address + length) // PAGE * PAGE - first, getattr(mmap, "MADV_DONTNEED", 4))
+        return None
+
+    def drop(start: int, stop: int) -> None:
+        first = -(-(address + start) // PAGE) * PAGE
+        _advise(first, (address + stop) // PAGE * PAGE - first, getattr(mmap, "MADV_DONTNEED", 4))
+
+    return drop
+
+
+def release_pages(address: int, length: int) -> None:
+    """Drop the whole pages inside bytes ``address : address + length`` of a file mapping
+    (:func:`page_dropper`); a range that is not inside one is left alone."""
+    drop = page_dropper(address, length)
+    if drop is not None:
+        drop(0, length)
 
 
 def advise_random(address: int, length: int) -> None:

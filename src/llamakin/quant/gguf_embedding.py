@@ -8,8 +8,9 @@ keeps no copy: its only tensor is the file's own mapping of the table's blocks
 scattered: :func:`llamakin.resident.advise_random`) and they stay in the OS page cache, shared.
 
 A lookup decodes the rows it reads with :class:`~llamakin.quant.linear.Int8Embedding`'s own code
-(only where its rows come from differs, ``_groups``), as it does with the table decoded up front (:func:`llamakin.quant.gguf_blocks.decode_q8_0`): ``q`` int8 and
-``d`` fp16 -> float32, ``w = q * d`` in float32, then the model's dtype. The values are therefore
+(only where the rows come from differs: ``_groups``), exactly as for the table decoded up front
+(:func:`llamakin.quant.gguf_blocks.decode_q8_0`): ``q`` int8 and ``d`` fp16 -> float32,
+``w = q * d`` in float32, then the model's dtype. The values are therefore
 identical (tested), and so is everything built from the table (the tied head's int8 rows, files).
 
 Q8_0's block (``ggml-common.h``): ``fp16 d; int8 qs[32]``, 34 bytes, 32 weights of one row.
@@ -62,10 +63,13 @@ class MappedQ8Embedding(Int8Embedding):
         # only the rows read are copied out of the mapping
         return self.q_blocks[rows], self.d_blocks[rows].to(torch.float32)
 
-    def _rows_read(self, start: int, stop: int) -> None:
+    def _row_page_dropper(self):
         """Drops the pages of rows read by :meth:`to_int8_rows` as it goes, so the table is never
-        resident whole (the default model's load peak: 402 -> 372 MB)."""
+        resident whole (the default model's load peak: 402 -> 372 MB); the mapping is checked
+        once per pass (:func:`llamakin.resident.page_dropper`)."""
         address, length = resident.mapped_span(self.q_blocks)
-        row_bytes = length // self.num_embeddings
-        stop = min(stop, self.num_embeddings)
-        resident.release_pages(address + start * row_bytes, (stop - start) * row_bytes)
+        drop = resident.page_dropper(address, length)
+        if drop is None:
+            return None
+        row_bytes, count = length // self.num_embeddings, self.num_embeddings
+        return lambda start, stop: drop(start * row_bytes, min(stop, count) * row_bytes)

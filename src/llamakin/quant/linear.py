@@ -9,6 +9,8 @@ activation's dtype. Inputs are cast to the kernel's activation dtype
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -250,15 +252,18 @@ class Int8Embedding(nn.Module):
         device = self._groups(slice(0, 0))[1].device
         q = torch.empty((self.num_embeddings, self.embedding_dim), dtype=torch.int8, device=device)
         scales = torch.empty(self.num_embeddings, dtype=torch.float32, device=device)
+        drop_rows = self._row_page_dropper()
         for i in range(0, self.num_embeddings, 1024):  # filled in place: no list, no second copy
             part = quantize_int8(self.dequantize(i, i + 1024).float())
             q[i : i + 1024], scales[i : i + 1024] = part.qweight, part.scales
-            self._rows_read(i, i + 1024)
+            if drop_rows is not None:
+                drop_rows(i, i + 1024)
         return Int8Weight(q, scales)
 
-    def _rows_read(self, start: int, stop: int) -> None:
-        """Called after rows ``start:stop`` were read in a pass over the table (a subclass that
-        reads a mapped file drops their pages then)."""
+    def _row_page_dropper(self) -> Callable[[int, int], None] | None:
+        """For a table read from a mapped file (a subclass): a function dropping the pages of
+        rows ``start:stop`` once a pass over the table has read them; None here (in memory)."""
+        return None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self._rows(ids)
