@@ -39,7 +39,24 @@ class QuantizedLinear(nn.Module):
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _float32_from_rows(self) -> int:
+        """Rows from which :meth:`_float32_product` is faster than the kernel (CPU)."""
+        raise NotImplementedError
+
+    def _float32_product(
+        self, rows: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """``rows`` (float32) times the exact dequantized weight, plus ``bias``, in float32; None
+        where this module has no such path."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.numel() // self.in_features >= self._float32_from_rows():
+            # many rows: the float32 GEMM on the exact dequantized weight beats the kernel
+            bias = None if self.bias is None else self.bias.float()
+            y = self._float32_product(x.reshape(-1, self.in_features).float(), bias)
+            if y is not None:
+                return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         rows = x.reshape(-1, self.in_features).to(self.activation_dtype)
         y = self._product(rows).to(x.dtype)
         if self.bias is not None:
@@ -81,14 +98,12 @@ class Int8Linear(QuantizedLinear):
         )
         self.register_buffer("kernel_scales", self.scales.to(act, copy=True), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows >= kernels.INT8_DEQUANT_ROWS and self.qweight.device.type == "cpu":
-            # many rows: the float32 GEMM on the exact dequantized weight, widened slice by slice
-            bias = None if self.bias is None else self.bias.float()
-            y = cpu_linear.sliced_float32_linear(x, self.out_features, self._float32_rows, bias)
-            return y.to(x.dtype)
-        return super().forward(x)
+    def _float32_from_rows(self) -> int:
+        return kernels.INT8_DEQUANT_ROWS
+
+    def _float32_product(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # the weight widened slice by slice: no float32 copy of the whole matrix
+        return cpu_linear.sliced_float32_linear(rows, self.out_features, self._float32_rows, bias)
 
     def _float32_rows(self, start: int, stop: int) -> torch.Tensor:
         """Output rows ``start:stop`` of the dequantized weight (``Int8Weight.dequantize``'s values)."""
@@ -143,16 +158,14 @@ class Int4Linear(QuantizedLinear):
     def zeros(self) -> torch.Tensor:
         return expand_scales(self.stored_scales, self.stored_zeros)[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] >= kernels.INT4_DEQUANT_ROWS and self.packed.device.type == "cpu":
-            weight = self._unpacked_float32()
-            if weight is not None:  # many rows: the float32 GEMM on the exact dequantized weight
-                y = cpu_linear.linear(
-                    rows.float(), weight, None if self.bias is None else self.bias.float()
-                ).to(x.dtype)
-                return y.view(*x.shape[:-1], self.out_features)
-        return super().forward(x)
+    def _float32_from_rows(self) -> int:
+        return kernels.INT4_DEQUANT_ROWS
+
+    def _float32_product(
+        self, rows: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        weight = self._unpacked_float32()  # None: a packing this build does not lay out as known
+        return None if weight is None else cpu_linear.linear(rows, weight, bias)
 
     def _unpacked_float32(self) -> torch.Tensor | None:
         """``(q - 8) * s + z`` in float32, from the packed weight (no second copy is kept)."""
