@@ -174,7 +174,9 @@ def test_cpu_graph_runs_without_the_reoptimising_executor_and_equals_eager(trace
         positions = torch.full((2, 1), step)
         traced = decoder.step(tokens, positions)
         slots = torch.full((2,), step)
-        eager = model.decode_step(tokens, positions, slots, eager_cache.valid, eager_cache)
+        # the step attends to the slots filled so far (Decoder.step's span)
+        key_valid = eager_cache.valid[:, : step + 1]
+        eager = model.decode_step(tokens, positions, slots, key_valid, eager_cache)
         assert torch.equal(traced, eager)
         tokens = traced.argmax(-1, keepdim=True)
     assert seen == [False] * 4
@@ -286,6 +288,54 @@ def test_function_trace_equals_the_frozen_module_trace_and_eager(traces, name):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+@torch.no_grad()
+def test_one_trace_attends_to_any_span_of_slots_like_eager(traces, name):
+    """The span of slots attended to is read from ``key_valid``'s width inside the trace (a size,
+    not a constant): one trace, recorded over the whole cache, serves spans that grow with the
+    rows and spans with room to spare, bit for bit as eager at the same span, and within float32
+    summation order of attending to the whole masked cache."""
+    model = _family_model(name)
+    batch, length = 2, 24
+    ids = torch.randint(
+        0, model.config.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(2)
+    )
+    mask = torch.ones(batch, 5, dtype=torch.long)
+    mask[1, :3] = 0
+    caches = [model.new_cache(batch, length) for _ in range(3)]
+    for cache in caches:
+        model(ids, attention_mask=mask, cache=cache)
+    decoder = Decoder(model, caches[0])
+    assert decoder._graph is not None
+    glm = model.config.rope_layout == "glm2d"
+    tolerance = 2e-2 if name == "plain bf16" else 1e-5
+    for t, extra in enumerate((0, 0, 7, 0, 3)):  # the span: the filled slots, or more
+        tokens = torch.randint(0, model.config.vocab_size, (batch, 1))
+        real = mask.sum(-1, keepdim=True) + t
+        positions = torch.stack((real, torch.zeros_like(real)), 1) if glm else real
+        slots = torch.full((batch,), 5 + t)
+        span = 5 + t + 1 + extra
+        traced = decoder.step_rows(tokens, positions, slots, span=span)
+        eager = model.decode_step(tokens, positions, slots, caches[1].valid[:, :span], caches[1])
+        whole = model.decode_step(tokens, positions, slots, caches[2].valid, caches[2])
+        assert torch.equal(traced, eager), (name, t)
+        assert torch.allclose(traced.float(), whole.float(), atol=tolerance, rtol=0), (name, t)
+    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        assert torch.equal(a, b)
+
+
+def test_the_span_applies_on_cpu_only():
+    """Other devices run TorchScript's optimising executor, which specialises on shapes: they
+    attend to the whole cache at every step (one width)."""
+    from llamakin.speed.decode_trace import attended_slots
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert attended_slots(9, 256, cpu) == 9
+    assert attended_slots(None, 256, cpu) == 256
+    assert attended_slots(300, 256, cpu) == 256
+    assert attended_slots(9, 256, cuda) == 256
+
+
 @pytest.mark.parametrize("name", ["plain", "plain bf16", "int4, int8 head"])
 @torch.no_grad()
 def test_function_trace_holds_the_models_own_weights_not_copies(traces, name):
@@ -356,7 +406,9 @@ def _step_logits(batch, monkeypatch) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     step_rows = Decoder.step_rows
     monkeypatch.setattr(
-        Decoder, "step_rows", lambda self, *a: seen.append(step_rows(self, *a)) or seen[-1]
+        Decoder,
+        "step_rows",
+        lambda self, *a, **k: seen.append(step_rows(self, *a, **k)) or seen[-1],
     )
     return seen
 
@@ -403,7 +455,10 @@ def test_row_batch_keeps_its_decoder_and_retraces_weights_changed_before_an_admi
     tokens = torch.tensor([[r.fed[-1]] for r in batch.rows])
     positions = torch.tensor([[r.length - r.pad] for r in batch.rows])  # left padding: not counted
     slots = torch.tensor([r.length for r in batch.rows])
-    assert torch.allclose(eager.step_rows(tokens, positions, slots), after, atol=1e-5, rtol=0)
+    span = max(r.length for r in batch.rows) + 1
+    assert torch.allclose(
+        eager.step_rows(tokens, positions, slots, span=span), after, atol=1e-5, rtol=0
+    )
 
 
 @torch.no_grad()

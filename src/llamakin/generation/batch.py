@@ -217,7 +217,9 @@ class RowBatch:
         tokens = torch.tensor([r.last_token for r in self.rows] + [0] * pad, device=device)[:, None]
         slots = torch.tensor([r.length for r in self.rows] + [0] * pad, device=device)
         self.select_adapters([r.adapter for r in self.rows] + [0] * pad)
-        logits = self._decoder[1].step_rows(tokens, torch.tensor(positions, device=device), slots)
+        logits = self._decoder[1].step_rows(
+            tokens, torch.tensor(positions, device=device), slots, span=longest
+        )
         for index, row in enumerate(self.rows):
             row.length += 1
             row.fed.append(row.last_token)

@@ -106,14 +106,17 @@ class KVCache:
 
 class SlotWriter:
     """A view of a :class:`KVCache` for one decode step: row b writes its new key/value at slot
-    ``slots[b]`` (rows may be at different lengths, as in a server's continuous batch).
+    ``slots[b]`` (rows may be at different lengths, as in a server's continuous batch), and
+    attention reads the first ``span`` slots.
 
-    It returns the *whole* preallocated buffers, so every shape is the same at every step: what a
-    trace of the decode step needs.
+    ``span`` (default: every slot) is the same for every row; a traced decode step takes it from
+    the width of its ``key_valid`` input, so one trace serves every span (README, "Attention over
+    the filled slots only").
     """
 
-    def __init__(self, cache: KVCache, slots: torch.Tensor):
+    def __init__(self, cache: KVCache, slots: torch.Tensor, span: int | None = None):
         self.cache, self.slots = cache, slots
+        self.span = cache.max_len if span is None else span
         self.rows = torch.arange(slots.shape[0], device=slots.device)
 
     def write(
@@ -129,4 +132,4 @@ class SlotWriter:
         else:
             keys[self.rows, :, self.slots] = k[:, :, 0]
             values[self.rows, :, self.slots] = v[:, :, 0]
-        return keys, values
+        return keys[:, :, : self.span], values[:, :, : self.span]

@@ -277,6 +277,19 @@ def _optimize_as_frozen(graph: torch._C.Graph) -> None:
     torch._C._jit_pass_optimize_frozen_graph(graph, True)
 
 
+def attended_slots(span: int | None, cache_length: int, device: torch.device) -> int:
+    """How many cache slots a decode step attends to: on CPU only the ``span`` filled so far,
+    elsewhere the whole cache. Attention over a cache is memory-bound, so on CPU its cost follows
+    the slots read: measured on the int4 default model, batch 1, a 2-core AVX-512 EPYC, the traced
+    step took 10.1 ms over a 256-slot cache and 9.2 over a 64-slot one (README, "Attention over the
+    filled slots only"). A trace takes the span from its ``key_valid`` input's width, so one trace
+    serves every span; other devices keep one width so TorchScript's optimising executor, which
+    they run, sees the same shapes at every step."""
+    if span is None or device.type != "cpu":
+        return cache_length
+    return min(max(span, 1), cache_length)
+
+
 def _optimize_graph(device: torch.device) -> bool:
     """Whether TorchScript's executor may re-optimise the graph (not on CPU: see above)."""
     return device.type != "cpu"
@@ -352,25 +365,32 @@ class Decoder:
         if cache.length >= cache.max_len:
             raise RuntimeError("decode step past the end of the KV cache")
         slots = torch.full((tokens.shape[0],), cache.length, device=tokens.device)
-        logits = self.step_rows(tokens, positions, slots)
+        logits = self.step_rows(tokens, positions, slots, span=cache.length + 1)
         cache.advance(1)
         return logits
 
     def step_rows(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        span: int | None = None,
     ) -> torch.Tensor:
-        """Rows at their own lengths: row b writes slot ``slots[b]``; the caller tracks lengths."""
+        """Rows at their own lengths: row b writes slot ``slots[b]``; the caller tracks lengths.
+        ``span``: slots attended to, past every row's slot (default: the whole cache); used on
+        CPU only (:func:`attended_slots`)."""
         cache = self.cache
+        key_valid = cache.valid[:, : attended_slots(span, cache.max_len, tokens.device)]
         if self._graph is not None:
             with torch.jit.optimized_execution(_optimize_graph(tokens.device)):
                 return self._graph(
                     tokens,
                     positions,
                     slots,
-                    cache.valid,
+                    key_valid,
                     cache.keys,
                     cache.values,
                     cache.rope_alpha,
                     *_adapter_inputs(self.model, tokens.shape[0], tokens.device),
                 )
-        return self.model.decode_step(tokens, positions, slots, cache.valid, cache)
+        return self.model.decode_step(tokens, positions, slots, key_valid, cache)
