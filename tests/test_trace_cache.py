@@ -471,3 +471,22 @@ def test_kept_traces_carry_no_source_text(traces):
     graph = Decoder(model, cache)._graph.graph
     nodes = list(graph.nodes())
     assert len(nodes) > 50 and all(node.sourceRange() == "" for node in nodes)
+
+
+def test_cache_lengths_come_in_few_sizes_and_short_generations_hold_small_caches():
+    """Powers of two from 64 up to 256, then multiples of 256, never past the context."""
+    from llamakin.speed.decode_trace import cache_length_for
+
+    lengths = {n: cache_length_for(n, 4096) for n in (1, 64, 65, 72, 128, 129, 256, 257, 600)}
+    assert lengths == {
+        1: 64,
+        64: 64,
+        65: 128,
+        72: 128,
+        128: 128,
+        129: 256,
+        256: 256,
+        257: 512,
+        600: 768,
+    }
+    assert cache_length_for(72, 100) == 100 and cache_length_for(5000, 4096) == 4096
