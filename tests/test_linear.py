@@ -97,6 +97,35 @@ def test_linear_dispatches_float32_by_rows_cpu_grad_and_tracing(monkeypatch):
     assert calls == [8, 64]
 
 
+def test_frozen_weight_products_in_training_take_onednn_with_f_linears_gradients(monkeypatch):
+    """A weight and bias that take no gradient (LoRA's frozen base) multiply by oneDNN in training
+    too, and the input's gradient ``dy @ W`` as well: the same gradients as F.linear's (another
+    summation order); a trainable weight or bias, or autocast, keeps F.linear."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setattr(linear_module, "_onednn_preferred", lambda: True)
+    torch.manual_seed(0)
+    w, b = torch.randn(97, 64), torch.randn(97)
+    for bias in (None, b):
+        x = torch.randn(2, 9, 64, requires_grad=True)
+        upstream = torch.randn(2, 9, 97)
+        y = linear(x, w, bias)
+        assert type(y.grad_fn).__name__ == "FrozenWeightProductBackward"
+        (y * upstream).sum().backward()
+        reference = x.detach().requires_grad_()
+        expected = F.linear(reference, w, bias)
+        (expected * upstream).sum().backward()
+        assert torch.allclose(y, expected, atol=1e-4, rtol=1e-5)
+        assert torch.allclose(x.grad, reference.grad, atol=1e-4, rtol=1e-5)
+    x = torch.randn(9, 64, requires_grad=True)
+    assert "FrozenWeight" not in type(linear(x, w.clone().requires_grad_()).grad_fn).__name__
+    trained_bias = b.clone().requires_grad_()
+    linear(x, w, trained_bias).sum().backward()
+    assert torch.equal(trained_bias.grad, torch.full((97,), 9.0))  # the bias still learns
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x, w).dtype == torch.bfloat16  # autocast's product, not oneDNN's float32
+
+
 @torch.no_grad()
 def test_bfloat16_model_decodes_like_the_float32_model(monkeypatch):
     """A bf16 model whose products are upcast agrees with PyTorch's bf16 kernels and with float32."""

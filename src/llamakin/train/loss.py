@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.linear import Linear
+from ..speed import cpu_linear
 
 #: elements of one chunk's logits (64 MB in float32): 341 rows at a 49,152-token vocabulary. Timed
 #: against the plain path on this 2-core CPU (1,024 x 512 states, loaded machine): 170-row chunks
@@ -91,7 +92,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 h = hidden[rows].to(compute)
-                logits = (h @ w_c.t()).to(wide)
+                logits = cpu_linear.linear(h, w_c).to(wide)
                 if scaling != 1.0:
                     logits.div_(scaling)
                 log_probs = torch.log_softmax(logits, -1)
@@ -107,7 +108,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 grad = grad.to(compute)
                 row_scale = (w[rows].to(wide) / scaling)[:, None]
                 if want_hidden:
-                    grad_hidden[rows] = ((grad @ w_c).to(wide) * row_scale).to(hidden.dtype)
+                    grad_hidden[rows] = (
+                        (cpu_linear.linear(grad, w_c.t())).to(wide) * row_scale
+                    ).to(hidden.dtype)
                 if want_weight:
                     scaled = (h.to(wide) * row_scale).to(compute)
                     if compute == wide:
