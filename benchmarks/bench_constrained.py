@@ -123,7 +123,8 @@ def main() -> None:
         f"llguidance tokenizer built once per tokenizer: {time.perf_counter() - start:.2f} s",
         flush=True,
     )
-    run(model, tok, 8)  # warm-up: traces the decode step
+    # warm-up: traces the decode step for the timed runs' cache length (it depends on max_tokens)
+    run(model, tok, args.max_tokens)
     modes = {"free": None, "json_object": None, "json_schema": SCHEMA}
     speeds: dict[str, list[float]] = {m: [] for m in modes}
     tokens: dict[str, list[int]] = {m: [] for m in modes}
