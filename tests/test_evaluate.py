@@ -257,3 +257,35 @@ def test_wikipedia_corpus_from_the_gensim_wheel():
     # a few nested-caption leftovers at most
     assert text.count("{{") + text.count("[[") < 1e-4 * len(text)
     assert "Anarchism" in text[:2000]
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"type": "dynamic", "factor": 2.0}])
+def test_long_batches_are_padded_to_a_multiple_of_eight_with_the_same_scores(
+    monkeypatch, rope_scaling
+):
+    """From 256 positions a batch is right-padded to a multiple of 8 (PyTorch's CPU kernels are
+    slower on odd lengths), which changes no score of a causal model; a model whose RoPE depends
+    on the sequence length (dynamic NTK) keeps the exact width."""
+    import llamakin.evaluate as evaluate
+
+    torch.manual_seed(0)
+    config = dict(
+        vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+        intermediate_size=64, max_position_embeddings=320,
+    )  # fmt: skip
+    if rope_scaling:
+        config["rope_scaling"] = llamakin.config.RopeScaling(**rope_scaling)
+    model = llamakin.Transformer(llamakin.ModelConfig(**config)).eval()
+    windows = [Window(torch.randint(0, 97, (n,)).tolist(), s) for n, s in ((301, 150), (290, 0))]
+    widths = []
+    forward = model.forward
+    monkeypatch.setattr(
+        model, "forward", lambda ids, **k: widths.append(ids.shape[1]) or forward(ids, **k)
+    )
+    padded = dict(score_windows(model, windows, batch_size=2, greedy=True))
+    monkeypatch.setattr(evaluate, "PAD_FROM", 10**9)
+    exact = dict(score_windows(model, windows, batch_size=2, greedy=True))
+    assert widths == ([300, 300] if rope_scaling else [304, 300])
+    for i in exact:
+        assert torch.allclose(padded[i].logprobs, exact[i].logprobs, atol=1e-5, rtol=0)
+        assert torch.equal(padded[i].greedy, exact[i].greedy)

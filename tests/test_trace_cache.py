@@ -238,6 +238,20 @@ def _model_storages(model) -> set[int]:
     }
 
 
+def _prefilled_caches(model, batch, length, prompt, padded_row, padding, seed):
+    """Three caches of ``length`` slots holding the same left-padded prompt (``padding`` pads on
+    row ``padded_row``), and its attention mask."""
+    ids = torch.randint(
+        0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(seed)
+    )
+    mask = torch.ones(batch, prompt, dtype=torch.long)
+    mask[padded_row, :padding] = 0
+    caches = [model.new_cache(batch, length) for _ in range(3)]
+    for cache in caches:
+        model(ids, attention_mask=mask, cache=cache)
+    return caches, mask
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 @torch.no_grad()
 def test_function_trace_equals_the_frozen_module_trace_and_eager(traces, name):
@@ -245,14 +259,7 @@ def test_function_trace_equals_the_frozen_module_trace_and_eager(traces, name):
     trace it replaced, and ``decode_step`` in Python."""
     model = _family_model(name)
     batch, length = 2, 16
-    ids = torch.randint(
-        0, model.config.vocab_size, (batch, 6), generator=torch.Generator().manual_seed(1)
-    )
-    mask = torch.ones(batch, 6, dtype=torch.long)
-    mask[0, :2] = 0
-    caches = [model.new_cache(batch, length) for _ in range(3)]
-    for cache in caches:
-        model(ids, attention_mask=mask, cache=cache)
+    caches, mask = _prefilled_caches(model, batch, length, 6, padded_row=0, padding=2, seed=1)
     function = Decoder(model, caches[0])
     assert isinstance(function._graph, torch.jit.ScriptFunction)
     reference, scratch = caches[1], model.new_cache(batch, length)  # recorded on a scratch cache
@@ -297,14 +304,7 @@ def test_one_trace_attends_to_any_span_of_slots_like_eager(traces, name):
     summation order of attending to the whole masked cache."""
     model = _family_model(name)
     batch, length = 2, 24
-    ids = torch.randint(
-        0, model.config.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(2)
-    )
-    mask = torch.ones(batch, 5, dtype=torch.long)
-    mask[1, :3] = 0
-    caches = [model.new_cache(batch, length) for _ in range(3)]
-    for cache in caches:
-        model(ids, attention_mask=mask, cache=cache)
+    caches, mask = _prefilled_caches(model, batch, length, 5, padded_row=1, padding=3, seed=2)
     decoder = Decoder(model, caches[0])
     assert decoder._graph is not None
     glm = model.config.rope_layout == "glm2d"

@@ -101,7 +101,8 @@ def score_windows(
     for start in range(0, len(order), batch_size):
         rows = [windows[i] for i in order[start : start + batch_size]]
         longest = len(rows[0].ids) - 1
-        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        width = _padded_width(model, longest)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         for r, w in enumerate(rows):
             ids[r, : len(w.ids) - 1] = torch.tensor(w.ids[:-1])
         hidden = model(ids.to(device), hidden_only=True)
@@ -122,6 +123,27 @@ def score_windows(
             offset += n
             if progress is not None:
                 progress.update(1)
+
+
+PAD_MULTIPLE = 8  # long batches are right-padded to a multiple of this many positions
+PAD_FROM = 256  # ... from this length (at most 2.7% more positions)
+
+
+def _padded_width(model, longest: int) -> int:
+    """The batch's width: ``longest`` positions, rounded up to a multiple of :data:`PAD_MULTIPLE`
+    from :data:`PAD_FROM` positions when the model allows it. PyTorch's CPU kernels are slower
+    on odd lengths: a forward pass of SmolLM2-135M over 4 x 512 positions took 2.708 s against
+    2.786 s for 4 x 511, the width a 512-token perplexity chunk runs (float32, a 2-core AVX-512
+    EPYC, medians of 10 alternating). Right-padding changes no logit of a causal model, unless
+    its RoPE depends on the sequence's length (dynamic NTK), which keeps the exact width."""
+    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    if (
+        longest < PAD_FROM
+        or width > model.config.max_position_embeddings
+        or model.config.rope_scaling.type == "dynamic"
+    ):
+        return longest
+    return width
 
 
 def _target_logprobs(
