@@ -17,7 +17,13 @@ from llamakin.model.linear import Linear
 from llamakin.quant import kernels
 from llamakin.quant.files import load_quantized_checkpoint
 from llamakin.quant.gguf_blocks import decode_q4, decode_q8_0, q4_to_int4
-from llamakin.quant.linear import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
+from llamakin.quant.linear import (
+    ExactInt8Linear,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    QuantizedLinear,
+)
 from llamakin.quant.model import load_quantized, quantize_model
 from llamakin.quant.tensors import pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
 
@@ -322,8 +328,9 @@ def test_gguf_file_kept_quantized_matches_the_dequantized_file(tmp_path, quant, 
     float_model = llamakin.load(path)  # gguf's dequantization, float32
     kept = llamakin.load(path, quantize="auto")
     assert isinstance(kept.layers[0].attn.qkv, kind) and isinstance(kept.layers[1].mlp.down, kind)
+    # an int8 head is multiplied by exact integer products where the CPU has VNNI (quant/vnni.py)
     assert isinstance(kept.embed, Int8Embedding) and isinstance(
-        kept.lm_head, (Int4Linear, Int8Linear)
+        kept.lm_head, (Int4Linear, Int8Linear, ExactInt8Linear)
     )
     # float32 activations and scales: Q4_0/Q4_1 values exactly as the gguf package dequantizes them
     exact_kept = load_quantized(path, torch.float32, "cpu", "auto", activation_dtype=torch.float32)
@@ -386,7 +393,7 @@ def test_requantizing_a_gguf_and_a_float_checkpoint(tmp_path, mode):
     loaded = llamakin.load(tmp_path / "hf", quantize=mode, group_size=64)
     if mode == "int4":
         assert loaded.layers[0].attn.qkv.group_size == 64
-    assert isinstance(loaded.lm_head, Int8Linear)
+    assert loaded.lm_head.kind == "int8"  # Int8Linear, or ExactInt8Linear on a VNNI CPU
     ids = torch.randint(0, 128, (1, 7))
     assert (loaded(ids) - model(ids)).abs().max() < 0.15
     # float stays float

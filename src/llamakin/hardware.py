@@ -72,6 +72,12 @@ def emulated_half(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in HALF_DTYPES and not cpu_has_native(t.dtype)
 
 
+def has_vnni() -> bool:
+    """Whether this CPU has VNNI's int8 dot products (``avx512_vnni`` or ``avx_vnni``): exact
+    integer products without int16 saturation (:mod:`llamakin.quant.vnni`)."""
+    return bool({"avx512_vnni", "avx_vnni"} & _cpu_flags())
+
+
 def has_avx512() -> bool:
     """Whether this CPU has AVX-512 (``avx512f``): oneDNN's float32 GEMM then beats MKL's on
     llamakin's shapes (:mod:`llamakin.speed.cpu_linear`)."""

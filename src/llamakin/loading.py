@@ -12,7 +12,7 @@ from . import checkpoint
 from .errors import LlamakinError
 from .model import Transformer
 from .quant.files import is_quantized_checkpoint, load_quantized_checkpoint
-from .quant.model import load_quantized, parse_mode
+from .quant.model import load_quantized, parse_mode, use_exact_int8_head
 from .source import ModelSource, resolve_model
 from .validation import parse_device
 
@@ -69,11 +69,16 @@ def load(
             group_size,
             calibration_tokens,
         )
+        use_exact_int8_head(model)
         return model
     if not model_source.is_gguf and is_quantized_checkpoint(model_source.path):
-        return load_quantized_checkpoint(model_source.path, dtype, device, dequantize=mode is None)
+        model = load_quantized_checkpoint(model_source.path, dtype, device, dequantize=mode is None)
+        use_exact_int8_head(model)
+        return model
     if mode is not None:
-        return load_quantized(model_source.path, dtype, device, mode, group_size)
+        model = load_quantized(model_source.path, dtype, device, mode, group_size)
+        use_exact_int8_head(model)
+        return model
     model = checkpoint.load(model_source, dtype, device)
     if adapter is not None:
         from .lora import load_adapter

@@ -263,21 +263,23 @@ class Transformer(nn.Module):
         slots: torch.Tensor,
         key_valid: torch.Tensor,
         cache: KVCache,
+        hidden_only: bool = False,
     ) -> torch.Tensor:
-        """One decoding step with static shapes (traced by :mod:`llamakin.speed.decode_trace`): logits ``[B, vocab]``.
+        """One decoding step, traceable (:mod:`llamakin.speed.decode_trace`): logits ``[B, vocab]``.
 
         ``tokens`` ``[B, 1]``; ``positions`` ``[B, 1]`` (``[B, 2, 1]`` for 2-D RoPE); ``slots`` ``[B]``
         the cache slot each row writes; ``key_valid`` ``[B, S]`` which of the cache's first ``S``
         slots hold real tokens (``S <= max_len``, past every row's slot). Attention covers those
         ``S`` slots through a mask; ``S`` is read from ``key_valid``'s shape, so a trace of this
         step records it as a size, not a constant, and serves every ``S``. The caller advances
-        the cache.
+        the cache. ``hidden_only``: the last block's output ``[B, hidden]`` instead (``head``
+        gives the logits).
         """
         masks = decode_masks(key_valid, slots, self._windows(), self.dtype)
         key_positions = positions_from_valid(key_valid, 0) if self.config.rope_cached_keys else None
         rope = self._rope(positions, cache.rope_alpha, key_positions)
         writer = SlotWriter(cache, slots, key_valid.shape[1])
-        return self._logits(tokens, rope, masks, writer, last_only=True)[:, -1]
+        return self._logits(tokens, rope, masks, writer, True, hidden_only)[:, -1]
 
     def _windows(self) -> set[int | None]:
         return {block.window for block in self.layers}

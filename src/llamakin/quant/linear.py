@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import LlamakinError
 from ..speed import cpu_linear
-from . import kernels
+from . import kernels, vnni
 from .tensors import Int4Weight, Int8Weight, compact_scales, expand_scales, quantize_int8
 
 
@@ -114,6 +115,50 @@ class Int8Linear(QuantizedLinear):
 
     def quantized_weight(self) -> Int8Weight:
         return Int8Weight(self.qweight, self.scales)
+
+
+class ExactInt8Linear(QuantizedLinear):
+    """int8 per output channel, as :class:`Int8Linear`, multiplied by exact integer products on a
+    CPU with VNNI (:mod:`llamakin.quant.vnni`; what ``load`` gives an int8 output head there). The
+    weight is held only in fbgemm's packed form, so the module costs no more memory than
+    :class:`Int8Linear`; files and ``dequantize`` unpack a copy. CPU only; a TorchScript trace
+    cannot hold it (``traceable``), so traced decoding applies it eagerly."""
+
+    kind = "int8"
+    traceable = False
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None = None):
+        N, K = weight.shape
+        super().__init__(K, N, bias, torch.float32)
+        self.register_buffer("scales", weight.scales.to(torch.float32).contiguous())
+        self.packed = vnni.pack(weight)
+
+    def _float32_from_rows(self) -> int:
+        return kernels.INT8_DEQUANT_ROWS
+
+    def _float32_product(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        qweight = vnni.unpack(self.packed)
+        scales = self.scales.float()
+        return cpu_linear.sliced_float32_linear(
+            rows,
+            self.out_features,
+            lambda start, stop: qweight[start:stop].to(torch.float32) * scales[start:stop, None],
+            bias,
+        )
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        return vnni.exact_int8_mm(rows, self.packed)
+
+    def quantized_weight(self) -> Int8Weight:
+        return Int8Weight(vnni.unpack(self.packed), self.scales.float())
+
+    def _apply(self, fn, recurse=True):
+        if fn(torch.empty(0)).device.type != "cpu":
+            raise LlamakinError(
+                "this int8 head is packed for the CPU's integer kernels and cannot move to "
+                "another device; load the model on the device it should run on."
+            )
+        return super()._apply(fn, recurse)
 
 
 class Int4Linear(QuantizedLinear):

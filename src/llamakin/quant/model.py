@@ -27,9 +27,10 @@ from torch import nn
 from ..errors import LlamakinError
 from ..model.attention import Attention
 from ..resident import large_allocations_mapped, release_freed_memory
+from . import vnni
 from .gguf_blocks import BLOCK, KEPT_TYPES, decode_q4, q4_to_int4
 from .gguf_embedding import MappedQ8Embedding
-from .linear import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
+from .linear import ExactInt8Linear, Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
 from .tensors import check_group_size, quantize_int4, quantize_int8
 
 MODES = ("auto", "none", "int8", "int4")
@@ -337,7 +338,7 @@ def weights_summary(model: nn.Module) -> tuple[str, str]:
     for module in model.modules():
         if isinstance(module, Int4Linear):
             kinds.add(f"int4 (group {module.group_size})")
-        elif isinstance(module, Int8Linear):
+        elif isinstance(module, QuantizedLinear) and module.kind == "int8":
             kinds.add("int8")
         elif isinstance(module, Int8Embedding):
             kinds.add("int8 embedding")
@@ -360,3 +361,21 @@ def weights_summary(model: nn.Module) -> tuple[str, str]:
             dtypes.add(str(data.dtype).removeprefix("torch."))
     quantization = ", ".join([*sorted(kinds), *sorted(other)]) or "none"
     return "/".join(sorted(dtypes)) or "unknown", quantization
+
+
+def use_exact_int8_head(model) -> None:
+    """Give ``model`` (in place) an :class:`~llamakin.quant.linear.ExactInt8Linear` output head in
+    place of an :class:`~llamakin.quant.linear.Int8Linear` one on CPU, where
+    :func:`llamakin.quant.vnni.exact_int8_available` (what ``llamakin.load`` does)."""
+    head = getattr(model, "lm_head", None)
+    if (
+        isinstance(head, Int8Linear)
+        and head.qweight.device.type == "cpu"
+        and vnni.exact_int8_available()
+    ):
+        # the packed copy and the int8 matrix it replaces (27 MB each for SmolLM2-135M) as
+        # mappings of their own, so the replaced one goes back to the system when freed
+        with large_allocations_mapped():
+            model.lm_head = ExactInt8Linear(head.quantized_weight(), head.bias)
+            del head
+        release_freed_memory()

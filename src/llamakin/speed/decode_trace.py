@@ -4,8 +4,9 @@ A decode step is ~40 small tensor operations per layer; on a 2-core CPU the Pyth
 costs about as much as the arithmetic, so :class:`Decoder` records
 :meth:`Transformer.decode_step` once per (batch size, cache length, dtype, device, mode,
 adapters) and replays it, with bit-identical logits (speed: README). Every shape in
-``decode_step`` is static and its only state is the KV cache, mutated in place, so a trace is
-exact: everything a step reads that can change between generations is an input of the trace (the
+``decode_step`` is fixed by the trace's key except the span of cache slots attended to, which
+the step reads from its ``key_valid`` input's width (recorded as a size: :func:`attended_slots`),
+and its only state is the KV cache, mutated in place, so a trace is exact: everything a step reads that can change between generations is an input of the trace (the
 cache's tensors, Qwen v1's per-row NTK alpha fixed at prefill, a multi-adapter model's row
 indices), never a constant recorded while tracing. Models whose RoPE frequencies depend on the
 current length (``dynamic`` NTK: a base that grows with every step) run the same step eagerly.
@@ -89,10 +90,19 @@ class _Holder:
     rope_alpha: torch.Tensor
 
 
+def head_is_traced(model) -> bool:
+    """Whether the traced step ends with the output head: not when the head holds something a
+    trace cannot (an fbgemm-packed int8 head, ``traceable = False``:
+    :class:`~llamakin.quant.linear.ExactInt8Linear`); the step then returns the last hidden
+    state and :class:`Decoder` applies ``model.head`` eagerly."""
+    return getattr(getattr(model, "lm_head", None), "traceable", True)
+
+
 def _step_function(model, holder: _Holder):
     """``decode_step`` as a plain function of the cache's tensors, which tracing requires. A
     function, not a module: tracing a module registers a TorchScript type and a traced ``forward``
     for every submodule in a global compilation unit, kept for the life of the process."""
+    hidden_only = not head_is_traced(model)
     selection = getattr(model, "adapter_selection", None)
 
     def step(
@@ -109,7 +119,7 @@ def _step_function(model, holder: _Holder):
         # several LoRA adapters chosen per row (llamakin.lora.multi): the indices are an input
         if adapter_ids:
             selection.ids = adapter_ids[0]
-        return model.decode_step(tokens, positions, slot, key_valid, holder)
+        return model.decode_step(tokens, positions, slot, key_valid, holder, hidden_only)
 
     return step
 
@@ -321,6 +331,7 @@ class Decoder:
             cache.keys[0].device,
             self.model.training,
             getattr(self.model, "adapter_selection", None) is not None,
+            head_is_traced(self.model),
         )
         stamp = _weights_stamp(self.model)
         graph = TRACES.get(self.model, key, stamp)
@@ -393,7 +404,7 @@ class Decoder:
         key_valid = cache.valid[:, : attended_slots(span, cache.max_len, tokens.device)]
         if self._graph is not None:
             with torch.jit.optimized_execution(_optimize_graph(tokens.device)):
-                return self._graph(
+                out = self._graph(
                     tokens,
                     positions,
                     slots,
@@ -403,4 +414,5 @@ class Decoder:
                     cache.rope_alpha,
                     *_adapter_inputs(self.model, tokens.shape[0], tokens.device),
                 )
+            return out if head_is_traced(self.model) else self.model.head(out)
         return self.model.decode_step(tokens, positions, slots, key_valid, cache)
