@@ -11,6 +11,7 @@ from llamakin.errors import LlamakinError
 from llamakin.quant import vnni
 from llamakin.quant.linear import ExactInt8Linear, Int8Linear
 from llamakin.quant.tensors import Int8Weight
+from llamakin.speed import decode_trace
 from llamakin.speed.decode_trace import Decoder
 from test_quant import _gguf_model
 
@@ -78,6 +79,8 @@ def test_loaded_int8_head_is_exact_keeps_its_values_and_decodes_like_eager(tmp_p
     assert torch.equal(ours.qweight, theirs.qweight) and torch.equal(ours.scales, theirs.scales)
     assert model.lm_head.dequantize().equal(plain.lm_head.dequantize())
 
+    monkeypatch.setenv("LLAMAKIN_TRACE", "1")
+    monkeypatch.setattr(decode_trace, "TRACES", decode_trace.TraceCache(2, budget=4))
     caches = [model.new_cache(1, 16) for _ in range(2)]
     for cache in caches:
         model(torch.tensor([[3, 1, 4, 1, 5]]), cache=cache)
