@@ -3,11 +3,12 @@
 A decode step is ~40 small tensor operations per layer; on a 2-core CPU the Python around them
 costs about as much as the arithmetic, so :class:`Decoder` records
 :meth:`Transformer.decode_step` once per (batch size, cache length, dtype, device, mode,
-adapters) and replays it, with bit-identical logits (speed: README). Every shape in
-``decode_step`` is fixed by the trace's key except the span of cache slots attended to, which
-the step reads from its ``key_valid`` input's width (recorded as a size: :func:`attended_slots`),
-and its only state is the KV cache, mutated in place, so a trace is exact: everything a step reads that can change between generations is an input of the trace (the
-cache's tensors, Qwen v1's per-row NTK alpha fixed at prefill, a multi-adapter model's row
+adapters, whether the head is traced) and replays it, with bit-identical logits (speed:
+README). Every shape in ``decode_step`` is fixed by the trace's key except the span of cache
+slots attended to, which the step reads from its ``key_valid`` input's width (recorded as a
+size: :func:`attended_slots`), and its only state is the KV cache, mutated in place, so a trace
+is exact: everything a step reads that can change between generations is an input of the trace
+(the cache's tensors, Qwen v1's per-row NTK alpha fixed at prefill, a multi-adapter model's row
 indices), never a constant recorded while tracing. Models whose RoPE frequencies depend on the
 current length (``dynamic`` NTK: a base that grows with every step) run the same step eagerly.
 ``LLAMAKIN_TRACE=0`` turns tracing off.
