@@ -8,7 +8,7 @@ import torch
 
 import llamakin
 from llamakin.errors import LlamakinError
-from llamakin.quant import vnni
+from llamakin.quant import kernels, vnni
 from llamakin.quant.linear import ExactInt8Linear, Int8Linear
 from llamakin.quant.tensors import Int8Weight
 from llamakin.speed import decode_trace
@@ -48,7 +48,7 @@ def test_one_pass_is_exact_for_activations_on_its_grid():
     weight = _weight(64, 64)
     x = torch.randint(-127, 128, (3, 64)).float() / 32  # on the grid of 2^2 / 128
     x[:, 0] = 127 / 32  # the top of that grid: max |x| sets 2^2
-    got = vnni.exact_int8_mm(x, vnni.pack(weight), passes=1).double()
+    got = vnni.exact_int8_mm(x, kernels.pack_fbgemm(weight), passes=1).double()
     assert torch.allclose(
         got, x.double() @ weight.dequantize(torch.float64).T, rtol=1e-6, atol=1e-6
     )

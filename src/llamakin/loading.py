@@ -69,19 +69,16 @@ def load(
             group_size,
             calibration_tokens,
         )
-        use_exact_int8_head(model)
-        return model
-    if not model_source.is_gguf and is_quantized_checkpoint(model_source.path):
+    elif not model_source.is_gguf and is_quantized_checkpoint(model_source.path):
         model = load_quantized_checkpoint(model_source.path, dtype, device, dequantize=mode is None)
-        use_exact_int8_head(model)
-        return model
-    if mode is not None:
+    elif mode is not None:
         model = load_quantized(model_source.path, dtype, device, mode, group_size)
-        use_exact_int8_head(model)
-        return model
-    model = checkpoint.load(model_source, dtype, device)
-    if adapter is not None:
-        from .lora import load_adapter
+    else:
+        model = checkpoint.load(model_source, dtype, device)
+        if adapter is not None:
+            from .lora import load_adapter
 
-        load_adapter(model, adapter, merge_weights=True)
+            load_adapter(model, adapter, merge_weights=True)
+        return model
+    use_exact_int8_head(model)  # an int8 output head, where this CPU multiplies it exactly
     return model

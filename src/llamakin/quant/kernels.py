@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -135,7 +136,7 @@ def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> tor
     return torch.matmul(x, qweight.to(x.dtype).t()) * scales
 
 
-# -- fbgemm dynamic int8 (activations quantized per tensor on the fly; measured, not the default) ----
+# -- fbgemm int8 (the exact head, quant/vnni.py; dynamic activations: measured, not the default) ----
 @functools.cache
 def fbgemm_available() -> bool:
     return (
@@ -145,12 +146,18 @@ def fbgemm_available() -> bool:
 
 
 def pack_fbgemm(w: Int8Weight, bias: torch.Tensor | None = None):
+    """fbgemm's packed form of ``w`` (int8 per output channel, float32 scales), on the CPU."""
     engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
     torch.backends.quantized.engine = engine
-    qt = torch._make_per_channel_quantized_tensor(
-        w.qweight, w.scales.double(), torch.zeros_like(w.scales, dtype=torch.long), 0
-    )
-    return torch.ops.quantized.linear_prepack(qt, bias)
+    with warnings.catch_warnings():  # quantized tensor creation warns that it is deprecated
+        warnings.simplefilter("ignore")
+        qt = torch._make_per_channel_quantized_tensor(
+            w.qweight.cpu(),
+            w.scales.double().cpu(),
+            torch.zeros(w.qweight.shape[0], dtype=torch.long),
+            0,
+        )
+        return torch.ops.quantized.linear_prepack(qt, bias)
 
 
 def fbgemm_linear(x: torch.Tensor, packed) -> torch.Tensor:

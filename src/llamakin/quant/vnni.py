@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
 
 from .. import hardware
+from .kernels import pack_fbgemm
 from .tensors import Int8Weight
 
 GRID = 128  # activation values per power of two: round(x / 2^k * 128) in [-128, 127]
@@ -41,26 +41,9 @@ PASSES = 2
 ZERO_POINT = 128  # uint8 activations centred on zero
 
 
-def _engine() -> str:
-    return "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
-
-
-def pack(weight: Int8Weight):
-    """fbgemm's packed form of ``weight`` (int8 per output channel, float32 scales)."""
-    torch.backends.quantized.engine = _engine()
-    with warnings.catch_warnings():  # quantized tensor creation warns that it is deprecated
-        warnings.simplefilter("ignore")
-        quantized = torch._make_per_channel_quantized_tensor(
-            weight.qweight.cpu(),
-            weight.scales.double().cpu(),
-            torch.zeros(weight.qweight.shape[0], dtype=torch.long),
-            0,
-        )
-        return torch.ops.quantized.linear_prepack(quantized, None)
-
-
 def unpack(packed) -> torch.Tensor:
-    """The int8 values ``[N, K]`` of a packed weight (a copy)."""
+    """The int8 values ``[N, K]`` of a weight packed by :func:`~llamakin.quant.kernels.pack_fbgemm`
+    (a copy)."""
     weight, _ = torch.ops.quantized.linear_unpack(packed)
     return weight.int_repr()
 
@@ -107,7 +90,7 @@ def exact_int8_available() -> bool:
         q[:8] = 127
         q[8:16] = -127
         scales = torch.rand(64, generator=generator) / 64 + 1 / 256
-        packed = pack(Int8Weight(q, scales))
+        packed = pack_fbgemm(Int8Weight(q, scales))
         weight = q.double() * scales.double()[:, None]
         for value in (127 / GRID, -127 / GRID):  # every activation at an end of its grid
             x = torch.full((1, 256), value)

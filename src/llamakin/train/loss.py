@@ -108,9 +108,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 grad = grad.to(compute)
                 row_scale = (w[rows].to(wide) / scaling)[:, None]
                 if want_hidden:
-                    grad_hidden[rows] = (
-                        (cpu_linear.linear(grad, w_c.t())).to(wide) * row_scale
-                    ).to(hidden.dtype)
+                    grad_hidden[rows] = (cpu_linear.linear(grad, w_c.t()).to(wide) * row_scale).to(
+                        hidden.dtype
+                    )
                 if want_weight:
                     scaled = (h.to(wide) * row_scale).to(compute)
                     if compute == wide:
