@@ -25,11 +25,21 @@ _NATIVE_FLAGS = {
 
 @functools.cache
 def _cpu_model() -> str:
+    """The CPU's name, with its family and model numbers when the name alone is ambiguous: a
+    virtual machine's "AMD EPYC" may be a Zen 4 (family 25) or a Zen 5 (family 26), whose
+    AVX-512 units differ in width, and measured ratios differ with them (README, Performance)."""
     try:
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
+            if not key.strip():
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
+        name = fields.get("model name")
+        if name:
+            if "cpu family" in fields and "model" in fields:
+                name += f" (family {fields['cpu family']}, model {fields['model']})"
+            return name
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
@@ -38,7 +48,7 @@ def _cpu_model() -> str:
 def describe_cpu() -> str:
     """What every benchmark prints beside its numbers: the CPU model, the flags that decide the
     speed paths (AVX2, AVX-512, native bf16), the cores, torch's threads and the load average."""
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in _cpu_flags()]
+    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in _cpu_flags()]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (
         f"{_cpu_model()}; flags: {' '.join(wanted) or 'none of avx2/avx512'}; {os.cpu_count()} CPUs, "
