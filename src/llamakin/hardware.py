@@ -48,7 +48,11 @@ def _cpu_model() -> str:
 def describe_cpu() -> str:
     """What every benchmark prints beside its numbers: the CPU model, the flags that decide the
     speed paths (AVX2, AVX-512, native bf16), the cores, torch's threads and the load average."""
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in _cpu_flags()]
+    wanted = [
+        f
+        for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+        if f in _cpu_flags()
+    ]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (
         f"{_cpu_model()}; flags: {' '.join(wanted) or 'none of avx2/avx512'}; {os.cpu_count()} CPUs, "
