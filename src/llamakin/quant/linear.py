@@ -128,9 +128,9 @@ def _int8_float32_product(
 class ExactInt8Linear(QuantizedLinear):
     """int8 per output channel, as :class:`Int8Linear`, multiplied by exact integer products on a
     CPU with VNNI (:mod:`llamakin.quant.vnni`; what ``load`` gives an int8 output head there). The
-    weight is held only in fbgemm's packed form, which pads rows to blocks of 512 values (1.01-1.03x
-    the int8 bytes for rows of 512, 1,024 or 4,096; 1.8x for SmolLM2's 576: 51 MB for its 28 MB
-    head); files and ``dequantize`` unpack a copy. CPU only; a TorchScript trace cannot hold it
+    weight is held only in fbgemm's packed form, whose padding depends on the CPU it packs for
+    (SmolLM2's 28 MB head: 51 MB on one AVX-512 EPYC, 33.4 MB on a Zen 5; README, Quantization);
+    files and ``dequantize`` unpack a copy. CPU only; a TorchScript trace cannot hold it
     (``traceable``), so traced decoding applies it eagerly."""
 
     kind = "int8"
