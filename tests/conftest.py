@@ -16,6 +16,11 @@ import torch
 
 import llamakin
 
+# Decode steps are traced from the first step in tests (as every shape was before short runs
+# stepped eagerly, llamakin.speed.decode_trace "When a trace pays"), so the many generation
+# tests keep exercising the traced path; the tests of that policy set their own value.
+os.environ.setdefault("LLAMAKIN_TRACE_AFTER", "0")
+
 
 def run_cli(
     *args: str, stdin: str | None = None, timeout: float = 300

@@ -435,7 +435,7 @@ def test_row_batch_keeps_its_decoder_and_retraces_weights_changed_before_an_admi
     made = []
     monkeypatch.setattr(
         "llamakin.generation.batch.Decoder",
-        lambda *a: made.append(a) or Decoder(*a),
+        lambda *a, **kw: made.append(a) or Decoder(*a, **kw),
     )
     batch.admit(rows[:3])  # 3 rows: the batch's bucket is 4 rows, as it stays with the fourth
     for _ in range(3):
@@ -490,3 +490,65 @@ def test_cache_lengths_come_in_few_sizes_and_short_generations_hold_small_caches
         600: 768,
     }
     assert cache_length_for(72, 100) == 100 and cache_length_for(5000, 4096) == 4096
+
+
+@torch.no_grad()
+def test_a_short_run_steps_eagerly_until_its_shape_has_earned_a_trace(traces, monkeypatch):
+    """``Decoder(steps=N)`` with N at most ``LLAMAKIN_TRACE_AFTER``: no recording at first; each
+    eager step of the shape is counted across decoders, and after that many the trace is recorded
+    and used, with the same logits as the eager steps. Without ``steps``, or with more steps than
+    that, the trace is recorded at once."""
+    monkeypatch.setenv("LLAMAKIN_TRACE_AFTER", "3")
+    model = small_model()
+    cache = model.new_cache(1, 32)
+    model(torch.arange(4).view(1, 4), cache=cache)
+
+    def step(decoder):
+        out = decoder.step(torch.full((1, 1), 7), torch.full((1, 1), cache.length))
+        cache.length -= 1  # every step at the same slot: comparable logits
+        return out
+
+    first = Decoder(model, cache, steps=3)
+    assert first._graph is None and traces.traced == 0
+    eager = [step(first) for _ in range(2)]
+    second = Decoder(model, cache, steps=3)  # the same shape: its count goes on
+    assert second._graph is None
+    eager.append(step(second))
+    assert traces.traced == 0 and traces.eager_steps(model, second._key) == 3
+    traced = step(second)  # the fourth step of the shape records the trace
+    assert traces.traced == 1 and second._graph is not None
+    assert torch.equal(traced, eager[0]) and all(torch.equal(e, eager[0]) for e in eager)
+    assert Decoder(model, cache, steps=3)._graph is second._graph  # kept: no more eager steps
+
+    traces.clear()
+    assert Decoder(model, cache, steps=4)._graph is not None  # more steps than 3: at once
+    traces.clear()
+    assert Decoder(model, cache)._graph is not None  # steps unknown: at once
+    monkeypatch.setenv("LLAMAKIN_TRACE_AFTER", "0")
+    traces.clear()
+    assert Decoder(model, cache, steps=1)._graph is not None
+
+
+@torch.no_grad()
+def test_the_batch_engine_gives_a_short_generation_eager_steps_and_a_long_one_a_trace(
+    traces, monkeypatch
+):
+    """``generate`` through the batch engine: 8 new tokens in a 64-slot cache record nothing, 100
+    new tokens (a 128-slot cache: more slots than LLAMAKIN_TRACE_AFTER) record one trace; the
+    greedy tokens are the same either way."""
+    model = small_model()
+    monkeypatch.setenv("LLAMAKIN_TRACE_AFTER", "64")
+    run = GenerationRun(
+        model, _NoTokenizer(), [[1, 2, 3]], SamplingParams(max_new_tokens=8, ignore_eos=True)
+    )
+    for _ in run:
+        pass
+    assert traces.traced == 0
+    short_tokens = run.results[0].token_ids
+    run = GenerationRun(
+        model, _NoTokenizer(), [[1, 2, 3]], SamplingParams(max_new_tokens=100, ignore_eos=True)
+    )
+    for _ in run:
+        pass
+    assert traces.traced == 1
+    assert run.results[0].token_ids[:8] == short_tokens

@@ -205,10 +205,15 @@ class RowBatch:
         length = min(-(-longest // CACHE_BUCKET) * CACHE_BUCKET, self.max_len)
         if self._decoder is None or self._decoder[0] != (batch, length):
             # a Decoder walks every weight for its stamp (~0.3-0.9 ms for SmolLM2-135M, ~8% of an
-            # int4 step): once per shape between admissions, not once per step
+            # int4 step): once per shape between admissions, not once per step. It can run at most
+            # as many steps as the view has slots left: a short run decodes eagerly (no recording)
             self._decoder = (
                 (batch, length),
-                Decoder(self.model, self.cache.view(slice(0, batch), length)),
+                Decoder(
+                    self.model,
+                    self.cache.view(slice(0, batch), length),
+                    steps=length - longest + 1,
+                ),
             )
         device = self.model.device
         pad = batch - n
