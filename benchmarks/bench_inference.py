@@ -13,6 +13,7 @@ bfloat16 decode, load time; peak RSS is measured in fresh subprocesses (--rss).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -52,17 +53,35 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def traced_from_first_step():
+    """``LLAMAKIN_TRACE_AFTER=0`` for the block: decode steps traced from the first token, the
+    steady state a benchmark times (by default, runs of up to 64 steps decode eagerly until their
+    shape has earned a trace: ``llamakin.speed.decode_trace``)."""
+    before = os.environ.get("LLAMAKIN_TRACE_AFTER")
+    os.environ["LLAMAKIN_TRACE_AFTER"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LLAMAKIN_TRACE_AFTER"]
+        else:
+            os.environ["LLAMAKIN_TRACE_AFTER"] = before
+
+
 @torch.inference_mode()
 def ours_decode(model, prompt: torch.Tensor, new: int, device: str) -> float:
-    """Tokens/s of the greedy decode loop (prefill excluded), llamakin's generation engine."""
+    """Tokens/s of the greedy decode loop (prefill excluded), llamakin's generation engine, with
+    the step traced from the first token (:func:`traced_from_first_step`)."""
     from llamakin.generate import GenerationRun, SamplingParams
 
     tok = _DummyTokenizer()
-    run = GenerationRun(
-        model, tok, prompt.tolist(), SamplingParams(max_new_tokens=new, ignore_eos=True)
-    )
-    for _ in run:
-        pass
+    with traced_from_first_step():
+        run = GenerationRun(
+            model, tok, prompt.tolist(), SamplingParams(max_new_tokens=new, ignore_eos=True)
+        )
+        for _ in run:
+            pass
     sync(device)
     return run.stats.decode_tokens_per_second
 

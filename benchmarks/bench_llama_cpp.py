@@ -288,16 +288,26 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 """
 
 
-def peak_rss(binaries: Path, gguf: Path) -> dict:
+def peak_rss(binaries: Path, gguf: Path) -> list[dict]:
     """Peak resident memory (MiB) of llamakin loading the file and generating 16 tokens, and of
-    llama.cpp's llama-bench decoding 16 tokens (both fresh processes)."""
+    llama.cpp's llama-bench decoding 16 tokens (both fresh processes). llamakin twice: as it runs
+    by default (16 tokens step eagerly: no trace recorded) and with ``LLAMAKIN_TRACE_AFTER=0``
+    (the step traced from the first token, what longer generations do)."""
     src = str(Path(__file__).resolve().parents[1] / "src")
-    ours = subprocess.run(
-        [sys.executable, "-c", RSS_OURS.format(src=src, path=str(gguf), quantize="auto")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+
+    def ours(trace_after: str | None) -> float:
+        env = {k: v for k, v in os.environ.items() if k != "LLAMAKIN_TRACE_AFTER"}
+        if trace_after is not None:
+            env["LLAMAKIN_TRACE_AFTER"] = trace_after
+        done = subprocess.run(
+            [sys.executable, "-c", RSS_OURS.format(src=src, path=str(gguf), quantize="auto")],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        return float(done.stdout.split()[-1])
+
     theirs = subprocess.run(
         [
             sys.executable,
@@ -319,15 +329,21 @@ def peak_rss(binaries: Path, gguf: Path) -> dict:
         text=True,
         check=True,
     )
-    o, t = float(ours.stdout.split()[-1]), float(theirs.stdout.split()[-1])
-    row = {
-        "measure": f"peak RSS MiB ({gguf.name}; llamakin quantize=auto incl. Python + torch)",
-        "llamakin": round(o),
-        "llama.cpp": round(t),
-        "ratio": round(o / t, 2),
-    }
-    print(json.dumps(row), flush=True)
-    return row
+    t = float(theirs.stdout.split()[-1])
+    rows = []
+    for label, trace_after in (("", None), (", decode traced from the first token", "0")):
+        o = ours(trace_after)
+        rows.append(
+            {
+                "measure": f"peak RSS MiB ({gguf.name}; llamakin quantize=auto incl. Python + "
+                f"torch{label})",
+                "llamakin": round(o),
+                "llama.cpp": round(t),
+                "ratio": round(o / t, 2),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def cpu_description() -> str:
@@ -381,7 +397,7 @@ def main() -> None:
         dtype, quantize = settings[kind]
         rows += speed(binaries, files[kind], dtype, args.rounds, quantize, label=kind)
     if "Q4_1" in args.files:
-        rows.append(peak_rss(binaries, files["Q4_1"]))
+        rows.extend(peak_rss(binaries, files["Q4_1"]))
     print(f"\nCPU: {cpu_description()}")
     print("\n| measure | llamakin | llama.cpp | ratio |\n|---|---|---|---|")
     for r in rows:
