@@ -56,6 +56,24 @@ def test_one_pass_is_exact_for_activations_on_its_grid():
 
 @needs_vnni
 @torch.no_grad()
+def test_packing_in_pieces_gives_the_whole_packing_bit_for_bit():
+    """The head is packed a piece of rows at a time (a smaller load peak); the products, the
+    unpacked int8 values and the module's output are those of one packing of the whole matrix,
+    an uneven last piece included."""
+    weight = _weight(200, 96)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(2))
+    pieces = vnni.pack_in_pieces(weight, rows=64)  # 64 + 64 + 64 + 8 rows
+    assert len(pieces) == 4
+    whole = kernels.pack_fbgemm(weight)
+    assert torch.equal(vnni.exact_int8_mm(x, pieces), vnni.exact_int8_mm(x, whole))
+    assert torch.equal(vnni.unpack(pieces), weight.qweight)
+    module = ExactInt8Linear(weight)
+    assert len(module.packed) == -(-200 // vnni.PACK_ROWS)
+    assert torch.equal(module(x), vnni.exact_int8_mm(x, whole))
+
+
+@needs_vnni
+@torch.no_grad()
 def test_many_rows_take_the_float32_product_of_the_exact_weight():
     weight = _weight()
     x = torch.randn(400, 96)  # from INT8_DEQUANT_ROWS rows on

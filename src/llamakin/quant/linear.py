@@ -140,7 +140,7 @@ class ExactInt8Linear(QuantizedLinear):
         N, K = weight.shape
         super().__init__(K, N, bias, torch.float32)
         self.register_buffer("scales", weight.scales.to(torch.float32).contiguous())
-        self.packed = kernels.pack_fbgemm(weight)
+        self.packed = vnni.pack_in_pieces(weight)
 
     def _float32_from_rows(self) -> int:
         return kernels.INT8_DEQUANT_ROWS

@@ -41,15 +41,36 @@ PASSES = 2
 ZERO_POINT = 128  # uint8 activations centred on zero
 
 
+PACK_ROWS = 8192  # rows of the weight per packed piece (pack_in_pieces)
+
+
+def pack_in_pieces(weight: Int8Weight, rows: int = PACK_ROWS) -> list:
+    """fbgemm's packed form of ``weight``, ``rows`` output rows per piece. Packing first copies
+    its input into a quantized tensor, so packing SmolLM2-135M's 28 MB head whole held the int8
+    matrix, that copy and the 33 MB packed result at once (the whole default-model process
+    peaked there, at 408 MiB on a Zen 5 EPYC); in pieces the copy is one piece's (README,
+    Quantization). Each piece is its own fbgemm call in :func:`exact_int8_mm`."""
+    return [
+        pack_fbgemm(Int8Weight(weight.qweight[i : i + rows], weight.scales[i : i + rows]))
+        for i in range(0, weight.qweight.shape[0], rows)
+    ]
+
+
+def _pieces(packed) -> list:
+    return packed if isinstance(packed, (list, tuple)) else [packed]
+
+
 def unpack(packed) -> torch.Tensor:
     """The int8 values ``[N, K]`` of a weight packed by :func:`~llamakin.quant.kernels.pack_fbgemm`
-    (a copy)."""
-    weight, _ = torch.ops.quantized.linear_unpack(packed)
-    return weight.int_repr()
+    or :func:`pack_in_pieces` (a copy)."""
+    return torch.cat(
+        [torch.ops.quantized.linear_unpack(piece)[0].int_repr() for piece in _pieces(packed)]
+    )
 
 
 def exact_int8_mm(x: torch.Tensor, packed, passes: int = PASSES) -> torch.Tensor:
-    """``x [M, K]`` (float32) times the packed int8 weight's dequantized transpose, in float32:
+    """``x [M, K]`` (float32) times the packed int8 weight's dequantized transpose (one packed
+    object or :func:`pack_in_pieces`'s list), in float32:
     ``x`` split into ``passes`` parts on power-of-two grids (module docstring), all multiplied in
     one call (the parts as ``passes * M`` rows, each normalised to the grid ``[-1, 1)``), so the
     weight is read once: a decode step's head is memory-bound."""
@@ -62,9 +83,14 @@ def exact_int8_mm(x: torch.Tensor, packed, passes: int = PASSES) -> torch.Tensor
         rest = rest - part * top  # exact: part * top is on rest's own grid
         parts.append(part)
         tops.append(top)
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-        torch.cat(parts), step, ZERO_POINT, packed
-    )
+    rows = torch.cat(parts)
+    y = [
+        torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            rows, step, ZERO_POINT, piece
+        )
+        for piece in _pieces(packed)
+    ]
+    y = y[0] if len(y) == 1 else torch.cat(y, dim=1)
     out = None
     for p, top in enumerate(tops):
         term = y[p * x.shape[0] : (p + 1) * x.shape[0]] * top
