@@ -293,3 +293,24 @@ def test_frozen_traces_follow_weight_changes_and_keep_the_training_flag(monkeypa
     norm._parameters["weight"] = torch.nn.Parameter(norm.weight * 2.0)
     assert not torch.equal(decode_logits(True), swapped)
     assert torch.equal(decode_logits(True), decode_logits(False))
+
+
+def test_greedy_choice_is_torch_argmax_with_ties_nan_and_infinities():
+    """The CPU greedy choice goes through numpy's argmax (faster): the same first index of each
+    row's maximum as ``torch.argmax``, ties, NaN (counted as the maximum) and infinities included;
+    a non-float32 row takes torch's own."""
+    from llamakin.generation.sampling import greedy
+
+    torch.manual_seed(0)
+    rows = torch.randn(8, 1000)
+    rows[1, [3, 500, 999]] = 50.0  # a tie: the first
+    rows[2, 7] = float("nan")  # NaN wins
+    rows[3, [4, 9]] = float("nan")  # the first NaN
+    rows[4] = float("-inf")  # all -inf: index 0
+    rows[5, 900] = float("inf")
+    rows[6] = 0.0  # all equal: index 0
+    for logits in (rows, rows[:, ::2], rows[0]):
+        assert torch.equal(greedy(logits), logits.argmax(-1))
+        assert greedy(logits).dtype == torch.int64
+    half = rows.to(torch.bfloat16)
+    assert torch.equal(greedy(half), half.argmax(-1))
