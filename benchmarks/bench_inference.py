@@ -13,7 +13,6 @@ bfloat16 decode, load time; peak RSS is measured in fresh subprocesses (--rss).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -21,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -53,20 +53,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@contextlib.contextmanager
 def traced_from_first_step():
     """``LLAMAKIN_TRACE_AFTER=0`` for the block: decode steps traced from the first token, the
     steady state a benchmark times (by default, runs of up to 64 steps decode eagerly until their
     shape has earned a trace: ``llamakin.speed.decode_trace``)."""
-    before = os.environ.get("LLAMAKIN_TRACE_AFTER")
-    os.environ["LLAMAKIN_TRACE_AFTER"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["LLAMAKIN_TRACE_AFTER"]
-        else:
-            os.environ["LLAMAKIN_TRACE_AFTER"] = before
+    return mock.patch.dict(os.environ, {"LLAMAKIN_TRACE_AFTER": "0"})
 
 
 @torch.inference_mode()

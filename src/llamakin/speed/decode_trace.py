@@ -365,19 +365,20 @@ class Decoder:
         self.model, self.cache = model, cache
         self._graph = None
         self._deferred = False  # eager for now; recorded once the shape's eager steps pay for it
-        if _traceable(model):
-            self._key, self._stamp = self._trace_key(), _weights_stamp(model)
-            self._graph = TRACES.get(model, self._key, self._stamp)
-            if self._graph is None:
-                after = trace_after()
-                if (
-                    steps is not None
-                    and steps <= after
-                    and TRACES.eager_steps(model, self._key) < after
-                ):
-                    self._deferred = True
-                else:
-                    self._graph = self._record_if_allowed()
+        if not _traceable(model):
+            return
+        self._key, self._stamp = self._trace_key(), _weights_stamp(model)
+        self._graph = TRACES.get(model, self._key, self._stamp)
+        if self._graph is not None:
+            return
+        self._trace_after = trace_after()
+        self._deferred = (
+            steps is not None
+            and steps <= self._trace_after
+            and TRACES.eager_steps(model, self._key) < self._trace_after
+        )
+        if not self._deferred:
+            self._graph = self._record_if_allowed()
 
     def _record_if_allowed(self):
         graph = None
@@ -460,7 +461,7 @@ class Decoder:
         CPU only (:func:`attended_slots`)."""
         cache = self.cache
         key_valid = cache.valid[:, : attended_slots(span, cache.max_len, tokens.device)]
-        if self._deferred and TRACES.count_eager(self.model, self._key) > trace_after():
+        if self._deferred and TRACES.count_eager(self.model, self._key) > self._trace_after:
             self._deferred = False
             self._graph = self._record_if_allowed()
         if self._graph is not None:
