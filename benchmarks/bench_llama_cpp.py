@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,12 +55,54 @@ PROMPTS = [
 ]
 
 
+# Compiler flags that leave llama.cpp's AMX kernels out of a -march=native build (AVX-512 and VNNI
+# stay): on AMX CPUs under Linux's per-thread XFD those kernels die with SIGILL, because only the
+# main thread asks for AMX tile permission (ggml-org/llama.cpp pull request 26954, open in 2026).
+WITHOUT_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
 def build_llama_cpp() -> tuple[Path, Path]:
-    """(directory of llama.cpp's binaries and shared libraries, PYTHONPATH for its ctypes bindings)."""
+    """(directory of llama.cpp's binaries and shared libraries, PYTHONPATH for its ctypes bindings).
+
+    The native build, unless it dies with SIGILL on a tiny run of the default model (its AMX
+    kernels, see ``WITHOUT_AMX``): then a second build without them, which is the fastest llama.cpp
+    that runs on this machine. Which one is used is printed.
+    """
+    binaries, python_path = _build("build", [])
+    if _runs(binaries):
+        return binaries, python_path
+    print(
+        json.dumps(
+            {
+                "llama.cpp build": f"native with {WITHOUT_AMX}: its AMX kernels die with SIGILL "
+                "on this machine (only the main thread requests AMX permission; llama.cpp pull "
+                "request 26954)"
+            }
+        ),
+        flush=True,
+    )
+    flags = [f"-DCMAKE_C_FLAGS={WITHOUT_AMX}", f"-DCMAKE_CXX_FLAGS={WITHOUT_AMX}"]
+    return _build("build-no-amx", flags)
+
+
+def _runs(binaries: Path) -> bool:
+    """False when llama-bench dies with SIGILL on a tiny run of the default model (AMX CPUs only)."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        if "amx_tile" not in cpuinfo.read():
+            return True
+    command = [str(binaries / "llama-bench"), "-m", str(pull("smollm2-135m-instruct"))]
+    done = subprocess.run(
+        command + ["-t", "2", "-p", "8", "-n", "2", "-r", "1", "-o", "json"], capture_output=True
+    )
+    return done.returncode != -signal.SIGILL
+
+
+def _build(name: str, cmake_flags: list[str]) -> tuple[Path, Path]:
+    """Builds llama.cpp once into ``<root>/<name>`` with ``cmake_flags`` added to the native ones."""
     root = home() / "llama.cpp" / PACKAGE.replace("==", "-")
     source = root / "src"
-    build = root / "build"
-    python_path = root / "python"
+    build = root / name
+    python_path = root / name.replace("build", "python")
     if not all((build / "bin" / tool).exists() for tool in TOOLS):
         missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
         if missing:
@@ -105,6 +148,7 @@ def build_llama_cpp() -> tuple[Path, Path]:
                 "-DLLAMA_CURL=OFF",
                 "-DLLAMA_OPENSSL=OFF",
                 "-DLLAMA_BUILD_TESTS=OFF",
+                *cmake_flags,
             ],
             check=True,
             capture_output=True,
