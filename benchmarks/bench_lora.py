@@ -16,6 +16,7 @@ QLoRA sides (``--sides llamakin,qlora-int4,qlora-int8``): llamakin with the froz
 int4 (groups of 32) or int8 weight-only (``lora.quantize``), the same adapters in float32.
 
     .venv/bin/python benchmarks/bench_lora.py [--batch 2] [--seq 128] [--steps 5] [--rank 16]
+        [--precision float32|bfloat16]
     .venv/bin/python benchmarks/bench_lora.py --sides llamakin,qlora-int4,qlora-int8 [--no-speed]
 
 The machine may be shared: the load average is printed before and after.
@@ -41,7 +42,7 @@ import llamakin  # noqa: E402
 from llamakin.catalog import DEFAULT_MODEL, home  # noqa: E402
 from llamakin.hardware import describe_cpu  # noqa: E402
 from llamakin.lora import LoraSettings, apply_lora  # noqa: E402
-from llamakin.lora.model import parse_targets  # noqa: E402
+from llamakin.lora.model import hold_frozen_matrices_in, parse_targets  # noqa: E402
 from llamakin.lora.quantized import load_quantized_base, quantized_bytes  # noqa: E402
 from llamakin.quant.model import release_freed_memory  # noqa: E402
 from llamakin.train.loss import token_loss_sum  # noqa: E402
@@ -87,6 +88,8 @@ def build(side: str, directory: Path, args):
         )
         apply_lora(model, LoraSettings(rank=args.rank, alpha=args.alpha, targets=targets))
         model.gradient_checkpointing = args.checkpointing
+        if args.precision == "bfloat16":  # what a LoRA run under bf16 autocast does
+            hold_frozen_matrices_in(model, torch.bfloat16)
     else:
         import peft
         import transformers
@@ -107,17 +110,24 @@ def build(side: str, directory: Path, args):
     return model.train()
 
 
-def make_step(model, side: str):
+def make_step(model, side: str, precision: str = "float32"):
+    """One training step of ``side``; ``precision="bfloat16"`` runs forward and loss under bf16
+    autocast on both sides (float32 adapters; the same function on both sides: llamakin holds its
+    frozen matrices in bfloat16 as a LoRA run under autocast does, which rounds them exactly as
+    autocast's casts of PEFT's float32 base do), as ``train --set precision=bfloat16`` and as
+    transformers' Trainer with ``bf16=True``."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+    mixed = precision == "bfloat16"
 
     def step(x, y):
         start = time.perf_counter()
-        if side == "peft":  # transformers' logits, then the cross-entropy over them
-            logits = model(input_ids=x).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        else:  # the training loop's own loss: the head fused into it, chunk by chunk
-            loss = token_loss_sum(model, x, y) / y.numel()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+            if side == "peft":  # transformers' logits, then the cross-entropy over them
+                logits = model(input_ids=x).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            else:  # the training loop's own loss: the head fused into it, chunk by chunk
+                loss = token_loss_sum(model, x, y) / y.numel()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -161,7 +171,7 @@ def memory_child(side: str, directory: Path, args) -> None:
     release_freed_memory()
     loaded = rss_mb()
     held = quantized_bytes(model) / 2**20
-    step, _ = make_step(model, side)
+    step, _ = make_step(model, side, args.precision)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
     for x, y in batches(args, 49152)[:1]:
         step(x, y)
@@ -197,6 +207,8 @@ def memory(side: str, args) -> dict:
         str(args.batch),
         "--seq",
         str(args.seq),
+        "--precision",
+        args.precision,
     ] + (["--checkpointing"] if args.checkpointing else [])
     out = (
         subprocess.run(command, capture_output=True, text=True, check=True)
@@ -217,6 +229,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--precision",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: both sides under bf16 autocast (mixed precision; the float32 default "
+        "compares identical arithmetic)",
+    )
     parser.add_argument(
         "--checkpointing", action="store_true", help="gradient checkpointing on both sides"
     )
@@ -255,7 +274,7 @@ def main() -> None:
     models = {side: build(side, directory, args) for side in sides}
     steps, trained = {}, {}
     for side in sides:
-        steps[side], trained[side] = make_step(models[side], side)
+        steps[side], trained[side] = make_step(models[side], side, args.precision)
     assert len(set(trained.values())) == 1, trained  # the same adapters
     speeds = {side: [] for side in sides}
     losses = {side: [] for side in sides}
@@ -280,6 +299,7 @@ def main() -> None:
         "seq": args.seq,
         "adapter_parameters": trained["llamakin"],
         "checkpointing": args.checkpointing,
+        "precision": args.precision,
         **{f"{side}_tok_s": round(medians[side], 1) for side in sides},
         **{f"{side}_all": [round(v, 1) for v in speeds[side]] for side in sides},
     }
@@ -300,7 +320,7 @@ def main() -> None:
     for side in sides[1:]:
         print(
             f"llamakin / {side} tokens/s: {medians['llamakin'] / medians[side]:.2f}x (batch {args.batch} x "
-            f"{args.seq}, rank {args.rank}, targets {args.targets})"
+            f"{args.seq}, rank {args.rank}, targets {args.targets}, {args.precision})"
         )
 
 

@@ -155,6 +155,49 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) < 1e-6
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_frozen_matrices_held_in_bfloat16_train_exactly_as_autocast_casts_them(tied):
+    """Under bf16 autocast every product casts its float32 weight to bf16 anyway; holding the
+    frozen matrices in bf16 must give the same loss and adapter gradients, bit for bit (the eager
+    and the fused-loss paths, the first block's product on a no-grad input included)."""
+    from llamakin.lora.model import hold_frozen_matrices_in
+    from llamakin.train.loss import token_loss_sum
+
+    results = []
+    for held in (False, True):
+        model = tiny_model(tie_word_embeddings=tied)
+        apply_lora(model, LoraSettings(rank=4, alpha=8, targets="q,v,up"))
+        randomize_adapters(model)
+        if held:
+            freed = hold_frozen_matrices_in(model, torch.bfloat16)
+            matrices = [m.weight for m in model.modules() if isinstance(m, Linear)]
+            assert freed == sum(w.numel() * 2 for w in matrices)  # 4 bytes -> 2 each
+            assert all(w.dtype == torch.bfloat16 for w in matrices)
+            # the embedding (a tied head's table too), norms and adapters stay float32
+            assert model.embed.weight.dtype == torch.float32
+            assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+            assert all(
+                m.weight.dtype == torch.float32
+                for m in model.modules()
+                if "Norm" in type(m).__name__
+            )
+        model.train()
+        g = torch.Generator().manual_seed(1)
+        x, y = (
+            torch.randint(0, 64, (2, 12), generator=g),
+            torch.randint(0, 64, (2, 12), generator=g),
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = token_loss_sum(model, x, y) / y.numel()
+            logits = model(x)
+        (loss + logits.float().square().mean()).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), logits.detach(), grads))
+    (loss0, logits0, grads0), (loss1, logits1, grads1) = results
+    assert torch.equal(loss0, loss1) and torch.equal(logits0, logits1)
+    assert grads0.keys() == grads1.keys() and all(torch.equal(grads0[n], grads1[n]) for n in grads0)
+
+
 # -- PEFT's format, both ways --------------------------------------------------------------------------
 def hf_model(path):
     transformers = pytest.importorskip("transformers")
@@ -427,6 +470,41 @@ def test_lora_resume_after_a_crash_is_exact(corpus, tiny_base, tmp_path):  # noq
     train(recipe("lora-sft", settings), tmp_path / "whole", progress=False)
     losses = crash_and_resume("lora-sft", tmp_path / "cut", list(settings))
     assert losses == metrics_losses(tmp_path / "whole")  # bit for bit, dropout included
+
+
+def test_bfloat16_lora_run_holds_its_frozen_base_in_bfloat16_and_logs_the_same_losses(
+    corpus,  # noqa: F811
+    tiny_base,
+    tmp_path,
+    monkeypatch,
+):
+    from llamakin.lora import train as lora_train
+    from llamakin.lora.model import hold_frozen_matrices_in
+
+    settings = [
+        *LORA_RUN,
+        f"init_from={json.dumps(str(tiny_base))}",
+        f"data={json.dumps(str(corpus[0]))}",
+        "max_steps=3",
+        "precision=bfloat16",
+    ]
+    held = []
+
+    def holding(model, dtype):
+        held.append(hold_frozen_matrices_in(model, dtype))
+        return held[-1]
+
+    monkeypatch.setattr(lora_train, "hold_frozen_matrices_in", holding)
+    train(recipe("lora-sft", settings), tmp_path / "held", progress=False)
+    assert held and held[0] > 0
+    monkeypatch.setattr(lora_train, "hold_frozen_matrices_in", lambda model, dtype: 0)
+    train(recipe("lora-sft", settings), tmp_path / "cast", progress=False)
+    assert metrics_losses(tmp_path / "held") == metrics_losses(tmp_path / "cast")
+    # the exported adapter is the trained one, whatever the base was held in
+    from llamakin.lora.train import run_model
+
+    model, _, _ = run_model(tmp_path / "held")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 # -- bad input -----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model import Transformer
+from ..model.linear import Linear
 from .layers import LoraLinear
 from .quantized import check_mode
 
@@ -167,6 +168,40 @@ def merge(model: Transformer) -> Transformer:
     return model
 
 
+def hold_frozen_matrices_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every frozen projection matrix of ``model`` in ``dtype`` (in place); bytes freed.
+
+    For training under autocast to ``dtype`` (a LoRA run in bfloat16, README "Fine-tuning (LoRA)"):
+    autocast casts each float32 weight to ``dtype`` on every product, and backward
+    reuses that cast, so a frozen matrix held in ``dtype`` computes exactly the same products and
+    gradients (the same rounding, done once) without the per-step casts and in half the memory.
+    Only :class:`~llamakin.model.linear.Linear` weights that take no gradient and that nothing
+    else holds change: the embedding table (also a tied head's), norms, biases and the adapters stay
+    as they are. The products must then run under autocast; a run's export reloads the float base.
+    """
+    elsewhere = {
+        id(p)
+        for module in model.modules()
+        if not isinstance(module, Linear)
+        for p in module.parameters(recurse=False)
+    }
+    freed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None) if isinstance(module, Linear) else None
+        if (
+            weight is None
+            or weight.requires_grad
+            or not weight.is_floating_point()
+            or weight.dtype == dtype
+            or id(weight) in elsewhere
+        ):
+            continue
+        before = weight.nbytes
+        weight.data = weight.data.to(dtype)
+        freed += before - weight.nbytes
+    return freed
+
+
 def trainable_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -179,6 +214,7 @@ __all__ = [
     "apply_lora",
     "attach",
     "freeze",
+    "hold_frozen_matrices_in",
     "lora_layers",
     "merge",
     "parse_targets",

@@ -19,7 +19,7 @@ from ..errors import LlamakinError, UnsupportedError
 from ..model import Transformer
 from ..train.config import TrainConfig
 from ..train.loop import Trainer, TrainingError
-from .model import LoraSettings, apply_lora, merge
+from .model import LoraSettings, apply_lora, hold_frozen_matrices_in, merge
 from .peft_format import save_adapter
 from .quantized import load_quantized_base
 
@@ -54,6 +54,15 @@ class LoraTrainer(Trainer):
         model = lora_model(self.cfg, self.train_data.vocab_size)
         self.trained_names = [n for n, p in model.named_parameters() if p.requires_grad]
         return model.to(self.device).train()
+
+    def _fit_to_precision(self) -> None:
+        """Under bf16 autocast the frozen base's matrices are held in bfloat16 (the same products,
+        no per-step casts, half their memory: :func:`~llamakin.lora.model.hold_frozen_matrices_in`);
+        checkpoints hold only the adapters and export reloads the float base, so nothing is lost.
+        FSDP2 shards a block's parameters as one buffer of one dtype, so there they stay float32."""
+        sharded = self.world > 1 and self.cfg.parallel == "fsdp"
+        if self.precision == "bfloat16" and not sharded:
+            hold_frozen_matrices_in(self.model, torch.bfloat16)
 
     def export(self) -> Path:
         """The trained adapter in PEFT's format (``out/adapter``), with the data's tokenizer."""

@@ -145,13 +145,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear``, through :func:`decode_linear` for few-row float32 inference on CPU,
     :func:`onednn_linear` for more rows on AVX-512 CPUs (in training too, for a weight that takes
     no gradient: :class:`FrozenWeightProduct`), and :func:`upcast_linear` for half-precision
-    weights on CPUs without instructions for them."""
-    if x.device.type != "cpu":
-        return F.linear(x, weight, bias)
+    weights on CPUs without instructions for them. Under CPU autocast, ``F.linear`` as autocast
+    runs it (the paths here would bypass it: the oneDNN op is not on autocast's lists)."""
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return F.linear(x, weight, bias)  # autocast's product, in its dtype, whatever the path
     rows = x.numel() // x.shape[-1]
     frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
     if torch.is_grad_enabled() and (x.requires_grad or not frozen):
-        if frozen and not torch.is_autocast_enabled("cpu") and _onednn_fits(x, weight, rows):
+        if frozen and _onednn_fits(x, weight, rows):
             return FrozenWeightProduct.apply(x, weight, bias)
         return F.linear(x, weight, bias)
     if _onednn_fits(x, weight, rows):

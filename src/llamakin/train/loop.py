@@ -396,12 +396,17 @@ class Trainer:
         self.precision, self.precision_reason = decide_precision(
             cfg.precision, self.device, self.model.config, cfg.micro_batch * cfg.seq_len
         )
+        self._fit_to_precision()
         self.tokens_per_step = cfg.micro_batch * cfg.grad_accum * self.world * cfg.seq_len
         self.total_steps = (
             max(1, cfg.budget_tokens // self.tokens_per_step)
             if cfg.budget_tokens
             else cfg.max_steps
         )
+
+    def _fit_to_precision(self) -> None:
+        """Adapt the model to the chosen precision. A full run keeps every parameter float32:
+        its checkpoints hold the frozen ones too (LoRA runs: :class:`~llamakin.lora.train.LoraTrainer`)."""
 
     def _data(self) -> Path:
         """A prepared dataset directory: given, or prepared into ``out/data`` (once, by rank 0)."""
